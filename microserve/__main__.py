@@ -1,0 +1,3 @@
+from microserve.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""The `microserve` command line: `engine` (and `engine profile`); the router, serve, bench and simulate
+subcommands join as they land."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from collections.abc import Sequence
+
+from microserve.engine.config import CacheConfig, EngineConfig
+from microserve.engine.scheduler import SchedulerConfig
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'1GiB', '512M', '2g', '1048576' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2GiB)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return int(value * 1024 ** " kmgt".index(unit or " "))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="bundled model name, a .gguf file or a Hugging Face folder (default: smollm2-135m)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 where the hardware has native bf16 math, else float32",
+    )
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads for this engine")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--backend", default="torch", choices=["torch", "sim"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: --model)")
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--block-size", type=_positive_int, default=16)
+    p.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=parse_size("1GiB"),
+        help="KV cache size, e.g. 512MiB (default 1GiB)",
+    )
+    p.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV cache size in blocks")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=_positive_int, default=64)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=512,
+        help="token budget of one engine step (chunked prefill above it)",
+    )
+    p.add_argument(
+        "--max-waiting", type=_positive_int, default=1024, help="waiting requests beyond this get 503"
+    )
+    p.add_argument("--sim-profile", default=None, help="cost model JSON for --backend sim")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microserve", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    engine = sub.add_parser("engine", help="run one model engine with an OpenAI-compatible API")
+    _add_engine_args(engine)
+    engine_sub = engine.add_subparsers(dest="engine_command")
+    profile = engine_sub.add_parser("profile", help="measure this machine and write the sim cost model")
+    _add_model_args(profile)
+    profile.add_argument("--block-size", type=_positive_int, default=16)
+    profile.add_argument("--out", default="profile.json", help="where to write the cost model JSON")
+    profile.add_argument("--quick", action="store_true", help="fewer points (about 20 s)")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        backend=args.backend,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            memory_bytes=args.kv_cache_memory,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+        max_waiting=args.max_waiting,
+        sim_profile=args.sim_profile,
+        served_model_name=args.served_model_name,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "engine" and args.engine_command == "profile":
+            from microserve.runner.profile import run_profile_command
+
+            return run_profile_command(args)
+        if args.command == "engine":
+            from microserve.server.engine_main import run_engine
+
+            return run_engine(engine_config(args), host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"microserve: error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

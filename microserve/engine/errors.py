@@ -1,0 +1,18 @@
+"""Exceptions the engine raises to its callers (the HTTP layer maps each to a status code).
+
+They live apart from the engine so that the server and test doubles can import them without the engine.
+"""
+
+from __future__ import annotations
+
+
+class EngineOverloaded(Exception):
+    """The engine's waiting queue is full; the caller should retry later (HTTP 503)."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt (with max_tokens) does not fit the model's context; the message states both (HTTP 400)."""
+
+
+class EngineDead(RuntimeError):
+    """The engine loop crashed; no request can make progress until the process restarts (HTTP 503)."""

@@ -1,0 +1,137 @@
+"""The tensors behind the KV blocks, and the self-describing byte payload they export to and import from.
+
+Layout: one K and one V tensor of shape [layers, blocks * block_size, kv_heads, head_dim]; a token's
+"slot" is block_id * block_size + offset, so a paged gather is one index_select per layer.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass
+
+import orjson
+import torch
+import xxhash
+
+MAGIC = b"MSKV"
+VERSION = 1
+_HEADER_LEN = struct.Struct("<I")
+
+
+class KVPayloadError(ValueError):
+    """A KV payload that cannot be imported here: wrong format, incompatible layout or corrupt bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str  # torch dtype name without the "torch." prefix
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.bytes_per_token * self.block_size
+
+
+class KVStorage:
+    """K and V tensors for every block of the pool."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device | str = "cpu") -> None:
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        shape = (layout.num_layers, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.k = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        bs = self.layout.block_size
+        self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
+        self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
+
+    def export(self, slots: torch.Tensor, begin: int, end: int, token_ids: list[int]) -> bytes:
+        """Serialize the KV of the tokens at `slots` (positions begin..end of `token_ids`)."""
+        slots = slots.to(self.device)
+        k = self.k.index_select(1, slots)
+        v = self.v.index_select(1, slots)
+        data = _to_bytes(k) + _to_bytes(v)
+        header = {
+            "version": VERSION,
+            **asdict(self.layout),
+            "begin": begin,
+            "end": end,
+            "tokens_hash": tokens_hash(token_ids),
+            "checksum": xxhash.xxh3_64_intdigest(data),
+        }
+        header_bytes = orjson.dumps(header)
+        return MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + data
+
+    def import_(self, slots: torch.Tensor, payload: KVPayload) -> None:
+        """Write a parsed, validated payload into `slots` (one per token of the payload)."""
+        n = payload.end - payload.begin
+        if slots.numel() != n:
+            raise KVPayloadError(f"payload holds {n} tokens but {slots.numel()} slots were given")
+        shape = (self.layout.num_layers, n, self.layout.num_kv_heads, self.layout.head_dim)
+        half = len(payload.data) // 2
+        dtype = self.layout.torch_dtype
+        k = torch.frombuffer(bytearray(payload.data[:half]), dtype=torch.uint8).view(dtype).reshape(shape)
+        v = torch.frombuffer(bytearray(payload.data[half:]), dtype=torch.uint8).view(dtype).reshape(shape)
+        slots = slots.to(self.device)
+        self.k.index_copy_(1, slots, k.to(self.device))
+        self.v.index_copy_(1, slots, v.to(self.device))
+
+
+@dataclass(frozen=True, slots=True)
+class KVPayload:
+    layout: KVLayout
+    begin: int
+    end: int
+    tokens_hash: int
+    data: memoryview
+
+
+def parse_payload(raw: bytes | memoryview, expected: KVLayout) -> KVPayload:
+    """Check format, layout compatibility and checksum; raises KVPayloadError saying which failed."""
+    raw = memoryview(raw)
+    if len(raw) < len(MAGIC) + _HEADER_LEN.size or raw[: len(MAGIC)] != MAGIC:
+        raise KVPayloadError("not a microserve KV payload (bad magic)")
+    (header_len,) = _HEADER_LEN.unpack_from(raw, len(MAGIC))
+    start = len(MAGIC) + _HEADER_LEN.size
+    try:
+        header = orjson.loads(raw[start : start + header_len])
+        layout = KVLayout(**{k: header[k] for k in KVLayout.__dataclass_fields__})
+        version, begin, end = header["version"], header["begin"], header["end"]
+        checksum, tok_hash = header["checksum"], header["tokens_hash"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise KVPayloadError(f"KV payload header is malformed: {exc}") from None
+    if version != VERSION:
+        raise KVPayloadError(f"KV payload version {version} is not supported (expected {VERSION})")
+    if layout != expected:
+        raise KVPayloadError(f"incompatible KV layout: payload has {layout}, this engine has {expected}")
+    data = raw[start + header_len :]
+    if len(data) != (end - begin) * layout.bytes_per_token or end < begin:
+        raise KVPayloadError(
+            f"KV payload is truncated or oversized: {len(data)} bytes for tokens [{begin}, {end})"
+        )
+    if xxhash.xxh3_64_intdigest(data) != checksum:
+        raise KVPayloadError("KV payload checksum mismatch: the bytes were corrupted in transit")
+    return KVPayload(layout, begin, end, tok_hash, data)
+
+
+def tokens_hash(token_ids: list[int]) -> int:
+    return xxhash.xxh3_64_intdigest(orjson.dumps(token_ids))
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().cpu().view(torch.uint8).numpy().tobytes()

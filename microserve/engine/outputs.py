@@ -1,0 +1,30 @@
+"""What the engine hands back to the API layer for one request, one step at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens, or the model's context is full
+    ABORT = "abort"  # cancelled by the client or the server
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One increment of a request's generation.
+
+    `text` is the new, complete-UTF-8 text since the previous output (stop strings already cut off);
+    `token_ids` are the new token ids. Counts are cumulative.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int

@@ -1,0 +1,190 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2 with q/k/v bias, Mistral) over a paged KV cache.
+
+Linear layers run on the batch's tokens flattened to [T, hidden]; attention reads K/V from the paged
+storage: decode tokens as one padded batch, each prefill chunk on its own (it may sit on a cached prefix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from microserve.model.config import ModelConfig
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    start: int  # first row of the chunk in the flattened batch
+    length: int  # new tokens in this chunk
+    context_slots: torch.Tensor | None  # slots of the whole context (prefix + chunk); None: no prefix
+    mask: torch.Tensor | None  # [length, context] causal mask with the prefix offset
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """How the flattened batch maps onto the paged KV storage. Decode rows come first."""
+
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decode: int = 0
+    decode_slots: torch.Tensor | None = None  # [num_decode, max_context] (padding repeats a valid slot)
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context]; None when no padding
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+class Llama(torch.nn.Module):
+    def __init__(
+        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.scale = c.head_dim**-0.5
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = w("model.embed_tokens.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+        self.final_norm = w("model.norm.weight")
+        self.layers: list[dict[str, torch.Tensor | None]] = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            # Fused projections: one matmul for q/k/v and one for gate/up instead of five.
+            qkv = torch.cat([w(attn + "q_proj.weight"), w(attn + "k_proj.weight"), w(attn + "v_proj.weight")])
+            bias = None
+            if c.attention_bias:
+                bias = torch.cat([w(attn + "q_proj.bias"), w(attn + "k_proj.bias"), w(attn + "v_proj.bias")])
+            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+            self.layers.append(
+                {
+                    "input_norm": w(p + "input_layernorm.weight"),
+                    "qkv": qkv,
+                    "qkv_bias": bias,
+                    "o": w(attn + "o_proj.weight"),
+                    "post_norm": w(p + "post_attention_layernorm.weight"),
+                    "gate_up": gate_up,
+                    "down": w(p + "mlp.down_proj.weight"),
+                }
+            )
+        cos, sin = _rope_tables(c, device)
+        self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, exactly as transformers does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * h.to(x.dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        logit_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run the flattened batch; return float32 logits for the rows in `logit_rows`."""
+        c = self.config
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        x = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = self.rms_norm(x, layer["input_norm"])
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+            k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.view(-1, c.num_kv_heads, c.head_dim)
+            k_cache[i].index_copy_(0, meta.slot_mapping, k)
+            v_cache[i].index_copy_(0, meta.slot_mapping, v)
+            attn = self._attention(q, k, v, k_cache[i], v_cache[i], meta)
+            x = x + F.linear(attn.reshape(-1, self.q_size), layer["o"])
+            h = self.rms_norm(x, layer["post_norm"])
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        x = self.rms_norm(x[logit_rows], self.final_norm)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_layer: torch.Tensor,
+        v_layer: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        nd = meta.num_decode
+        if nd:
+            slots = meta.decode_slots
+            shape = (*slots.shape, *k_layer.shape[1:])  # [B, L, kv_heads, head_dim]
+            kd = k_layer.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
+            vd = v_layer.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+            )
+            out[:nd] = o.squeeze(2)
+        for chunk in meta.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            qc = q[rows].transpose(0, 1).unsqueeze(0)
+            if chunk.context_slots is None:
+                kc = k[rows].transpose(0, 1).unsqueeze(0)
+                vc = v[rows].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=True
+                )
+            else:
+                kc = k_layer.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+                vc = v_layer.index_select(0, chunk.context_slots).transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    qc, kc, vc, attn_mask=chunk.mask, scale=self.scale, enable_gqa=True
+                )
+            out[rows] = o.squeeze(0).transpose(0, 1)
+        return out
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _rope_tables(c: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for every position, in float32 like transformers, then cast at use."""
+    inv_freq = 1.0 / (
+        c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim)
+    )
+    inv_freq = _scale_inv_freq(inv_freq, c)
+    positions = torch.arange(c.max_position_embeddings, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device), emb.sin().to(device)
+
+
+def _scale_inv_freq(inv_freq: torch.Tensor, c: ModelConfig) -> torch.Tensor:
+    scaling = c.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        # Llama 3.1's frequency-dependent scaling (long wavelengths scaled, short ones kept).
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * torch.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")

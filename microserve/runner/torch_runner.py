@@ -1,0 +1,114 @@
+"""The torch model runner: turns a scheduled batch into tensors, runs the model, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from microserve.engine.kv_storage import KVLayout, KVStorage
+from microserve.engine.scheduler import ScheduledBatch
+from microserve.engine.sequence import Sequence
+from microserve.model.config import ModelConfig
+from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
+from microserve.runner.sampler import Sampler
+
+
+class TorchRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        *,
+        dtype: str,
+        device: str,
+        block_size: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model = Llama(model_config, weights, self.dtype, self.device)
+        self.block_size = block_size
+        self.layout = KVLayout(
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            block_size=block_size,
+            dtype=dtype,
+        )
+        self.sampler = Sampler(eos_token_ids, self.device)
+        self.storage: KVStorage | None = None
+
+    def bind(self, storage: KVStorage) -> None:
+        self.storage = storage
+
+    def forget(self, request_id: str) -> None:
+        self.sampler.forget(request_id)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[int | None]:
+        """Compute the batch's new tokens; a sampled token for each sequence that reached its end."""
+        assert self.storage is not None, "bind() the KV storage first"
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        input_ids, positions, meta, logit_rows, samplers = self._prepare(seqs, counts)
+        logits = self.model(input_ids, positions, meta, self.storage.k, self.storage.v, logit_rows)
+        sampled = self.sampler.sample(logits, samplers) if samplers else []
+        by_seq = dict(zip(map(id, samplers), sampled, strict=True))
+        return [by_seq.get(id(seq)) for seq in batch.seqs]
+
+    def _prepare(
+        self, seqs: list[Sequence], counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Sequence]]:
+        bs = self.block_size
+        tokens: list[int] = []
+        slot_chunks: list[torch.Tensor] = []
+        pos_chunks: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        samplers: list[Sequence] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        row = 0
+        for seq, n in zip(seqs, counts, strict=True):
+            start = seq.num_computed_tokens
+            end = start + n
+            tokens.extend(seq.token_ids[start:end])
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            positions = torch.arange(start, end)
+            pos_chunks.append(positions)
+            slot_chunks.append(table[positions // bs] * bs + positions % bs)
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                ctx_slots = mask = None
+                if start > 0:
+                    ctx = torch.arange(end)
+                    ctx_slots = (table[ctx // bs] * bs + ctx % bs).to(self.device)
+                    mask = (ctx[None, :] <= positions[:, None]).to(self.device)
+                prefills.append(PrefillChunk(row, n, ctx_slots, mask))
+            if end == seq.num_tokens:
+                logit_rows.append(row + n - 1)
+                samplers.append(seq)
+            row += n
+
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_chunks).to(self.device), prefills=prefills)
+        if decode_tables:
+            meta.num_decode = len(decode_tables)
+            max_len = max(decode_lens)
+            width = -(-max_len // bs)
+            padded = torch.tensor([t[:width] + [t[0]] * (width - len(t[:width])) for t in decode_tables])
+            slots = (padded[:, :, None] * bs + torch.arange(bs)).view(len(decode_tables), -1)[:, :max_len]
+            meta.decode_slots = slots.contiguous().to(self.device)
+            if min(decode_lens) != max_len:
+                lens = torch.tensor(decode_lens)
+                meta.decode_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(
+                    self.device
+                )
+        return (
+            torch.tensor(tokens, dtype=torch.long, device=self.device),
+            torch.cat(pos_chunks).to(self.device),
+            meta,
+            torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+            samplers,
+        )

@@ -1,0 +1,1 @@
+"""The engine's HTTP API: OpenAI routes, health, load and metrics."""

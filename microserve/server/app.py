@@ -1,0 +1,176 @@
+"""The engine's HTTP server: OpenAI routes, health, readiness, load and Prometheus metrics on aiohttp.
+
+Handlers only parse, call one function and shape the answer; the work lives in `handlers.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from microserve.server import errors
+from microserve.server.errors import APIError, bad_request, json_response
+from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
+from microserve.server.metrics import ServerMetrics
+from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+STATE = web.AppKey("state", ServerState)
+STARTED = web.AppKey("started", int)
+
+# aiohttp's 1 MiB default is too small for long-context prompts, above all as JSON lists of token ids.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+
+# nginx's "client closed request": shows in the access log that the answer was never delivered.
+STATUS_CLIENT_CLOSED = 499
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_app(
+    engine: ServingEngine,
+    *,
+    served_model_names: list[str] | None = None,
+    max_waiting: int | None = None,
+) -> web.Application:
+    """An app serving `engine`; `max_waiting` answers 503 once that many requests wait in the engine.
+
+    Serve it with handler cancellation on (as `run_server` does) so that a client hanging up aborts its
+    engine request at once; without it, the server notices at the next output.
+    """
+    names = list(served_model_names or [engine.model_name])
+    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    app[STATE] = ServerState(
+        engine=engine,
+        served_model_names=names,
+        metrics=ServerMetrics(engine.load, names[0]),
+        max_waiting=max_waiting,
+    )
+    app[STARTED] = int(time.time())
+    app.on_shutdown.append(_start_draining)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/load", load)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body, size = await read_json(request)
+    req = parse_request(CompletionRequest, body)
+    state = request.app[STATE]
+    return await serve(request, state, await prepare(state, req, size))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body, size = await read_json(request)
+    req = parse_request(ChatCompletionRequest, body)
+    state = request.app[STATE]
+    return await serve(request, state, await prepare(state, req, size))
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    created = request.app[STARTED]
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "microserve",
+            "root": state.engine.model_name,
+            "max_model_len": state.engine.max_model_len,
+        }
+        for name in state.served_model_names
+    ]
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    is_ready = not state.draining and state.engine.is_ready()
+    return json_response({"ready": is_ready}, status=200 if is_ready else 503)
+
+
+async def load(request: web.Request) -> web.Response:
+    return json_response(request.app[STATE].engine.load())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def read_json(request: web.Request) -> tuple[Any, int]:
+    """The decoded JSON body and its size in bytes; malformed or oversized bodies are 4xx."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.") from None
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        return orjson.loads(raw), len(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}") from None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an OpenAI-shaped error, and the server keeps serving."""
+    try:
+        return await handler(request)
+    except APIError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # Unknown route, wrong method…: same shape as every other error, keeping headers such as Allow.
+        message = f"{exc.reason}: {request.method} {request.path}"
+        headers = {
+            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+        }
+        return APIError(exc.status, message, headers=headers).response()
+    except ConnectionResetError:
+        return web.Response(status=STATUS_CLIENT_CLOSED)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return errors.internal_error().response()
+
+
+async def _start_draining(app: web.Application) -> None:
+    # /ready turns 503 and new requests are refused while requests in flight finish.
+    app[STATE].draining = True
+
+
+def run_server(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0) -> None:
+    """Serve `app` until SIGINT or SIGTERM, then drain requests in flight for up to `shutdown_timeout` s."""
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:
+        loop = asyncio.new_event_loop()
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        loop=loop,
+        handler_cancellation=True,
+        shutdown_timeout=shutdown_timeout,
+        print=lambda *_: log.info("serving on http://%s:%d", host, port),
+    )

