@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -77,6 +78,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--max-waiting", type=_positive_int, default=1024, help="waiting requests beyond this get 503"
     )
     p.add_argument("--sim-profile", default=None, help="cost model JSON for --backend sim")
+    p.add_argument(
+        "--reservation-ttl",
+        type=float,
+        default=30.0,
+        help="seconds a KV reservation (prep_recv) waits for start_generate before it is freed",
+    )
+    p.add_argument(
+        "--internal-token",
+        default=os.environ.get("MICROSERVE_INTERNAL_TOKEN"),
+        help="required as 'Authorization: Bearer' on /microserving/* (default: $MICROSERVE_INTERNAL_TOKEN)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +127,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_waiting=args.max_waiting,
         sim_profile=args.sim_profile,
         served_model_name=args.served_model_name,
+        reservation_ttl_s=args.reservation_ttl,
     )
 
 
@@ -131,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "engine":
             from microserve.server.engine_main import run_engine
 
-            return run_engine(engine_config(args), host=args.host, port=args.port)
+            return run_engine(
+                engine_config(args), host=args.host, port=args.port, internal_token=args.internal_token
+            )
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, OSError) as exc:

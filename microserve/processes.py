@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -20,22 +21,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Poll /ready until 200, failing early if the process died."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before becoming ready")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/ready", timeout=1.0) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
+class ManagedProcess:
+    """A child process with its output in a log file (a pipe nobody reads would block it)."""
+
+    def __init__(self, cmd: list[str], url: str) -> None:
+        self.url = url
+        self._log = tempfile.NamedTemporaryFile(prefix="microserve-", suffix=".log", delete=False)  # noqa: SIM115
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._log.name)
+
+    def output(self, last: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-last:]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Poll /ready until 200, failing early (with the process's output) if it died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"process exited with {self.proc.returncode} before becoming ready:\n{self.output()}"
+                )
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/ready", timeout=1.0) as r:
+                if r.status == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.url} not ready after {timeout} s:\n{self.output()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, mid-request if it was in one."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (graceful: requests in flight drain), then SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            self.log_path.unlink()
 
 
-@contextlib.contextmanager
-def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
-    """A `microserve engine` on a free loopback port; yields its base URL and stops it afterwards."""
+def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
+    """Start a `microserve engine` on a free loopback port and wait until it is ready."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -48,16 +83,20 @@ def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
         str(threads),
         *args,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
     try:
-        wait_ready(url, proc)
-        yield url
+        engine.wait_ready()
+    except BaseException:
+        engine.stop()
+        raise
+    return engine
+
+
+@contextlib.contextmanager
+def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
+    """A `microserve engine` on a free loopback port; yields its base URL and stops it afterwards."""
+    engine = start_engine(*args, threads=threads)
+    try:
+        yield engine.url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        engine.stop()

@@ -77,7 +77,7 @@ class FakeEngine:
         }
 
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, begin: int | None = None
     ) -> AsyncGenerator[RequestOutput, None]:
         if self.overloaded:
             raise EngineOverloaded("the waiting queue is full")

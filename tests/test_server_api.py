@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from fake_engine import BOS, FakeEngine
+from tests.fake_engine import BOS, FakeEngine
 
 from microserve.server.app import STATE, create_app
 from microserve.server.handlers import ClientDisconnected, prepare, serve

@@ -11,18 +11,21 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 from microserve.engine.core import EngineCore
 from microserve.engine.errors import EngineDead, EngineOverloaded
-from microserve.engine.outputs import RequestOutput
+from microserve.engine.kv_storage import KVLayout
+from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 _Command = Callable[[EngineCore], None]
+T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -33,7 +36,7 @@ class AsyncEngine:
         self.max_model_len = core.max_model_len
         self.max_waiting = max_waiting
         self._inbox: queue.SimpleQueue[_Command | None] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
@@ -58,15 +61,52 @@ class AsyncEngine:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
+    @property
+    def kv_layout(self) -> KVLayout:
+        assert self.core.kv.storage is not None
+        return self.core.kv.storage.layout
+
+    def transfer_time(self, num_tokens: int) -> float:
+        return self.core.runner.transfer_time(num_tokens)
+
     def is_ready(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     # -- requests ---------------------------------------------------------------------------------
 
-    async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the iterator early aborts it and frees its blocks."""
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, begin: int | None = None
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs; closing the iterator early aborts it and frees its blocks.
+
+        With `begin`, the request starts from the KV reserved by `prep_recv` and received since.
+        """
+        return self._stream(
+            request_id,
+            lambda core: core.add_request(request_id, prompt_ids, params, begin),
+            validate=lambda: self.core.validate(prompt_ids, params),
+        )
+
+    def prefill(
+        self, request_id: str, prompt_ids: list[int], begin: int
+    ) -> AsyncGenerator[PrefillProgress, None]:
+        """Compute `prompt_ids`' KV for another engine; yields the exported payloads from `begin` on."""
+        return self._stream(request_id, lambda core: core.add_prefill(request_id, prompt_ids, begin))
+
+    async def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
+        return await self._call(lambda core: core.prep_recv(request_id, prompt_ids, end))
+
+    async def import_kv(self, request_id: str, payload: bytes) -> tuple[int, int]:
+        return await self._call(lambda core: core.import_kv(request_id, payload))
+
+    async def release(self, request_id: str) -> bool:
+        return await self._call(lambda core: core.release(request_id))
+
+    async def _stream(
+        self, request_id: str, add: _Command, validate: Callable[[], None] | None = None
+    ) -> AsyncGenerator[Any, None]:
+        if validate is not None:
+            validate()  # fail before streaming starts
         if self._dead is not None:
             raise EngineDead(f"the engine loop has stopped: {self._dead}")
         pending = self._adds_submitted - self._adds_taken
@@ -74,11 +114,10 @@ class AsyncEngine:
             raise EngineOverloaded(f"{self.max_waiting} requests are already waiting; retry later")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        self.core.validate(prompt_ids, params)  # fail before streaming starts
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request_id] = stream
         self._adds_submitted += 1
-        self._submit(lambda core: self._add(core, request_id, prompt_ids, params))
+        self._submit(lambda core: self._add(core, request_id, add))
         finished = False
         try:
             while True:
@@ -94,14 +133,38 @@ class AsyncEngine:
             if not finished:
                 self._submit(lambda core: core.abort_request(request_id))
 
-    def _add(self, core: EngineCore, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, core: EngineCore, request_id: str, add: _Command) -> None:
         self._adds_taken += 1
         if request_id not in self._streams:
             return  # cancelled before the engine saw it
         try:
-            core.add_request(request_id, prompt_ids, params)
-        except ValueError as exc:
+            add(core)
+        except (ValueError, EngineOverloaded) as exc:
             self._deliver_error(request_id, exc)
+
+    async def _call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run `fn` on the engine thread between steps and await its result (or exception)."""
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop has stopped: {self._dead}")
+        assert self._loop is not None, "start() the engine first"
+        future: asyncio.Future[T] = self._loop.create_future()
+
+        def settle(result: Any, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        def command(core: EngineCore) -> None:
+            try:
+                self._call_loop(settle, fn(core), None)
+            except Exception as exc:
+                self._call_loop(settle, None, exc)
+
+        self._submit(command)
+        return await future
 
     async def abort(self, request_id: str) -> None:
         self._submit(lambda core: core.abort_request(request_id))
@@ -123,6 +186,8 @@ class AsyncEngine:
                     if command is None:
                         return
                     command(core)
+                if core.reservations:
+                    core.expire_reservations()
                 if core.has_work():
                     outputs = core.step()
                     if outputs:
@@ -133,7 +198,13 @@ class AsyncEngine:
             self._call_loop(self._fail_all, exc)
 
     def _drain(self, block: bool) -> list[_Command | None]:
-        commands = [self._inbox.get()] if block else []
+        commands: list[_Command | None] = []
+        if block:
+            # Idle: sleep until a command arrives or the next reservation expires.
+            deadline = self.core.reservations.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(queue.Empty):
+                commands.append(self._inbox.get(timeout=timeout))
         with contextlib.suppress(queue.Empty):
             while True:
                 commands.append(self._inbox.get_nowait())

@@ -36,12 +36,15 @@ class EngineConfig:
     max_waiting: int = 1024  # waiting requests beyond this are refused (503)
     sim_profile: str | None = None  # cost model JSON for the sim backend
     served_model_name: str | None = None
+    reservation_ttl_s: float = 30.0  # a KV reservation with no start_generate is freed after this
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "sim"):
             raise ValueError(f"backend must be 'torch' or 'sim', got {self.backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.reservation_ttl_s <= 0:
+            raise ValueError(f"reservation TTL must be positive, got {self.reservation_ttl_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         self.cache = self.cache or CacheConfig()

@@ -8,20 +8,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from microserve.engine.errors import PromptTooLong
+from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
-from microserve.engine.outputs import RequestOutput
+from microserve.engine.kv_storage import KVPayloadError
+from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
+from microserve.engine.reservations import ReservationError, ReservationTable
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
 from microserve.model.detokenizer import IncrementalDetokenizer
 from microserve.model.tokenizer import Tokenizer
 
+# Exported KV travels in pieces of at most this many tokens: bounded request bodies on the receiver,
+# and the first piece leaves while later ones are still being exported.
+TRANSFER_PIECE_TOKENS = 256
+
 
 class Runner(Protocol):
     def execute(self, batch: ScheduledBatch) -> list[int | None]: ...
 
     def forget(self, request_id: str) -> None: ...
+
+    def transfer_time(self, num_tokens: int) -> float:
+        """Extra time to model for moving this many tokens' KV (the sim backend); 0 for real engines."""
+        ...
+
+
+@dataclass(slots=True)
+class _Prefill:
+    """KV computed here for another engine: exported chunk by chunk as it is computed."""
+
+    seq: Sequence
+    exported_upto: int  # KV of [begin, exported_upto) has been handed out
 
 
 @dataclass(slots=True)
@@ -40,6 +58,7 @@ class EngineCore:
         runner: Runner,
         tokenizer: Tokenizer,
         max_model_len: int,
+        reservation_ttl_s: float = 30.0,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -48,6 +67,8 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.eos_token_ids = tokenizer.eos_token_ids
         self.requests: dict[str, _Request] = {}
+        self.prefills: dict[str, _Prefill] = {}
+        self.reservations = ReservationTable(reservation_ttl_s)
         self.num_steps = 0
 
     # -- requests ---------------------------------------------------------------------------------
@@ -65,16 +86,107 @@ class EngineCore:
                 f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens}"
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in flight")
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, begin: int | None = None
+    ) -> None:
+        """Queue a request; with `begin`, start it from the KV reserved (and received) under its id."""
+        self._check_new_id(request_id, reserved_ok=begin is not None)
         self.validate(prompt_ids, params)
-        seq = Sequence(request_id, list(prompt_ids), params)
+        if begin is None:
+            seq = Sequence(request_id, list(prompt_ids), params)
+        else:
+            seq = self._take_reservation(request_id, prompt_ids, params, begin)
         self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
 
+    def _check_new_id(self, request_id: str, reserved_ok: bool = False) -> None:
+        if request_id in self.requests or request_id in self.prefills:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        if request_id in self.reservations and not reserved_ok:
+            raise ValueError(f"request id {request_id!r} already holds a KV reservation")
+
+    # -- microserving: the engine's KV verbs --------------------------------------------------------
+
+    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
+        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here."""
+        self._check_new_id(request_id)
+        if not 0 < end <= len(prompt_ids) or end > self.max_model_len:
+            raise ValueError(f"end={end} must be in [1, {min(len(prompt_ids), self.max_model_len)}]")
+        seq = Sequence(request_id, list(prompt_ids[:end]), SamplingParams(max_tokens=1))
+        cached = self.kv.match_prefix(seq.token_ids, limit=end)
+        matched = len(cached) * self.kv.block_size
+        if not self.kv.allocate(seq, end - matched, cached):
+            raise EngineOverloaded(f"no free KV blocks to receive {end - matched} tokens; retry later")
+        self.reservations.add(seq, end, matched)
+        return matched
+
+    def import_kv(self, request_id: str, payload: bytes | memoryview) -> tuple[int, int]:
+        """Write received KV into the request's reservation; ranges must arrive without gaps."""
+        res = self.reservations.get(request_id)
+        parsed = self.kv.parse(payload)
+        if parsed.begin > res.received_upto:
+            raise KVPayloadError(
+                f"KV for tokens [{res.received_upto}, {parsed.begin}) is missing before this payload"
+            )
+        begin, end = self.kv.import_kv(res.seq, parsed)
+        res.received_upto = max(res.received_upto, end)
+        return begin, end
+
+    def release(self, request_id: str) -> bool:
+        """Drop a reservation. KV that arrived stays behind in the prefix cache (full blocks), so a
+        later request with that prefix starts from it: this is how a context migrates."""
+        res = self.reservations.pop(request_id)
+        if res is None:
+            return False
+        self.kv.append(res.seq, res.received_upto - res.seq.num_computed_tokens)
+        self.kv.free(res.seq)
+        return True
+
+    def expire_reservations(self, now: float | None = None) -> list[str]:
+        expired = [r.seq.request_id for r in self.reservations.expired(now)]
+        for request_id in expired:
+            self.release(request_id)
+        return expired
+
+    def add_prefill(self, request_id: str, prompt_ids: list[int], begin: int) -> None:
+        """Compute the KV of `prompt_ids` without sampling; `step` exports it from `begin` on as it goes."""
+        self._check_new_id(request_id)
+        if not prompt_ids or len(prompt_ids) > self.max_model_len:
+            raise ValueError(f"a prefill needs 1 to {self.max_model_len} tokens, got {len(prompt_ids)}")
+        seq = Sequence(request_id, list(prompt_ids), SamplingParams(max_tokens=1), prefill_only=True)
+        self.prefills[request_id] = _Prefill(seq, exported_upto=begin)
+        self.scheduler.add(seq)
+
+    def _take_reservation(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, begin: int
+    ) -> Sequence:
+        res = self.reservations.get(request_id)
+        seq = res.seq
+        if list(prompt_ids[: res.end]) != seq.token_ids:
+            raise ReservationError("start_generate's prompt differs from the one given to prep_recv")
+        if begin > res.received_upto:
+            raise ReservationError(
+                f"KV for tokens [{res.received_upto}, {begin}) never arrived; cannot start at {begin}"
+            )
+        # At least the last prompt token is computed here: its logits give the first output token.
+        start = min(begin, len(prompt_ids) - 1)
+        if start >= seq.num_computed_tokens:
+            self.kv.append(seq, start - seq.num_computed_tokens)
+        elif not self.kv.rewind(seq, start):
+            raise EngineOverloaded("no free KV block to start generating; retry later")
+        self.reservations.pop(request_id)
+        seq.token_ids = list(prompt_ids)
+        seq.num_prompt_tokens = len(prompt_ids)
+        seq.params = params
+        seq.num_cached_tokens = start
+        return seq
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its blocks at once; returns its final output if it was live."""
+        prefill = self.prefills.pop(request_id, None)
+        if prefill is not None:
+            self.scheduler.finish(prefill.seq, SequenceStatus.FINISHED_ABORTED)
+            return None
         req = self.requests.get(request_id)
         if req is None:
             return None
@@ -94,15 +206,18 @@ class EngineCore:
 
     # -- the step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PrefillProgress]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         sampled = self.runner.execute(batch)
         self.num_steps += 1
-        outputs: list[RequestOutput] = []
+        outputs: list[RequestOutput | PrefillProgress] = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
             self.kv.append(seq, n)
+            if seq.prefill_only:
+                outputs.append(self._prefill_progress(seq))
+                continue
             if token is None:
                 continue  # a chunk of a longer prefill: nothing to emit yet
             req = self.requests[seq.request_id]
@@ -112,6 +227,21 @@ class EngineCore:
                 self._finish(req, status)
             outputs.append(self._output(req))
         return outputs
+
+    def _prefill_progress(self, seq: Sequence) -> PrefillProgress:
+        # Export on the engine thread, between steps: the blocks cannot be preempted away meanwhile.
+        prefill = self.prefills[seq.request_id]
+        upto = seq.num_computed_tokens
+        pieces = []
+        for begin in range(prefill.exported_upto, upto, TRANSFER_PIECE_TOKENS):
+            end = min(begin + TRANSFER_PIECE_TOKENS, upto)
+            pieces.append(KVPiece(begin, end, self.kv.export_kv(seq, begin, end)))
+        prefill.exported_upto = max(prefill.exported_upto, upto)
+        finished = upto == seq.num_tokens
+        if finished:
+            del self.prefills[seq.request_id]
+            self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)  # its full blocks stay cached
+        return PrefillProgress(seq.request_id, pieces, finished)
 
     def _check_stop(self, req: _Request, token: int) -> SequenceStatus | None:
         seq, p = req.seq, req.seq.params
@@ -176,4 +306,6 @@ class EngineCore:
             "prefix_hit_rate": round(kv.prefix_hit_rate, 6),
             "prefix_cache_queries": kv.prefix_queries,
             "prefix_cache_hits": kv.prefix_hits,
+            "kv_reservations": len(self.reservations),
+            "kv_reservations_received_tokens": self.reservations.received_tokens(),
         }

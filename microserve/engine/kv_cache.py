@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from microserve.engine.block_pool import ROOT_HASH, Block, BlockPool, block_hash
-from microserve.engine.kv_storage import KVPayloadError, KVStorage, parse_payload, tokens_hash
+from microserve.engine.kv_storage import KVPayload, KVPayloadError, KVStorage, parse_payload, tokens_hash
 from microserve.engine.sequence import Sequence
 
 
@@ -144,6 +144,29 @@ class KVCacheManager:
         child.num_computed_tokens = parent.num_computed_tokens
         return True
 
+    def rewind(self, seq: Sequence, num_tokens: int) -> bool:
+        """Forget computed KV from `num_tokens` on, so those tokens can be computed again.
+
+        The block that will be rewritten is made private first (copy-on-write) when it is shared or
+        cached; returns False, changing nothing, when no block is free for the copy.
+        """
+        if num_tokens > seq.num_computed_tokens:
+            raise ValueError(f"cannot rewind {seq.request_id} forward to {num_tokens}")
+        i = num_tokens // self.block_size
+        if i < len(seq.block_table):
+            block = self.pool.blocks[seq.block_table[i]]
+            if block.ref_count > 1 or block.hash is not None:
+                if self.pool.num_free < 1:
+                    return False
+                private = self.pool.allocate()
+                if self.storage is not None:
+                    self.storage.copy_block(block.block_id, private.block_id)
+                self.pool.release(block)
+                seq.block_table[i] = private.block_id
+        seq.num_computed_tokens = num_tokens
+        del seq.block_hashes[i:]
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's blocks, last block first so a prefix outlives its tail in the LRU."""
         for block_id in reversed(seq.block_table):
@@ -171,14 +194,19 @@ class KVCacheManager:
             raise ValueError(f"tokens up to {end} requested but only {seq.num_computed_tokens} are computed")
         return self.storage.export(self.slots(seq, begin, end), begin, end, seq.token_ids[begin:end])
 
-    def import_kv(self, seq: Sequence, payload: bytes | memoryview) -> tuple[int, int]:
+    def parse(self, payload: bytes | memoryview) -> KVPayload:
+        """Validate a payload against this cache's layout (format, compatibility, checksum)."""
+        if self.storage is None:
+            raise RuntimeError("this KV cache has no storage to import into")
+        return parse_payload(payload, self.storage.layout)
+
+    def import_kv(self, seq: Sequence, payload: bytes | memoryview | KVPayload) -> tuple[int, int]:
         """Write a payload into the blocks `seq` reserved for its token range; returns (begin, end).
 
         The caller commits the tokens with `append` once every range it expects has arrived.
         """
-        if self.storage is None:
-            raise RuntimeError("this KV cache has no storage to import into")
-        parsed = parse_payload(payload, self.storage.layout)
+        parsed = payload if isinstance(payload, KVPayload) else self.parse(payload)
+        assert self.storage is not None
         if parsed.begin < seq.num_computed_tokens:
             # Those blocks may be shared prefix-cache blocks: never overwrite computed KV.
             raise KVPayloadError(

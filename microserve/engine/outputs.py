@@ -28,3 +28,25 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+
+
+@dataclass(slots=True)
+class KVPiece:
+    """One exported KV payload, for tokens [begin, end)."""
+
+    begin: int
+    end: int
+    data: bytes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(slots=True)
+class PrefillProgress:
+    """KV computed for another engine since the last progress, exported in pieces (maybe none yet)."""
+
+    request_id: str
+    payloads: list[KVPiece]
+    finished: bool

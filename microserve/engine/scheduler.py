@@ -82,12 +82,13 @@ class Scheduler:
         # Admitting new work while others were just preempted would only thrash the cache.
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.kv.match_prefix(seq.token_ids)
+            # A sequence that arrives holding KV (received from another engine) starts from it.
+            cached = [] if seq.block_table else self.kv.match_prefix(seq.token_ids)
             hit = len(cached) * self.kv.block_size
-            n = min(seq.num_tokens - hit, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens - hit, budget)
             if not self.kv.allocate(seq, n, cached):
                 break
-            if seq.num_preemptions == 0:
+            if seq.num_preemptions == 0 and not seq.num_cached_tokens:
                 seq.num_cached_tokens = hit
                 self.kv.record_admission(seq.num_prompt_tokens, hit)
             self.waiting.popleft()

@@ -49,6 +49,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    prefill_only: bool = False  # compute KV for another engine: never sample
     arrival_time: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:

@@ -43,6 +43,9 @@ class TorchRunner:
     def forget(self, request_id: str) -> None:
         self.sampler.forget(request_id)
 
+    def transfer_time(self, num_tokens: int) -> float:
+        return 0.0  # real bytes travel; nothing to model
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[int | None]:
         """Compute the batch's new tokens; a sampled token for each sequence that reached its end."""
@@ -87,7 +90,7 @@ class TorchRunner:
                     ctx_slots = (table[ctx // bs] * bs + ctx % bs).to(self.device)
                     mask = (ctx[None, :] <= positions[:, None]).to(self.device)
                 prefills.append(PrefillChunk(row, n, ctx_slots, mask))
-            if end == seq.num_tokens:
+            if end == seq.num_tokens and not seq.prefill_only:
                 logit_rows.append(row + n - 1)
                 samplers.append(seq)
             row += n

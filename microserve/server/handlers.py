@@ -18,9 +18,10 @@ from aiohttp import web
 
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
 from microserve.engine.outputs import FinishReason, RequestOutput
+from microserve.engine.reservations import ReservationError
 from microserve.engine.sampling import SamplingParams
 from microserve.server import errors
-from microserve.server.errors import bad_request, json_response
+from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.metrics import RequestTimer, ServerMetrics
 from microserve.server.protocol import (
     ChatCompletionRequest,
@@ -62,7 +63,7 @@ class ServingEngine(Protocol):
     def load(self) -> dict[str, Any]: ...
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, begin: int | None = None
     ) -> AsyncGenerator[RequestOutput, None]: ...
 
 
@@ -105,6 +106,8 @@ class Prepared:
     shape: ResponseShape
     stream: bool
     prompt_param: str  # which request field to blame when the prompt is too long
+    request_id: str | None = None  # the engine request id; default: the response id
+    begin: int | None = None  # start from KV received under `request_id` (microserving)
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
@@ -118,7 +121,11 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     return Prepared(
         prompt_ids=prompt_ids,
         params=req.sampling_params(max_tokens),
-        shape=CompletionShape(model=model, include_usage=req.include_usage),
+        shape=CompletionShape(
+            model=model,
+            include_usage=req.include_usage,
+            prompt_token_ids=prompt_ids if req.return_token_ids else None,
+        ),
         stream=req.stream,
         prompt_param="prompt",
     )
@@ -140,7 +147,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     return Prepared(
         prompt_ids=prompt_ids,
         params=req.sampling_params(max_tokens),
-        shape=ChatShape(model=model, include_usage=req.include_usage),
+        shape=ChatShape(
+            model=model,
+            include_usage=req.include_usage,
+            prompt_token_ids=prompt_ids if req.return_token_ids else None,
+        ),
         stream=req.stream,
         prompt_param="messages",
     )
@@ -176,9 +187,9 @@ def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
 async def serve(request: web.Request, state: ServerState, prepared: Prepared) -> web.StreamResponse:
     """Run one request on the engine and answer it as JSON or as SSE; the engine request ends with it."""
     state.admit()
-    request_id = prepared.shape.id
+    request_id = prepared.request_id or prepared.shape.id
     timer = state.metrics.start_request()
-    gen = state.engine.generate(request_id, prepared.prompt_ids, prepared.params)
+    gen = state.engine.generate(request_id, prepared.prompt_ids, prepared.params, prepared.begin)
     # aclosing: whatever way this returns — done, client gone, handler cancelled — the engine aborts
     # the request and frees its KV blocks at once.
     async with aclosing(gen):
@@ -188,6 +199,8 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
             first = await _next_output(gen)
         except EngineOverloaded as exc:
             raise errors.overloaded(str(exc) or "The engine is overloaded; retry later.") from None
+        except ReservationError as exc:
+            raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
         except PromptTooLong as exc:
             raise bad_request(str(exc), param=prepared.prompt_param, code="context_length_exceeded") from None
         except ValueError as exc:  # the engine's own validation of prompt ids and params
@@ -197,13 +210,13 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
         try:
             if prepared.stream:
                 return await stream_sse(request, gen, first, prepared.shape, timer)
-            text, last = await collect(request, gen, first, timer)
+            text, last, token_ids = await collect(request, gen, first, timer)
         except asyncio.CancelledError:
             timer.finish("abort")
             raise
         except EngineDead as exc:
             raise errors.engine_dead(str(exc) or "The engine stopped.") from None
-    return json_response(prepared.shape.full(text, last))
+    return json_response(prepared.shape.full(text, last, token_ids))
 
 
 class ClientDisconnected(ConnectionResetError):
@@ -227,16 +240,18 @@ async def collect(
     gen: AsyncGenerator[RequestOutput, None],
     first: RequestOutput,
     timer: RequestTimer,
-) -> tuple[str, RequestOutput]:
-    """Gather a whole answer: its text and its last output (finish reason, usage)."""
+) -> tuple[str, RequestOutput, list[int]]:
+    """Gather a whole answer: its text, its last output (finish reason, usage) and its token ids."""
     parts: list[str] = []
+    token_ids: list[int] = []
     output = first
     while True:
         timer.observe(output)
         parts.append(output.text)
+        token_ids.extend(output.token_ids)
         if output.finished:
             timer.finish(str(output.finish_reason or FinishReason.STOP))
-            return "".join(parts), output
+            return "".join(parts), output, token_ids
         # Servers run without handler cancellation would otherwise generate to the end for nobody.
         if _client_gone(request):
             timer.finish("abort")
@@ -263,8 +278,10 @@ async def stream_sse(
     try:
         while True:
             timer.observe(output)
-            if output.text:
-                frames.append(_frame(shape.delta_chunk(output.text)))
+            # With return_token_ids a token whose text is still held back (half a UTF-8 character, a
+            # possible stop string) gets its own chunk too, so that every generated id is reported.
+            if output.text or (shape.return_token_ids and output.token_ids):
+                frames.append(_frame(shape.delta_chunk(output.text, output.token_ids)))
             if output.finished:
                 frames.append(_frame(shape.finish_chunk(output.finish_reason)))
                 if shape.include_usage:

@@ -19,16 +19,19 @@ from microserve.server.errors import APIError, bad_request
 # --------------------------------------------------------------------------------------------- requests
 
 
-class _Model(BaseModel):
+class RequestModel(BaseModel):
     # Unknown fields are ignored, as vLLM does, so clients that send extra vendor fields keep working.
     model_config = ConfigDict(extra="ignore")
 
+    def check_supported(self) -> None:
+        """Refuse values that parse but that this server does not support (a 400 naming the field)."""
 
-class StreamOptions(_Model):
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Model):
+class _GenerationRequest(RequestModel):
     """Fields shared by both endpoints: model, sampling, streaming and the unsupported-but-accepted ones."""
 
     model: str | None = None
@@ -46,6 +49,9 @@ class _GenerationRequest(_Model):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    # vLLM's extension: answer with the prompt's token ids and each choice's new token ids. The router
+    # uses it to continue a stream on another engine when one dies mid-stream.
+    return_token_ids: bool = False
 
     def check_supported(self) -> None:
         """Reject what the engine cannot honour, instead of silently ignoring it."""
@@ -218,12 +224,22 @@ def _reason(reason: FinishReason | None) -> str | None:
 
 @dataclass(slots=True)
 class CompletionShape:
-    """The JSON shapes of one /v1/completions response, whole or as `text_completion` chunks."""
+    """The JSON shapes of one /v1/completions response, whole or as `text_completion` chunks.
+
+    With `prompt_token_ids` set (the request asked for `return_token_ids`), the choice carries vLLM's
+    `prompt_token_ids` (whole answer, or first chunk only) and `token_ids` (the ids new in that chunk).
+    """
 
     model: str
     include_usage: bool = False
+    prompt_token_ids: list[int] | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    _prompt_ids_sent: bool = False
+
+    @property
+    def return_token_ids(self) -> bool:
+        return self.prompt_token_ids is not None
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -241,21 +257,33 @@ class CompletionShape:
             body["usage"] = None
         return body
 
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]:
-        body = self._envelope(
-            [{"index": 0, "text": text, "logprobs": None, "finish_reason": _reason(last.finish_reason)}]
-        )
+    def _choice(self, text: str, reason: FinishReason | None, token_ids: list[int]) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": _reason(reason),
+        }
+        if self.prompt_token_ids is not None:
+            if not self._prompt_ids_sent:
+                choice["prompt_token_ids"] = self.prompt_token_ids
+                self._prompt_ids_sent = True
+            choice["token_ids"] = token_ids
+        return choice
+
+    def full(self, text: str, last: RequestOutput, token_ids: list[int] | None = None) -> dict[str, Any]:
+        body = self._envelope([self._choice(text, last.finish_reason, token_ids or [])])
         body["usage"] = usage(last)
         return body
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         return []
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "text": text, "logprobs": None, "finish_reason": None}])
+    def delta_chunk(self, text: str, token_ids: list[int] | None = None) -> dict[str, Any]:
+        return self._chunk([self._choice(text, None, token_ids or [])])
 
     def finish_chunk(self, reason: FinishReason | None) -> dict[str, Any]:
-        return self._chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": _reason(reason)}])
+        return self._chunk([self._choice("", reason, [])])
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         body = self._envelope([])
@@ -265,12 +293,21 @@ class CompletionShape:
 
 @dataclass(slots=True)
 class ChatShape:
-    """The JSON shapes of one /v1/chat/completions response, whole or as `chat.completion.chunk`s."""
+    """The JSON shapes of one /v1/chat/completions response, whole or as `chat.completion.chunk`s.
+
+    With `prompt_token_ids` set (`return_token_ids`), the body carries vLLM's top-level `prompt_token_ids`
+    (whole answer, or the opening chunk) and each choice the `token_ids` new in it.
+    """
 
     model: str
     include_usage: bool = False
+    prompt_token_ids: list[int] | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def return_token_ids(self) -> bool:
+        return self.prompt_token_ids is not None
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -281,32 +318,43 @@ class ChatShape:
             "choices": choices,
         }
 
-    def _chunk(self, delta: dict[str, Any], reason: FinishReason | None) -> dict[str, Any]:
+    def _chunk(
+        self, delta: dict[str, Any], reason: FinishReason | None, token_ids: list[int]
+    ) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": _reason(reason)}
+        if self.prompt_token_ids is not None:
+            choice["token_ids"] = token_ids
         body = self._envelope("chat.completion.chunk", [choice])
         if self.include_usage:
             body["usage"] = None
         return body
 
-    def full(self, text: str, last: RequestOutput) -> dict[str, Any]:
+    def full(self, text: str, last: RequestOutput, token_ids: list[int] | None = None) -> dict[str, Any]:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "logprobs": None,
             "finish_reason": _reason(last.finish_reason),
         }
+        if self.prompt_token_ids is not None:
+            choice["token_ids"] = token_ids or []
         body = self._envelope("chat.completion", [choice])
+        if self.prompt_token_ids is not None:
+            body["prompt_token_ids"] = self.prompt_token_ids
         body["usage"] = usage(last)
         return body
 
     def opening_chunks(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, None)]
+        chunk = self._chunk({"role": "assistant", "content": ""}, None, [])
+        if self.prompt_token_ids is not None:
+            chunk["prompt_token_ids"] = self.prompt_token_ids
+        return [chunk]
 
-    def delta_chunk(self, text: str) -> dict[str, Any]:
-        return self._chunk({"content": text}, None)
+    def delta_chunk(self, text: str, token_ids: list[int] | None = None) -> dict[str, Any]:
+        return self._chunk({"content": text}, None, token_ids or [])
 
     def finish_chunk(self, reason: FinishReason | None) -> dict[str, Any]:
-        return self._chunk({}, reason)
+        return self._chunk({}, reason, [])
 
     def usage_chunk(self, last: RequestOutput) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk", [])

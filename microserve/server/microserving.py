@@ -1,0 +1,228 @@
+"""The engine's microserving routes: fine-grained KV verbs the router composes into strategies.
+
+prep_recv reserves blocks, remote_send computes KV and pushes it engine to engine (never through the
+router), start_generate decodes on top of received KV, release frees a reservation. KV arrives at the
+internal route /microserving/kv/{request_id}. All of them require the internal token when one is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import aclosing
+from dataclasses import asdict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import Field
+
+from microserve.engine.async_engine import AsyncEngine
+from microserve.engine.errors import EngineDead, EngineOverloaded
+from microserve.engine.kv_storage import KVLayout, KVPayloadError
+from microserve.engine.reservations import ReservationError
+from microserve.server import errors
+from microserve.server.app import STATE, read_json
+from microserve.server.errors import APIError, bad_request, json_response
+from microserve.server.handlers import Prepared, serve
+from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
+
+log = logging.getLogger(__name__)
+
+SESSION = web.AppKey("microserving_session", aiohttp.ClientSession)
+ENGINE = web.AppKey("microserving_engine", AsyncEngine)
+TOKEN = web.AppKey("internal_token", str)
+
+# No total limit: a transfer takes as long as the prefill behind it; a stalled socket still fails.
+TRANSFER_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=120)
+
+
+class PrepRecvRequest(RequestModel):
+    request_id: str = Field(min_length=1)
+    prompt: str | list[int]
+    end: int | None = None
+
+
+class RemoteSendRequest(RequestModel):
+    request_id: str = Field(min_length=1)
+    prompt: str | list[int]
+    begin: int = 0
+    end: int | None = None
+    kv_addr_info: dict[str, Any]
+    dst_url: str = Field(min_length=1)
+
+
+class ReleaseRequest(RequestModel):
+    request_id: str = Field(min_length=1)
+
+
+class StartGenerateRequest(CompletionRequest):
+    request_id: str = Field(min_length=1)
+    begin: int = 0
+
+
+def normalize_index(index: int | None, length: int, default: int) -> int:
+    """Python slice semantics: negative counts from the end; clamped to [0, length]."""
+    if index is None:
+        return default
+    if index < 0:
+        index += length
+    return min(max(index, 0), length)
+
+
+def add_microserving_routes(app: web.Application, engine: AsyncEngine, internal_token: str | None) -> None:
+    app[ENGINE] = engine
+    app[TOKEN] = internal_token or ""
+    app.middlewares.append(_require_internal_token)
+    app.router.add_post("/microserving/prep_recv", prep_recv)
+    app.router.add_post("/microserving/remote_send", remote_send)
+    app.router.add_post("/microserving/start_generate", start_generate)
+    app.router.add_post("/microserving/release", release)
+    app.router.add_post("/microserving/kv/{request_id}", receive_kv)
+    app.cleanup_ctx.append(_client_session)
+
+
+async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
+    async with aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT) as session:
+        app[SESSION] = session
+        yield
+
+
+@web.middleware
+async def _require_internal_token(request: web.Request, handler: Any) -> web.StreamResponse:
+    token = request.app[TOKEN]
+    if token and request.path.startswith("/microserving/"):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return APIError(
+                401, "The microserving routes need the internal token.", code="unauthorized"
+            ).response()
+    return await handler(request)
+
+
+def _prompt_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
+    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise bad_request("prompt must not be empty.", param="prompt")
+    vocab = engine.tokenizer.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
+    return ids
+
+
+async def _engine_call(coro: Any) -> Any:
+    """Await an engine verb, turning its failures into HTTP errors that say which side failed."""
+    try:
+        return await coro
+    except ReservationError as exc:
+        raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
+    except KVPayloadError as exc:
+        raise bad_request(str(exc), code="bad_kv_payload") from None
+    except EngineOverloaded as exc:
+        raise errors.overloaded(str(exc)) from None
+    except EngineDead as exc:
+        raise errors.engine_dead(str(exc)) from None
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+async def prep_recv(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    req = parse_request(PrepRecvRequest, (await read_json(request))[0])
+    ids = _prompt_ids(engine, req.prompt)
+    end = normalize_index(req.end, len(ids), len(ids))
+    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end))
+    info = {"request_id": req.request_id, "begin": matched, "end": end, "layout": asdict(engine.kv_layout)}
+    return json_response({"kv_addr_info": info, "matched_len": matched})
+
+
+async def remote_send(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    req = parse_request(RemoteSendRequest, (await read_json(request))[0])
+    ids = _prompt_ids(engine, req.prompt)
+    begin = normalize_index(req.begin, len(ids), 0)
+    end = normalize_index(req.end, len(ids), len(ids))
+    _check_compatible(engine.kv_layout, req.kv_addr_info)
+    if begin >= end:
+        return json_response({"sent_tokens": 0, "bytes": 0})
+    url = f"{req.dst_url.rstrip('/')}/microserving/kv/{req.kv_addr_info.get('request_id', req.request_id)}"
+    headers = {"Authorization": f"Bearer {request.app[TOKEN]}"} if request.app[TOKEN] else {}
+    sent = size = 0
+    # A private id: this engine may also hold the receiving side's reservation under request_id.
+    prefill = engine.prefill(f"{req.request_id}/send", ids[:end], begin)
+    async with aclosing(prefill):
+        try:
+            progress = await _engine_call(anext(prefill))
+            while True:
+                for piece in progress.payloads:
+                    await asyncio.sleep(engine.transfer_time(piece.num_tokens))  # the sim backend's model
+                    await _push(request.app[SESSION], url, piece.data, headers)
+                    sent += piece.num_tokens
+                    size += len(piece.data)
+                if progress.finished:
+                    break
+                progress = await _engine_call(anext(prefill))
+        except StopAsyncIteration:
+            raise errors.internal_error() from None
+    return json_response({"sent_tokens": sent, "bytes": size})
+
+
+async def _push(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]) -> None:
+    try:
+        async with session.post(url, data=data, headers=headers) as r:
+            if r.status != 200:
+                detail = await r.text()
+                raise APIError(
+                    502,
+                    f"the receiver {url} refused the KV ({r.status}): {detail}",
+                    code="kv_transfer_refused",
+                )
+    except aiohttp.ClientError as exc:
+        raise APIError(
+            502, f"the receiver {url} is unreachable: {exc}", code="kv_receiver_unreachable"
+        ) from None
+
+
+def _check_compatible(mine: KVLayout, kv_addr_info: dict[str, Any]) -> None:
+    theirs = kv_addr_info.get("layout")
+    if theirs is not None and theirs != asdict(mine):
+        raise bad_request(
+            f"incompatible KV layout: the receiver has {theirs}, this engine has {asdict(mine)} "
+            "(different model, dtype or block size)",
+            param="kv_addr_info",
+            code="incompatible_kv",
+        )
+
+
+async def receive_kv(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    payload = await request.read()
+    begin, end = await _engine_call(engine.import_kv(request.match_info["request_id"], payload))
+    return json_response({"begin": begin, "end": end})
+
+
+async def start_generate(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    state = request.app[STATE]
+    req = parse_request(StartGenerateRequest, (await read_json(request))[0])
+    ids = _prompt_ids(engine, req.prompt)
+    model = state.resolve_model(req.model)
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, engine.max_model_len - len(ids))
+    prepared = Prepared(
+        prompt_ids=ids,
+        params=req.sampling_params(max_tokens),
+        shape=CompletionShape(model=model, include_usage=req.include_usage),
+        stream=req.stream,
+        prompt_param="prompt",
+        request_id=req.request_id,
+        begin=normalize_index(req.begin, len(ids), 0),
+    )
+    return await serve(request, state, prepared)
+
+
+async def release(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    req = parse_request(ReleaseRequest, (await read_json(request))[0])
+    released = await _engine_call(engine.release(req.request_id))
+    return json_response({"released": released})
