@@ -15,11 +15,11 @@ import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from tests.fake_engine import BOS, FakeEngine
 
 from microserve.server.app import STATE, create_app
 from microserve.server.handlers import ClientDisconnected, prepare, serve
 from microserve.server.protocol import CompletionRequest, parse_request
+from tests.fake_engine import BOS, FakeEngine
 
 REPLY = "Hello, world!"
 DEADLINE_S = 5.0
