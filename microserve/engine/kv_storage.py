@@ -7,6 +7,7 @@ Layout: one K and one V tensor of shape [layers, blocks * block_size, kv_heads, 
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import asdict, dataclass
 
 import orjson
@@ -16,6 +17,9 @@ import xxhash
 MAGIC = b"MSKV"
 VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
+_CHECKSUM = struct.Struct("<Q")
+# Payload: MAGIC | header length | JSON header (space-padded) | checksum of the body | body (8-aligned).
+# The body is K then V, each [layers, tokens, kv_heads, head_dim] in the layout's dtype.
 
 
 class KVPayloadError(ValueError):
@@ -60,36 +64,53 @@ class KVStorage:
         self.k[:, dst * bs : (dst + 1) * bs] = self.k[:, src * bs : (src + 1) * bs]
         self.v[:, dst * bs : (dst + 1) * bs] = self.v[:, src * bs : (src + 1) * bs]
 
-    def export(self, slots: torch.Tensor, begin: int, end: int, token_ids: list[int]) -> bytes:
-        """Serialize the KV of the tokens at `slots` (positions begin..end of `token_ids`)."""
-        slots = slots.to(self.device)
-        k = self.k.index_select(1, slots)
-        v = self.v.index_select(1, slots)
-        data = _to_bytes(k) + _to_bytes(v)
-        header = {
-            "version": VERSION,
-            **asdict(self.layout),
-            "begin": begin,
-            "end": end,
-            "tokens_hash": tokens_hash(token_ids),
-            "checksum": xxhash.xxh3_64_intdigest(data),
-        }
-        header_bytes = orjson.dumps(header)
-        return MAGIC + _HEADER_LEN.pack(len(header_bytes)) + header_bytes + data
+    def export(self, slots: torch.Tensor, begin: int, end: int, token_ids: list[int]) -> memoryview:
+        """Serialize the KV of the tokens at `slots` (positions begin..end of `token_ids`).
+
+        K and V are gathered straight into the payload's (aligned) body: one copy out of the cache.
+        """
+        n = slots.numel()
+        layout = self.layout
+        header = orjson.dumps(
+            {
+                "version": VERSION,
+                **asdict(layout),
+                "begin": begin,
+                "end": end,
+                "tokens_hash": tokens_hash(token_ids),
+            }
+        )
+        header += b" " * (-(len(MAGIC) + _HEADER_LEN.size + len(header)) % 8)  # align what follows
+        body_at = len(MAGIC) + _HEADER_LEN.size + len(header) + _CHECKSUM.size
+        buf = torch.empty(body_at + n * layout.bytes_per_token, dtype=torch.uint8)
+        shape = (2, layout.num_layers, n, layout.num_kv_heads, layout.head_dim)
+        body = buf[body_at:].view(layout.torch_dtype).view(shape)
+        if self.device.type == "cpu":
+            torch.index_select(self.k, 1, slots, out=body[0])
+            torch.index_select(self.v, 1, slots, out=body[1])
+        else:
+            slots = slots.to(self.device)
+            body[0].copy_(self.k.index_select(1, slots))
+            body[1].copy_(self.v.index_select(1, slots))
+        view = memoryview(buf.numpy())
+        checksum = xxhash.xxh3_64_intdigest(view[body_at:])
+        view[:body_at] = MAGIC + _HEADER_LEN.pack(len(header)) + header + _CHECKSUM.pack(checksum)
+        return view
 
     def import_(self, slots: torch.Tensor, payload: KVPayload) -> None:
         """Write a parsed, validated payload into `slots` (one per token of the payload)."""
         n = payload.end - payload.begin
         if slots.numel() != n:
             raise KVPayloadError(f"payload holds {n} tokens but {slots.numel()} slots were given")
-        shape = (self.layout.num_layers, n, self.layout.num_kv_heads, self.layout.head_dim)
-        half = len(payload.data) // 2
-        dtype = self.layout.torch_dtype
-        k = torch.frombuffer(bytearray(payload.data[:half]), dtype=torch.uint8).view(dtype).reshape(shape)
-        v = torch.frombuffer(bytearray(payload.data[half:]), dtype=torch.uint8).view(dtype).reshape(shape)
+        shape = (2, self.layout.num_layers, n, self.layout.num_kv_heads, self.layout.head_dim)
+        with warnings.catch_warnings():
+            # The buffer may be read-only (bytes); it is only ever read here.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(payload.data, dtype=torch.uint8)
+        kv = raw.view(self.layout.torch_dtype).reshape(shape).to(self.device)
         slots = slots.to(self.device)
-        self.k.index_copy_(1, slots, k.to(self.device))
-        self.v.index_copy_(1, slots, v.to(self.device))
+        self.k.index_copy_(1, slots, kv[0])
+        self.v.index_copy_(1, slots, kv[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,29 +122,37 @@ class KVPayload:
     data: memoryview
 
 
-def parse_payload(raw: bytes | memoryview, expected: KVLayout) -> KVPayload:
+def parse_payload(raw: bytes | bytearray | memoryview, expected: KVLayout) -> KVPayload:
     """Check format, layout compatibility and checksum; raises KVPayloadError saying which failed."""
-    raw = memoryview(raw)
-    if len(raw) < len(MAGIC) + _HEADER_LEN.size or raw[: len(MAGIC)] != MAGIC:
+    raw = memoryview(raw).cast("B")
+    fixed = len(MAGIC) + _HEADER_LEN.size
+    if len(raw) < fixed or raw[: len(MAGIC)] != MAGIC:
         raise KVPayloadError("not a microserve KV payload (bad magic)")
     (header_len,) = _HEADER_LEN.unpack_from(raw, len(MAGIC))
-    start = len(MAGIC) + _HEADER_LEN.size
+    body_at = fixed + header_len + _CHECKSUM.size
+    if len(raw) < body_at:
+        raise KVPayloadError("KV payload is truncated inside its header")
     try:
-        header = orjson.loads(raw[start : start + header_len])
+        header = orjson.loads(raw[fixed : fixed + header_len])
         layout = KVLayout(**{k: header[k] for k in KVLayout.__dataclass_fields__})
-        version, begin, end = header["version"], header["begin"], header["end"]
-        checksum, tok_hash = header["checksum"], header["tokens_hash"]
+        version, begin, end, tok_hash = (
+            header["version"],
+            header["begin"],
+            header["end"],
+            header["tokens_hash"],
+        )
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise KVPayloadError(f"KV payload header is malformed: {exc}") from None
     if version != VERSION:
         raise KVPayloadError(f"KV payload version {version} is not supported (expected {VERSION})")
     if layout != expected:
         raise KVPayloadError(f"incompatible KV layout: payload has {layout}, this engine has {expected}")
-    data = raw[start + header_len :]
-    if len(data) != (end - begin) * layout.bytes_per_token or end < begin:
+    data = raw[body_at:]
+    if end < begin or len(data) != (end - begin) * layout.bytes_per_token:
         raise KVPayloadError(
             f"KV payload is truncated or oversized: {len(data)} bytes for tokens [{begin}, {end})"
         )
+    (checksum,) = _CHECKSUM.unpack_from(raw, fixed + header_len)
     if xxhash.xxh3_64_intdigest(data) != checksum:
         raise KVPayloadError("KV payload checksum mismatch: the bytes were corrupted in transit")
     return KVPayload(layout, begin, end, tok_hash, data)
@@ -131,7 +160,3 @@ def parse_payload(raw: bytes | memoryview, expected: KVLayout) -> KVPayload:
 
 def tokens_hash(token_ids: list[int]) -> int:
     return xxhash.xxh3_64_intdigest(orjson.dumps(token_ids))
-
-
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().cpu().view(torch.uint8).numpy().tobytes()
