@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import platform
 import random
 import statistics
 import time
@@ -24,22 +23,13 @@ import httpx
 import orjson
 import torch
 
+from microserve.machine import cpu_name
 from microserve.model.loader import resolve_model
 from microserve.processes import engine_process
 
 PROMPT_LEN, OUTPUT_LEN, CONCURRENCY = 128, 128, 32
 SINGLE_OUTPUT = 256
 PREFIX_LEN, SUFFIX_LEN = 1024, 16
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def random_ids(rng: random.Random, n: int) -> list[int]:

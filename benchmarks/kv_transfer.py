@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from microserve.client import EngineClient
+from microserve.machine import cpu_name
 from microserve.processes import engine_process
-
-from engine_vs_transformers import cpu_name  # noqa: I001 - sibling script
 
 
 def ids(rng: random.Random, n: int) -> list[int]:
@@ -104,14 +103,13 @@ def main() -> None:
     args = ap.parse_args()
     r = asyncio.run(run(args))
     date = dt.date.today().isoformat()
-    print(
-        f"# KV transfer — {date}, {cpu_name()}, two engines x 1 thread, torch {torch.__version__}, {args.dtype}"
-    )
+    machine = f"{cpu_name()}, two engines x 1 thread, torch {torch.__version__}, {args.dtype}"
+    print(f"# KV transfer — {date}, {machine}")
     print("| figure | value |\n|---|---|")
     print(f"| context | {r['tokens']} tokens, {r['bytes'] / 1e6:.1f} MB |")
     print(f"| transfer throughput | {r['transfer_MB_s']:.0f} MB/s, {r['transfer_tokens_s']:.0f} tokens/s |")
     print(
-        f"| migrate {r['tokens']} tokens (prep_recv + remote_send + release) | {r['migrate_s'] * 1000:.0f} ms |"
+        f"| migrate {r['tokens']} tokens (prep_recv, remote_send, release) | {r['migrate_s'] * 1e3:.0f} ms |"
     )
     print(f"| recompute them on the receiver (cold prefill) | {r['recompute_s'] * 1000:.0f} ms |")
     print(f"| migrate / recompute | {r['migrate_s'] / r['recompute_s']:.2f}x |")
