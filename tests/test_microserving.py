@@ -263,3 +263,20 @@ async def test_internal_token_is_required_when_set():
             addr = await ok.prep_recv("t-1", [1, 2, 3])
             assert addr.matched == 0 and await ok.release("t-1")
             assert (await anon.completions(prompt=[1, 2, 3], max_tokens=1))["usage"]["completion_tokens"] == 1
+
+
+async def test_sim_backend_implements_the_verbs_with_modelled_transfer_time():
+    from microserve.runner.cost_model import CostModel
+
+    sim = ("--backend", "sim", "--max-model-len", "4096", "--kv-cache-memory", "256MiB")
+    with engine_process(*sim) as a_url, engine_process(*sim) as b_url:
+        async with clients(a_url, b_url) as (a, b):
+            ids = prompt_ids(10, 2000)
+            want = (await a.completions(prompt=ids, **greedy(8)))["choices"][0]["text"]
+            started = time.monotonic()
+            text, sent = await pd(a, b, "sim-pd", ids, split=len(ids) - 1, **greedy(8))
+            elapsed = time.monotonic() - started
+            assert text == want and sent["sent_tokens"] == len(ids) - 1
+            # The sender waited (at least) for the real model's KV to cross at the modelled bandwidth.
+            assert elapsed >= CostModel.default().kv_transfer_time(len(ids) - 1)
+            await idle(a, b)

@@ -46,7 +46,7 @@ def build_core(config: EngineConfig) -> EngineCore:
             "or lower --max-model-len"
         )
     storage = KVStorage(storage_layout, num_blocks, config.device)
-    runner.bind(storage)  # type: ignore[attr-defined]
+    runner.bind(storage)
     kv = KVCacheManager(num_blocks, cache.block_size, storage, cache.enable_prefix_caching)
     sched_cfg = SchedulerConfig(
         max_num_seqs=config.scheduler.max_num_seqs,

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
-from microserve.engine.kv_storage import KVPayloadError
+from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
 from microserve.engine.reservations import ReservationError, ReservationTable
 from microserve.engine.sampling import SamplingParams
@@ -25,6 +25,12 @@ TRANSFER_PIECE_TOKENS = 256
 
 
 class Runner(Protocol):
+    """Computes (or models) a scheduled batch. The torch and sim runners are the two drivers."""
+
+    layout: KVLayout  # the KV layout its storage must have
+
+    def bind(self, storage: KVStorage) -> None: ...
+
     def execute(self, batch: ScheduledBatch) -> list[int | None]: ...
 
     def forget(self, request_id: str) -> None: ...

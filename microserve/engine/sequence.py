@@ -71,3 +71,8 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.token_ids[-1]
+
+    def samples_after(self, num_new_tokens: int) -> bool:
+        """Whether computing `num_new_tokens` more yields a token: they reach the end of the known
+        tokens, and this is not a prefill computed only to send its KV to another engine."""
+        return self.num_computed_tokens + num_new_tokens == self.num_tokens and not self.prefill_only

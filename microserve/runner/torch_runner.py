@@ -90,7 +90,7 @@ class TorchRunner:
                     ctx_slots = (table[ctx // bs] * bs + ctx % bs).to(self.device)
                     mask = (ctx[None, :] <= positions[:, None]).to(self.device)
                 prefills.append(PrefillChunk(row, n, ctx_slots, mask))
-            if end == seq.num_tokens and not seq.prefill_only:
+            if seq.samples_after(n):
                 logit_rows.append(row + n - 1)
                 samplers.append(seq)
             row += n
