@@ -172,5 +172,7 @@ def run_server(app: web.Application, host: str, port: int, *, shutdown_timeout: 
         loop=loop,
         handler_cancellation=True,
         shutdown_timeout=shutdown_timeout,
+        # One log line per request costs more than routing it; keep them for debugging only.
+        access_log=logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None,
         print=lambda *_: log.info("serving on http://%s:%d", host, port),
     )
