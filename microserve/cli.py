@@ -1,5 +1,5 @@
-"""The `microserve` command line: `engine` (and `engine profile`); the router, serve, bench and simulate
-subcommands join as they land."""
+"""The `microserve` command line: `engine` (and `engine profile`), `router` and `serve`; bench and simulate
+join as they land."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import re
 import sys
 from collections.abc import Sequence
 
+from microserve.bench.cli import add_arguments as add_bench_args
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.scheduler import SchedulerConfig
+from microserve.router.config import add_router_args, config_from_args
+from microserve.router.serve import add_serve_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -104,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--block-size", type=_positive_int, default=16)
     profile.add_argument("--out", default="profile.json", help="where to write the cost model JSON")
     profile.add_argument("--quick", action="store_true", help="fewer points (about 20 s)")
+
+    router = sub.add_parser("router", help="run the router in front of running engines or OpenAI servers")
+    router.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    router.add_argument("--port", type=int, default=None, help="port to listen on (default 8000)")
+    add_router_args(router)
+
+    serve = sub.add_parser("serve", help="start engines and the router with one command")
+    add_serve_args(serve)
+    add_router_args(serve, workers=False)
+
+    bench = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint (vLLM's serving metrics)")
+    add_bench_args(bench)
     return parser
 
 
@@ -141,6 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from microserve.runner.profile import run_profile_command
 
             return run_profile_command(args)
+        if args.command == "router":
+            from microserve.router.app import run_router
+
+            return run_router(config_from_args(args))
+        if args.command == "serve":
+            from microserve.router.serve import run_serve
+
+            return run_serve(args)
+        if args.command == "bench":
+            from microserve.bench.cli import run as run_bench
+
+            return run_bench(args)
         if args.command == "engine":
             from microserve.server.engine_main import run_engine
 

@@ -1,0 +1,147 @@
+"""The admin API under its own bearer token: list, add, remove and drain workers; read and set the strategy
+and the policy. Answers in JSON; errors in OpenAI's shape (401 for a missing or wrong token)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from microserve.router.core import Router
+from microserve.router.workers import WorkerSpec
+from microserve.server.app import read_json
+from microserve.server.errors import APIError, bad_request, json_response
+
+ROUTER = web.AppKey("router", Router)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_admin_routes(app: web.Application) -> None:
+    for method, path, handler in (
+        ("GET", "/admin/workers", list_workers),
+        ("POST", "/admin/workers", add_worker),
+        ("DELETE", "/admin/workers", remove_worker),
+        ("POST", "/admin/workers/drain", drain_worker),
+        ("GET", "/admin/strategy", get_strategy),
+        ("PUT", "/admin/strategy", set_strategy),
+        ("GET", "/admin/policy", get_policy),
+        ("PUT", "/admin/policy", set_policy),
+    ):
+        app.router.add_route(method, path, _authorized(handler))
+
+
+def _authorized(handler: Handler) -> Handler:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        token = request.app[ROUTER].config.admin_token
+        if not token:
+            raise APIError(
+                403, "The admin API is off: start the router with --admin-token.", code="admin_off"
+            )
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        # compare_digest: the time taken must not tell how much of a guessed token was right.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise APIError(
+                401,
+                "A valid admin token is required: send it as 'Authorization: Bearer <token>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    return checked
+
+
+async def _object(request: web.Request) -> dict[str, Any]:
+    body, _ = await read_json(request)
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise bad_request("url must be the worker's URL.", param="url")
+    return value
+
+
+def _worker_not_found(url: str) -> APIError:
+    return APIError(404, f"There is no worker {url!r}.", param="url", code="worker_not_found")
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    return json_response({"workers": [w.describe() for w in router.pool]})
+
+
+async def add_worker(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    try:
+        spec = WorkerSpec.from_dict(await _object(request))
+    except (ValueError, TypeError) as exc:
+        raise bad_request(f"Invalid worker: {exc}") from None
+    if spec.url in router.pool:
+        raise APIError(409, f"Worker {spec.url} is already in the pool.", param="url", code="worker_exists")
+    worker = await router.add_worker(spec)
+    return json_response({"worker": worker.describe()}, status=201)
+
+
+async def remove_worker(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    url = _url(request.query.get("url"))
+    try:
+        worker = router.remove_worker(url)
+    except KeyError:
+        raise _worker_not_found(url) from None
+    return json_response({"removed": worker.describe()})
+
+
+async def drain_worker(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    body = await _object(request)
+    url = _url(body.get("url"))
+    draining = body.get("drain", True)
+    if not isinstance(draining, bool):
+        raise bad_request("drain must be true or false.", param="drain")
+    try:
+        worker = router.drain_worker(url, draining)
+    except KeyError:
+        raise _worker_not_found(url) from None
+    return json_response({"worker": worker.describe()})
+
+
+def _name_and_options(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name, options = body.get("name"), body.get("options") or {}
+    if not isinstance(name, str) or not name:
+        raise bad_request("name is required.", param="name")
+    if not isinstance(options, dict):
+        raise bad_request("options must be an object.", param="options")
+    return name, options
+
+
+async def get_strategy(request: web.Request) -> web.Response:
+    return json_response(request.app[ROUTER].strategy.describe())
+
+
+async def set_strategy(request: web.Request) -> web.Response:
+    name, options = _name_and_options(await _object(request))
+    try:
+        strategy = await request.app[ROUTER].set_strategy(name, options)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="name") from None
+    return json_response(strategy.describe())
+
+
+async def get_policy(request: web.Request) -> web.Response:
+    return json_response(request.app[ROUTER].policy.describe())
+
+
+async def set_policy(request: web.Request) -> web.Response:
+    name, options = _name_and_options(await _object(request))
+    try:
+        policy = await request.app[ROUTER].set_policy(name, options)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="name") from None
+    return json_response(policy.describe())

@@ -1,0 +1,213 @@
+"""The router's configuration: one dataclass, filled from a YAML file and then from command-line flags
+(flags win). `add_router_args` declares the flags that `microserve router` and `microserve serve` share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from microserve.router.admission import AdmissionConfig
+from microserve.router.breaker import BreakerConfig
+from microserve.router.health import HealthConfig
+from microserve.router.retry import RetryConfig
+from microserve.router.workers import WorkerSpec
+
+ADMIN_TOKEN_ENV = "MICROSERVE_ADMIN_TOKEN"
+INTERNAL_TOKEN_ENV = "MICROSERVE_INTERNAL_TOKEN"
+
+
+@dataclass(slots=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: list[WorkerSpec] = field(default_factory=list)
+    strategy: str = "data_parallel"  # a built-in name or path/to/file.py:ClassName
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    policy: str = "round_robin"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    admin_token: str | None = None  # None: the admin API answers 403
+    internal_token: str | None = None  # sent to microserve engines as `Authorization: Bearer`
+    request_timeout_s: float = 600.0  # one deadline per request: queueing, retries and the answer
+    connect_timeout_s: float = 5.0
+    max_connections: int = 4096  # the shared connection pool to all workers
+    drain_timeout_s: float = 30.0  # on shutdown, how long requests in flight may take to finish
+    stream_continuation: bool = True  # track microserve streams to continue them if an engine dies
+    max_continuations: int = 3
+    tokenizers: dict[str, str] = field(default_factory=dict)  # served model -> tokenizer source
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_connections < 1 or self.max_continuations < 0:
+            raise ValueError("need max_connections >= 1 and max_continuations >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        """From the YAML document's shape; `strategy` and `policy` may be a name or {name, options}."""
+        if not isinstance(d, dict):
+            raise ValueError("the router configuration must be a mapping")
+        d = dict(d)
+        sections = {
+            "retry": RetryConfig,
+            "circuit_breaker": BreakerConfig,
+            "health": HealthConfig,
+            "admission": AdmissionConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for name, section in sections.items():
+            if name in d:
+                kwargs[name] = _section(section, d.pop(name), name)
+        for name in ("strategy", "policy"):
+            value = d.pop(name, None)
+            if isinstance(value, dict):
+                kwargs[name] = value.get("name")
+                kwargs[f"{name}_options"] = dict(value.get("options") or {})
+            elif value is not None:
+                kwargs[name] = value
+        kwargs["workers"] = [WorkerSpec.from_dict(w) for w in d.pop("workers", None) or []]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown router setting(s): {', '.join(unknown)}")
+        return cls(**d, **kwargs)
+
+
+def _section(cls: type, value: Any, name: str) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping")
+    try:
+        return cls(**value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def load_config_file(path: str | Path) -> RouterConfig:
+    import yaml  # only a router started with --config needs it
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return RouterConfig.from_dict(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value`; the value is read as JSON when it parses (numbers, booleans, lists), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return key, raw
+
+
+def _worker(text: str) -> WorkerSpec:
+    try:
+        return WorkerSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
+    """Router flags; a flag left out keeps the config file's value (or the default)."""
+    p.add_argument("--config", default=None, help="router YAML file (flags override it)")
+    if workers:
+        p.add_argument(
+            "--worker",
+            action="append",
+            type=_worker,
+            default=[],
+            metavar="URL[,key=value…]",
+            help="a worker: URL plus kind=microserve|openai, role=prefill|decode|both, weight=N, "
+            "model=NAME (repeatable), label.KEY=VALUE, api_key=KEY (repeatable flag)",
+        )
+    p.add_argument("--strategy", default=None, help="data_parallel (default) or path/to/file.py:ClassName")
+    p.add_argument("--strategy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
+    p.add_argument("--policy", default=None, help="round_robin (default), least_connections, …")
+    p.add_argument("--policy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV),
+        help=f"bearer token of the admin API (default: ${ADMIN_TOKEN_ENV}; unset: admin API off)",
+    )
+    p.add_argument(
+        "--internal-token",
+        default=os.environ.get(INTERNAL_TOKEN_ENV),
+        help=f"bearer token the router sends to microserve engines (default: ${INTERNAL_TOKEN_ENV})",
+    )
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (600)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="requests running at once (1024)")
+    p.add_argument("--max-queued", type=int, default=None, help="requests waiting beyond those (1024)")
+    p.add_argument("--max-attempts", type=int, default=None, help="attempts per request, first included (3)")
+    p.add_argument("--health-interval", type=float, default=None, help="seconds between health checks (2)")
+    p.add_argument(
+        "--no-stream-continuation",
+        action="store_true",
+        help="do not track engine streams (no continuation when an engine dies mid-stream)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        action="append",
+        type=parse_option,
+        default=[],
+        metavar="MODEL=SOURCE",
+        help="where the router finds a served model's tokenizer (default: the model name itself)",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig:
+    """The config file (if any), then the flags that were given, then `overrides`."""
+    config = load_config_file(args.config) if args.config else RouterConfig()
+    changes: dict[str, Any] = {}
+    if getattr(args, "worker", None):
+        changes["workers"] = [*config.workers, *args.worker]
+    if args.strategy is not None:
+        changes["strategy"] = args.strategy
+        changes["strategy_options"] = {}
+    if args.strategy_opt:
+        changes["strategy_options"] = {**changes.get("strategy_options", config.strategy_options)}
+        changes["strategy_options"].update(args.strategy_opt)
+    if args.policy is not None:
+        changes["policy"] = args.policy
+        changes["policy_options"] = {}
+    if args.policy_opt:
+        changes["policy_options"] = {**changes.get("policy_options", config.policy_options)}
+        changes["policy_options"].update(args.policy_opt)
+    for flag, name in (("admin_token", "admin_token"), ("internal_token", "internal_token")):
+        if getattr(args, flag) is not None:
+            changes[name] = getattr(args, flag)
+    if args.request_timeout is not None:
+        changes["request_timeout_s"] = args.request_timeout
+    if args.max_concurrent is not None or args.max_queued is not None:
+        admission = config.admission
+        changes["admission"] = replace(
+            admission,
+            max_concurrent=args.max_concurrent or admission.max_concurrent,
+            max_queued=admission.max_queued if args.max_queued is None else args.max_queued,
+        )
+    if args.max_attempts is not None:
+        changes["retry"] = replace(config.retry, max_attempts=args.max_attempts)
+    if args.health_interval is not None:
+        changes["health"] = replace(config.health, interval_s=args.health_interval)
+    if args.no_stream_continuation:
+        changes["stream_continuation"] = False
+    if args.tokenizer:
+        changes["tokenizers"] = {**config.tokenizers, **{k: str(v) for k, v in args.tokenizer}}
+    if getattr(args, "host", None) is not None:
+        changes["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        changes["port"] = args.port
+    return replace(config, **{**changes, **overrides})

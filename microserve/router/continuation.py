@@ -1,0 +1,316 @@
+"""Mid-stream continuation: track what a microserve stream has delivered (text and token ids), and when
+its engine dies, re-issue prompt + generated ids to another engine and reshape that stream as the client's.
+
+Exact for greedy decoding and for the sim backend (its tokens depend only on the sequence); seeded or
+random sampling restarts its random stream on the new engine, so the rest differs from what the dead
+engine would have said (it is still a valid sample).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from microserve.router.request import Route, RoutedRequest
+
+DONE_FRAME = b"data: [DONE]\n\n"
+# The sampling fields a continuation carries over; min_tokens and max_tokens are reduced by what was sent.
+_CARRIED = ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+
+
+class UpstreamStreamError(Exception):
+    """The worker sent an SSE error event: its generation failed after the response started."""
+
+    def __init__(self, error: Any) -> None:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        super().__init__(message or "the worker's stream failed")
+        self.error = error
+
+
+@dataclass(slots=True)
+class StreamProgress:
+    """What one client stream has been sent so far, enough to continue it on another engine."""
+
+    route: Route
+    keep_ids: bool  # the client asked for return_token_ids itself: leave the fields in
+    include_usage: bool
+    id: str | None = None
+    created: int | None = None
+    model: str | None = None
+    prompt_ids: list[int] | None = None
+    generated: list[int] = field(default_factory=list)
+    delivered: int = 0  # generated ids whose text has reached the client in full
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage_sent: bool = False
+    done: bool = False
+    continuations: int = 0
+    skip: int = 0  # characters of the continuation the client already has
+
+    opened: bool = False  # the client has had a first chunk (for chat: the one with the role)
+
+    @classmethod
+    def for_request(cls, req: RoutedRequest, prompt_ids: list[int] | None = None) -> StreamProgress:
+        """A fresh stream for `req`; give `prompt_ids` when a strategy sends them itself (PD)."""
+        options = req.body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return cls(
+            route=req.route, keep_ids=req.wants_token_ids, include_usage=include_usage, prompt_ids=prompt_ids
+        )
+
+    @property
+    def resumable(self) -> bool:
+        return self.id is not None and self.prompt_ids is not None
+
+    def track(self, frame: bytes) -> bytes:
+        """Record one upstream SSE frame (without its blank line) and return it as the client gets it."""
+        if not frame.startswith(b"data:"):
+            return frame + b"\n\n"  # comments and other SSE fields pass untouched
+        payload = frame[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return DONE_FRAME
+        chunk = orjson.loads(payload)
+        if "error" in chunk:
+            raise UpstreamStreamError(chunk["error"])
+        if self.id is None:
+            self.id, self.created, self.model = chunk.get("id"), chunk.get("created"), chunk.get("model")
+        self.opened = True
+        strip = not self.keep_ids
+        ids = chunk.pop("prompt_token_ids", None) if strip else chunk.get("prompt_token_ids")
+        if ids is not None:
+            self.prompt_ids = ids
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            ids = choice.pop("prompt_token_ids", None) if strip else choice.get("prompt_token_ids")
+            if ids is not None:
+                self.prompt_ids = ids
+            new = choice.pop("token_ids", None) if strip else choice.get("token_ids")
+            text = choice.get("text") if self.route is Route.COMPLETIONS else choice["delta"].get("content")
+            self._advance(new or [], text or "", choice.get("finish_reason"))
+        elif chunk.get("usage"):
+            self.usage_sent = True
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _advance(self, new_ids: list[int], text: str, finish_reason: str | None) -> None:
+        self.generated.extend(new_ids)
+        if text:
+            # Text comes out only once every id so far is decoded (the engine holds back half characters).
+            self.text.append(text)
+            self.delivered = len(self.generated)
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+
+    # -- continuing ---------------------------------------------------------------------------------
+
+    def resume_body(
+        self, req: RoutedRequest, decode: Callable[[list[int]], str] | None = None
+    ) -> dict[str, Any] | None:
+        """The /v1/completions body that continues this stream, or None if nothing is left to generate.
+
+        It restarts from the ids whose text the client has in full; ids after those (half a character
+        the engine held back) are generated again. With multi-character stop strings the engine also
+        holds back text that might start one: with `decode` (the model's tokenizer) the restart point
+        is the last id boundary inside the text the client has, and the overlap is skipped; without it,
+        that held-back text (shorter than the longest stop string) is lost.
+        """
+        k = self.delivered
+        self.skip = 0
+        if decode is not None and holds_back(req):
+            k, self.skip = _boundary(self.generated, "".join(self.text), decode)
+        assert self.prompt_ids is not None
+        body: dict[str, Any] = {
+            "prompt": self.prompt_ids + self.generated[:k],
+            "stream": True,
+            "return_token_ids": True,
+        }
+        body.update(sampling_fields(req))
+        if req.body.get("min_tokens"):
+            body["min_tokens"] = max(0, req.body["min_tokens"] - k)
+        max_tokens = req.max_tokens
+        if max_tokens is not None:
+            if max_tokens - k <= 0:
+                return None
+            body["max_tokens"] = max_tokens - k
+        else:
+            body["max_tokens"] = None  # the rest of the context, as the client asked
+        if self.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        # What follows replaces whatever the dead engine generated past the resume point.
+        del self.generated[k:]
+        return body
+
+    def closing_frames(self) -> Iterator[bytes]:
+        """What the client still needs when the generation had ended but the stream had not."""
+        if self.finish_reason is None:
+            yield self._client_frame("", [], "length")
+        if self.include_usage and not self.usage_sent:
+            yield self._usage_frame(len(self.generated), 0)
+        yield DONE_FRAME
+
+    def reshape(self, frame: bytes) -> bytes | None:
+        """One frame of the continuation (a text_completion stream) as a frame of the client's stream."""
+        if not frame.startswith(b"data:"):
+            return None
+        payload = frame[5:].strip()
+        if payload == b"[DONE]":
+            self.done = True
+            return DONE_FRAME
+        chunk = orjson.loads(payload)
+        if "error" in chunk:
+            raise UpstreamStreamError(chunk["error"])
+        opening = b""
+        if not self.opened:  # a strategy's first stream, not a continuation: the client sees it start
+            self._adopt(chunk)
+            opening = self._opening_frame()
+        choices = chunk.get("choices")
+        if not choices:
+            usage = chunk.get("usage")
+            if not usage or not self.include_usage:
+                return None
+            self.usage_sent = True
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            return opening + self._usage_frame(len(self.generated), cached)
+        choice = choices[0]
+        ids = choice.get("token_ids") or []
+        text = choice.get("text") or ""
+        reason = choice.get("finish_reason")
+        if self.skip and text:
+            cut = min(self.skip, len(text))
+            self.skip -= cut
+            self.generated.extend(ids)  # ids of text the client has: count them, send nothing new
+            ids, text = [], text[cut:]
+        self._advance(ids, text, reason)
+        if not text and reason is None and not (self.keep_ids and ids):
+            return opening or None
+        return opening + self._client_frame(text, ids, reason)
+
+    def _adopt(self, chunk: dict[str, Any]) -> None:
+        upstream_id = str(chunk.get("id") or uuid.uuid4().hex)
+        if self.route is Route.CHAT:  # the client asked for a chat answer: give it a chat id
+            upstream_id = "chatcmpl-" + upstream_id.removeprefix("cmpl-")
+        self.id = upstream_id
+        self.created = chunk.get("created") or int(time.time())
+        self.model = chunk.get("model")
+        self.opened = True
+        if self.prompt_ids is None and chunk.get("choices"):
+            self.prompt_ids = chunk["choices"][0].get("prompt_token_ids")
+
+    def _opening_frame(self) -> bytes:
+        if self.route is not Route.CHAT:
+            return b""
+        choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+        choice["finish_reason"] = None
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.keep_ids:
+            body["prompt_token_ids"] = self.prompt_ids
+            choice["token_ids"] = []
+        if self.include_usage:
+            body["usage"] = None
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def _client_frame(self, text: str, ids: list[int], reason: str | None) -> bytes:
+        if self.route is Route.CHAT:
+            delta = {"content": text} if text or reason is None else {}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        if self.keep_ids:
+            choice["token_ids"] = ids
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            body["usage"] = None
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def _usage_frame(self, completion_tokens: int, cached: int) -> bytes:
+        prompt_tokens = len(self.prompt_ids or [])
+        obj = "chat.completion.chunk" if self.route is Route.CHAT else "text_completion"
+        body = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": min(cached, prompt_tokens)},
+            },
+        }
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def sampling_fields(req: RoutedRequest) -> dict[str, Any]:
+    """The client's model and sampling fields, for a completion request a strategy sends on its behalf."""
+    fields = {name: req.body[name] for name in _CARRIED if req.body.get(name) is not None}
+    if req.model is not None:
+        fields["model"] = req.model
+    return fields
+
+
+def whole_as_client(req: RoutedRequest, data: bytes) -> bytes:
+    """A whole text_completion answer in the client's shape: a chat.completion for a chat request."""
+    body = orjson.loads(data)
+    choices = body.get("choices") or []
+    if not req.wants_token_ids:
+        body.pop("prompt_token_ids", None)
+        for choice in choices:
+            choice.pop("prompt_token_ids", None)
+            choice.pop("token_ids", None)
+    if req.route is Route.CHAT and body.get("object") == "text_completion":
+        body["id"] = "chatcmpl-" + str(body.get("id", "")).removeprefix("cmpl-")
+        body["object"] = "chat.completion"
+        for choice in choices:
+            choice["message"] = {"role": "assistant", "content": choice.pop("text", "")}
+    return orjson.dumps(body)
+
+
+def holds_back(req: RoutedRequest) -> bool:
+    """Does the engine hold text back for this request (to match a multi-character stop string)?"""
+    stop = req.body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return any(isinstance(s, str) and len(s) > 1 for s in stops)
+
+
+def _boundary(generated: list[int], sent: str, decode: Callable[[list[int]], str]) -> tuple[int, int]:
+    """The most ids whose decoded text is a prefix of `sent`, and how many characters of `sent` follow."""
+    for k in range(len(generated), -1, -1):
+        text = decode(generated[:k])
+        if sent.startswith(text) and not text.endswith("\ufffd"):
+            return k, len(sent) - len(text)
+    return 0, len(sent)
+
+
+def split_frames(buffer: bytearray, data: bytes) -> list[bytes]:
+    """Append `data` and take every complete SSE frame out of `buffer` (blank-line separated)."""
+    buffer += data
+    if b"\r" in data:  # some servers end lines with CRLF
+        buffer[:] = buffer.replace(b"\r\n", b"\n")
+    frames = []
+    start = 0
+    while (end := buffer.find(b"\n\n", start)) >= 0:
+        frames.append(bytes(buffer[start:end]))
+        start = end + 2
+    del buffer[:start]
+    return frames

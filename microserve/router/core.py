@@ -1,0 +1,179 @@
+"""The `Router`: owns the worker pool, the current policy and strategy, the shared HTTP session, health
+checks, admission and metrics; strategies reach workers through its `pick`. One per app, no globals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from microserve.router.admission import AdmissionQueue
+from microserve.router.config import RouterConfig
+from microserve.router.health import HealthChecker
+from microserve.router.metrics import RouterMetrics
+from microserve.router.policies import Policy, make_policy
+from microserve.router.prompt_ids import TokenizerCache
+from microserve.router.request import Route, RoutedRequest
+from microserve.router.retry import RetryBudget
+from microserve.router.strategies import Strategy, make_strategy
+from microserve.router.upstream import Upstream, WorkerHandle
+from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
+from microserve.server.errors import APIError, model_not_found
+
+log = logging.getLogger(__name__)
+
+
+def no_worker_available(message: str) -> APIError:
+    return APIError(503, message, code="no_worker_available", headers={"Retry-After": "1"})
+
+
+class Router:
+    def __init__(self, config: RouterConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.pool = WorkerPool(config.circuit_breaker)
+        for spec in config.workers:
+            self.pool.add(spec)
+        self.policy: Policy = make_policy(config.policy, config.policy_options)
+        self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
+        self.strategy.bind(self)
+        self.admission = AdmissionQueue(config.admission)
+        self.retry_budget = RetryBudget(config.retry)
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self.metrics = RouterMetrics(lambda: self.pool, self.admission, self.decisions)
+        self.tokenizers = TokenizerCache(config.tokenizers)
+        self._session: aiohttp.ClientSession | None = None
+        self._upstream: Upstream | None = None
+        self._health: HealthChecker | None = None
+        self.draining = False  # shutting down: new requests are refused, those in flight finish
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.config.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=60.0,
+            ttl_dns_cache=300,
+        )
+        # No total timeout on the session: each request carries its own deadline.
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
+        )
+        self._upstream = Upstream(
+            session=self._session,
+            internal_token=self.config.internal_token,
+            connect_timeout_s=self.config.connect_timeout_s,
+            track_streams=self.config.stream_continuation,
+            decoder=self._decoder,
+        )
+        self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
+        await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
+        self._health.start()
+        await self._preload_tokenizers(self.strategy, self.policy)
+
+    async def close(self) -> None:
+        if self._health is not None:
+            await self._health.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def upstream(self) -> Upstream:
+        if self._upstream is None:
+            raise RuntimeError("the router has not started")
+        return self._upstream
+
+    def _wants_load(self) -> bool:
+        return self.policy.needs_load
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def parse(self, route: Route, raw: bytes, headers: Mapping[str, str]) -> RoutedRequest:
+        """The client's request, with its model resolved to a pool (404 if no worker serves it)."""
+        req = RoutedRequest.parse(
+            route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
+        )
+        models = self.pool.models()
+        if not models:
+            raise no_worker_available("No worker is available: none has answered a health check yet.")
+        if req.model is None:
+            req.model = models[0]
+        elif req.model not in models:
+            raise model_not_found(req.model)
+        return req
+
+    def pick(self, role: Role, req: RoutedRequest, kind: WorkerKind | None = None) -> WorkerHandle:
+        """A worker for `req` in `role` from the current policy, counted in flight from now."""
+        candidates = self.pool.candidates(req.model, role, kind, req.excluded)
+        if not candidates:
+            what = "worker" if role is Role.BOTH else f"{role} worker"
+            what = f"{kind} {what}" if kind else what
+            raise NoWorkerAvailable(
+                f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
+            )
+        policy = self.policy
+        worker = policy.select(candidates, req)
+        self.decisions[(policy.name, worker.url)] += 1
+        handle = WorkerHandle(worker, self.upstream)
+        req.handles.append(handle)
+        return handle
+
+    async def _decoder(self, model: str | None) -> Callable[[list[int]], str] | None:
+        if model is None:
+            return None
+        try:
+            tokenizer = await asyncio.to_thread(self.tokenizers.get, model)
+        except LookupError as exc:
+            log.warning("router: continuing a stream without its tokenizer: %s", exc)
+            return None
+        return tokenizer.decode
+
+    # -- changes at run time ------------------------------------------------------------------------
+
+    async def set_strategy(self, spec: str, options: dict[str, Any] | None = None) -> Strategy:
+        """Swap the strategy; requests in flight finish with the one they started with."""
+        strategy = make_strategy(spec, options)
+        strategy.bind(self)
+        await self._preload_tokenizers(strategy, self.policy)
+        self.strategy = strategy
+        log.info("router: strategy is now %s", strategy.describe())
+        return strategy
+
+    async def set_policy(self, name: str, options: dict[str, Any] | None = None) -> Policy:
+        policy = make_policy(name, options)
+        await self._preload_tokenizers(self.strategy, policy)
+        self.policy = policy
+        if policy.needs_load and self._health is not None:
+            await self._health.poll_loads()  # fresh reports before the first pick
+        log.info("router: policy is now %s", policy.describe())
+        return policy
+
+    async def add_worker(self, spec: WorkerSpec) -> Worker:
+        worker = self.pool.add(spec)
+        if self._health is not None:
+            await self._health.first_check(worker)
+        return worker
+
+    def remove_worker(self, url: str) -> Worker:
+        return self.pool.remove(url)
+
+    def drain_worker(self, url: str, draining: bool = True) -> Worker:
+        worker = self.pool.get(url)
+        worker.draining = draining
+        return worker
+
+    async def _preload_tokenizers(self, strategy: Strategy, policy: Policy) -> None:
+        """Load the tokenizers a strategy or policy needs now, or refuse it (ValueError) if one is missing."""
+        if strategy.needs_prompt_ids or policy.needs_prompt_ids:
+            missing = await self.tokenizers.preload(self.pool.models())
+            if missing:
+                raise ValueError(f"token ids are needed, but {'; '.join(missing)} (see --tokenizer)")
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.strategy.describe(), "policy": self.policy.describe()}

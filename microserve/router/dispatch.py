@@ -1,0 +1,180 @@
+"""One client request through the router: admission, the strategy with retries before the first byte,
+the answer streamed out, and continuation on another engine when a stream breaks after that."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import orjson
+from aiohttp import web
+
+from microserve.router.core import Router, no_worker_available
+from microserve.router.request import Route, RoutedRequest
+from microserve.router.retry import backoff_s
+from microserve.router.strategies import Strategy
+from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
+from microserve.router.workers import NoWorkerAvailable
+from microserve.server.errors import APIError, error_body
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STATUS_CLIENT_CLOSED = 499
+
+
+async def handle(router: Router, request: web.Request, route: Route) -> web.StreamResponse:
+    """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
+    start = time.perf_counter()
+    status, answered, admitted = 500, False, False
+    req: RoutedRequest | None = None
+    try:
+        if router.draining:
+            raise no_worker_available("The router is shutting down; send the request elsewhere.")
+        req = router.parse(route, await read_body(request), request.headers)
+        await router.admission.acquire()
+        admitted = True
+        strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
+        router.retry_budget.on_request()
+        gen, first = await first_output(router, strategy, req)
+        answered = True
+        router.metrics.first_byte(route, time.perf_counter() - start)
+        if gen is None:
+            status = 200
+            return web.Response(body=first, content_type="application/json")
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        status = 200
+        await stream_out(router, strategy, req, response, gen, first)
+        return response
+    except APIError as exc:
+        status = exc.status
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = STATUS_CLIENT_CLOSED
+        raise
+    finally:
+        if req is not None:
+            for handle in req.handles:  # a strategy may pick a worker and never call it
+                handle.release()
+        if admitted:
+            router.admission.release()
+        router.metrics.request_done(route, status, time.perf_counter() - start if answered else None)
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"The request body exceeds {request.client_max_size} bytes.") from None
+
+
+async def first_output(
+    router: Router, strategy: Strategy, req: RoutedRequest
+) -> tuple[AsyncIterator[bytes] | None, bytes]:
+    """Run the strategy until it yields; retry on another worker while nothing reached the client.
+
+    A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
+    complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
+    """
+    config = router.config.retry
+    last: WorkerFailure | None = None
+    for attempt in range(config.max_attempts):
+        if attempt:
+            if req.remaining_s() <= 0:
+                break
+            if not router.retry_budget.try_spend():
+                router.metrics.retry_budget_exhausted.inc()
+                break
+            router.metrics.retries.inc()
+            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+        gen = strategy.serve(req)
+        try:
+            if req.stream:
+                return gen, await anext(gen)
+            return None, b"".join([chunk async for chunk in gen])
+        except StopAsyncIteration:
+            raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
+        except UpstreamHTTPError as exc:
+            if not exc.retryable:
+                raise exc.response_error() from None
+            last = exc
+        except WorkerFailure as exc:
+            last = exc
+        except NoWorkerAvailable as exc:
+            if last is None:
+                raise no_worker_available(str(exc)) from None
+            break
+        # A generator that raised is finished already; this only matters for one that yielded nothing.
+        await gen.aclose()  # type: ignore[attr-defined]
+        req.excluded.add(last.worker.url)
+    assert last is not None
+    raise _final(last)
+
+
+async def stream_out(
+    router: Router,
+    strategy: Strategy,
+    req: RoutedRequest,
+    response: web.StreamResponse,
+    gen: AsyncIterator[bytes],
+    first: bytes,
+) -> None:
+    async with aclosing(gen):  # type: ignore[type-var]
+        try:
+            await response.write(first)
+            async for chunk in gen:
+                await response.write(chunk)
+            return
+        except BrokenStream as exc:
+            broken = exc
+        except (WorkerFailure, NoWorkerAvailable) as exc:
+            await write_error(response, f"The answer failed mid-stream: {exc}")
+            return
+    await continue_stream(router, strategy, req, response, broken)
+
+
+async def continue_stream(
+    router: Router, strategy: Strategy, req: RoutedRequest, response: web.StreamResponse, broken: BrokenStream
+) -> None:
+    """Resume a broken stream on other engines until it completes, or end it with an SSE error event."""
+    outcome = router.metrics.continuations
+    while True:
+        progress = broken.progress
+        req.excluded.add(broken.worker.url)
+        if progress is None or not broken.resumable:
+            await write_error(response, f"The worker failed mid-stream: {broken.message}")
+            return
+        if progress.continuations >= router.config.max_continuations or req.remaining_s() <= 0:
+            outcome.labels("gave_up").inc()
+            await write_error(response, f"The stream could not be continued: {broken.message}")
+            return
+        progress.continuations += 1
+        try:
+            async with aclosing(strategy.resume(req, broken)) as rest:  # type: ignore[type-var]
+                async for chunk in rest:
+                    await response.write(chunk)
+            outcome.labels("completed").inc()
+            return
+        except BrokenStream as exc:
+            broken = exc
+        except WorkerFailure as exc:  # the new worker failed before it sent anything
+            broken = BrokenStream(exc.worker, exc.message, progress)
+        except NoWorkerAvailable as exc:
+            outcome.labels("no_worker").inc()
+            await write_error(response, f"No engine left to continue the stream: {exc}")
+            return
+        delay = backoff_s(progress.continuations, router.config.retry, router.rng)
+        await asyncio.sleep(min(delay, max(0.0, req.remaining_s())))
+
+
+async def write_error(response: web.StreamResponse, message: str) -> None:
+    # No [DONE] after it: the client must see that the stream did not complete.
+    body = error_body(message, "server_error", code="worker_failed")
+    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+
+
+def _final(last: WorkerFailure) -> APIError:
+    if isinstance(last, UpstreamHTTPError):
+        return last.response_error()
+    return APIError(502, f"No worker could answer: {last.message}", code="upstream_failed")

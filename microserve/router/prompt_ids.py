@@ -1,0 +1,81 @@
+"""Prompt token ids in the router, for the strategies and policies that need them (and only for those).
+
+The tokenizer of a served model loads once, from the same files the engine uses; chat prompts are
+rendered with the model's template exactly as the engine renders them, so the ids match the engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from microserve.model.tokenizer import Tokenizer
+from microserve.router.request import Route
+from microserve.server.errors import bad_request
+from microserve.server.protocol import ChatMessage
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerCache:
+    """Served model name -> its tokenizer, loaded on first use (`sources` maps a name to a model path)."""
+
+    def __init__(self, sources: Mapping[str, str] | None = None) -> None:
+        self._sources = dict(sources or {})
+        self._loaded: dict[str, Tokenizer] = {}
+        self._lock = threading.Lock()  # preload runs in a thread; two loads of one model would waste seconds
+
+    def get(self, model: str) -> Tokenizer:
+        tokenizer = self._loaded.get(model)
+        if tokenizer is not None:
+            return tokenizer
+        with self._lock:
+            if model not in self._loaded:
+                # The loader imports torch (a second of start-up); only a router that tokenizes pays it.
+                from microserve.model.loader import resolve_model
+
+                source = self._sources.get(model, model)
+                try:
+                    self._loaded[model] = Tokenizer.load(resolve_model(source))
+                except (OSError, ValueError) as exc:
+                    raise LookupError(f"no tokenizer for model {model!r} (from {source!r}): {exc}") from None
+                log.info("router: loaded the tokenizer of %s", model)
+            return self._loaded[model]
+
+    async def preload(self, models: Iterable[str]) -> list[str]:
+        """Load ahead of traffic, off the event loop; returns why each model that failed did."""
+        missing = []
+        for model in models:
+            try:
+                await asyncio.to_thread(self.get, model)
+            except LookupError as exc:
+                missing.append(str(exc))
+        return missing
+
+    def prompt_ids(self, model: str | None, route: Route, body: Mapping[str, Any]) -> list[int]:
+        if model is None:
+            raise LookupError("the request names no model, so no tokenizer can be chosen")
+        return prompt_ids(self.get(model), route, body)
+
+
+def prompt_ids(tokenizer: Tokenizer, route: Route, body: Mapping[str, Any]) -> list[int]:
+    """The ids the engine computes for this body: template + encode without specials, or encode the prompt."""
+    if route is Route.CHAT:
+        try:
+            messages = [ChatMessage.model_validate(m).model_dump(exclude_none=True) for m in body["messages"]]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as exc:  # pydantic's ValidationError and the template's errors are ValueErrors
+            raise bad_request(f"Cannot render these messages: {exc}", param="messages") from None
+        # The rendered template already carries BOS and role markers.
+        return tokenizer.encode(text, add_special_tokens=False)
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise bad_request("prompt must be a string or a list of token ids.", param="prompt")

@@ -1,0 +1,196 @@
+"""One client request as the router carries it: the body as received (forwarded untouched when possible),
+the few fields routing needs, and the prompt's token ids computed only if a strategy or policy asks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from microserve.server.errors import bad_request
+
+SESSION_HEADER = "X-Session-ID"
+
+
+class Route(StrEnum):
+    CHAT = "/v1/chat/completions"
+    COMPLETIONS = "/v1/completions"
+
+
+# Tokenizes a request for a model: (model, route, body) -> prompt ids. Set by the router.
+PromptTokenizer = Callable[[str | None, Route, Mapping[str, Any]], list[int]]
+
+
+def _no_tokenizer(model: str | None, route: Route, body: Mapping[str, Any]) -> list[int]:
+    raise LookupError("this router has no tokenizer for prompt ids")
+
+
+class RoutedRequest:
+    """A validated client request; policies and strategies read it, the proxy forwards `raw` or a variant."""
+
+    __slots__ = (
+        "_id",
+        "_prefix",
+        "_prompt_ids",
+        "_tokenize",
+        "body",
+        "deadline",
+        "excluded",
+        "handles",
+        "model",
+        "raw",
+        "route",
+        "session_key",
+        "stream",
+        "wants_token_ids",
+    )
+
+    def __init__(
+        self,
+        route: Route,
+        body: dict[str, Any],
+        raw: bytes,
+        *,
+        session_key: str | None = None,
+        timeout_s: float = 600.0,
+        tokenize: PromptTokenizer = _no_tokenizer,
+    ) -> None:
+        self.route = route
+        self.body = body
+        self.raw = raw
+        self.model: str | None = body.get("model")
+        self.stream: bool = bool(body.get("stream"))
+        self.session_key = session_key
+        self.wants_token_ids = bool(body.get("return_token_ids"))
+        self._id: str | None = None
+        self.deadline = time.monotonic() + timeout_s
+        self.excluded: set[str] = set()  # workers that failed this request: retries go elsewhere
+        self.handles: list[Any] = []  # every worker picked for it, released when it ends
+        self._tokenize = tokenize
+        self._prompt_ids: list[int] | None = None
+        self._prefix: str | list[int] | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        route: Route,
+        raw: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        timeout_s: float = 600.0,
+        tokenize: PromptTokenizer = _no_tokenizer,
+    ) -> RoutedRequest:
+        """Check what routing relies on (4xx otherwise); the rest is the worker's to judge."""
+        if not raw:
+            raise bad_request("The request body is empty; send a JSON object.")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise bad_request(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object.")
+        _check(body, route)
+        session = headers.get(SESSION_HEADER) if headers is not None else None
+        user = body.get("user")
+        return cls(
+            route,
+            body,
+            raw,
+            session_key=session or (user if isinstance(user, str) and user else None),
+            timeout_s=timeout_s,
+            tokenize=tokenize,
+        )
+
+    @property
+    def id(self) -> str:
+        """A unique id for this request (for the microserving verbs, logs); made on first use."""
+        if self._id is None:
+            self._id = uuid.uuid4().hex
+        return self._id
+
+    def remaining_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt's token ids as the engine will see them; tokenized on first use, then cached."""
+        if self._prompt_ids is None:
+            self._prompt_ids = self._tokenize(self.model, self.route, self.body)
+        return self._prompt_ids
+
+    @prompt_ids.setter
+    def prompt_ids(self, ids: list[int]) -> None:
+        self._prompt_ids = ids
+
+    @property
+    def prefix(self) -> str | list[int]:
+        """The prompt as text (or ids, if sent as ids), for prefix-aware routing without a tokenizer."""
+        if self._prefix is None:
+            self._prefix = _prefix_of(self.route, self.body)
+        return self._prefix
+
+    def upstream_body(self, **overrides: Any) -> bytes:
+        """The body to send a worker: the client's bytes when nothing changes, else re-encoded."""
+        if not overrides:
+            return self.raw
+        return orjson.dumps({**self.body, **overrides})
+
+    @property
+    def max_tokens(self) -> int | None:
+        if self.route is Route.CHAT:
+            value = self.body.get("max_completion_tokens")
+            return value if value is not None else self.body.get("max_tokens")
+        # OpenAI's completions default is 16 when max_tokens is absent; null means "the rest of the context".
+        return self.body.get("max_tokens", 16)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(body: dict[str, Any], route: Route) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string.", param="model")
+    if not isinstance(body.get("stream", False), bool | None):
+        raise bad_request("stream must be a boolean.", param="stream")
+    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
+        value = body.get(name)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise bad_request(f"{name} must be a non-negative integer.", param=name)
+    if route is Route.CHAT:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("messages must be a non-empty list of messages.", param="messages")
+        if not all(isinstance(m, dict) for m in messages):
+            raise bad_request("each message must be an object with a role and content.", param="messages")
+    else:
+        prompt = body.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            raise bad_request("prompt must be a non-empty string or list of token ids.", param="prompt")
+        if not isinstance(prompt, str | list):
+            raise bad_request("prompt must be a string or a list.", param="prompt")
+
+
+def _prefix_of(route: Route, body: Mapping[str, Any]) -> str | list[int]:
+    if route is Route.COMPLETIONS:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+            return prompt
+        return orjson.dumps(prompt).decode()
+    # Role markers keep "user: ab" apart from "user: a" + "user: b"; cheaper than rendering the template.
+    parts = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(f"<|{message.get('role')}|>{content or ''}\n")
+    return "".join(parts)

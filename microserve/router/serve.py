@@ -1,0 +1,231 @@
+"""`microserve serve`: N engines and the router from one command. Engines split the cores, are restarted
+with backoff when they crash, and everything stops cleanly (requests drained first) on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from microserve.router.app import create_app
+from microserve.router.config import INTERNAL_TOKEN_ENV, config_from_args
+from microserve.router.core import Router
+from microserve.router.workers import WorkerKind, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_AFTER_S = 60.0  # an engine that ran this long before crashing restarts without waiting
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def engine_ports(host: str, start: int, count: int, taken: set[int]) -> list[int]:
+    """The first `count` free ports from `start` up."""
+    ports: list[int] = []
+    port = start
+    while len(ports) < count:
+        if port > 65535:
+            raise OSError(f"no {count} free ports from {start}")
+        if port not in taken and port_is_free(host, port):
+            ports.append(port)
+        port += 1
+    return ports
+
+
+@dataclass(slots=True)
+class EngineProcess:
+    """One supervised `microserve engine` subprocess."""
+
+    index: int
+    port: int
+    argv: list[str]
+    env: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env)
+        self.started_at = time.monotonic()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.proc is not None
+                if self.proc.returncode is not None:
+                    code = self.proc.returncode
+                    raise RuntimeError(f"engine {self.index} exited with {code} while starting")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(f"{self.url}/ready", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                        if r.status == 200:
+                            return
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"engine {self.index} on {self.url} not ready after {timeout_s:g} s")
+
+    async def supervise(self) -> None:
+        """Restart the engine whenever it exits, until cancelled; the router's health checks notice."""
+        while True:
+            assert self.proc is not None
+            code = await self.proc.wait()
+            ran = time.monotonic() - self.started_at
+            if ran >= STABLE_AFTER_S:
+                self.restarts = 0
+            delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+            log.warning("engine %d (%s) exited with %s; restart in %g s", self.index, self.url, code, delay)
+            await asyncio.sleep(delay)
+            self.restarts += 1
+            await self.start()
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("engine %d did not stop in %g s; killing it", self.index, timeout_s)
+            proc.kill()
+            await proc.wait()
+
+
+def engine_argv(args: argparse.Namespace, port: int, threads: int) -> list[str]:
+    level = "debug" if args.log_level == "debug" else "warning"  # engines log every request at info
+    argv = [sys.executable, "-m", "microserve", "--log-level", level, "engine"]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--threads", str(threads)]
+    argv += ["--backend", args.backend, "--model", args.model]
+    for flag, value in (
+        ("--dtype", args.dtype),
+        ("--max-model-len", args.max_model_len),
+        ("--kv-cache-memory", args.kv_cache_memory),
+        ("--sim-profile", args.sim_profile),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    for extra in args.engine_arg:
+        argv += extra.split()
+    return argv
+
+
+async def serve(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    host, port = args.host, args.port
+    if not port_is_free(host, port):
+        print(f"microserve serve: port {port} on {host} is taken; pick one with --port", file=sys.stderr)
+        return 2
+    count = args.engines
+    threads = args.threads or max(1, cores() // count)
+    ports = engine_ports("127.0.0.1", args.engine_port or port + 1, count, {port})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.internal_token:
+        env[INTERNAL_TOKEN_ENV] = args.internal_token  # in the environment, not in `ps` output
+    engines = [EngineProcess(i, p, engine_argv(args, p, threads), env) for i, p in enumerate(ports)]
+    supervisors: list[asyncio.Task[None]] = []
+    runner: web.AppRunner | None = None
+    try:
+        each = f"{threads} thread{'s' if threads > 1 else ''} each"
+        print(f"microserve: starting {count} {args.backend} engines of {args.model} ({each})")
+        await asyncio.gather(*(e.start() for e in engines))
+        starting = asyncio.gather(*(e.wait_ready(args.ready_timeout) for e in engines))
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            starting.cancel()
+            return 130
+        stopped.cancel()
+        await starting  # raises if an engine died or timed out
+
+        workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
+        config = config_from_args(args, workers=workers, host=host, port=port)
+        app = create_app(Router(config))
+        runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=config.drain_timeout_s, access_log=None
+        )
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
+        urls = ", ".join(e.url for e in engines)
+        print(f"microserve: serving on http://{host}:{port}/v1  (engines: {urls})")
+        print("microserve: press Ctrl-C to stop", flush=True)
+        await stop.wait()
+        print("microserve: stopping (finishing requests in flight)…", flush=True)
+        return 0
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"microserve serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if runner is not None:
+            await runner.cleanup()  # stops listening, drains requests, closes the router
+        for task in supervisors:
+            task.cancel()
+        await asyncio.gather(*supervisors, return_exceptions=True)
+        await asyncio.gather(*(e.stop() for e in engines))
+        print("microserve: stopped", flush=True)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", type=int, default=2, help="engines to start (default 2)")
+    p.add_argument("--backend", default="torch", choices=["torch", "sim"])
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name, .gguf file or HF folder")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads per engine (cores / engines)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="per engine, e.g. 512MiB")
+    p.add_argument("--sim-profile", default=None, help="cost model JSON for --backend sim")
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="'--flag value'",
+        help="passed to every engine as is (repeatable)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="the router's address")
+    p.add_argument("--port", type=int, default=8000, help="the router's port (default 8000)")
+    p.add_argument("--engine-port", type=int, default=None, help="first engine port (default: --port + 1)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds the engines may take to start")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    if args.engines < 1:
+        print("microserve serve: --engines must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        return uvloop.run(serve(args))
+    except ImportError:
+        return asyncio.run(serve(args))

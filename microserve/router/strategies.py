@@ -1,0 +1,124 @@
+"""Strategies turn one client request into calls on workers; each is a few lines of an async generator.
+
+A strategy yields the bytes the client receives: one JSON body for a non-streamed request, SSE frames
+for a streamed one. The router retries the whole `serve` on another pick while nothing was yielded, and
+calls `resume` when a stream breaks after that. Built in: `data_parallel`. A user strategy loads from a
+Python file (`path.py:ClassName`) and, like the policy, can be swapped at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from microserve.router.request import RoutedRequest
+from microserve.router.upstream import BrokenStream, WorkerHandle
+from microserve.router.workers import Role, WorkerKind
+
+
+class StrategyHost(Protocol):
+    """What a strategy may ask of the router."""
+
+    def pick(self, role: Role, req: RoutedRequest, kind: WorkerKind | None = None) -> WorkerHandle: ...
+
+
+class Strategy:
+    """Subclass, set `name`, write `serve` as an async generator; options come as keyword arguments.
+
+    `self.pick(role, req)` asks the current policy for a worker of that role ("prefill", "decode" or
+    "both") serving the request's model, counts it in flight, and returns its `WorkerHandle`. Set
+    `needs_prompt_ids = True` if `serve` reads `req.prompt_ids`, so the router loads the tokenizer
+    before traffic arrives.
+    """
+
+    name: ClassVar[str] = ""
+    needs_prompt_ids: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"{type(self).__name__} takes no option(s) {', '.join(sorted(options))}")
+        self._host: StrategyHost | None = None
+
+    def bind(self, host: StrategyHost) -> None:
+        self._host = host
+
+    def pick(
+        self, role: Role | str, req: RoutedRequest, kind: WorkerKind | str | None = None
+    ) -> WorkerHandle:
+        if self._host is None:
+            raise RuntimeError("the strategy is not bound to a router")
+        return self._host.pick(Role(role), req, None if kind is None else WorkerKind(kind))
+
+    def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        raise NotImplementedError(f"{type(self).__name__} must define `async def serve(self, req)`")
+
+    async def resume(self, req: RoutedRequest, broken: BrokenStream) -> AsyncIterator[bytes]:
+        """Continue a stream that broke mid-way: by default on another microserve engine that can decode."""
+        assert broken.progress is not None
+        worker = self.pick(Role.DECODE, req, WorkerKind.MICROSERVE)
+        async for chunk in worker.resume(req, broken.progress):
+            yield chunk
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name or type(self).__name__, "options": self.options()}
+
+
+class DataParallel(Strategy):
+    """The policy picks one worker; the request goes there whole."""
+
+    name = "data_parallel"
+
+    async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        worker = self.pick(Role.BOTH, req)
+        async for chunk in worker.generate(req):
+            yield chunk
+
+
+STRATEGIES: dict[str, type[Strategy]] = {DataParallel.name: DataParallel}
+
+
+def make_strategy(spec: str, options: dict[str, Any] | None = None) -> Strategy:
+    """A strategy by built-in name, or `path/to/file.py:ClassName`; ValueError says what is wrong."""
+    cls = STRATEGIES.get(spec)
+    if cls is None:
+        if ":" not in spec:
+            raise ValueError(
+                f"unknown strategy {spec!r}: use one of {', '.join(STRATEGIES)} or path/to/file.py:ClassName"
+            )
+        path, _, class_name = spec.rpartition(":")
+        cls = load_strategy_class(Path(path), class_name)
+    try:
+        return cls(**(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"bad options for strategy {spec}: {exc}") from None
+
+
+def load_strategy_class(path: Path, class_name: str) -> type[Strategy]:
+    """Import `path` as a fresh module (loading it again picks up edits) and take its `class_name`."""
+    if not path.is_file():
+        raise ValueError(f"strategy file {str(path)!r} does not exist")
+    module_name = f"microserve_user_strategy_{path.stem}_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot import {str(path)!r} as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise ValueError(f"importing {str(path)!r} failed: {exc!r}") from None
+    cls = getattr(module, class_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, Strategy)):
+        raise ValueError(f"{str(path)!r} has no Strategy subclass named {class_name!r}")
+    if not inspect.isasyncgenfunction(cls.serve):
+        raise ValueError(f"{class_name}.serve must be an async generator (`async def` with `yield`)")
+    return cls

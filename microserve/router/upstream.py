@@ -1,0 +1,317 @@
+"""Calls from the router to one worker: a `WorkerHandle` is what a strategy holds for a picked worker.
+
+Non-streamed answers and untracked streams pass through as bytes; streams from microserve engines are
+tracked (token ids asked for, then stripped) so that they can continue elsewhere if the engine dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from microserve.client import EngineClient
+from microserve.router.continuation import (
+    StreamProgress,
+    UpstreamStreamError,
+    holds_back,
+    split_frames,
+    whole_as_client,
+)
+from microserve.router.request import RoutedRequest
+from microserve.router.workers import Role, Worker, WorkerKind
+from microserve.server.errors import APIError
+
+
+class WorkerFailure(Exception):
+    """An attempt on a worker failed in a way another worker may not: the router may retry elsewhere."""
+
+    def __init__(self, worker: Worker, message: str) -> None:
+        super().__init__(f"{worker.url}: {message}")
+        self.worker = worker
+        self.message = message
+
+
+class UpstreamHTTPError(WorkerFailure):
+    """The worker answered with an error status before any byte of an answer."""
+
+    def __init__(self, worker: Worker, status: int, body: bytes, headers: dict[str, str]) -> None:
+        super().__init__(worker, f"HTTP {status}")
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+    @property
+    def retryable(self) -> bool:
+        # 4xx other than 429 is the client's mistake: another worker would say the same.
+        return self.status >= 500 or self.status == 429
+
+    @property
+    def code(self) -> str | None:
+        try:
+            return orjson.loads(self.body)["error"].get("code")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return None
+
+    def response_error(self) -> APIError:
+        """The worker's own error, for the client: its status, message and Retry-After."""
+        try:
+            err = orjson.loads(self.body)["error"]
+            message, code = str(err.get("message", "")), err.get("code")
+            type_, param = err.get("type"), err.get("param")
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            message = self.body.decode(errors="replace")[:500] or f"the worker answered HTTP {self.status}"
+            code = type_ = param = None
+        headers = {k: v for k, v in self.headers.items() if k.lower() == "retry-after"}
+        return APIError(self.status, message, type=type_, param=param, code=code, headers=headers)
+
+
+class BrokenStream(WorkerFailure):
+    """A stream died after it started; `progress` (tracked streams only) says how to continue it."""
+
+    def __init__(self, worker: Worker, message: str, progress: StreamProgress | None) -> None:
+        super().__init__(worker, message)
+        self.progress = progress
+
+    @property
+    def resumable(self) -> bool:
+        return self.progress is not None and self.progress.resumable
+
+
+# A worker that is there but busy or starting says so with these; it is not unwell.
+_NOT_A_FAILURE = {429, 503}
+_NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+
+
+@dataclass(slots=True)
+class Upstream:
+    """What every handle shares: the one HTTP session, the tokens, the timeouts, the decoder for resumes."""
+
+    session: aiohttp.ClientSession
+    internal_token: str | None = None
+    connect_timeout_s: float = 5.0
+    track_streams: bool = True
+    decoder: Callable[[str | None], Any] | None = None  # async: model -> decode(ids) or None
+
+    def headers_for(self, worker: Worker) -> dict[str, str]:
+        token = self.internal_token if worker.kind is WorkerKind.MICROSERVE else worker.spec.api_key
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def engine_client(self, worker: Worker) -> EngineClient:
+        return EngineClient(worker.url, self.session, self.internal_token)
+
+
+class WorkerHandle:
+    """A picked worker, in flight from the pick until `release` (called when its part of the request ends).
+
+    Strategies call `generate` (the whole request on this worker) or `resume` (continue a broken stream
+    here); microserve engines also expose the microserving verbs through `engine` (an `EngineClient`).
+    """
+
+    __slots__ = ("_released", "_up", "worker")
+
+    def __init__(self, worker: Worker, upstream: Upstream) -> None:
+        self.worker = worker
+        self._up = upstream
+        self._released = False
+        worker.acquire()
+
+    @property
+    def url(self) -> str:
+        return self.worker.url
+
+    @property
+    def kind(self) -> WorkerKind:
+        return self.worker.kind
+
+    @property
+    def role(self) -> Role:
+        return self.worker.role
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.worker.spec.labels)
+
+    @property
+    def engine(self) -> EngineClient:
+        if self.worker.kind is not WorkerKind.MICROSERVE:
+            raise TypeError(f"{self.url} is not a microserve engine; it has no microserving verbs")
+        return self._up.engine_client(self.worker)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.worker.release()
+
+    def __repr__(self) -> str:
+        return f"WorkerHandle({self.url}, {self.kind}, {self.role})"
+
+    # -- whole requests -----------------------------------------------------------------------------
+
+    async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
+        track = req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE
+        body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
+        try:
+            resp = await self._post(req.route, body, req)
+            try:
+                if not req.stream:
+                    yield await self._read_whole(resp)
+                elif track:
+                    async for data in self._relay_tracked(resp, StreamProgress.for_request(req)):
+                        yield data
+                else:
+                    async for data in self._relay(resp):
+                        yield data
+            finally:
+                resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
+        finally:
+            self.release()
+
+    async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
+        """Continue a broken stream here: prompt + generated ids on /v1/completions, as the client's shape."""
+        decoder = self._up.decoder
+        decode = await decoder(req.model) if decoder is not None and holds_back(req) else None
+        body = progress.resume_body(req, decode)
+        if body is None:  # nothing was left to generate, only the stream's end was lost
+            self.release()
+            for frame in progress.closing_frames():
+                yield frame
+            return
+        async for data in self.completion_stream(req, "/v1/completions", body, progress):
+            yield data
+
+    # -- building blocks for strategies -------------------------------------------------------------
+
+    async def completion_stream(
+        self, req: RoutedRequest, path: str, body: dict[str, Any], progress: StreamProgress
+    ) -> AsyncIterator[bytes]:
+        """POST `body` (a streamed completion, e.g. /microserving/start_generate) to `path` here and yield
+        it as the client's stream (chat chunks for a chat request), tracked in `progress` so that it can
+        continue elsewhere if this worker dies. Releases this worker when it ends."""
+        try:
+            resp = await self._post(
+                path, orjson.dumps({**body, "stream": True, "return_token_ids": True}), req
+            )
+            try:
+                async for data in self._frames(resp, progress, progress.reshape):
+                    yield data
+            finally:
+                resp.close()
+        finally:
+            self.release()
+
+    async def completion_whole(self, req: RoutedRequest, path: str, body: dict[str, Any]) -> bytes:
+        """POST `body` (a non-streamed completion) to `path` here; the answer in the client's shape."""
+        try:
+            resp = await self._post(path, orjson.dumps({**body, "stream": False}), req)
+            try:
+                return whole_as_client(req, await self._read_whole(resp))
+            finally:
+                resp.close()
+        finally:
+            self.release()
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _post(self, path: str, body: bytes, req: RoutedRequest) -> aiohttp.ClientResponse:
+        remaining = req.remaining_s()
+        if remaining <= 0:
+            raise APIError(504, "The request ran out of time before a worker answered.", code="timeout")
+        timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=self._up.connect_timeout_s)
+        try:
+            resp = await self._up.session.post(
+                self.url + path, data=body, headers=self._up.headers_for(self.worker), timeout=timeout
+            )
+        except _NETWORK_ERRORS as exc:
+            self.worker.record_failure("connect")
+            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+        if resp.status != 200:
+            try:
+                data = await resp.read()
+            except _NETWORK_ERRORS:
+                data = b""
+            finally:
+                resp.release()
+            error = UpstreamHTTPError(self.worker, resp.status, data, dict(resp.headers))
+            if resp.status >= 500 and not (resp.status in _NOT_A_FAILURE and error.code != "engine_dead"):
+                self.worker.record_failure(f"http_{resp.status}")
+            elif resp.status < 500 and resp.status != 429:
+                self.worker.record_success()  # it answered, and sensibly: the fault is the request's
+            raise error
+        return resp
+
+    async def _read_whole(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            data = await resp.read()
+        except _NETWORK_ERRORS as exc:
+            self.worker.record_failure("broken")
+            raise WorkerFailure(self.worker, f"the answer was cut off: {exc!r}") from None
+        self.worker.record_success()
+        return data
+
+    async def _chunks(
+        self, resp: aiohttp.ClientResponse, progress: StreamProgress | None
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives; a cut connection is a BrokenStream carrying `progress`."""
+        try:
+            async for data in resp.content.iter_any():
+                yield data
+        except _NETWORK_ERRORS as exc:
+            self.worker.record_failure("broken")
+            raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+
+    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
+        tail = b""
+        async for data in self._chunks(resp, None):
+            tail = (tail + data)[-32:]
+            yield data
+        if b"[DONE]" not in tail:
+            self.worker.record_failure("broken")
+            raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
+        self.worker.record_success()
+
+    async def _relay_tracked(
+        self, resp: aiohttp.ClientResponse, progress: StreamProgress
+    ) -> AsyncIterator[bytes]:
+        async for data in self._frames(resp, progress, progress.track):
+            yield data
+
+    async def _frames(
+        self,
+        resp: aiohttp.ClientResponse,
+        progress: StreamProgress,
+        convert: Callable[[bytes], bytes | None],
+    ) -> AsyncIterator[bytes]:
+        """Each read's complete SSE frames, converted, as one write; ends well only after [DONE]."""
+        buffer = bytearray()
+        async for data in self._chunks(resp, progress):
+            if progress.done:
+                continue  # read on to the end of the body, so the connection goes back to the pool
+            out: list[bytes] = []
+            error: UpstreamStreamError | None = None
+            for frame in split_frames(buffer, data):
+                try:
+                    converted = convert(frame)
+                except UpstreamStreamError as exc:
+                    error = exc
+                    break
+                if converted is not None:
+                    out.append(converted)
+            if out:  # what came before an error event is the client's, and counted as delivered
+                yield b"".join(out)
+            if error is not None:
+                self.worker.record_failure("stream_error")
+                raise BrokenStream(self.worker, str(error), progress)
+        if not progress.done:
+            self.worker.record_failure("broken")
+            raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
+        self.worker.record_success()
