@@ -108,18 +108,34 @@ class Router:
             raise model_not_found(req.model)
         return req
 
-    def pick(self, role: Role, req: RoutedRequest, kind: WorkerKind | None = None) -> WorkerHandle:
-        """A worker for `req` in `role` from the current policy, counted in flight from now."""
-        candidates = self.pool.candidates(req.model, role, kind, req.excluded)
+    def pick(
+        self,
+        role: Role,
+        req: RoutedRequest,
+        kind: WorkerKind | None = None,
+        *,
+        exclude_picked: bool = False,
+        least_busy: bool = False,
+    ) -> WorkerHandle:
+        """A worker for `req` in `role` from the current policy, counted in flight from now.
+
+        `exclude_picked` prefers a worker not yet picked for this request (a PD pair on two engines);
+        `least_busy` takes the one with the fewest requests in flight instead of asking the policy.
+        """
+        exclude = req.excluded | {h.url for h in req.handles} if exclude_picked else req.excluded
+        candidates = self.pool.candidates(req.model, role, kind, exclude)
         if not candidates:
             what = "worker" if role is Role.BOTH else f"{role} worker"
             what = f"{kind} {what}" if kind else what
             raise NoWorkerAvailable(
                 f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
             )
-        policy = self.policy
-        worker = policy.select(candidates, req)
-        self.decisions[(policy.name, worker.url)] += 1
+        if least_busy:
+            worker = min(candidates, key=lambda w: w.in_flight)
+            self.decisions[("least_busy", worker.url)] += 1
+        else:
+            worker = self.policy.select(candidates, req)
+            self.decisions[(self.policy.name, worker.url)] += 1
         handle = WorkerHandle(worker, self.upstream)
         req.handles.append(handle)
         return handle

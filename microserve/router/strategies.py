@@ -2,8 +2,9 @@
 
 A strategy yields the bytes the client receives: one JSON body for a non-streamed request, SSE frames
 for a streamed one. The router retries the whole `serve` on another pick while nothing was yielded, and
-calls `resume` when a stream breaks after that. Built in: `data_parallel`. A user strategy loads from a
-Python file (`path.py:ClassName`) and, like the policy, can be swapped at run time.
+calls `resume` when a stream breaks after that. Built in: `data_parallel`, `pd`, `pd_cache_aware`,
+`pd_balanced` (ratio) and `migration`. A user strategy loads from a Python file (`path.py:ClassName`)
+and, like the policy, can be swapped at run time.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from microserve.router.workers import Role, WorkerKind
 class StrategyHost(Protocol):
     """What a strategy may ask of the router."""
 
-    def pick(self, role: Role, req: RoutedRequest, kind: WorkerKind | None = None) -> WorkerHandle: ...
+    def pick(
+        self,
+        role: Role,
+        req: RoutedRequest,
+        kind: WorkerKind | None = None,
+        *,
+        exclude_picked: bool = False,
+        least_busy: bool = False,
+    ) -> WorkerHandle: ...
 
 
 class Strategy:
@@ -48,11 +57,23 @@ class Strategy:
         self._host = host
 
     def pick(
-        self, role: Role | str, req: RoutedRequest, kind: WorkerKind | str | None = None
+        self,
+        role: Role | str,
+        req: RoutedRequest,
+        kind: WorkerKind | str | None = None,
+        *,
+        exclude_picked: bool = False,
+        least_busy: bool = False,
     ) -> WorkerHandle:
         if self._host is None:
             raise RuntimeError("the strategy is not bound to a router")
-        return self._host.pick(Role(role), req, None if kind is None else WorkerKind(kind))
+        return self._host.pick(
+            Role(role),
+            req,
+            None if kind is None else WorkerKind(kind),
+            exclude_picked=exclude_picked,
+            least_busy=least_busy,
+        )
 
     def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         raise NotImplementedError(f"{type(self).__name__} must define `async def serve(self, req)`")
@@ -82,7 +103,117 @@ class DataParallel(Strategy):
             yield chunk
 
 
-STRATEGIES: dict[str, type[Strategy]] = {DataParallel.name: DataParallel}
+class PrefillDecode(Strategy):
+    """Prefill-decode disaggregation: a prefill worker computes the prompt's KV and pushes it to a
+    decode worker, which commits the last prompt token itself and decodes. Only the part of the prompt
+    the decode worker does not hold already travels."""
+
+    name = "pd"
+    needs_prompt_ids = True
+
+    def split(self, req: RoutedRequest) -> int:
+        """Where the decode worker's own prefill starts; everything before it arrives as KV."""
+        return len(req.prompt_ids) - 1
+
+    async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        p, d = self.pick("prefill", req), self.pick("decode", req, exclude_picked=True)
+        split = self.split(req)
+        if split > 0:
+            addr = await d.prep_recv(req, end=split)
+            if self.should_send(addr.matched, split):
+                try:
+                    await p.remote_send(req, addr, dst=d, begin=addr.matched, end=split)
+                except BaseException:
+                    await d.release_kv(req)
+                    raise
+            else:
+                split = addr.matched  # the decode worker computes the short rest itself
+        p.release()
+        async for chunk in d.start_generate(req, begin=split):
+            yield chunk
+
+    def should_send(self, matched: int, split: int) -> bool:
+        return matched < split
+
+
+class CacheAwarePD(PrefillDecode):
+    """PD that skips the prefill worker when the decode worker's prefix cache already holds all but
+    `min_transfer` tokens of the prompt (multi-turn chats coming back to the engine that served them)."""
+
+    name = "pd_cache_aware"
+
+    def __init__(self, min_transfer: int = 256, **options: Any) -> None:
+        super().__init__(**options)
+        if min_transfer < 0:
+            raise TypeError(f"min_transfer must be non-negative, got {min_transfer}")
+        self.min_transfer = min_transfer
+
+    def should_send(self, matched: int, split: int) -> bool:
+        return split - matched > self.min_transfer
+
+    def options(self) -> dict[str, Any]:
+        return {"min_transfer": self.min_transfer}
+
+
+class BalancedPD(PrefillDecode):
+    """PD in which the decode worker also prefills the last `ratio` of the prompt, balancing the two."""
+
+    name = "pd_balanced"
+
+    def __init__(self, ratio: float = 0.2, **options: Any) -> None:
+        super().__init__(**options)
+        if not 0.0 <= ratio < 1.0:
+            raise TypeError(f"ratio must be in [0, 1), got {ratio}")
+        self.ratio = ratio
+
+    def split(self, req: RoutedRequest) -> int:
+        n = len(req.prompt_ids)
+        return min(int(n * (1 - self.ratio)), n - 1)
+
+    def options(self) -> dict[str, Any]:
+        return {"ratio": self.ratio}
+
+
+class ContextMigration(Strategy):
+    """Keep a conversation on the worker the policy picks for it (use consistent_hash for affinity);
+    when that worker is busier than `max_in_flight`, move the conversation's context to the least busy
+    other worker and continue there, instead of recomputing it."""
+
+    name = "migration"
+    needs_prompt_ids = True
+
+    def __init__(self, max_in_flight: int = 8, **options: Any) -> None:
+        super().__init__(**options)
+        if max_in_flight < 0:  # 0: every request moves (a demonstration, and the tests)
+            raise TypeError(f"max_in_flight must be non-negative, got {max_in_flight}")
+        self.max_in_flight = max_in_flight
+
+    async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        home = self.pick("both", req)
+        if home.busy <= self.max_in_flight or home.kind is not WorkerKind.MICROSERVE:
+            async for chunk in home.generate(req):
+                yield chunk
+            return
+        target = self.pick("both", req, kind=WorkerKind.MICROSERVE, exclude_picked=True, least_busy=True)
+        end = len(req.prompt_ids) - 1
+        addr = await target.prep_recv(req, end=end)
+        if addr.matched < end:
+            try:
+                await home.remote_send(req, addr, dst=target, begin=addr.matched, end=end)
+            except BaseException:
+                await target.release_kv(req)
+                raise
+        home.release()
+        async for chunk in target.start_generate(req, begin=end):
+            yield chunk
+
+    def options(self) -> dict[str, Any]:
+        return {"max_in_flight": self.max_in_flight}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (DataParallel, PrefillDecode, CacheAwarePD, BalancedPD, ContextMigration)
+}
 
 
 def make_strategy(spec: str, options: dict[str, Any] | None = None) -> Strategy:

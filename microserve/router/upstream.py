@@ -14,11 +14,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from microserve.client import EngineClient
+from microserve.client import EngineClient, EngineError, KVAddress
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
     holds_back,
+    sampling_fields,
     split_frames,
     whole_as_client,
 )
@@ -140,6 +141,11 @@ class WorkerHandle:
         return dict(self.worker.spec.labels)
 
     @property
+    def busy(self) -> int:
+        """Requests in flight on this worker, as the router counts them (this one included)."""
+        return self.worker.in_flight
+
+    @property
     def engine(self) -> EngineClient:
         if self.worker.kind is not WorkerKind.MICROSERVE:
             raise TypeError(f"{self.url} is not a microserve engine; it has no microserving verbs")
@@ -187,6 +193,54 @@ class WorkerHandle:
             return
         async for data in self.completion_stream(req, "/v1/completions", body, progress):
             yield data
+
+    # -- microserving verbs (microserve engines) --------------------------------------------------
+
+    async def prep_recv(self, req: RoutedRequest, end: int) -> KVAddress:
+        """Reserve blocks here for the prompt's KV up to `end`; `.matched` is the prefix already held."""
+        return await self._verb(self.engine.prep_recv(req.id, req.prompt_ids, end))
+
+    async def remote_send(
+        self, req: RoutedRequest, addr: KVAddress, dst: WorkerHandle, begin: int, end: int
+    ) -> dict[str, int]:
+        """Compute the prompt's KV up to `end` here and push [begin, end) to `dst`; this worker's part of
+        the request ends with it."""
+        try:
+            return await self._verb(
+                self.engine.remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
+            )
+        finally:
+            self.release()
+
+    async def start_generate(self, req: RoutedRequest, begin: int) -> AsyncIterator[bytes]:
+        """Generate here on top of the KV received for `req`, answering in the client's shape."""
+        body = {**sampling_fields(req), "request_id": req.id, "prompt": req.prompt_ids, "begin": begin}
+        path = "/microserving/start_generate"
+        if req.stream:
+            progress = StreamProgress.for_request(req, req.prompt_ids)
+            async for data in self.completion_stream(req, path, body, progress):
+                yield data
+        else:
+            yield await self.completion_whole(req, path, body)
+
+    async def release_kv(self, req: RoutedRequest) -> None:
+        """Drop `req`'s reservation here, if any (after a failed transfer); never raises."""
+        try:
+            await self.engine.release(req.id)
+        except (EngineError, *_NETWORK_ERRORS):
+            pass
+
+    async def _verb(self, call: Any) -> Any:
+        """Await a microserving call; failures become WorkerFailure so the router may retry elsewhere."""
+        try:
+            return await call
+        except EngineError as exc:
+            if exc.status >= 500 and exc.status not in _NOT_A_FAILURE:
+                self.worker.record_failure(f"http_{exc.status}")
+            raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
+        except _NETWORK_ERRORS as exc:
+            self.worker.record_failure("connect")
+            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
 
     # -- building blocks for strategies -------------------------------------------------------------
 
