@@ -1,22 +1,32 @@
-"""`microserve engine`: build the engine, serve its HTTP API, stop cleanly on Ctrl-C or SIGTERM."""
+"""`microserve engine`: build the engine, serve its HTTP API, stop cleanly on Ctrl-C or SIGTERM.
+
+The model steps on the main thread (torch's CPU kernels run fastest there) and the HTTP server's event
+loop on a second thread. A signal drains the requests in flight, then stops the stepping loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 
 from aiohttp import web
 
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
-from microserve.server.app import create_app, run_server
+from microserve.server.app import create_app
 from microserve.server.microserving import add_microserving_routes
 
 log = logging.getLogger(__name__)
 
 
-def engine_app(engine: AsyncEngine, internal_token: str | None = None) -> web.Application:
-    """The engine's app, with the stepping thread started and stopped alongside the server."""
+def engine_app(
+    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
+) -> web.Application:
+    """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
     app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
 
@@ -26,14 +36,83 @@ def engine_app(engine: AsyncEngine, internal_token: str | None = None) -> web.Ap
     async def stop(_: web.Application) -> None:
         await engine.stop()
 
-    app.on_startup.append(start)
+    if own_thread:
+        app.on_startup.append(start)
     app.on_cleanup.append(stop)
     return app
 
 
+class ServerThread:
+    """An aiohttp app served from an event loop on a background thread."""
+
+    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+        self.loop = _new_loop()
+        self._app, self._host, self._port, self._timeout = app, host, port, shutdown_timeout
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="http", daemon=True)
+
+    def start(self) -> None:
+        """Return once the server listens; raises what stopped it from listening."""
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    def request_stop(self) -> None:
+        """Thread-safe, also from a signal handler: drain requests in flight, then clean up."""
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._serve())
+        finally:
+            self.loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=self._timeout,
+            # One log line per request costs more than serving it; keep them for debugging only.
+            access_log=logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None,
+        )
+        try:
+            await runner.setup()
+            await web.TCPSite(runner, self._host, self._port).start()
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            await runner.cleanup()
+            return
+        self._started.set()
+        await self._stop.wait()
+        await runner.cleanup()  # on_shutdown (drain) then on_cleanup (stops the engine)
+
+
 def run_engine(config: EngineConfig, host: str, port: int, internal_token: str | None = None) -> int:
     engine = build_engine(config)
-    app = engine_app(engine, internal_token)
+    server = ServerThread(engine_app(engine, internal_token, own_thread=False), host, port)
+    server.start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: server.request_stop())
     print(f"microserve engine ({config.backend}, {engine.model_name}) on http://{host}:{port}", flush=True)
-    run_server(app, host, port)
+    engine.run_blocking(server.loop)  # returns once the server's cleanup stopped the engine
+    server.join()
     return 0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
