@@ -1,0 +1,116 @@
+"""In-process engine step times, dequantized bf16 weights (`--quantization none`) against int4, same run.
+
+Decode steps at several batch sizes (every sequence decoding, 128-token contexts) and one 512-token
+prefill; for int4 also with the kernel forced on every batch, to show where it stops paying.
+
+Usage: python benchmarks/int4_steps.py [--threads 2] [--batches 1,4,8,32] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import random
+import statistics
+import time
+
+import torch
+
+from microserve.engine.builder import build_core
+from microserve.engine.config import CacheConfig, EngineConfig
+from microserve.engine.core import EngineCore
+from microserve.engine.sampling import SamplingParams
+from microserve.engine.scheduler import SchedulerConfig
+from microserve.machine import describe_machine
+from microserve.model.quant import INT4_KERNEL_MAX_ROWS, Int4Linear
+
+PROMPT_LEN, PREFILL_LEN = 128, 512
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 49000) for _ in range(n)]
+
+
+def decode_step_ms(core: EngineCore, batch: int, steps: int, rng: random.Random) -> float:
+    """Median time of a step in which `batch` sequences each decode one token."""
+    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    ids = [f"d{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        core.add_request(rid, _ids(rng, PROMPT_LEN), params)
+    while core.num_waiting or any(s.num_computed_tokens < PROMPT_LEN for s in core.scheduler.running):
+        core.step()
+    core.step()  # the first pure decode step, after the last prefill
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    for rid in ids:
+        core.abort_request(rid)
+    return statistics.median(times) * 1e3
+
+
+def prefill_ms(core: EngineCore, repeats: int, rng: random.Random) -> float:
+    """Median time of the step that prefills one fresh 512-token prompt."""
+    times = []
+    for i in range(repeats):
+        core.add_request(f"p{i}", _ids(rng, PREFILL_LEN), SamplingParams(max_tokens=1, temperature=0.0))
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+        while core.has_work():
+            core.step()
+    return statistics.median(times) * 1e3
+
+
+def _set_kernel_rows(core: EngineCore, rows: int | None) -> None:
+    for layer in core.runner.model.layers:
+        for lin in layer.values():
+            if isinstance(lin, Int4Linear):
+                lin.max_kernel_rows = rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,4,8,32")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    print(f"{describe_machine()}; torch {torch.__version__}; {args.threads} threads; bf16")
+    print(f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+    results: dict[str, dict[str, float]] = {}
+    for quantization in ("none", "int4"):
+        start = time.perf_counter()
+        core = build_core(
+            EngineConfig(
+                dtype="bfloat16",
+                quantization=quantization,
+                threads=args.threads,
+                max_model_len=2048,
+                cache=CacheConfig(memory_bytes=1 << 30, enable_prefix_caching=False),
+                scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
+            )
+        )
+        print(f"{quantization}: built in {time.perf_counter() - start:.1f} s")
+        variants: list[tuple[str, int | None]] = [("none", INT4_KERNEL_MAX_ROWS)]
+        if quantization == "int4":
+            variants = [("int4", INT4_KERNEL_MAX_ROWS), ("int4 kernel always", None)]
+        for name, rows in variants:
+            _set_kernel_rows(core, rows)
+            rng = random.Random(0)
+            row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng) for b in batches}
+            row["prefill 512"] = prefill_ms(core, 5, rng)
+            results[name] = row
+            print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)
+        del core
+        gc.collect()
+    print(f"\n{'step (median ms)':>18} " + " ".join(f"{n:>20}" for n in results) + "   none / int4")
+    for key in results["none"]:
+        cells = " ".join(f"{results[n][key]:>20.1f}" for n in results)
+        print(f"{key:>18} {cells}   {results['none'][key] / results['int4'][key]:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
