@@ -74,36 +74,14 @@ def router_cmd(name: str, port: int, workers: list[str]) -> list[str]:
         for w in workers:
             cmd += ["--worker", f"{w},kind=openai,model=mock"]
         return cmd
-    if name == "sglang-router":
-        return [
-            str(PEERS / "python"),
-            "-m",
-            "sglang_router.launch_router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--policy",
-            "round_robin",
-            "--log-level",
-            "warn",
-            "--worker-urls",
-            *workers,
-        ]
-    if name == "vllm-router":
-        return [
-            str(PEERS / "vllm-router"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--policy",
-            "round_robin",
-            "--log-level",
-            "warning",
-            "--worker-urls",
-            *workers,
-        ]
+    peers = {
+        "sglang-router": ([str(PEERS / "python"), "-m", "sglang_router.launch_router"], "warn"),
+        "vllm-router": ([str(PEERS / "vllm-router")], "warning"),
+    }
+    if name in peers:
+        launcher, quiet = peers[name]
+        common = ["--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin", "--log-level", quiet]
+        return [*launcher, *common, "--worker-urls", *workers]
     raise ValueError(name)
 
 

@@ -28,11 +28,8 @@ from microserve.model.loader import (
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return resolve_model("smollm2-135m")
-    except ModelNotFound as e:
-        pytest.skip(str(e))
+def gguf_path(model_path: Path) -> Path:
+    return model_path
 
 
 @pytest.fixture(scope="module")

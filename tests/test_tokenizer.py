@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
 from microserve.model.detokenizer import IncrementalDetokenizer
-from microserve.model.loader import ModelNotFound, resolve_model
 from microserve.model.tokenizer import ChatTemplateError, Tokenizer
 
 TEXTS = [
@@ -61,11 +60,8 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_path() -> Path:
-    try:
-        return resolve_model("smollm2-135m")
-    except ModelNotFound as e:
-        pytest.skip(str(e))
+def gguf_path(model_path: Path) -> Path:
+    return model_path
 
 
 @pytest.fixture(scope="module")
