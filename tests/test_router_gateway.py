@@ -249,9 +249,10 @@ async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path
 
 async def test_retry_before_the_first_byte_goes_to_another_worker() -> None:
     async with fakes(2) as servers, routing(servers) as client:
-        servers[0].statuses = [503, 502]
+        servers[0].statuses = [503]  # round robin's first turn: w0 fails, the retry goes to w1
         resp = await client.post("/v1/chat/completions", json=CHAT)
         assert resp.status == 200
+        servers[1].statuses = [502]  # the pool's second turn: w1 fails, the retry goes to w0
         events = await sse(await client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
         assert events[-1] == "[DONE]"
         assert [len(s.generate_calls) for s in servers] == [2, 2]
@@ -266,10 +267,11 @@ async def test_an_unreachable_worker_is_retried_elsewhere() -> None:
         async with TestServer(create_app(router), host="127.0.0.1") as server, TestClient(server) as client:
             # It failed its first health check; put it back as if it had just died under traffic.
             router.pool.get(dead.url).healthy = True
-            for _ in range(2):
+            for _ in range(3):
                 assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
-        assert router.pool.get(dead.url).errors["connect"] == 2  # round robin sent each request there first
-        assert len(servers[0].generate_calls) == 2
+        # The pool's turns go dead, live, dead: the two requests sent to the dead one were retried.
+        assert router.pool.get(dead.url).errors["connect"] == 2
+        assert len(servers[0].generate_calls) == 3
 
 
 async def test_client_errors_pass_through_without_retry() -> None:

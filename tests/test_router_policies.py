@@ -75,6 +75,15 @@ def test_round_robin_cycles_in_pool_order() -> None:
     assert names([policy.select(pool, request()) for _ in range(7)]) == ["w0", "w1", "w2"] * 2 + ["w0"]
 
 
+def test_round_robin_turns_each_pool_on_its_own() -> None:
+    # A PD request picks from the prefill pool then the decode pool: each pool must still rotate fully.
+    pool = workers(4)
+    prefill, decode = pool[:2], pool[2:]
+    policy = RoundRobin()
+    picks = [names([policy.select(prefill, request()), policy.select(decode, request())]) for _ in range(3)]
+    assert picks == [["w0", "w2"], ["w1", "w3"], ["w0", "w2"]]
+
+
 def test_random_uses_its_rng() -> None:
     pool = workers()
     policy = Random(rng=ScriptedRng(2, 0, 2, 1))  # type: ignore[arg-type]

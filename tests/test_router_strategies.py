@@ -60,13 +60,15 @@ async def routed(engines: list[ManagedProcess], strategy: str, options: dict[str
 
 async def answers(sdk: openai.AsyncOpenAI) -> dict[str, str]:
     """The same four requests each time: chat and completion, whole and streamed."""
-    greedy = {"max_tokens": 16, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    # Not the default 16: the answer's length proves max_tokens reached the engine that generated it.
+    greedy = {"max_tokens": 21, "temperature": 0, "extra_body": {"ignore_eos": True}}
     chat = await sdk.chat.completions.create(model=MODEL, messages=CHAT, **greedy)
     text = await sdk.completions.create(model=MODEL, prompt=PROMPT, **greedy)
     chat_stream = await sdk.chat.completions.create(model=MODEL, messages=CHAT, stream=True, **greedy)
     streamed_chat = "".join([c.choices[0].delta.content or "" async for c in chat_stream if c.choices])
     text_stream = await sdk.completions.create(model=MODEL, prompt=PROMPT, stream=True, **greedy)
     streamed_text = "".join([c.choices[0].text async for c in text_stream if c.choices])
+    assert chat.usage.completion_tokens == text.usage.completion_tokens == 21
     return {
         "chat": chat.choices[0].message.content,
         "completion": text.choices[0].text,

@@ -266,6 +266,10 @@ def sampling_fields(req: RoutedRequest) -> dict[str, Any]:
     fields = {name: req.body[name] for name in _CARRIED if req.body.get(name) is not None}
     if req.model is not None:
         fields["model"] = req.model
+    if req.max_tokens is not None:  # max_tokens or, for chat, max_completion_tokens
+        fields["max_tokens"] = req.max_tokens
+    if req.body.get("min_tokens") is not None:
+        fields["min_tokens"] = req.body["min_tokens"]
     return fields
 
 

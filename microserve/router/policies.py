@@ -54,10 +54,25 @@ def _least(workers: Sequence[Worker], key: Callable[[Worker], Any], policy: Poli
 
 
 class RoundRobin(Policy):
+    """Each pool (a candidate set, such as a model's prefill workers) takes turns on its own counter, so
+    the prefill and the decode pick of one PD request do not split a single counter between them."""
+
     name = "round_robin"
+    MAX_POOLS = 256  # candidate sets remembered; past that, start over (turns only need to spread)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._turns: dict[tuple[str, ...], int] = {}
 
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
-        return workers[next(self._turn) % len(workers)]
+        key = tuple(w.url for w in workers)
+        turn = self._turns.get(key)
+        if turn is None:
+            if len(self._turns) >= self.MAX_POOLS:
+                self._turns.clear()
+            turn = 0
+        self._turns[key] = turn + 1
+        return workers[turn % len(workers)]
 
 
 class Random(Policy):
