@@ -34,7 +34,7 @@ def _ids(rng: random.Random, n: int) -> list[int]:
 
 def decode_step_ms(core: EngineCore, batch: int, steps: int, rng: random.Random) -> float:
     """Median time of a step in which `batch` sequences each decode one token."""
-    params = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid in ids:
         core.add_request(rid, _ids(rng, PROMPT_LEN), params)

@@ -68,7 +68,11 @@ async def measure(
 
 def workload(args: argparse.Namespace) -> RandomWorkload:
     return RandomWorkload(
-        input_len=args.input_len, output_len=args.output_len, range_ratio=0.25, token_ids=True, seed=0
+        input_len=args.input_len,
+        output_len=args.output_len,
+        range_ratio=args.range_ratio,
+        token_ids=True,
+        seed=0,
     )
 
 
@@ -109,6 +113,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=60)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--range-ratio", type=float, default=0.25, help="lengths uniform in len*(1±r)")
     p.add_argument("--num-kv-blocks", type=int, default=1024)
     p.add_argument("--profile", default=None, help="cost model JSON for both sides (default: built-in)")
     p.add_argument("--out", default=None)
@@ -139,15 +144,18 @@ def main() -> None:
     print(f"machine: {describe_machine()}; {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC")
     print(
         f"fleet: {len(roles)} engines ({args.roles}), {args.strategy}/{args.policy}, {args.num_kv_blocks} KV "
-        f"blocks each; workload: random token ids, input {args.input_len}±25%, output {args.output_len}±25%, "
+        f"blocks each; workload: random token ids, input {args.input_len}, output {args.output_len} "
+        f"(±{args.range_ratio:.0%}), "
         f"Poisson {args.rate:g} req/s, {args.num_requests} requests, seed 0"
     )
     print(
-        f"measured: {real.completed} done, {real.failed} failed, {real.duration_s:.1f} s "
+        f"measured: {real.completed} done, {real.failed} failed, {real.total_input_tokens} tokens in, "
+        f"{real.total_output_tokens} out, {real.duration_s:.1f} s "
         f"({real_s:.0f} s with start-up)"
     )
     print(
-        f"simulated: {sim.completed} done, {sim.failed} failed, {sim.duration_s:.1f} s virtual "
+        f"simulated: {sim.completed} done, {sim.failed} failed, {sim.total_input_tokens} tokens in, "
+        f"{sim.total_output_tokens} out, {sim.duration_s:.1f} s virtual "
         f"in {sim_wall:.2f} s"
     )
     print()

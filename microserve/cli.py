@@ -51,6 +51,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 where the hardware has native bf16 math, else float32",
     )
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int4"],
+        help="auto: keep a GGUF's Q4_0/Q4_1 weights packed as int4 when running bfloat16 on CPU, "
+        "else none; none: dequantize every weight at load",
+    )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads for this engine")
 
 
@@ -119,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint (vLLM's serving metrics)")
     add_bench_args(bench)
+
+    from microserve.sim.cli import add_arguments as add_simulate_args
+
+    simulate = sub.add_parser(
+        "simulate", help="simulate a fleet on a virtual clock (bench's workloads and report)"
+    )
+    add_simulate_args(simulate)
     return parser
 
 
@@ -128,6 +142,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         backend=args.backend,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantization,
         threads=args.threads,
         max_model_len=args.max_model_len,
         cache=CacheConfig(
@@ -168,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from microserve.bench.cli import run as run_bench
 
             return run_bench(args)
+        if args.command == "simulate":
+            from microserve.sim.cli import run as run_simulate
+
+            return run_simulate(args)
         if args.command == "engine":
             from microserve.server.engine_main import run_engine
 

@@ -14,7 +14,7 @@ from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVStorage
 from microserve.engine.scheduler import Scheduler, SchedulerConfig
 from microserve.model.config import ModelConfig
-from microserve.model.loader import load_config, load_weights, resolve_model
+from microserve.model.loader import load_config, resolve_model
 from microserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,12 @@ def _build_runner(
     block_size = config.cache.block_size
     dtype = resolve_dtype(config.dtype, config.device)
     if config.backend == "torch":
+        from microserve.model.quant import load_model, resolve_quantization
         from microserve.runner.torch_runner import TorchRunner
 
-        model_config, weights = load_weights(path)
+        quantization = resolve_quantization(config.quantization, path, config.device, dtype)
+        log.info("quantization: %s (asked: %s)", quantization, config.quantization)
+        model_config, weights, quantized = load_model(path, quantization)
         runner = TorchRunner(
             model_config,
             weights,
@@ -87,6 +90,7 @@ def _build_runner(
             device=config.device,
             block_size=block_size,
             eos_token_ids=tokenizer.eos_token_ids,
+            quantized=quantized,
         )
         return runner, model_config, runner.layout, runner.layout
 

@@ -29,6 +29,7 @@ class EngineConfig:
     backend: str = "torch"  # torch | sim
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: see resolve_dtype
     device: str = "cpu"
+    quantization: str = "auto"  # auto | none | int4; see microserve.model.quant.resolve_quantization
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     max_model_len: int | None = None  # None = the model's context length, capped at 8192
     cache: CacheConfig | None = None
@@ -43,6 +44,8 @@ class EngineConfig:
             raise ValueError(f"backend must be 'torch' or 'sim', got {self.backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in ("auto", "none", "int4"):
+            raise ValueError(f"quantization must be auto, none or int4, got {self.quantization!r}")
         if self.reservation_ttl_s <= 0:
             raise ValueError(f"reservation TTL must be positive, got {self.reservation_ttl_s}")
         if self.threads is not None and self.threads < 1:

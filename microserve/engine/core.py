@@ -51,7 +51,7 @@ class _Prefill:
 @dataclass(slots=True)
 class _Request:
     seq: Sequence
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | None  # None: nobody reads this request's text (the simulator)
     text: str = ""  # the request's text so far, stop strings cut off
     sent: int = 0  # characters of `text` already handed out
     sent_tokens: int = 0
@@ -65,6 +65,7 @@ class EngineCore:
         tokenizer: Tokenizer,
         max_model_len: int,
         reservation_ttl_s: float = 30.0,
+        detokenize: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -76,6 +77,9 @@ class EngineCore:
         self.prefills: dict[str, _Prefill] = {}
         self.reservations = ReservationTable(reservation_ttl_s)
         self.num_steps = 0
+        # Off in the simulator: nobody reads the text there, and decoding is per-token work on its hot
+        # path. A request with stop strings is decoded anyway, since they are matched on its text.
+        self.detokenize = detokenize
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -102,7 +106,8 @@ class EngineCore:
             seq = Sequence(request_id, list(prompt_ids), params)
         else:
             seq = self._take_reservation(request_id, prompt_ids, params, begin)
-        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        detok = IncrementalDetokenizer(self.tokenizer) if self.detokenize or params.stop else None
+        self.requests[request_id] = _Request(seq, detok)
         self.scheduler.add(seq)
 
     def _check_new_id(self, request_id: str, reserved_ok: bool = False) -> None:
@@ -254,7 +259,7 @@ class EngineCore:
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         if stop_token and seq.num_completion_tokens > p.min_tokens:
             return SequenceStatus.FINISHED_STOPPED
-        if not stop_token:
+        if not stop_token and req.detok is not None:
             req.text += req.detok.add(token)
             if p.stop and self._cut_at_stop_string(req):
                 return SequenceStatus.FINISHED_STOPPED
@@ -273,7 +278,7 @@ class EngineCore:
         return True
 
     def _finish(self, req: _Request, status: SequenceStatus) -> None:
-        if status != SequenceStatus.FINISHED_STOPPED or not req.seq.params.stop:
+        if req.detok is not None and (status != SequenceStatus.FINISHED_STOPPED or not req.seq.params.stop):
             req.text += req.detok.flush()
         self.scheduler.finish(req.seq, status)
         self.runner.forget(req.seq.request_id)

@@ -6,12 +6,16 @@ storage: decode tokens as one padded batch, each prefill chunk on its own (it ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from microserve.model.config import ModelConfig
+from microserve.model.loader import QuantizedTensor
+from microserve.model.quant import DenseLinear, Int4Linear, Linear
 
 
 @dataclass(slots=True)
@@ -35,44 +39,58 @@ class AttentionMetadata:
 
 class Llama(torch.nn.Module):
     def __init__(
-        self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        quantized: Mapping[str, QuantizedTensor] | None = None,
     ) -> None:
+        """`quantized`: GGUF int4 weights to keep packed (see `model.quant`); `weights` has the rest."""
         super().__init__()
         self.config = config
         c = config
         self.q_size = c.num_heads * c.head_dim
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim**-0.5
+        quantized = quantized or {}
 
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype)
 
+        def linear(*names: str) -> Linear:
+            # Fused projections: one matmul for q/k/v and one for gate/up instead of five.
+            if all(n in quantized for n in names):
+                return Int4Linear.from_gguf([quantized[n] for n in names], dtype)
+            return DenseLinear(torch.cat([w(n) for n in names]))
+
         self.embed = w("model.embed_tokens.weight")
-        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+        self.lm_head = DenseLinear(self.embed) if c.tie_word_embeddings else linear("lm_head.weight")
         self.final_norm = w("model.norm.weight")
-        self.layers: list[dict[str, torch.Tensor | None]] = []
+        self.layers: list[dict[str, Any]] = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
             attn = p + "self_attn."
-            # Fused projections: one matmul for q/k/v and one for gate/up instead of five.
-            qkv = torch.cat([w(attn + "q_proj.weight"), w(attn + "k_proj.weight"), w(attn + "v_proj.weight")])
             bias = None
             if c.attention_bias:
                 bias = torch.cat([w(attn + "q_proj.bias"), w(attn + "k_proj.bias"), w(attn + "v_proj.bias")])
-            gate_up = torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
             self.layers.append(
                 {
                     "input_norm": w(p + "input_layernorm.weight"),
-                    "qkv": qkv,
+                    "qkv": linear(attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"),
                     "qkv_bias": bias,
-                    "o": w(attn + "o_proj.weight"),
+                    "o": linear(attn + "o_proj.weight"),
                     "post_norm": w(p + "post_attention_layernorm.weight"),
-                    "gate_up": gate_up,
-                    "down": w(p + "mlp.down_proj.weight"),
+                    "gate_up": linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    "down": linear(p + "mlp.down_proj.weight"),
                 }
             )
         cos, sin = _rope_tables(c, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    def linear(self, x: torch.Tensor, layer: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ bias), whatever form the weight is kept in."""
+        return layer(x, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, exactly as transformers does.
@@ -97,7 +115,7 @@ class Llama(torch.nn.Module):
         x = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             h = self.rms_norm(x, layer["input_norm"])
-            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            qkv = self.linear(h, layer["qkv"], layer["qkv_bias"])
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
             k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
@@ -105,12 +123,12 @@ class Llama(torch.nn.Module):
             k_cache[i].index_copy_(0, meta.slot_mapping, k)
             v_cache[i].index_copy_(0, meta.slot_mapping, v)
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], meta)
-            x = x + F.linear(attn.reshape(-1, self.q_size), layer["o"])
+            x = x + self.linear(attn.reshape(-1, self.q_size), layer["o"])
             h = self.rms_norm(x, layer["post_norm"])
-            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = self.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + self.linear(F.silu(gate) * up, layer["down"])
         x = self.rms_norm(x[logit_rows], self.final_norm)
-        return F.linear(x, self.lm_head).float()
+        return self.linear(x, self.lm_head).float()
 
     def _attention(
         self,

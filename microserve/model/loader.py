@@ -1,6 +1,7 @@
 """Find a model by name or path and load its weights as float32 tensors under Hugging Face Llama names.
 
-Reads GGUF files (dequantized at load) and local Hugging Face folders; nothing is downloaded.
+Reads GGUF files (dequantized at load, or kept as raw blocks on request) and local Hugging Face folders;
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import importlib.util
 import json
 import logging
 import re
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,16 @@ _GGUF_GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",
 }
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedTensor:
+    """One GGUF weight still in its quantized blocks, rows in HF order (q/k un-permuted for rotary)."""
+
+    name: str  # the HF name
+    qtype: str  # GGML type name: Q4_0, Q4_1, Q8_0...
+    shape: tuple[int, int]  # [out_features, in_features]
+    blocks: np.ndarray  # uint8 [out_features, bytes per row]: each row's blocks run along in_features
 
 
 class ModelNotFound(FileNotFoundError):
@@ -105,6 +118,33 @@ def load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return _load_gguf(path)
 
 
+def load_quantized(
+    path: Path, keep: Collection[str]
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """Like `load_weights`, but 2-D weights of a GGML type in `keep` come back as their raw blocks.
+
+    Those are absent from the float32 dict. The token embedding is always dequantized: it is looked up.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config, weights = _load_hf_folder(path)
+        return config, weights, {}
+    reader = _gguf_reader(path)
+    config = _gguf_config(reader)
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if t.tensor_type.name in keep and len(t.shape) == 2 and t.name != "token_embd.weight":
+            rows = _unpermute_if_rotary(t.data, t.name, config)
+            shape = (int(t.shape[1]), int(t.shape[0]))
+            quantized[name] = QuantizedTensor(name, t.tensor_type.name, shape, np.ascontiguousarray(rows))
+        else:
+            tensors[name] = _gguf_tensor(t, config)
+    _check_names(config, [*tensors, *quantized])
+    return config, tensors, quantized
+
+
 # --- Hugging Face folder ---------------------------------------------------------------------------
 
 
@@ -133,8 +173,8 @@ def _hf_config(path: Path, *, has_lm_head: bool) -> ModelConfig:
     return ModelConfig.from_hf_config(config_dict)
 
 
-def _check_names(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected_weight_names(config)) - tensors.keys())
+def _check_names(config: ModelConfig, names: Collection[str]) -> None:
+    missing = sorted(set(expected_weight_names(config)) - set(names))
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, first {missing[0]!r}")
 
@@ -224,14 +264,21 @@ def _gguf_tensor(tensor: Any, config: ModelConfig) -> torch.Tensor:
         raise ValueError(f"tensor {tensor.name} has unsupported type {tensor.tensor_type.name}") from e
     # GGUF lists dimensions innermost first; HF's [out_features, in_features] is the reverse.
     values = values.reshape(tuple(int(n) for n in reversed(tensor.shape)))
-    if config.architecture != "qwen2":
-        # llama.cpp's converter permutes llama q/k rows for its interleaved rotary; qwen2 it leaves alone.
-        if ".attn_q." in tensor.name:
-            values = unpermute_rotary_rows(values, config.num_heads)
-        elif ".attn_k." in tensor.name:
-            values = unpermute_rotary_rows(values, config.num_kv_heads)
+    values = _unpermute_if_rotary(values, tensor.name, config)
     # A copy: F32 tensors are views of a read-only memory map.
     return torch.from_numpy(np.array(values, dtype=np.float32, order="C", copy=True))
+
+
+def _unpermute_if_rotary(rows: np.ndarray, gguf_name: str, config: ModelConfig) -> np.ndarray:
+    """Rows may be values or raw quantized blocks: blocks run along a row, so whole rows move."""
+    if config.architecture == "qwen2":
+        # llama.cpp's converter permutes llama q/k rows for its interleaved rotary; qwen2 it leaves alone.
+        return rows
+    if ".attn_q." in gguf_name:
+        return unpermute_rotary_rows(rows, config.num_heads)
+    if ".attn_k." in gguf_name:
+        return unpermute_rotary_rows(rows, config.num_kv_heads)
+    return rows
 
 
 def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -122,20 +122,16 @@ class Router:
         `exclude_picked` prefers a worker not yet picked for this request (a PD pair on two engines);
         `least_busy` takes the one with the fewest requests in flight instead of asking the policy.
         """
-        exclude = req.excluded | {h.url for h in req.handles} if exclude_picked else req.excluded
-        candidates = self.pool.candidates(req.model, role, kind, exclude)
-        if not candidates:
-            what = "worker" if role is Role.BOTH else f"{role} worker"
-            what = f"{kind} {what}" if kind else what
-            raise NoWorkerAvailable(
-                f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
-            )
-        if least_busy:
-            worker = min(candidates, key=lambda w: w.in_flight)
-            self.decisions[("least_busy", worker.url)] += 1
-        else:
-            worker = self.policy.select(candidates, req)
-            self.decisions[(self.policy.name, worker.url)] += 1
+        worker = select_worker(
+            self.pool,
+            self.policy,
+            self.decisions,
+            role,
+            req,
+            kind,
+            exclude_picked=exclude_picked,
+            least_busy=least_busy,
+        )
         handle = WorkerHandle(worker, self.upstream)
         req.handles.append(handle)
         return handle
@@ -193,3 +189,33 @@ class Router:
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.strategy.describe(), "policy": self.policy.describe()}
+
+
+def select_worker(
+    pool: WorkerPool,
+    policy: Policy,
+    decisions: Counter[tuple[str, str]],
+    role: Role,
+    req: Any,
+    kind: WorkerKind | None = None,
+    *,
+    exclude_picked: bool = False,
+    least_busy: bool = False,
+) -> Worker:
+    """The worker a pick lands on: the pool's candidates for the role, then the policy (or the least
+    busy); counted in `decisions`. Shared by the router and the simulator's host."""
+    exclude = req.excluded | {h.url for h in req.handles} if exclude_picked else req.excluded
+    candidates = pool.candidates(req.model, role, kind, exclude)
+    if not candidates:
+        what = "worker" if role is Role.BOTH else f"{role} worker"
+        what = f"{kind} {what}" if kind else what
+        raise NoWorkerAvailable(
+            f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
+        )
+    if least_busy:
+        worker = min(candidates, key=lambda w: w.in_flight)
+        decisions[("least_busy", worker.url)] += 1
+    else:
+        worker = policy.select(candidates, req)
+        decisions[(policy.name, worker.url)] += 1
+    return worker

@@ -161,6 +161,7 @@ def profile(
     metadata = {
         "model": model_name,
         "dtype": runner.layout.dtype,
+        "quantization": runner.quantization,
         "device": str(runner.device),
         "threads": torch.get_num_threads(),
         "machine": describe_machine(),
@@ -338,20 +339,29 @@ def profile_model(
     *,
     dtype: str = "float32",
     device: str = "cpu",
+    quantization: str = "none",
     threads: int | None = None,
     block_size: int = 16,
     grid: ProfileGrid | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CostModel:
     """Load `model`, build a TorchRunner and a KV cache just big enough for `grid`, and profile it."""
-    from microserve.model.loader import load_weights, resolve_model
+    from microserve.model.loader import resolve_model
+    from microserve.model.quant import load_model, resolve_quantization
 
     if threads:
         torch.set_num_threads(threads)
     grid = grid or ProfileGrid()
-    config, weights = load_weights(resolve_model(model))
+    path = resolve_model(model)
+    config, weights, quantized = load_model(path, resolve_quantization(quantization, path, device, dtype))
     runner = TorchRunner(
-        config, weights, dtype=dtype, device=device, block_size=block_size, eos_token_ids=frozenset()
+        config,
+        weights,
+        dtype=dtype,
+        device=device,
+        block_size=block_size,
+        eos_token_ids=frozenset(),
+        quantized=quantized,
     )
     num_blocks = grid.blocks_needed(block_size)
     storage = KVStorage(runner.layout, num_blocks, device)
@@ -368,6 +378,7 @@ def run_profile_command(args: argparse.Namespace) -> int:
         args.model,
         dtype=dtype,
         device=args.device,
+        quantization=args.quantization,
         threads=args.threads,
         block_size=args.block_size,
         grid=grid,

@@ -9,6 +9,7 @@ from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
 from microserve.model.config import ModelConfig
 from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
+from microserve.model.loader import QuantizedTensor
 from microserve.runner.sampler import Sampler
 
 
@@ -22,10 +23,12 @@ class TorchRunner:
         device: str,
         block_size: int,
         eos_token_ids: frozenset[int],
+        quantized: dict[str, QuantizedTensor] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.model = Llama(model_config, weights, self.dtype, self.device)
+        self.model = Llama(model_config, weights, self.dtype, self.device, quantized)
+        self.quantization = "int4" if quantized else "none"
         self.block_size = block_size
         self.layout = KVLayout(
             num_layers=model_config.num_layers,

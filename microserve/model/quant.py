@@ -1,0 +1,184 @@
+"""Linear layers behind one interface (`layer(x) = x @ W.T`): dense, or weight-only int4 kept packed.
+
+Int4 reuses a GGUF's own Q4_0/Q4_1 blocks exactly, so small decode batches read ~5 bits a weight, not 16.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from microserve.model.config import ModelConfig
+from microserve.model.loader import QuantizedTensor, load_quantized, load_weights
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "none", "int4")
+GROUP_SIZE = 32  # elements per Q4_0/Q4_1 block, and the kernel's group
+# Torch's CPU int4 kernel multiplies in fp32 FMAs, 4 rows at a time: it beats bf16 GEMM (AMX) only
+# while a step is memory-bound, i.e. for few rows. On the 2-core Xeon (benchmarks/int4_steps.py) a decode
+# step with the kernel vs the dequantized weights: 16 vs 33 ms at 1 row, 33 vs 44 at 8, 43 vs 47 at 12.
+INT4_KERNEL_MAX_ROWS = 8
+INT4_TYPES = frozenset({"Q4_0", "Q4_1"})
+_Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d, [fp16 m], 16 bytes of nibbles
+
+
+class Linear:
+    """`forward(x, bias)` = x @ W.T (+ bias) for x of shape [..., in_features]."""
+
+    out_features: int
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward(x, bias)
+
+
+class DenseLinear(Linear):
+    """A plain weight matrix in the model's dtype."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+class Int4Linear(Linear):
+    """Groupwise int4 (group 32) on torch's CPU kernel: w = (q - 8) * scale + zero, q in 0..15.
+
+    Packed by `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles; scales and zeros are one
+    [K/32, N, 2] tensor in the activations' dtype (the kernel refuses any other), scale before zero.
+    Batches of more than `max_kernel_rows` rows (None: no limit) use the same weights dequantized.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        dtype: torch.dtype,
+        max_kernel_rows: int | None = INT4_KERNEL_MAX_ROWS,
+    ) -> None:
+        n, k = q.shape
+        if k % GROUP_SIZE or scale.shape != (n, k // GROUP_SIZE) or zero.shape != scale.shape:
+            raise ValueError(f"int4 weight {tuple(q.shape)} does not match scales {tuple(scale.shape)}")
+        self.out_features, self.in_features = n, k
+        self.dtype = dtype
+        self.max_kernel_rows = max_kernel_rows
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
+        # Exactly the weights `none` would hold: the float32 dequantization, cast once. Big batches are
+        # compute-bound, where bf16 GEMM is several times faster than the int4 kernel (see README).
+        self.dense: torch.Tensor | None = None
+        if max_kernel_rows is not None:
+            groups = (q.reshape(n, -1, GROUP_SIZE).float() - 8) * scale[..., None] + zero[..., None]
+            self.dense = groups.reshape(n, k).to(dtype)
+
+    @classmethod
+    def from_gguf(
+        cls,
+        parts: Sequence[QuantizedTensor],
+        dtype: torch.dtype,
+        max_kernel_rows: int | None = INT4_KERNEL_MAX_ROWS,
+    ) -> Int4Linear:
+        """One layer from GGUF tensors stacked along the output rows (fused q/k/v or gate/up).
+
+        Stacking is exact: the kernel packs and scales each output row on its own.
+        """
+        groups = [int4_groups(p) for p in parts]
+        q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
+        return cls(q, scale, zero, dtype, max_kernel_rows)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != self.dtype:
+            raise TypeError(f"int4 layer built for {self.dtype} activations got {x.dtype}")
+        flat = x.reshape(-1, self.in_features)
+        limit = self.max_kernel_rows
+        if self.dense is not None and limit is not None and flat.shape[0] > limit:
+            return F.linear(x, self.dense, bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros
+        )
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if bias is None else y + bias
+
+
+def int4_groups(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0/Q4_1 tensor as (q uint8 [N, K] in 0..15, scale, zero float32 [N, K/32]), exactly.
+
+    Q4_1 is w = d*q + m = (q - 8)*d + (m + 8d); Q4_0 is w = d*(q - 8). Within a block, byte j holds
+    element j in its low nibble and element j + 16 in its high one (ggml's layout).
+    """
+    if t.qtype not in INT4_TYPES:
+        raise ValueError(f"{t.name}: {t.qtype} is not an int4 GGUF type")
+    n, k = t.shape
+    blocks = t.blocks.reshape(n, k // GROUP_SIZE, _Q4_BYTES[t.qtype])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., -16:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(n, k)
+    if t.qtype == "Q4_0":
+        return q, d, np.zeros_like(d)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    # d and m are fp16, so 8*d is exact and m + 8d is exact in float32 at these magnitudes.
+    return q, d, m + 8 * d
+
+
+def dequantize_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """The float32 weights an `int4_groups` triple stands for."""
+    n, k = q.shape
+    groups = (q.reshape(n, -1, GROUP_SIZE).astype(np.float32) - 8) * scale[..., None] + zero[..., None]
+    return groups.reshape(n, k)
+
+
+def resolve_quantization(requested: str, path: Path, device: str, dtype: str) -> str:
+    """`auto` -> int4 for a GGUF with Q4_0/Q4_1 layers run in bf16 on CPU, else none; int4 may fail.
+
+    Only torch's CPU int4 kernel is wired in (elsewhere auto keeps today's dequantized weights), and it
+    is vectorised for bf16 activations only: fp32/fp16 run a scalar loop several times slower than dense.
+    """
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
+    if requested == "none":
+        return "none"
+    why_not = _int4_unavailable(path, device, dtype)
+    if why_not is None:
+        return "int4"
+    if requested == "int4":
+        raise ValueError(f"--quantization int4 is not possible: {why_not}")
+    log.info("quantization: none (%s)", why_not)
+    return "none"
+
+
+def _int4_unavailable(path: Path, device: str, dtype: str) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"the int4 kernel is wired for CPU only, not {device}"
+    if dtype != "bfloat16":
+        return f"torch's CPU int4 kernel is vectorised for bfloat16 activations only, not {dtype}"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} lacks the CPU int4 kernel"
+    if Path(path).is_dir():
+        return "the model is a Hugging Face folder, not a GGUF file with Q4_0/Q4_1 weights"
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    if not types & INT4_TYPES:
+        return f"the GGUF holds no Q4_0/Q4_1 weights (types: {', '.join(sorted(types))})"
+    return None
+
+
+def load_model(
+    path: Path, quantization: str
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """Config, float32 weights, and the raw blocks of the layers a resolved scheme keeps packed."""
+    if quantization == "int4":
+        return load_quantized(path, INT4_TYPES)
+    config, weights = load_weights(path)
+    return config, weights, {}

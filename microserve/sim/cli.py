@@ -1,0 +1,201 @@
+"""The `microserve simulate` command: a fleet and a bench workload in, bench's table, JSON and plots out.
+
+Thin on purpose: the fleet lives in `host.py`, the run in `run.py`; the workload flags are bench's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import orjson
+from rich.console import Console
+
+from microserve.bench.arrivals import ArrivalKind
+from microserve.bench.cli import DEFAULT_NUM_REQUESTS, _workload, parse_rates
+from microserve.bench.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles
+from microserve.bench.runner import RunConfig, sweep_configs
+from microserve.bench.workloads import Endpoint
+from microserve.machine import describe_machine
+from microserve.router.strategies import STRATEGIES
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"microserve simulate: error: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from microserve.cli import parse_size
+
+    _one_line_errors(p)
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument(
+        "--replicas", type=int, default=None, help="replicas (default 4, or what --roles names)"
+    )
+    fleet.add_argument("--roles", default="both", help="'both', 'decode'…, or counts like prefill:2,decode:6")
+    fleet.add_argument(
+        "--strategy", default="data_parallel", help=f"{', '.join(STRATEGIES)} or file.py:Class"
+    )
+    fleet.add_argument("--strategy-options", type=_json_object, default={}, help='JSON, e.g. {"ratio": 0.2}')
+    fleet.add_argument("--policy", default="round_robin")
+    fleet.add_argument("--policy-options", type=_json_object, default={}, help='JSON, e.g. {"min_match": 64}')
+    fleet.add_argument("--profile", default=None, help="cost model JSON (microserve engine profile)")
+    fleet.add_argument("--kv-cache-memory", type=parse_size, default=parse_size("1GiB"), help="per replica")
+    fleet.add_argument("--num-kv-blocks", type=int, default=None, help="per replica; wins over memory")
+    fleet.add_argument("--block-size", type=int, default=16)
+    fleet.add_argument("--max-model-len", type=int, default=8192)
+    fleet.add_argument("--max-num-seqs", type=int, default=64)
+    fleet.add_argument("--max-num-batched-tokens", type=int, default=512)
+    fleet.add_argument(
+        "--transfer-bandwidth", type=parse_size, default=None, help="KV bytes/s between replicas, e.g. 25GiB"
+    )
+    fleet.add_argument("--load-interval", type=float, default=0.5, help="seconds between load polls")
+    fleet.add_argument("--model", default="smollm2-135m", help="whose tokenizer makes the prompt ids")
+
+    load = p.add_argument_group("load (as microserve bench)")
+    load.add_argument("--request-rate", default="inf", help="requests/s, inf, or a comma list to sweep")
+    load.add_argument("--arrival", choices=[k.value for k in ArrivalKind], default=None)
+    load.add_argument("--burstiness", type=float, default=1.0)
+    load.add_argument("--max-concurrency", type=int, default=None)
+    end = load.add_mutually_exclusive_group()
+    end.add_argument("--num-requests", type=int, default=None, help=f"default {DEFAULT_NUM_REQUESTS}")
+    end.add_argument("--duration", type=float, default=None, help="virtual seconds to keep issuing")
+    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--request-timeout", type=float, default=600.0, help="virtual seconds per request")
+    load.add_argument("--endpoint", choices=[e.value for e in Endpoint], default=Endpoint.CHAT.value)
+
+    work = p.add_argument_group("workload (as microserve bench)")
+    work.add_argument("--workload", choices=["random", "multi-turn", "shared-doc", "trace"], default="random")
+    work.add_argument("--output-len", type=int)
+    for flag in ("input-len", "turns", "system-prompts", "system-prompt-len", "turn-len"):
+        work.add_argument(f"--{flag}", type=int)
+    for flag in ("documents", "document-len", "questions", "question-len"):
+        work.add_argument(f"--{flag}", type=int)
+    work.add_argument("--range-ratio", type=float)
+    work.add_argument("--prompt-format", choices=["text", "token-ids"])
+    work.add_argument("--trace")
+
+    out = p.add_argument_group("report")
+    out.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS")
+    out.add_argument("--percentiles", default=",".join(f"{q:g}" for q in DEFAULT_PERCENTILES))
+    out.add_argument("--out", default=None, help="results JSON path (bench's shape, plus the fleet)")
+    out.add_argument("--plots", default=None, help="directory for PNG plots")
+
+
+def run(args: argparse.Namespace, console: Console | None = None) -> int:
+    """`microserve simulate`: 0 when every run completed a request, 1 otherwise, 2 for a bad flag."""
+    import time
+
+    from microserve.bench.report import RunReport, results_dict, summary_table, write_json, write_plots
+    from microserve.model.loader import resolve_model
+    from microserve.model.tokenizer import Tokenizer
+    from microserve.runner.cost_model import CostModel
+    from microserve.sim.host import FleetConfig, parse_roles
+    from microserve.sim.replica import ReplicaConfig
+    from microserve.sim.run import Simulator
+
+    console = console or Console()
+    endpoint = Endpoint(args.endpoint)
+    workload = _workload(args)
+    workload.check_endpoint(endpoint)
+    cost = CostModel.from_json(args.profile) if args.profile else CostModel.default()
+    if args.transfer_bandwidth is not None:
+        cost = dataclasses.replace(cost, transfer_bandwidth_bytes_per_s=float(args.transfer_bandwidth))
+    blocks = args.num_kv_blocks or ReplicaConfig.blocks_for_memory(
+        cost, args.kv_cache_memory, args.block_size
+    )
+    replicas = args.replicas if args.replicas is not None or ":" in args.roles else 4
+    fleet = FleetConfig(
+        roles=parse_roles(args.roles, replicas),
+        replica=ReplicaConfig(
+            cost=cost,
+            num_blocks=blocks,
+            block_size=args.block_size,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        ),
+        strategy=args.strategy,
+        strategy_options=args.strategy_options,
+        policy=args.policy,
+        policy_options=args.policy_options,
+        load_interval_s=args.load_interval,
+        request_timeout_s=args.request_timeout,
+    )
+    num_requests = args.num_requests
+    if num_requests is None and args.duration is None:
+        num_requests = workload.natural_count or DEFAULT_NUM_REQUESTS
+    rates = parse_rates(args.request_rate)
+    base = RunConfig(
+        request_rate=rates[0],
+        burstiness=args.burstiness,
+        arrival=ArrivalKind(args.arrival) if args.arrival else None,
+        max_concurrency=args.max_concurrency,
+        num_requests=num_requests,
+        duration_s=args.duration,
+        seed=args.seed,
+    )
+    percentiles = parse_percentiles(args.percentiles)
+    slos = parse_goodput(args.goodput)
+
+    started = time.perf_counter()
+    simulator = Simulator(fleet, Tokenizer.load(resolve_model(args.model)), endpoint)
+    runs = []
+    for i, config in enumerate(sweep_configs(base, rates)):
+        runs.append(simulator.run(workload.for_run(i), config, percentiles, slos))
+    reports = [RunReport(r.result, r.summary) for r in runs]
+    console.print(summary_table(reports, title=f"microserve simulate: {workload.name}"))
+    roles = ", ".join(f"{n} {role}" for role, n in fleet.describe()["roles"].items())
+    console.print(
+        f"fleet: {roles}; {fleet.strategy}, {fleet.policy}; {blocks} KV blocks each", highlight=False
+    )
+    for r in runs:
+        rate = r.result.config.request_rate
+        console.print(
+            f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}: simulated {r.result.duration_s:.1f} s "
+            f"in {r.wall_s:.2f} s of wall time",
+            highlight=False,
+        )
+    if args.out:
+        meta = {
+            "simulated": True,
+            "fleet": fleet.describe(),
+            "profile": args.profile or "built-in",
+            "model": args.model,
+            "endpoint": endpoint.value,
+            "workload": workload.describe(),
+            "percentiles": list(percentiles),
+            "wall_s": time.perf_counter() - started,
+            "machine_description": describe_machine(),
+        }
+        data = results_dict(reports, meta)
+        for entry, r in zip(data["runs"], runs, strict=True):
+            entry["wall_s"] = r.wall_s
+            entry["retries"] = r.retries
+            entry["replicas"] = r.replicas
+        write_json(args.out, data)
+        console.print(f"results: {args.out}", highlight=False)
+    if args.plots:
+        for path in write_plots(reports, Path(args.plots)):
+            console.print(f"plot: {path}", highlight=False)
+    if any(r.summary.completed == 0 for r in runs):
+        print("microserve simulate: error: a run completed no request", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,172 @@
+"""`SimWorkerHandle`: the verbs of the router's `WorkerHandle`, acting directly on a simulated replica.
+
+Strategies hold it exactly as they hold the HTTP handle; instead of bytes it records each request's timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from microserve.bench.client import RequestRecord
+from microserve.client import KVAddress
+from microserve.engine.errors import EngineOverloaded
+from microserve.engine.outputs import PrefillProgress, RequestOutput
+from microserve.engine.sampling import SamplingParams
+from microserve.router.request import Route, RoutedRequest
+from microserve.router.upstream import WorkerFailure
+from microserve.router.workers import Role, Worker, WorkerKind
+from microserve.sim.replica import SimReplica
+
+T = TypeVar("T")
+
+# What a strategy yields to the client: the timings are recorded, so the bytes carry nothing.
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Answer:
+    """A request's answer as the client sees it: a chunk time per output that carries tokens."""
+
+    record: RequestRecord
+    token_ids: list[int] | None = None  # kept only when the workload reads the answers (multi-turn)
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def __call__(self, out: RequestOutput | PrefillProgress, now: float) -> None:
+        assert isinstance(out, RequestOutput)
+        if out.token_ids:
+            self.record.chunk_times.append(now)
+            if self.token_ids is not None:
+                self.token_ids.extend(out.token_ids)
+        if out.finished:
+            self.record.prompt_len = out.prompt_tokens
+            self.record.output_tokens = out.completion_tokens
+            self.record.usage_reported = True
+            if not self.done.done():
+                self.done.set_result(None)
+
+
+class SimRequest(RoutedRequest):
+    """A routed request carrying its bench record and sampling, with an id that is the same every run."""
+
+    __slots__ = ("answer", "params")
+
+    def __init__(
+        self,
+        request_id: str,
+        route: Route,
+        body: dict[str, Any],
+        prompt_ids: list[int],
+        answer: Answer,
+        params: SamplingParams,
+    ) -> None:
+        super().__init__(route, body, b"")
+        self._id = request_id
+        self.prompt_ids = prompt_ids
+        self.answer = answer
+        self.params = params
+
+
+class SimWorkerHandle:
+    """A picked replica, in flight from the pick until `release` (as `WorkerHandle`)."""
+
+    __slots__ = ("_released", "replica", "worker")
+
+    def __init__(self, worker: Worker, replica: SimReplica) -> None:
+        self.worker = worker
+        self.replica = replica
+        self._released = False
+        worker.acquire()
+
+    @property
+    def url(self) -> str:
+        return self.worker.url
+
+    @property
+    def kind(self) -> WorkerKind:
+        return self.worker.kind
+
+    @property
+    def role(self) -> Role:
+        return self.worker.role
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.worker.spec.labels)
+
+    @property
+    def busy(self) -> int:
+        return self.worker.in_flight
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.worker.release()
+
+    def __repr__(self) -> str:
+        return f"SimWorkerHandle({self.url}, {self.role})"
+
+    # -- whole requests -----------------------------------------------------------------------------
+
+    async def generate(self, req: SimRequest) -> AsyncIterator[bytes]:
+        try:
+            await self._run(req, None)
+            yield DONE
+        finally:
+            self.release()
+
+    # -- microserving verbs -------------------------------------------------------------------------
+
+    async def prep_recv(self, req: SimRequest, end: int) -> KVAddress:
+        matched = self._verb(lambda: self.replica.prep_recv(req.id, req.prompt_ids, end))
+        return KVAddress({"request_id": req.id, "begin": matched, "end": end}, matched)
+
+    async def remote_send(
+        self, req: SimRequest, addr: KVAddress, dst: SimWorkerHandle, begin: int, end: int
+    ) -> dict[str, int]:
+        try:
+            if begin >= end:
+                return {"sent_tokens": 0, "bytes": 0}
+            try:
+                sent = await self.replica.send(req.id, req.prompt_ids[:end], begin, dst.replica)
+            except (ValueError, EngineOverloaded) as exc:
+                raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
+            return {"sent_tokens": sent, "bytes": sent * self.replica.config.cost.kv_bytes_per_token}
+        finally:
+            self.release()
+
+    async def start_generate(self, req: SimRequest, begin: int) -> AsyncIterator[bytes]:
+        try:
+            await self._run(req, begin)
+            yield DONE
+        finally:
+            self.release()
+
+    async def release_kv(self, req: SimRequest) -> None:
+        self.replica.release(req.id)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    async def _run(self, req: SimRequest, begin: int | None) -> None:
+        answer = req.answer
+        try:
+            self.replica.add_request(req.id, req.prompt_ids, req.params, answer, begin)
+        except (ValueError, EngineOverloaded) as exc:
+            if begin is not None:
+                # The engine would free the reservation when its TTL ran out; no TTL runs here.
+                self.replica.release(req.id)
+            raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
+        try:
+            await answer.done
+        except asyncio.CancelledError:
+            self.replica.abort(req.id)  # as the engine does when its client leaves
+            raise
+
+    def _verb(self, call: Callable[[], T]) -> T:
+        # The engine's refusals become WorkerFailure, so the host retries elsewhere as the router does.
+        try:
+            return call()
+        except (ValueError, EngineOverloaded) as exc:
+            raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None

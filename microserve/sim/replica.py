@@ -1,0 +1,194 @@
+"""One simulated engine: a real `EngineCore` (scheduler, KV cache, sim runner) stepped on virtual time.
+
+Each step runs the core at once, waits its modelled seconds on the virtual clock, then hands its outputs over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from microserve.engine.core import EngineCore
+from microserve.engine.errors import EngineOverloaded
+from microserve.engine.kv_cache import KVCacheManager
+from microserve.engine.kv_storage import KVStorage
+from microserve.engine.outputs import PrefillProgress, RequestOutput
+from microserve.engine.sampling import SamplingParams
+from microserve.engine.scheduler import Scheduler, SchedulerConfig
+from microserve.model.tokenizer import Tokenizer
+from microserve.runner.cost_model import CostModel
+from microserve.runner.sim_runner import SimRunner
+
+# Called with each output of a request (or prefill) and the virtual time it is handed over.
+Sink = Callable[[RequestOutput | PrefillProgress, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    """What every replica of a fleet shares: its cost model, KV capacity and batching limits."""
+
+    cost: CostModel
+    num_blocks: int
+    block_size: int = 16
+    max_model_len: int = 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 1024
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_blocks} blocks ({self.num_blocks * self.block_size} tokens), "
+                f"less than one request of max_model_len={self.max_model_len} tokens: raise "
+                "--kv-cache-memory / --num-kv-blocks or lower --max-model-len"
+            )
+
+    @staticmethod
+    def blocks_for_memory(cost: CostModel, memory_bytes: int, block_size: int) -> int:
+        """KV blocks that fit in `memory_bytes` of the profiled model's KV, as the sim engine counts them."""
+        if cost.kv_bytes_per_token < 1:
+            raise ValueError("the profile has no kv_bytes_per_token: give --num-kv-blocks instead")
+        return memory_bytes // (cost.kv_bytes_per_token * block_size)
+
+
+class SimReplica:
+    """The verbs of one engine (generate, prep_recv, import, release, prefill-and-send) on its core."""
+
+    def __init__(
+        self, name: str, config: ReplicaConfig, tokenizer: Tokenizer, vocab_words: list[int]
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._step_s = 0.0
+        runner = SimRunner(config.cost, vocab_words, clock=self._record, block_size=config.block_size)
+        storage = KVStorage(SimRunner.storage_layout(config.block_size), config.num_blocks)
+        runner.bind(storage)
+        kv = KVCacheManager(config.num_blocks, config.block_size, storage, config.enable_prefix_caching)
+        scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), kv
+        )
+        self.core = EngineCore(scheduler, runner, tokenizer, config.max_model_len, detokenize=False)
+        self.runner = runner
+        self._sinks: dict[str, Sink] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stepping = False  # a step is running or about to: new work joins the next one
+        self._timer: asyncio.Handle | None = None
+        self.busy_s = 0.0  # virtual seconds spent in steps
+
+    def _record(self, seconds: float) -> None:
+        # The sim runner's clock: note the step's modelled time instead of sleeping through it.
+        self._step_s = seconds
+
+    # -- the engine loop ----------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Step on `loop` from now on whenever there is work."""
+        self._loop = loop
+        self._kick()
+
+    def stop(self) -> None:
+        self._loop = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _kick(self) -> None:
+        # A verb brought work: step at the current instant, after the other verbs of this instant, so
+        # that requests arriving together share a step as they would on the engine thread.
+        if not self._stepping and self._loop is not None:
+            self._stepping = True
+            self._timer = self._loop.call_soon(self._step)
+
+    def _step(self) -> None:
+        """Run one engine step now, and hand its outputs over once its modelled time has passed.
+
+        A plain callback and timer instead of a task that sleeps: the step is the simulation's hot path.
+        """
+        core = self.core
+        if self._loop is None or not core.has_work():
+            self._stepping = False
+            return
+        steps = core.num_steps
+        outputs = core.step()
+        if core.num_steps == steps:
+            # Nothing fits (blocks held by reservations or transfers): the next verb kicks again.
+            self._stepping = False
+            return
+        self.busy_s += self._step_s
+        self._timer = self._loop.call_later(self._step_s, self._step_done, outputs)
+
+    def _step_done(self, outputs: list[RequestOutput | PrefillProgress]) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        sinks = self._sinks
+        for out in outputs:
+            sink = sinks.get(out.request_id)
+            if sink is not None:
+                if out.finished:
+                    del sinks[out.request_id]
+                sink(out, now)
+        self._step()
+
+    # -- verbs --------------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, begin: int | None
+    ) -> None:
+        """Queue a request (from the KV reserved under its id when `begin` is given); outputs go to `sink`."""
+        if self.core.num_waiting >= self.config.max_waiting:
+            raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting; retry later")
+        self.core.add_request(request_id, prompt_ids, params, begin)
+        self._sinks[request_id] = sink
+        self._kick()
+
+    def abort(self, request_id: str) -> None:
+        """The caller went away (a timeout): free the request's blocks at once, as the engine does."""
+        self._sinks.pop(request_id, None)
+        self.core.abort_request(request_id)
+        self._kick()
+
+    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
+        return self.core.prep_recv(request_id, prompt_ids, end)
+
+    def import_kv(self, request_id: str, payload: bytes) -> None:
+        self.core.import_kv(request_id, payload)
+
+    def release(self, request_id: str) -> bool:
+        released = self.core.release(request_id)
+        self._kick()  # its blocks may let a waiting request in
+        return released
+
+    async def send(self, request_id: str, prompt_ids: list[int], begin: int, dst: SimReplica) -> int:
+        """Compute `prompt_ids`' KV here and push [begin, end) into `dst`'s reservation, piece by piece.
+
+        As the engine's remote_send: each prefill chunk's pieces leave while the next chunk computes,
+        each after its modelled transfer time. Returns the tokens sent.
+        """
+        send_id = f"{request_id}/send"  # this engine may hold the receiving reservation under request_id
+        progress: asyncio.Queue[PrefillProgress] = asyncio.Queue()
+        self.core.add_prefill(send_id, prompt_ids, begin)
+        self._sinks[send_id] = lambda out, now: progress.put_nowait(out)  # type: ignore[arg-type]
+        self._kick()
+        sent = 0
+        try:
+            while True:
+                step = await progress.get()
+                for piece in step.payloads:
+                    await asyncio.sleep(self.runner.transfer_time(piece.num_tokens))
+                    dst.import_kv(request_id, piece.data)
+                    sent += piece.num_tokens
+                if step.finished:
+                    return sent
+        except BaseException:
+            self.abort(send_id)
+            raise
+
+    def load(self) -> tuple[int, int, float]:
+        """(waiting, running, KV usage), what the router's load poll reads."""
+        core = self.core
+        return core.num_waiting, core.num_running, core.kv.usage

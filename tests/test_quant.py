@@ -1,0 +1,296 @@
+"""Int4 weights kept from a GGUF's Q4_0/Q4_1 blocks: exact unpacking, the kernel, the model and the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from microserve.cli import build_parser, engine_config
+from microserve.engine.config import EngineConfig
+from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
+from microserve.model.loader import QuantizedTensor, load_quantized, load_weights, unpermute_rotary_rows
+from microserve.model.quant import (
+    INT4_KERNEL_MAX_ROWS,
+    INT4_TYPES,
+    DenseLinear,
+    Int4Linear,
+    dequantize_int4,
+    int4_groups,
+    resolve_quantization,
+)
+from microserve.model.tokenizer import Tokenizer
+from tests.conftest import completion_ids, greedy, make_core, run_to_completion
+from tests.test_loader import TINY, _gguf_name, _llama_cpp_permute, _tiny_hf_weights, _write_gguf
+
+
+def _blocks(values: np.ndarray, qtype: QT) -> QuantizedTensor:
+    n, k = values.shape
+    return QuantizedTensor("w", qtype.name, (n, k), quantize(values, qtype).reshape(n, -1))
+
+
+def _weights(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    # Rows of very different magnitudes and offsets, so blocks exercise both d and m.
+    return (rng.standard_normal((n, k)) * rng.uniform(1e-3, 2, (n, 1)) + rng.uniform(-1, 1, (n, 1))).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1])
+def test_int4_groups_equal_gguf_dequantize_bit_for_bit(qtype: QT) -> None:
+    t = _blocks(_weights(np.random.default_rng(0), 96, 256), qtype)
+
+    q, scale, zero = int4_groups(t)
+
+    assert q.dtype == np.uint8 and q.min() >= 0 and q.max() <= 15 and (q.min(), q.max()) == (0, 15)
+    expected = dequantize(t.blocks, qtype).reshape(t.shape)
+    unpacked = dequantize_int4(q, scale, zero)
+    assert np.array_equal(unpacked, expected)
+    if qtype == QT.Q4_1:
+        assert np.array_equal(unpacked.view(np.uint32), expected.view(np.uint32))
+    else:  # d * 0 is -0.0 for a negative d where we add +0.0; nothing a matmul can tell apart
+        assert np.array_equal(np.abs(unpacked).view(np.uint32), np.abs(expected).view(np.uint32))
+
+
+def test_row_permutation_commutes_with_blockwise_quantization() -> None:
+    values = _weights(np.random.default_rng(1), 64, 64)
+    t = _blocks(values, QT.Q4_1)
+    permuted = QuantizedTensor("w", "Q4_1", t.shape, unpermute_rotary_rows(t.blocks, 4))
+
+    unpacked = dequantize_int4(*int4_groups(permuted))
+
+    assert np.array_equal(unpacked, unpermute_rotary_rows(dequantize(t.blocks, QT.Q4_1).reshape(64, 64), 4))
+
+
+def _tiny_gguf(path: Path, qtype: QT, *, untied: bool = False) -> Path:
+    """The loader tests' tiny llama, every matrix in `qtype`, q/k permuted as llama.cpp stores them."""
+    tensors = {}
+    for name, values in _tiny_hf_weights(np.random.default_rng(2), bias=False, untied=untied).items():
+        if "q_proj" in name:
+            values = _llama_cpp_permute(values, TINY["heads"])
+        elif "k_proj" in name:
+            values = _llama_cpp_permute(values, TINY["kv_heads"])
+        tensors[_gguf_name(name)] = (values, qtype if values.ndim == 2 else QT.F32)
+    _write_gguf(path, "llama", tensors)
+    return path
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1])
+def test_load_quantized_keeps_the_blocks_load_weights_dequantizes(tmp_path: Path, qtype: QT) -> None:
+    path = _tiny_gguf(tmp_path / "tiny.gguf", qtype)
+
+    config, dense = load_weights(path)
+    config_q, weights, quantized = load_quantized(path, INT4_TYPES)
+
+    assert config_q == config
+    # The embedding is looked up, so it is always dequantized; the projections stay packed.
+    assert "model.embed_tokens.weight" in weights and "model.embed_tokens.weight" not in quantized
+    assert len(quantized) == 7 * TINY["layers"]
+    assert sorted([*weights, *quantized]) == sorted(dense)
+    for name, t in quantized.items():
+        assert t.qtype == qtype.name and t.shape == tuple(dense[name].shape)
+        assert torch.equal(torch.from_numpy(dequantize_int4(*int4_groups(t))), dense[name]), name
+
+
+def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path) -> None:
+    path = _tiny_gguf(tmp_path / "tiny.gguf", QT.Q4_1, untied=True)
+    config, dense = load_weights(path)
+    _, weights, quantized = load_quantized(path, INT4_TYPES)
+    assert "lm_head.weight" in quantized  # an untied head is a projection like any other
+    reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
+    int4 = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
+    ids = list(range(3, 40))
+
+    a, b = _teacher_forced_logits(reference, ids), _teacher_forced_logits(int4, ids)
+
+    # 37 rows: beyond the kernel's limit, so the int4 layers use their dequantized copy, exactly.
+    assert torch.equal(a, b)
+    for lin in [int4.lm_head, *(layer[k] for layer in int4.layers for k in ("qkv", "o", "gate_up", "down"))]:
+        assert isinstance(lin, Int4Linear)
+        lin.max_kernel_rows = None
+    b = _teacher_forced_logits(int4, ids)
+    # Random weights amplify bf16 rounding, so measure both against float32 rather than each other.
+    exact = _teacher_forced_logits(Llama(config, dense, torch.float32, torch.device("cpu")), ids)
+    assert not torch.equal(a, b)
+    assert (b - exact).abs().mean() <= 1.5 * (a - exact).abs().mean()
+
+
+@pytest.fixture(scope="module")
+def bundled(model_path: Path):
+    return load_weights(model_path), load_quantized(model_path, INT4_TYPES)
+
+
+@pytest.mark.slow
+def test_bundled_model_unpacks_to_exactly_the_dequantized_weights(bundled) -> None:
+    (_, dense), (_, _, quantized) = bundled
+
+    assert {t.qtype for t in quantized.values()} == {"Q4_1"} and len(quantized) == 7 * 30
+    for name, t in quantized.items():
+        unpacked = dequantize_int4(*int4_groups(t))
+        assert np.array_equal(unpacked.view(np.uint32), dense[name].numpy().view(np.uint32)), name
+
+
+def _qkv(quantized: dict[str, QuantizedTensor], dtype: torch.dtype, rows: int | None) -> Int4Linear:
+    names = [f"model.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
+    return Int4Linear.from_gguf([quantized[n] for n in names], dtype, max_kernel_rows=rows)
+
+
+def _qkv_dense(dense: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([dense[f"model.layers.3.self_attn.{p}_proj.weight"] for p in "qkv"])
+
+
+@pytest.mark.slow
+def test_int4_kernel_equals_matmul_with_dequantized_weights(bundled) -> None:
+    (_, dense), (_, _, quantized) = bundled
+    w = _qkv_dense(dense)
+    x = torch.randn(7, w.shape[1], generator=torch.Generator().manual_seed(0))
+
+    # float32: the unpacked weights are exact, only the summation order differs.
+    ref = x @ w.T
+    out = _qkv(quantized, torch.float32, None)(x)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    # bfloat16: scales and zeros are rounded to bf16 (2^-9 relative) and so is the output.
+    xb = x.bfloat16()
+    ref = xb.float() @ w.T
+    out = _qkv(quantized, torch.bfloat16, None)(xb).float()
+    dense_err = ((xb @ w.bfloat16().T).float() - ref).abs().max()
+    assert (out - ref).abs().max() <= max(2 * dense_err, 4 * 2**-8 * ref.abs().max())
+
+
+@pytest.mark.slow
+def test_fused_rows_compute_each_part_exactly_as_alone(bundled) -> None:
+    (_, _, quantized) = bundled[1]
+    names = [f"model.layers.3.self_attn.{p}_proj.weight" for p in "qkv"]
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+
+    fused = Int4Linear.from_gguf([quantized[n] for n in names], torch.bfloat16, max_kernel_rows=None)
+    parts = [Int4Linear.from_gguf([quantized[n]], torch.bfloat16, max_kernel_rows=None) for n in names]
+
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
+@pytest.mark.slow
+def test_big_batches_use_the_dequantized_weights_small_ones_the_kernel(bundled) -> None:
+    (_, dense), (_, _, quantized) = bundled
+    layer = _qkv(quantized, torch.bfloat16, INT4_KERNEL_MAX_ROWS)
+    kernel_only = _qkv(quantized, torch.bfloat16, None)
+    same_as_none = DenseLinear(_qkv_dense(dense).bfloat16())
+    x = torch.randn(INT4_KERNEL_MAX_ROWS + 1, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    bias = torch.randn(960).bfloat16()
+
+    assert torch.equal(layer(x, bias), same_as_none(x, bias))
+    small = x[:INT4_KERNEL_MAX_ROWS]
+    assert torch.equal(layer(small, bias), kernel_only(small, bias))
+    assert not torch.equal(layer(small), same_as_none(small))  # the kernel really ran
+
+
+@pytest.mark.slow
+def test_activations_in_another_dtype_are_refused(bundled) -> None:
+    layer = _qkv(bundled[1][2], torch.bfloat16, None)
+    with pytest.raises(TypeError, match="bfloat16"):
+        layer(torch.zeros(1, 576))
+
+
+def _teacher_forced_logits(model: Llama, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of `ids` as one prefill (every row through the same linear layers)."""
+    c = model.config
+    n = len(ids)
+    cache = torch.zeros(c.num_layers, n, c.num_kv_heads, c.head_dim, dtype=model.cos.dtype)
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, None, None)])
+    rows = torch.arange(n)
+    return model(torch.tensor(ids), rows, meta, cache, cache.clone(), rows)
+
+
+@pytest.mark.slow
+def test_int4_model_agrees_with_the_dequantized_bf16_model(bundled, model_path: Path) -> None:
+    """Top-1 agreement, not greedy equality: bf16 near-ties flip (the first differs after 6 tokens on one
+    prompt), so greedy runs can diverge and then disagree everywhere after."""
+    (config, dense), (_, weights, quantized) = bundled
+    reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
+    int4 = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
+    linears = [layer[k] for layer in int4.layers for k in ("qkv", "o", "gate_up", "down")]
+    assert len(linears) == 4 * 30 and all(isinstance(lin, Int4Linear) for lin in linears)
+    for lin in linears:  # every row through the int4 kernel, as in decode
+        lin.max_kernel_rows = None
+    tokenizer = Tokenizer.load(model_path)
+    texts = [
+        "The capital of France is Paris. It is known for the Eiffel Tower, the Louvre museum, and its cafes. "
+        "Every year, millions of tourists visit the city to enjoy its art, food and history.",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n"
+        "    return fibonacci(n - 1) + fibonacci(n - 2)\n\nfor i in range(10):\n    print(i, fibonacci(i))\n",
+        "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "
+        "glucose and oxygen. It takes place in the chloroplasts of the leaf cells.",
+    ]
+    agree = total = 0
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert len(ids) >= 30
+        a, b = _teacher_forced_logits(reference, ids), _teacher_forced_logits(int4, ids)
+        assert not torch.equal(a, b)  # the int4 kernel, not the dequantized weights, made `b`
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+    assert total >= 100 and agree / total >= 0.95, f"top-1 agreement {agree}/{total}"
+
+
+@pytest.mark.slow
+def test_engine_serves_with_int4() -> None:
+    core = make_core(dtype="bfloat16", quantization="int4")
+    assert core.runner.quantization == "int4"
+    assert isinstance(core.runner.model.layers[0]["gate_up"], Int4Linear)
+    tok = core.tokenizer
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
+        for q in ("What is the capital of France?", "What is 2 + 2?", "Name a color.")
+    ]
+    outs = run_to_completion(core, {f"r{i}": (p, greedy(12)) for i, p in enumerate(prompts)})
+    # Three prompts prefill together (the dequantized path), then decode three rows (the kernel).
+    assert "Paris" in tok.decode(completion_ids(outs["r0"]))
+    assert all(outs[r][-1].finished and completion_ids(outs[r]) for r in outs)
+    load = core.load()
+    assert load["kv_blocks_free"] == load["kv_blocks_total"]
+
+
+def test_resolve_quantization(model_path: Path, tmp_path: Path) -> None:
+    assert resolve_quantization("auto", model_path, "cpu", "bfloat16") == "int4"
+    assert resolve_quantization("int4", model_path, "cpu", "bfloat16") == "int4"
+    assert resolve_quantization("none", model_path, "cpu", "bfloat16") == "none"
+    # auto falls back to the dequantized weights wherever the kernel cannot serve...
+    assert resolve_quantization("auto", model_path, "cpu", "float32") == "none"
+    assert resolve_quantization("auto", model_path, "cuda", "bfloat16") == "none"
+    assert resolve_quantization("auto", tmp_path, "cpu", "bfloat16") == "none"
+    f32 = tmp_path / "f32.gguf"
+    _write_gguf(f32, "llama", {"token_embd.weight": (np.zeros((4, 32), np.float32), QT.F32)})
+    assert gguf.GGUFReader(f32).tensors[0].tensor_type == QT.F32
+    assert resolve_quantization("auto", f32, "cpu", "bfloat16") == "none"
+    # ...while asking for int4 there is an error that says why.
+    with pytest.raises(ValueError, match="bfloat16"):
+        resolve_quantization("int4", model_path, "cpu", "float32")
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_quantization("int4", model_path, "cuda", "bfloat16")
+    with pytest.raises(ValueError, match="no Q4_0/Q4_1"):
+        resolve_quantization("int4", f32, "cpu", "bfloat16")
+    with pytest.raises(ValueError, match="auto, none, int4"):
+        resolve_quantization("int8", model_path, "cpu", "bfloat16")
+
+
+def test_flag_reaches_the_engine_config() -> None:
+    args = build_parser().parse_args(["engine", "--quantization", "none"])
+    assert engine_config(args).quantization == "none"
+    assert engine_config(build_parser().parse_args(["engine"])).quantization == "auto"
+    assert build_parser().parse_args(["engine", "profile", "--quantization", "int4"]).quantization == "int4"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["engine", "--quantization", "int8"])
+    with pytest.raises(ValueError, match="quantization"):
+        EngineConfig(quantization="int8")
+
+
+def test_dense_linear_is_f_linear() -> None:
+    w, x, b = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5)
+    assert torch.equal(DenseLinear(w)(x, b), F.linear(x, w, b))
