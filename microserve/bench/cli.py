@@ -153,7 +153,7 @@ def parse_rates(text: str) -> list[float]:
     return rates
 
 
-def _workload(args: argparse.Namespace) -> Workload:
+def workload_from_args(args: argparse.Namespace) -> Workload:
     given = {k: getattr(args, k) for k in _WORKLOAD_FLAGS if getattr(args, k) is not None}
     for key in given:
         owner = _WORKLOAD_FLAGS[key][0]
@@ -177,13 +177,8 @@ def _workload(args: argparse.Namespace) -> Workload:
     return TraceWorkload.load(v["trace"])
 
 
-def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    """Validate every flag up front: a mistake costs one line, not a half-run benchmark."""
-    endpoint = Endpoint(args.endpoint)
-    workload = _workload(args)
-    workload.check_endpoint(endpoint)
-    if args.request_timeout <= 0:
-        raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+def run_configs(args: argparse.Namespace, workload: Workload) -> tuple[RunConfig, ...]:
+    """One run per --request-rate (a sweep); bench and simulate share the arrival and count flags."""
     num_requests = args.num_requests
     if num_requests is None and args.duration is None:
         num_requests = workload.natural_count or DEFAULT_NUM_REQUESTS
@@ -197,7 +192,17 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         duration_s=args.duration,
         seed=args.seed,
     )
-    runs = tuple(sweep_configs(base, rates))
+    return tuple(sweep_configs(base, rates))
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """Validate every flag up front: a mistake costs one line, not a half-run benchmark."""
+    endpoint = Endpoint(args.endpoint)
+    workload = workload_from_args(args)
+    workload.check_endpoint(endpoint)
+    if args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout must be positive, got {args.request_timeout}")
+    runs = run_configs(args, workload)
     target = Target(
         base_url=args.base_url,
         model=args.model or "",

@@ -24,7 +24,7 @@ from microserve.router.continuation import (
     whole_as_client,
 )
 from microserve.router.request import RoutedRequest
-from microserve.router.workers import Role, Worker, WorkerKind
+from microserve.router.workers import PickedWorker, Worker, WorkerKind
 from microserve.server.errors import APIError
 
 
@@ -109,55 +109,24 @@ class Upstream:
         return EngineClient(worker.url, self.session, self.internal_token)
 
 
-class WorkerHandle:
+class WorkerHandle(PickedWorker):
     """A picked worker, in flight from the pick until `release` (called when its part of the request ends).
 
     Strategies call `generate` (the whole request on this worker) or `resume` (continue a broken stream
     here); microserve engines also expose the microserving verbs through `engine` (an `EngineClient`).
     """
 
-    __slots__ = ("_released", "_up", "worker")
+    __slots__ = ("_up",)
 
     def __init__(self, worker: Worker, upstream: Upstream) -> None:
-        self.worker = worker
+        super().__init__(worker)
         self._up = upstream
-        self._released = False
-        worker.acquire()
-
-    @property
-    def url(self) -> str:
-        return self.worker.url
-
-    @property
-    def kind(self) -> WorkerKind:
-        return self.worker.kind
-
-    @property
-    def role(self) -> Role:
-        return self.worker.role
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return dict(self.worker.spec.labels)
-
-    @property
-    def busy(self) -> int:
-        """Requests in flight on this worker, as the router counts them (this one included)."""
-        return self.worker.in_flight
 
     @property
     def engine(self) -> EngineClient:
         if self.worker.kind is not WorkerKind.MICROSERVE:
             raise TypeError(f"{self.url} is not a microserve engine; it has no microserving verbs")
         return self._up.engine_client(self.worker)
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.worker.release()
-
-    def __repr__(self) -> str:
-        return f"WorkerHandle({self.url}, {self.kind}, {self.role})"
 
     # -- whole requests -----------------------------------------------------------------------------
 

@@ -287,3 +287,47 @@ class WorkerPool:
 
     def circuit_states(self) -> dict[str, CircuitState]:
         return {w.url: w.breaker.state for w in self._workers.values()}
+
+
+class PickedWorker:
+    """A worker picked for one request: counted in flight from the pick until `release`.
+
+    The base of the router's `WorkerHandle` (HTTP) and the simulator's handle (in-process).
+    """
+
+    __slots__ = ("_released", "worker")
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._released = False
+        worker.acquire()
+
+    @property
+    def url(self) -> str:
+        return self.worker.url
+
+    @property
+    def kind(self) -> WorkerKind:
+        return self.worker.kind
+
+    @property
+    def role(self) -> Role:
+        return self.worker.role
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.worker.spec.labels)
+
+    @property
+    def busy(self) -> int:
+        """Requests in flight on this worker, as the router counts them (this one included)."""
+        return self.worker.in_flight
+
+    def release(self) -> None:
+        """This worker's part of the request is done; safe to call more than once."""
+        if not self._released:
+            self._released = True
+            self.worker.release()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url}, {self.kind}, {self.role})"

@@ -16,9 +16,8 @@ import orjson
 from rich.console import Console
 
 from microserve.bench.arrivals import ArrivalKind
-from microserve.bench.cli import DEFAULT_NUM_REQUESTS, _workload, parse_rates
+from microserve.bench.cli import DEFAULT_NUM_REQUESTS, run_configs, workload_from_args
 from microserve.bench.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles
-from microserve.bench.runner import RunConfig, sweep_configs
 from microserve.bench.workloads import Endpoint
 from microserve.machine import describe_machine
 from microserve.router.strategies import STRATEGIES
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
 
     console = console or Console()
     endpoint = Endpoint(args.endpoint)
-    workload = _workload(args)
+    workload = workload_from_args(args)
     workload.check_endpoint(endpoint)
     cost = CostModel.from_json(args.profile) if args.profile else CostModel.default()
     if args.transfer_bandwidth is not None:
@@ -139,26 +138,14 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         load_interval_s=args.load_interval,
         request_timeout_s=args.request_timeout,
     )
-    num_requests = args.num_requests
-    if num_requests is None and args.duration is None:
-        num_requests = workload.natural_count or DEFAULT_NUM_REQUESTS
-    rates = parse_rates(args.request_rate)
-    base = RunConfig(
-        request_rate=rates[0],
-        burstiness=args.burstiness,
-        arrival=ArrivalKind(args.arrival) if args.arrival else None,
-        max_concurrency=args.max_concurrency,
-        num_requests=num_requests,
-        duration_s=args.duration,
-        seed=args.seed,
-    )
+    configs = run_configs(args, workload)
     percentiles = parse_percentiles(args.percentiles)
     slos = parse_goodput(args.goodput)
 
     started = time.perf_counter()
     simulator = Simulator(fleet, Tokenizer.load(resolve_model(args.model)), endpoint)
     runs = []
-    for i, config in enumerate(sweep_configs(base, rates)):
+    for i, config in enumerate(configs):
         runs.append(simulator.run(workload.for_run(i), config, percentiles, slos))
     reports = [RunReport(r.result, r.summary) for r in runs]
     console.print(summary_table(reports, title=f"microserve simulate: {workload.name}"))

@@ -17,7 +17,7 @@ from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.upstream import WorkerFailure
-from microserve.router.workers import Role, Worker, WorkerKind
+from microserve.router.workers import PickedWorker, Worker
 from microserve.sim.replica import SimReplica
 
 T = TypeVar("T")
@@ -69,44 +69,14 @@ class SimRequest(RoutedRequest):
         self.params = params
 
 
-class SimWorkerHandle:
+class SimWorkerHandle(PickedWorker):
     """A picked replica, in flight from the pick until `release` (as `WorkerHandle`)."""
 
-    __slots__ = ("_released", "replica", "worker")
+    __slots__ = ("replica",)
 
     def __init__(self, worker: Worker, replica: SimReplica) -> None:
-        self.worker = worker
+        super().__init__(worker)
         self.replica = replica
-        self._released = False
-        worker.acquire()
-
-    @property
-    def url(self) -> str:
-        return self.worker.url
-
-    @property
-    def kind(self) -> WorkerKind:
-        return self.worker.kind
-
-    @property
-    def role(self) -> Role:
-        return self.worker.role
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return dict(self.worker.spec.labels)
-
-    @property
-    def busy(self) -> int:
-        return self.worker.in_flight
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.worker.release()
-
-    def __repr__(self) -> str:
-        return f"SimWorkerHandle({self.url}, {self.role})"
 
     # -- whole requests -----------------------------------------------------------------------------
 
