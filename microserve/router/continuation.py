@@ -67,10 +67,11 @@ class StreamProgress:
     def resumable(self) -> bool:
         return self.id is not None and self.prompt_ids is not None
 
-    def track(self, frame: bytes) -> bytes:
-        """Record one upstream SSE frame (without its blank line) and return it as the client gets it."""
+    def _decode(self, frame: bytes) -> dict[str, Any] | bytes | None:
+        """A data frame's JSON chunk; DONE_FRAME for [DONE] (the stream is then done); None for any other
+        SSE field. An error event raises UpstreamStreamError."""
         if not frame.startswith(b"data:"):
-            return frame + b"\n\n"  # comments and other SSE fields pass untouched
+            return None
         payload = frame[5:].strip()
         if payload == b"[DONE]":
             self.done = True
@@ -78,6 +79,15 @@ class StreamProgress:
         chunk = orjson.loads(payload)
         if "error" in chunk:
             raise UpstreamStreamError(chunk["error"])
+        return chunk
+
+    def track(self, frame: bytes) -> bytes:
+        """Record one upstream SSE frame (without its blank line) and return it as the client gets it."""
+        chunk = self._decode(frame)
+        if chunk is None:
+            return frame + b"\n\n"  # comments and other SSE fields pass untouched
+        if isinstance(chunk, bytes):
+            return chunk
         if self.id is None:
             self.id, self.created, self.model = chunk.get("id"), chunk.get("created"), chunk.get("model")
         self.opened = True
@@ -156,15 +166,9 @@ class StreamProgress:
 
     def reshape(self, frame: bytes) -> bytes | None:
         """One frame of the continuation (a text_completion stream) as a frame of the client's stream."""
-        if not frame.startswith(b"data:"):
-            return None
-        payload = frame[5:].strip()
-        if payload == b"[DONE]":
-            self.done = True
-            return DONE_FRAME
-        chunk = orjson.loads(payload)
-        if "error" in chunk:
-            raise UpstreamStreamError(chunk["error"])
+        chunk = self._decode(frame)
+        if chunk is None or isinstance(chunk, bytes):
+            return chunk
         opening = b""
         if not self.opened:  # a strategy's first stream, not a continuation: the client sees it start
             self._adopt(chunk)
