@@ -19,8 +19,6 @@ import sys
 import time
 from typing import Any
 
-from aiohttp import web
-
 from microserve.bench.client import Target
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.runner import RunConfig, run_benchmark
@@ -29,7 +27,7 @@ from microserve.machine import describe_machine
 from microserve.model.loader import resolve_model
 from microserve.model.tokenizer import Tokenizer
 from microserve.processes import ManagedProcess, free_port
-from microserve.router.app import create_app
+from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
 from microserve.router.workers import WorkerSpec
@@ -54,15 +52,13 @@ async def measure(
             policy_options=json.loads(args.policy_options),
         )
     )
-    runner = web.AppRunner(create_app(router), access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    server = RouterServer(router)
+    await server.start()
     try:
-        target = Target(f"http://127.0.0.1:{port}", MODEL, endpoint=Endpoint.COMPLETIONS)
+        target = Target(server.url, MODEL, endpoint=Endpoint.COMPLETIONS)
         result = await run_benchmark(target, workload(args), config)
     finally:
-        await runner.cleanup()
+        await server.stop()
     return summarize(result.records, result.duration_s)
 
 

@@ -9,12 +9,15 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from microserve.bench.cli import add_arguments as add_bench_args
-from microserve.engine.config import CacheConfig, EngineConfig
-from microserve.engine.scheduler import SchedulerConfig
 from microserve.router.config import add_router_args, config_from_args
 from microserve.router.serve import add_serve_args
+from microserve.sim.cli import add_arguments as add_simulate_args
+
+if TYPE_CHECKING:
+    from microserve.engine.config import EngineConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -50,7 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 where the hardware has native bf16 math, else float32",
     )
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda if present, else cpu")
     p.add_argument(
         "--quantization",
         default="auto",
@@ -127,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint (vLLM's serving metrics)")
     add_bench_args(bench)
 
-    from microserve.sim.cli import add_arguments as add_simulate_args
-
     simulate = sub.add_parser(
         "simulate", help="simulate a fleet on a virtual clock (bench's workloads and report)"
     )
@@ -137,11 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    # Imported here: the engine's modules bring torch, which the router and bench never need.
+    from microserve.engine.config import CacheConfig, EngineConfig
+    from microserve.engine.scheduler import SchedulerConfig
+
     return EngineConfig(
         model=args.model,
         backend=args.backend,
         dtype=args.dtype,
-        device=args.device,
+        device=resolve_device(args.device),
         quantization=args.quantization,
         threads=args.threads,
         max_model_len=args.max_model_len,
@@ -201,12 +206,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _cuda() -> bool:
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (asked only when an engine starts: importing
+    torch costs a second and a few hundred thousand objects that the router and bench never need)."""
+    if device != "auto":
+        return device
     try:
         import torch
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

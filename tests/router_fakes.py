@@ -12,9 +12,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+
+from microserve.router.app import RouterServer
+from microserve.router.core import Router
 
 CHAT_PROMPT = [1, 2, 3]  # what every chat prompt "tokenizes" to
 
@@ -215,3 +219,22 @@ async def fakes(n: int, model: str = "fake") -> AsyncIterator[list[FakeOpenAI]]:
 
 def expected_text(prompt_len: int, count: int) -> str:
     return "".join(token(prompt_len + i)[1] for i in range(count))
+
+
+class RouterClient:
+    """An aiohttp session on a router served on loopback (relative URLs), and the router itself."""
+
+    def __init__(self, session: aiohttp.ClientSession, server: RouterServer) -> None:
+        self.session = session
+        self.server = server
+        self.router = server.router
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)  # post, get, put, request…
+
+
+@asynccontextmanager
+async def serving(router: Router) -> AsyncIterator[RouterClient]:
+    """`router` behind its HTTP server on a free loopback port, with a client for it."""
+    async with RouterServer(router) as server, aiohttp.ClientSession(base_url=server.url) as session:
+        yield RouterClient(session, server)

@@ -18,15 +18,13 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from microserve.processes import ManagedProcess, free_port
-from microserve.router.admin import ROUTER
-from microserve.router.app import create_app
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
 from microserve.router.health import HealthConfig
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.router_fakes import RouterClient, serving
 
 pytestmark = pytest.mark.slow
 
@@ -73,11 +71,11 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedPr
 @asynccontextmanager
 async def routing(
     engines: list[ManagedProcess], **settings: Any
-) -> AsyncIterator[tuple[TestClient, openai.AsyncOpenAI]]:
+) -> AsyncIterator[tuple[RouterClient, openai.AsyncOpenAI]]:
     workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines if e.proc.poll() is None]
     router = Router(RouterConfig(workers=workers, admin_token="admin-secret", **settings))
-    async with TestServer(create_app(router), host="127.0.0.1") as server, TestClient(server) as client:
-        sdk = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
+    async with serving(router) as client:
+        sdk = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="unused", max_retries=0)
         try:
             yield client, sdk
         finally:
@@ -148,7 +146,7 @@ async def test_data_parallel_with_the_official_client(engines: list[ManagedProce
         streamed = "".join([c.choices[0].text async for c in stream if c.choices])
         assert streamed == completion.choices[0].text
         # round robin over three engines: each served some of the five requests
-        assert all(w.requests > 0 for w in client.server.app[ROUTER].pool)
+        assert all(w.requests > 0 for w in client.router.pool)
         with pytest.raises(openai.BadRequestError):
             await sdk.chat.completions.create(model=MODEL, messages=[], max_tokens=3)
         with pytest.raises(openai.NotFoundError):
@@ -184,7 +182,7 @@ async def test_switch_strategy_and_policy_under_load_drops_nothing(
         ("/admin/policy", {"name": "least_loaded"}),
     ]
     async with routing(engines) as (client, sdk):
-        router = client.server.app[ROUTER]
+        router = client.router
         done: list[int] = []
         stop = asyncio.Event()
 
@@ -221,7 +219,7 @@ async def test_switch_strategy_and_policy_under_load_drops_nothing(
 async def test_killing_one_of_three_engines_under_load_fails_nothing(engines: list[ManagedProcess]) -> None:
     health = HealthConfig(interval_s=0.2, timeout_s=1.0)
     async with routing(engines, health=health) as (client, sdk):
-        router = client.server.app[ROUTER]
+        router = client.router
         victim = router.pool.get(engines[0].url)
         started: set[int] = set()
         streams = [asyncio.create_task(stream_chat(sdk, i, 40, started)) for i in range(12)]

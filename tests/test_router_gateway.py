@@ -15,19 +15,16 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from microserve.processes import free_port
-from microserve.router.admin import ROUTER
 from microserve.router.admission import AdmissionConfig
-from microserve.router.app import create_app
+from microserve.router.app import RouterServer
 from microserve.router.breaker import BreakerConfig
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
 from microserve.router.health import HealthConfig
 from microserve.router.workers import WorkerKind, WorkerSpec
-from tests.router_fakes import CHAT_PROMPT, FakeOpenAI, expected_text, fakes
+from tests.router_fakes import CHAT_PROMPT, FakeOpenAI, RouterClient, expected_text, fakes, serving
 
 DEADLINE_S = 5.0
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -36,15 +33,15 @@ CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_t
 @asynccontextmanager
 async def routing(
     servers: list[FakeOpenAI], kind: WorkerKind = WorkerKind.OPENAI, **settings: Any
-) -> AsyncIterator[TestClient]:
+) -> AsyncIterator[RouterClient]:
     workers = [WorkerSpec(s.url, kind=kind) for s in servers]
     router = Router(RouterConfig(workers=workers, **settings))
-    async with TestServer(create_app(router), host="127.0.0.1") as server, TestClient(server) as client:
+    async with serving(router) as client:
         yield client
 
 
-def router_of(client: TestClient) -> Router:
-    return client.server.app[ROUTER]
+def router_of(client: RouterClient) -> Router:
+    return client.router
 
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
@@ -225,7 +222,7 @@ async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path
         fakes(2) as servers,
         routing(servers, kind=WorkerKind.MICROSERVE, strategy=f"{path}:ViaCompletions") as client,
     ):
-        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+        sdk = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="x", max_retries=0)
         whole = await sdk.chat.completions.create(model="fake", messages=CHAT["messages"], max_tokens=4)
         assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
         assert whole.choices[0].message.content == expected_text(3, 4)
@@ -264,7 +261,7 @@ async def test_an_unreachable_worker_is_retried_elsewhere() -> None:
     async with fakes(1) as servers:
         dead = WorkerSpec(f"http://127.0.0.1:{free_port()}", kind=WorkerKind.OPENAI, models=("fake",))
         router = Router(RouterConfig(workers=[dead, WorkerSpec(servers[0].url, kind=WorkerKind.OPENAI)]))
-        async with TestServer(create_app(router), host="127.0.0.1") as server, TestClient(server) as client:
+        async with serving(router) as client:
             # It failed its first health check; put it back as if it had just died under traffic.
             router.pool.get(dead.url).healthy = True
             for _ in range(3):
@@ -375,7 +372,7 @@ async def test_tokens_go_to_workers_and_the_clients_key_does_not() -> None:
             WorkerSpec(servers[1].url, kind=WorkerKind.OPENAI, api_key="sk-upstream"),
         ]
         router = Router(RouterConfig(workers=workers, internal_token="internal-1"))
-        async with TestServer(create_app(router), host="127.0.0.1") as server, TestClient(server) as client:
+        async with serving(router) as client:
             for _ in range(2):
                 resp = await client.post(
                     "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer mine"}
@@ -476,15 +473,13 @@ async def test_shutdown_lets_streams_in_flight_finish() -> None:
     async with fakes(1) as servers:
         servers[0].delay = 0.02
         router = Router(RouterConfig(workers=[WorkerSpec(servers[0].url, kind=WorkerKind.OPENAI)]))
-        runner = web.AppRunner(create_app(router), shutdown_timeout=DEADLINE_S)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        server = RouterServer(router)
+        await server.start()
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            url = f"{server.url}/v1/chat/completions"
             async with session.post(url, json={**CHAT, "max_tokens": 15, "stream": True}) as resp:
                 await resp.content.readline()  # the stream has begun
-                stopping = asyncio.create_task(runner.cleanup())
+                stopping = asyncio.create_task(server.stop(DEADLINE_S))
                 rest = await resp.read()
             assert rest.endswith(b"data: [DONE]\n\n")
             await stopping

@@ -10,10 +10,9 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 
 from microserve.processes import ManagedProcess, start_engine
-from microserve.router.app import create_app
+from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
@@ -50,8 +49,8 @@ def engines() -> Iterator[list[ManagedProcess]]:
 async def routed(engines: list[ManagedProcess], strategy: str, options: dict[str, Any]):
     workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
     router = Router(RouterConfig(workers=workers, strategy=strategy, strategy_options=options))
-    async with TestServer(create_app(router), host="127.0.0.1") as server:
-        sdk = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0)
+    async with RouterServer(router) as server:
+        sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         try:
             yield sdk, router
         finally:

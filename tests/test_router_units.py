@@ -250,7 +250,7 @@ def test_request_fields_session_and_lazy_ids() -> None:
     assert orjson.loads(req.upstream_body(return_token_ids=True))["return_token_ids"] is True
     assert req.prefix == "<|user|>hi\n" and calls == []  # no tokenizing unless asked
     assert req.prompt_ids == [1, 2, 3] and req.prompt_ids == [1, 2, 3] and calls == ["m"]
-    req = RoutedRequest.parse(Route.COMPLETIONS, b'{"prompt": [5, 6]}', {"X-Session-ID": "s1"})
+    req = RoutedRequest.parse(Route.COMPLETIONS, b'{"prompt": [5, 6]}', {"x-session-id": "s1"})
     assert (req.session_key, req.prefix, req.max_tokens) == ("s1", [5, 6], 16)
 
 

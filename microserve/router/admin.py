@@ -3,22 +3,20 @@ and the policy. Answers in JSON; errors in OpenAI's shape (401 for a missing or 
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
+from microserve.http_server import Request, Response, Routes
 from microserve.router.core import Router
 from microserve.router.workers import WorkerSpec
-from microserve.server.app import read_json
-from microserve.server.errors import APIError, bad_request, json_response
+from microserve.server.errors import APIError, bad_request
 
-ROUTER = web.AppKey("router", Router)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AdminHandler = Callable[[Router, Request], Awaitable[Response]]
 
 
-def add_admin_routes(app: web.Application) -> None:
+def add_admin_routes(routes: Routes, router: Router) -> None:
     for method, path, handler in (
         ("GET", "/admin/workers", list_workers),
         ("POST", "/admin/workers", add_worker),
@@ -29,33 +27,28 @@ def add_admin_routes(app: web.Application) -> None:
         ("GET", "/admin/policy", get_policy),
         ("PUT", "/admin/policy", set_policy),
     ):
-        app.router.add_route(method, path, _authorized(handler))
+        routes.add(method, path, functools.partial(_authorized, handler, router))
 
 
-def _authorized(handler: Handler) -> Handler:
-    async def checked(request: web.Request) -> web.StreamResponse:
-        token = request.app[ROUTER].config.admin_token
-        if not token:
-            raise APIError(
-                403, "The admin API is off: start the router with --admin-token.", code="admin_off"
-            )
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        # compare_digest: the time taken must not tell how much of a guessed token was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise APIError(
-                401,
-                "A valid admin token is required: send it as 'Authorization: Bearer <token>'.",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return await handler(request)
-
-    return checked
+async def _authorized(handler: AdminHandler, router: Router, request: Request) -> Response:
+    token = router.config.admin_token
+    if not token:
+        raise APIError(403, "The admin API is off: start the router with --admin-token.", code="admin_off")
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    # compare_digest: the time taken must not tell how much of a guessed token was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise APIError(
+            401,
+            "A valid admin token is required: send it as 'Authorization: Bearer <token>'.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return await handler(router, request)
 
 
-async def _object(request: web.Request) -> dict[str, Any]:
-    body, _ = await read_json(request)
+def _object(request: Request) -> dict[str, Any]:
+    body = request.json()
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
@@ -71,36 +64,32 @@ def _worker_not_found(url: str) -> APIError:
     return APIError(404, f"There is no worker {url!r}.", param="url", code="worker_not_found")
 
 
-async def list_workers(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
-    return json_response({"workers": [w.describe() for w in router.pool]})
+async def list_workers(router: Router, request: Request) -> Response:
+    return Response.json({"workers": [w.describe() for w in router.pool]})
 
 
-async def add_worker(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+async def add_worker(router: Router, request: Request) -> Response:
     try:
-        spec = WorkerSpec.from_dict(await _object(request))
+        spec = WorkerSpec.from_dict(_object(request))
     except (ValueError, TypeError) as exc:
         raise bad_request(f"Invalid worker: {exc}") from None
     if spec.url in router.pool:
         raise APIError(409, f"Worker {spec.url} is already in the pool.", param="url", code="worker_exists")
     worker = await router.add_worker(spec)
-    return json_response({"worker": worker.describe()}, status=201)
+    return Response.json({"worker": worker.describe()}, status=201)
 
 
-async def remove_worker(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
+async def remove_worker(router: Router, request: Request) -> Response:
     url = _url(request.query.get("url"))
     try:
         worker = router.remove_worker(url)
     except KeyError:
         raise _worker_not_found(url) from None
-    return json_response({"removed": worker.describe()})
+    return Response.json({"removed": worker.describe()})
 
 
-async def drain_worker(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
-    body = await _object(request)
+async def drain_worker(router: Router, request: Request) -> Response:
+    body = _object(request)
     url = _url(body.get("url"))
     draining = body.get("drain", True)
     if not isinstance(draining, bool):
@@ -109,7 +98,7 @@ async def drain_worker(request: web.Request) -> web.Response:
         worker = router.drain_worker(url, draining)
     except KeyError:
         raise _worker_not_found(url) from None
-    return json_response({"worker": worker.describe()})
+    return Response.json({"worker": worker.describe()})
 
 
 def _name_and_options(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -121,27 +110,27 @@ def _name_and_options(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-async def get_strategy(request: web.Request) -> web.Response:
-    return json_response(request.app[ROUTER].strategy.describe())
+async def get_strategy(router: Router, request: Request) -> Response:
+    return Response.json(router.strategy.describe())
 
 
-async def set_strategy(request: web.Request) -> web.Response:
-    name, options = _name_and_options(await _object(request))
+async def set_strategy(router: Router, request: Request) -> Response:
+    name, options = _name_and_options(_object(request))
     try:
-        strategy = await request.app[ROUTER].set_strategy(name, options)
+        strategy = await router.set_strategy(name, options)
     except ValueError as exc:
         raise bad_request(str(exc), param="name") from None
-    return json_response(strategy.describe())
+    return Response.json(strategy.describe())
 
 
-async def get_policy(request: web.Request) -> web.Response:
-    return json_response(request.app[ROUTER].policy.describe())
+async def get_policy(router: Router, request: Request) -> Response:
+    return Response.json(router.policy.describe())
 
 
-async def set_policy(request: web.Request) -> web.Response:
-    name, options = _name_and_options(await _object(request))
+async def set_policy(router: Router, request: Request) -> Response:
+    name, options = _name_and_options(_object(request))
     try:
-        policy = await request.app[ROUTER].set_policy(name, options)
+        policy = await router.set_policy(name, options)
     except ValueError as exc:
         raise bad_request(str(exc), param="name") from None
-    return json_response(policy.describe())
+    return Response.json(policy.describe())

@@ -1,4 +1,5 @@
-"""The router's HTTP app: the OpenAI routes, /v1/models, health, readiness, metrics and the admin API.
+"""The router's HTTP front: the OpenAI routes, /v1/models, health, readiness, metrics and the admin API,
+served by microserve's lean HTTP server (`microserve.http_server`).
 
 Handlers parse, call one function and shape the answer; the request's way through lives in `dispatch.py`.
 """
@@ -6,86 +7,107 @@ Handlers parse, call one function and shape the answer; the request's way throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import gc
 import logging
+import signal
 import time
+from types import TracebackType
 
-from aiohttp import web
-
+from microserve.http_server import HTTPServer, Request, Response, Routes
 from microserve.router import dispatch
-from microserve.router.admin import ROUTER, add_admin_routes
+from microserve.router.admin import add_admin_routes
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
 from microserve.router.request import Route
-from microserve.server.app import MAX_BODY_BYTES, error_middleware
-from microserve.server.errors import json_response
 
 log = logging.getLogger(__name__)
 
-STARTED = web.AppKey("started", int)
+MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
-def create_app(router: Router) -> web.Application:
-    """An app around `router`; it starts the router's session and health checks with the app."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
-    app[ROUTER] = router
-    app[STARTED] = int(time.time())
-    app.router.add_post(Route.CHAT.value, chat_completions)
-    app.router.add_post(Route.COMPLETIONS.value, completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
-    add_admin_routes(app)
+class RouterServer:
+    """A `Router` behind its HTTP server: `start` starts both, `stop` drains requests in flight, then
+    closes the router's connections and health checks. Also an async context manager (a free port)."""
 
-    async def start(app: web.Application) -> None:
-        await router.start()
+    def __init__(self, router: Router, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.router = router
+        self.started = int(time.time())
+        self.http = HTTPServer(routes(router, self.started), max_body_bytes=max_body_bytes)
 
-    async def drain(app: web.Application) -> None:
-        router.draining = True
+    @property
+    def url(self) -> str:
+        return self.http.url
 
-    async def stop(app: web.Application) -> None:
-        await router.close()
+    @property
+    def port(self) -> int:
+        return self.http.port
 
-    app.on_startup.append(start)
-    app.on_shutdown.append(drain)
-    app.on_cleanup.append(stop)  # after requests in flight have drained
-    return app
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        await self.router.start()
+        try:
+            await self.http.start(host, port)
+        except BaseException:
+            await self.router.close()
+            raise
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Refuse new requests (503, /ready too), let those in flight finish, then close everything."""
+        self.router.draining = True
+        timeout = self.router.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        try:
+            await self.http.stop(timeout)
+        finally:
+            await self.router.close()
+
+    async def __aenter__(self) -> RouterServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await dispatch.handle(request.app[ROUTER], request, Route.CHAT)
+def routes(router: Router, started: int) -> Routes:
+    table = Routes()
+    table.add("POST", Route.CHAT.value, functools.partial(dispatch.handle, router, route=Route.CHAT))
+    table.add(
+        "POST", Route.COMPLETIONS.value, functools.partial(dispatch.handle, router, route=Route.COMPLETIONS)
+    )
+    table.add("GET", "/v1/models", functools.partial(models, router, started))
+    table.add("GET", "/health", health)
+    table.add("GET", "/ready", functools.partial(ready, router))
+    table.add("GET", "/metrics", functools.partial(metrics, router))
+    add_admin_routes(table, router)
+    return table
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await dispatch.handle(request.app[ROUTER], request, Route.COMPLETIONS)
-
-
-async def models(request: web.Request) -> web.Response:
-    router = request.app[ROUTER]
-    created = request.app[STARTED]
+async def models(router: Router, created: int, request: Request) -> Response:
     data = [
         {"id": model, "object": "model", "created": created, "owned_by": "microserve"}
         for model in router.pool.models()
     ]
-    return json_response({"object": "list", "data": data})
+    return Response.json({"object": "list", "data": data})
 
 
-async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+async def health(request: Request) -> Response:
+    return Response.json({"status": "ok"})
 
 
-async def ready(request: web.Request) -> web.Response:
+async def ready(router: Router, request: Request) -> Response:
     """Ready when at least one worker can take a request and the router is not shutting down."""
-    router = request.app[ROUTER]
     available = 0 if router.draining else sum(1 for w in router.pool if w.available and w.models)
-    return json_response(
+    return Response.json(
         {"ready": available > 0, "workers_available": available}, status=200 if available else 503
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[ROUTER].metrics.render(request.headers.get("Accept"))
-    return web.Response(body=body, headers={"Content-Type": content_type})
+async def metrics(router: Router, request: Request) -> Response:
+    body, content_type = router.metrics.render(request.headers.get("accept"))
+    return Response(body, content_type=content_type)
 
 
 def run_router(config: RouterConfig) -> int:
@@ -96,16 +118,32 @@ def run_router(config: RouterConfig) -> int:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     except ImportError:
         loop = asyncio.new_event_loop()
-    app = create_app(Router(config))
-    url = f"http://{config.host}:{config.port}"
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        loop=loop,
-        handler_cancellation=True,
-        shutdown_timeout=config.drain_timeout_s,
-        access_log=None,  # one log line per request would cost more than the routing itself
-        print=lambda *_: print(f"microserve router on {url}/v1", flush=True),
-    )
+    with contextlib.closing(loop):
+        loop.run_until_complete(_serve(config))
     return 0
+
+
+def tune_gc() -> None:
+    """For a router process, once it has started: everything alive now lives as long as the process, so
+    `gc.freeze` takes it out of every future collection, and collections of the young generation come
+    every 20,000 allocations instead of 700 (a request's objects die by reference counting; cycles are
+    rare). Measured on the router benchmark at 64 connections: p99 latency 24 -> 8 ms, +10% requests/s."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
+async def _serve(config: RouterConfig) -> None:
+    server = RouterServer(Router(config))
+    await server.start(config.host, config.port)
+    tune_gc()
+    print(f"microserve router on http://{config.host}:{server.port}/v1", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("router: stopping; draining requests in flight")
+        await server.stop()

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from microserve.http_client import HTTPClient
 from microserve.router.admission import AdmissionQueue
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthChecker
@@ -48,6 +49,7 @@ class Router:
         self.metrics = RouterMetrics(lambda: self.pool, self.admission, self.decisions)
         self.tokenizers = TokenizerCache(config.tokenizers)
         self._session: aiohttp.ClientSession | None = None
+        self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
         self._health: HealthChecker | None = None
         self.draining = False  # shutting down: new requests are refused, those in flight finish
@@ -65,8 +67,10 @@ class Router:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
         )
+        self._http = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
         self._upstream = Upstream(
             session=self._session,
+            http=self._http,
             internal_token=self.config.internal_token,
             connect_timeout_s=self.config.connect_timeout_s,
             track_streams=self.config.stream_continuation,
@@ -82,6 +86,8 @@ class Router:
             await self._health.stop()
         if self._session is not None:
             await self._session.close()
+        if self._http is not None:
+            await self._http.close()
 
     @property
     def upstream(self) -> Upstream:
@@ -99,13 +105,14 @@ class Router:
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
-        models = self.pool.models()
-        if not models:
+        if req.model is not None and self.pool.serves(req.model):
+            return req
+        default = self.pool.default_model()
+        if default is None:
             raise no_worker_available("No worker is available: none has answered a health check yet.")
-        if req.model is None:
-            req.model = models[0]
-        elif req.model not in models:
+        if req.model is not None:
             raise model_not_found(req.model)
+        req.model = default
         return req
 
     def pick(

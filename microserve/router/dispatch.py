@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import orjson
-from aiohttp import web
 
+from microserve.http_server import Request, Response, Stream
 from microserve.router.core import Router, no_worker_available
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -23,7 +23,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 STATUS_CLIENT_CLOSED = 499
 
 
-async def handle(router: Router, request: web.Request, route: Route) -> web.StreamResponse:
+async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
     status, answered, admitted = 500, False, False
@@ -31,7 +31,7 @@ async def handle(router: Router, request: web.Request, route: Route) -> web.Stre
     try:
         if router.draining:
             raise no_worker_available("The router is shutting down; send the request elsewhere.")
-        req = router.parse(route, await read_body(request), request.headers)
+        req = router.parse(route, request.body, request.headers)
         await router.admission.acquire()
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
@@ -41,9 +41,8 @@ async def handle(router: Router, request: web.Request, route: Route) -> web.Stre
         router.metrics.first_byte(route, time.perf_counter() - start)
         if gen is None:
             status = 200
-            return web.Response(body=first, content_type="application/json")
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
+            return Response(first)
+        response = await request.stream(headers=SSE_HEADERS)
         status = 200
         await stream_out(router, strategy, req, response, gen, first)
         return response
@@ -60,13 +59,6 @@ async def handle(router: Router, request: web.Request, route: Route) -> web.Stre
         if admitted:
             router.admission.release()
         router.metrics.request_done(route, status, time.perf_counter() - start if answered else None)
-
-
-async def read_body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise APIError(413, f"The request body exceeds {request.client_max_size} bytes.") from None
 
 
 async def first_output(
@@ -116,7 +108,7 @@ async def stream_out(
     router: Router,
     strategy: Strategy,
     req: RoutedRequest,
-    response: web.StreamResponse,
+    response: Stream,
     gen: AsyncIterator[bytes],
     first: bytes,
 ) -> None:
@@ -135,7 +127,7 @@ async def stream_out(
 
 
 async def continue_stream(
-    router: Router, strategy: Strategy, req: RoutedRequest, response: web.StreamResponse, broken: BrokenStream
+    router: Router, strategy: Strategy, req: RoutedRequest, response: Stream, broken: BrokenStream
 ) -> None:
     """Resume a broken stream on other engines until it completes, or end it with an SSE error event."""
     outcome = router.metrics.continuations
@@ -168,7 +160,7 @@ async def continue_stream(
         await asyncio.sleep(min(delay, max(0.0, req.remaining_s())))
 
 
-async def write_error(response: web.StreamResponse, message: str) -> None:
+async def write_error(response: Stream, message: str) -> None:
     # No [DONE] after it: the client must see that the stream did not complete.
     body = error_body(message, "server_error", code="worker_failed")
     await response.write(b"data: " + orjson.dumps(body) + b"\n\n")

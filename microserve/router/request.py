@@ -13,7 +13,7 @@ import orjson
 
 from microserve.server.errors import bad_request
 
-SESSION_HEADER = "X-Session-ID"
+SESSION_HEADER = "x-session-id"  # header names arrive in lower case
 
 
 class Route(StrEnum):

@@ -15,9 +15,8 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
 
-from microserve.router.app import create_app
+from microserve.router.app import RouterServer, tune_gc
 from microserve.router.config import INTERNAL_TOKEN_ENV, config_from_args
 from microserve.router.core import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
@@ -155,7 +154,7 @@ async def serve(args: argparse.Namespace) -> int:
         env[INTERNAL_TOKEN_ENV] = args.internal_token  # in the environment, not in `ps` output
     engines = [EngineProcess(i, p, engine_argv(args, p, threads), env) for i, p in enumerate(ports)]
     supervisors: list[asyncio.Task[None]] = []
-    runner: web.AppRunner | None = None
+    server: RouterServer | None = None
     try:
         each = f"{threads} thread{'s' if threads > 1 else ''} each"
         print(f"microserve: starting {count} {args.backend} engines of {args.model} ({each})")
@@ -171,12 +170,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
         config = config_from_args(args, workers=workers, host=host, port=port)
-        app = create_app(Router(config))
-        runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=config.drain_timeout_s, access_log=None
-        )
-        await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        server = RouterServer(Router(config))
+        await server.start(host, port)
+        tune_gc()
         supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
         urls = ", ".join(e.url for e in engines)
         print(f"microserve: serving on http://{host}:{port}/v1  (engines: {urls})")
@@ -188,8 +184,8 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"microserve serve: {exc}", file=sys.stderr)
         return 1
     finally:
-        if runner is not None:
-            await runner.cleanup()  # stops listening, drains requests, closes the router
+        if server is not None:
+            await server.stop()  # stops listening, drains requests, closes the router
         for task in supervisors:
             task.cancel()
         await asyncio.gather(*supervisors, return_exceptions=True)

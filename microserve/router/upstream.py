@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 
 from microserve.client import EngineClient, EngineError, KVAddress
+from microserve.http_client import HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -90,9 +91,14 @@ _NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 
 @dataclass(slots=True)
 class Upstream:
-    """What every handle shares: the one HTTP session, the tokens, the timeouts, the decoder for resumes."""
+    """What every handle shares: the HTTP clients, the tokens, the timeouts, the decoder for resumes.
+
+    `http` (the lean client) carries the requests' own traffic; `session` (aiohttp) the microserving
+    verbs, health checks and load polls, which are few and heavier.
+    """
 
     session: aiohttp.ClientSession
+    http: HTTPClient
     internal_token: str | None = None
     connect_timeout_s: float = 5.0
     track_streams: bool = True
@@ -244,14 +250,19 @@ class WorkerHandle(PickedWorker):
 
     # -- plumbing -----------------------------------------------------------------------------------
 
-    async def _post(self, path: str, body: bytes, req: RoutedRequest) -> aiohttp.ClientResponse:
+    async def _post(self, path: str, body: bytes, req: RoutedRequest) -> Response:
         remaining = req.remaining_s()
         if remaining <= 0:
             raise APIError(504, "The request ran out of time before a worker answered.", code="timeout")
-        timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=self._up.connect_timeout_s)
         try:
-            resp = await self._up.session.post(
-                self.url + path, data=body, headers=self._up.headers_for(self.worker), timeout=timeout
+            resp = await self._up.http.request(
+                "POST",
+                self.url,
+                path,
+                body=body,
+                headers=self._up.headers_for(self.worker),
+                timeout_s=remaining,
+                connect_timeout_s=self._up.connect_timeout_s,
             )
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
@@ -262,8 +273,8 @@ class WorkerHandle(PickedWorker):
             except _NETWORK_ERRORS:
                 data = b""
             finally:
-                resp.release()
-            error = UpstreamHTTPError(self.worker, resp.status, data, dict(resp.headers))
+                resp.close()
+            error = UpstreamHTTPError(self.worker, resp.status, data, resp.headers)
             if resp.status >= 500 and not (resp.status in _NOT_A_FAILURE and error.code != "engine_dead"):
                 self.worker.record_failure(f"http_{resp.status}")
             elif resp.status < 500 and resp.status != 429:
@@ -271,7 +282,7 @@ class WorkerHandle(PickedWorker):
             raise error
         return resp
 
-    async def _read_whole(self, resp: aiohttp.ClientResponse) -> bytes:
+    async def _read_whole(self, resp: Response) -> bytes:
         try:
             data = await resp.read()
         except _NETWORK_ERRORS as exc:
@@ -280,18 +291,16 @@ class WorkerHandle(PickedWorker):
         self.worker.record_success()
         return data
 
-    async def _chunks(
-        self, resp: aiohttp.ClientResponse, progress: StreamProgress | None
-    ) -> AsyncIterator[bytes]:
+    async def _chunks(self, resp: Response, progress: StreamProgress | None) -> AsyncIterator[bytes]:
         """The response body as it arrives; a cut connection is a BrokenStream carrying `progress`."""
         try:
-            async for data in resp.content.iter_any():
+            async for data in resp.iter_chunks():
                 yield data
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("broken")
             raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
 
-    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: Response) -> AsyncIterator[bytes]:
         # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
         tail = b""
         async for data in self._chunks(resp, None):
@@ -302,15 +311,13 @@ class WorkerHandle(PickedWorker):
             raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
         self.worker.record_success()
 
-    async def _relay_tracked(
-        self, resp: aiohttp.ClientResponse, progress: StreamProgress
-    ) -> AsyncIterator[bytes]:
+    async def _relay_tracked(self, resp: Response, progress: StreamProgress) -> AsyncIterator[bytes]:
         async for data in self._frames(resp, progress, progress.track):
             yield data
 
     async def _frames(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         progress: StreamProgress,
         convert: Callable[[bytes], bytes | None],
     ) -> AsyncIterator[bytes]:

@@ -263,6 +263,10 @@ class WorkerPool:
         models = self.models()
         return models[0] if models else None
 
+    def serves(self, model: str) -> bool:
+        """Whether any worker serves `model` (the per-request check: no list, no sort)."""
+        return any(model in worker.models for worker in self._workers.values())
+
     def candidates(
         self,
         model: str | None,

@@ -373,11 +373,14 @@ def profile_model(
 def run_profile_command(args: argparse.Namespace) -> int:
     """`microserve engine profile`: measure this machine and write the sim backend's cost model."""
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
-    dtype = resolve_dtype(args.dtype, args.device)
+    from microserve.cli import resolve_device
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     cost = profile_model(
         args.model,
         dtype=dtype,
-        device=args.device,
+        device=device,
         quantization=args.quantization,
         threads=args.threads,
         block_size=args.block_size,
