@@ -301,8 +301,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._task = None
         self.busy = False
         if self.transport is None:
-            return
-        if self._queue and self._keep_alive:
+            pass  # the client left
+        elif self._queue and self._keep_alive:
             self._start_next()
         elif not self._keep_alive or self.server.stopping:
             self.transport.close()

@@ -224,3 +224,17 @@ async def test_idle_connections_close_after_the_keepalive_timeout() -> None:
         writer.close()
     finally:
         await server.stop(1.0)
+
+
+async def test_stop_does_not_wait_for_a_client_that_left() -> None:
+    app = App()
+    server = HTTPServer(app.routes())
+    await server.start()
+    _reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(app.started.wait(), 5)
+    stopping = asyncio.create_task(server.stop(30.0))
+    await asyncio.sleep(0.05)
+    writer.close()  # its handler is cancelled; nothing is left in flight
+    await asyncio.wait_for(stopping, 5)
+    assert app.cancelled.is_set()
