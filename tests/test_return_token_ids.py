@@ -11,6 +11,7 @@ import orjson
 from aiohttp.test_utils import TestClient, TestServer
 
 from microserve.server.app import create_app
+from microserve.server.microserving import add_microserving_routes
 from tests.fake_engine import EOS, FakeEngine
 
 REPLY = "Hi!"
@@ -18,7 +19,9 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "return_token_ids": Tru
 
 
 async def post(engine: FakeEngine, path: str, body: dict[str, Any]) -> Any:
-    async with TestServer(create_app(engine), host="127.0.0.1") as server, TestClient(server) as client:
+    app = create_app(engine)
+    add_microserving_routes(app, engine, None)  # type: ignore[arg-type]
+    async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as client:
         resp = await client.post(path, json=body)
         assert resp.status == 200, await resp.text()
         raw = await resp.read()
@@ -83,3 +86,17 @@ async def test_without_the_flag_no_id_fields_appear() -> None:
     engine = FakeEngine(reply=REPLY)
     chunks = await post(engine, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
     assert all(set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for c in chunks)
+
+
+async def test_start_generate_reports_every_id_when_asked() -> None:
+    # What PD's decode engine answers the router, which counts the ids and continues a broken stream.
+    engine = FakeEngine(reply=REPLY)
+    body = {"request_id": "r1", "prompt": [5, 6, 7], "begin": 2, "max_tokens": 10, "stream": True}
+    options = {"return_token_ids": True, "stream_options": {"include_usage": True}}
+    chunks = await post(engine, "/microserving/start_generate", {**body, **options})
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert choices[0]["prompt_token_ids"] == [5, 6, 7]
+    assert [t for c in choices for t in c["token_ids"]] == [*reply_ids(engine), EOS]
+    assert chunks[-1]["usage"]["completion_tokens"] == len(REPLY) + 1
+    plain = await post(engine, "/microserving/start_generate", body)
+    assert all("token_ids" not in c["choices"][0] for c in plain)

@@ -241,6 +241,22 @@ async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path
         assert servers[0].generate_calls[-1]["prompt"] == [1, 2, 3, 1003, 1004]  # the continuation
 
 
+async def test_a_strategys_stream_ends_with_the_usage_the_client_asked_for(tmp_path: Path) -> None:
+    path = tmp_path / "via.py"
+    path.write_text(VIA_COMPLETIONS)
+    async with (
+        fakes(1) as servers,
+        routing(servers, kind=WorkerKind.MICROSERVE, strategy=f"{path}:ViaCompletions") as client,
+    ):
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        events = await sse(await client.post("/v1/chat/completions", json=body))
+        assert servers[0].generate_calls[0]["stream_options"] == {"include_usage": True}
+        assert events[-1] == "[DONE]" and events[-2]["choices"] == []
+        assert events[-2]["usage"]["prompt_tokens"] == 3 and events[-2]["usage"]["completion_tokens"] == 4
+        whole = await client.post("/v1/chat/completions", json=CHAT)
+        assert whole.status == 200 and "stream_options" not in servers[0].generate_calls[1]
+
+
 # ------------------------------------------------------------------------------------------ retries
 
 

@@ -266,8 +266,11 @@ class StreamProgress:
 
 
 def sampling_fields(req: RoutedRequest) -> dict[str, Any]:
-    """The client's model and sampling fields, for a completion request a strategy sends on its behalf."""
+    """The client's model and sampling fields, for a completion request a strategy sends on its behalf;
+    for a stream also its `stream_options`, so that the usage chunk it asked for comes back."""
     fields = {name: req.body[name] for name in _CARRIED if req.body.get(name) is not None}
+    if req.stream and req.body.get("stream_options") is not None:
+        fields["stream_options"] = req.body["stream_options"]
     if req.model is not None:
         fields["model"] = req.model
     if req.max_tokens is not None:  # max_tokens or, for chat, max_completion_tokens

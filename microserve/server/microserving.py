@@ -212,7 +212,12 @@ async def start_generate(request: web.Request) -> web.StreamResponse:
     prepared = Prepared(
         prompt_ids=ids,
         params=req.sampling_params(max_tokens),
-        shape=CompletionShape(model=model, include_usage=req.include_usage),
+        shape=CompletionShape(
+            model=model,
+            include_usage=req.include_usage,
+            # The router asks for the ids to count the answer and to continue it if this engine dies.
+            prompt_token_ids=ids if req.return_token_ids else None,
+        ),
         stream=req.stream,
         prompt_param="prompt",
         request_id=req.request_id,
