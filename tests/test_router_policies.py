@@ -246,6 +246,51 @@ def test_prefix_aware_shared_system_prompt_does_not_pin_everything() -> None:
     assert names([dispatch(policy, pool, request(prompt=long_turn + " again"))]) == ["w1"]
 
 
+def test_prefix_aware_judges_overload_per_worker() -> None:
+    pool = workers()
+    policy = PrefixAware(block_size=4, min_match=16, balance_abs=2, balance_rel=1.5)
+    conversation = SYSTEM + "Tell me about Rome."
+    assert names([dispatch(policy, pool, request(prompt=conversation))]) == ["w0"]
+    # w1 is overloaded (5 in flight, the idle w2 none), but w0 is not (1 - 0 <= 2): the conversation's
+    # next turn stays where its prefix is, where a fleet-wide check would have sent it to w2.
+    pool[1].in_flight = 5
+    assert names([dispatch(policy, pool, request(prompt=conversation + " And Carthage?"))]) == ["w0"]
+    # Now w0 is overloaded too (3 - 0 > 2 and 3 > 0 * 1.5): the next turn leaves it for the idle w2.
+    pool[0].in_flight = 3
+    assert names([dispatch(policy, pool, request(prompt=conversation + " And Athens?"))]) == ["w2"]
+
+
+def test_prefix_aware_an_overloaded_worker_passes_its_requests_to_the_best_fit_match() -> None:
+    pool = workers()
+    policy = PrefixAware(block_size=4, min_match=16, balance_abs=2, balance_rel=1.5)
+    first, second = SYSTEM + "Tell me about Rome.", SYSTEM + "Tell me about Egypt."
+    assert names([policy.select(pool, request(prompt=first))]) == ["w0"]
+    policy.index.insert(policy.index.hashes(second), "http://w1:1")  # another conversation went to w1
+    # w0 holds the conversation but is overloaded (4 - 0 > 2); of the others w1 holds the system prompt
+    # (29 blocks) and w2 nothing: w1 gets it although w2 is idler.
+    pool[0].in_flight, pool[1].in_flight, pool[2].in_flight = 4, 1, 0
+    assert names([policy.select(pool, request(prompt=first + " And Carthage?"))]) == ["w1"]
+
+
+def test_prefix_aware_defaults_keep_a_conversation_after_one_short_user_turn() -> None:
+    pool = workers(2)
+    policy = PrefixAware()  # 64-character blocks, min_match 128
+    system = ("You are a careful assistant who answers in plain words. " * 12)[:640]  # 10 blocks
+    turn_a = (  # 163 characters, about a user turn of the routing-quality benchmark (32 words)
+        "Tell me how the Romans built their roads, which materials they used, how long they lasted, "
+        "and which of them are still in use today across Italy, France and Spain."
+    )
+    turn_b = "Explain how a steam engine works, who improved it, and why it mattered for the railways."
+    assert names([dispatch(policy, pool, request(prompt=system + turn_a))]) == ["w0"]
+    policy.index.insert(policy.index.hashes(system + turn_b), "http://w1:1")  # another conversation
+    assert policy.index.match(policy.index.hashes(system + turn_a)) == {"http://w0:1": 12, "http://w1:1": 10}
+    # The second turn of the first conversation: w0 holds 2 more blocks than w1 (128 characters of
+    # the first user turn, past the shared system prompt), so it stays on w0 although w0 is busier;
+    # the former default (min_match 256) sent it to the idle w1.
+    follow_up = system + turn_a + " They were built in layers of stone. Which one is the oldest?"
+    assert names([dispatch(policy, pool, request(prompt=follow_up))]) == ["w0"]
+
+
 def test_prefix_aware_on_token_ids_uses_the_request_ids() -> None:
     pool = workers(2)
     policy = PrefixAware(tokens=True, block_size=2, min_match=4)

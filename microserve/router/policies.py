@@ -273,22 +273,26 @@ class PowerOfTwo(Policy):
 
 
 class PrefixAware(Policy):
-    """Send a prompt where its longest prefix was sent before, unless that would unbalance the fleet.
+    """Send a prompt where its longest prefix was sent before, unless that worker is overloaded.
 
-    While the busiest candidate has more than `balance_abs` requests in flight above the idlest and more
-    than `balance_rel` times as many, the idlest gets the request. Otherwise the worker holding the
-    longest matching prefix wins, but only if it holds at least `min_match` more characters (or tokens,
-    with `tokens=True`) than every other candidate: a system prompt that all workers have seen does not
-    decide, and one seen by a single worker decides only until the balance thresholds spread it. Else
-    the least busy candidate wins. The index is bounded (`max_blocks`) and forgets least recently used.
+    A candidate with more than `balance_abs` requests in flight above the idlest and more than
+    `balance_rel` times as many is overloaded: its cache wins it nothing. Among the others, the worker
+    holding the longest matching prefix wins, but only if it holds at least `min_match` more characters
+    (or tokens, with `tokens=True`) than every other one: a system prompt that all workers have seen does
+    not decide, and one seen by a single worker decides only until that worker is overloaded. Else the
+    least busy candidate wins. The index is bounded (`max_blocks`) and forgets least recently used.
+
+    Overload is judged worker by worker, not fleet-wide, so one busy worker does not move the other
+    workers' conversations off their caches; and the default `min_match` (128 characters, ~32 tokens)
+    is shorter than a typical user turn, so a conversation's second turn stays with its first.
     """
 
     name = "prefix_aware"
 
     def __init__(
         self,
-        min_match: int = 256,
-        balance_abs: int = 4,
+        min_match: int = 128,
+        balance_abs: int = 3,
         balance_rel: float = 1.5,
         block_size: int | None = None,
         max_blocks: int = 65536,
@@ -326,16 +330,17 @@ class PrefixAware(Policy):
         return chosen
 
     def _choose(self, workers: Sequence[Worker], hashes: list[int]) -> Worker:
-        loads = [w.in_flight for w in workers]
-        low, high = min(loads), max(loads)
-        if high - low > self.balance_abs and high > low * self.balance_rel:
-            return _least(workers, lambda w: w.in_flight, self)
+        low = min(w.in_flight for w in workers)
+        fit = [w for w in workers if not self._overloaded(w.in_flight, low)]  # the idlest always fits
         matched = self.index.match(hashes)
-        blocks = sorted((matched.get(w.url, 0) for w in workers), reverse=True)
+        blocks = sorted((matched.get(w.url, 0) for w in fit), reverse=True)
         best, runner_up = blocks[0], blocks[1] if len(blocks) > 1 else 0
         if (best - runner_up) * self.index.block_size >= self.min_match:
-            return next(w for w in workers if matched.get(w.url, 0) == best)
+            return next(w for w in fit if matched.get(w.url, 0) == best)
         return _least(workers, lambda w: w.in_flight, self)
+
+    def _overloaded(self, in_flight: int, low: int) -> bool:
+        return in_flight - low > self.balance_abs and in_flight > low * self.balance_rel
 
 
 POLICIES: dict[str, type[Policy]] = {
