@@ -282,6 +282,8 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _refuse(self, error: APIError) -> None:
         """Stop reading; answer `error` after whatever is ahead of it, then close."""
+        if self._refused is not None:
+            return  # the parser may call back again before it stops; one refusal is answered
         self._refused = error
         self._queue.append(error)
         if self._task is None:

@@ -146,6 +146,9 @@ async def test_malformed_requests_get_400_and_the_connection_closes(served) -> N
     assert data.startswith(b"HTTP/1.1 400 ") and b"Malformed HTTP request" in data
     huge = b"GET /query HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
     assert (await exchange(server, huge)).startswith(b"HTTP/1.1 431 ")
+    many = b"GET /query HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 1000) for i in range(80))
+    answer = await exchange(server, many + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and answer.count(b"HTTP/1.1") == 1  # answered once
 
 
 async def test_streams_are_chunked_and_plain_for_http_1_0(served) -> None:
