@@ -208,6 +208,8 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._clear_deadline()
+        if not self._complete:  # a reader still waiting on this response learns it will not come
+            self._fail(ClientError("the connection was closed"))
         if self.transport is not None:
             self.transport.abort()
             self.transport = None

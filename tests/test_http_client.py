@@ -289,3 +289,15 @@ async def test_failed_requests_give_their_connection_slot_back(server) -> None:
         await resp.read()
     finally:
         await client.close()
+
+
+async def test_a_reader_waiting_on_a_closed_response_is_told(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    resp = await client.request("GET", url, "/stream")
+    chunks = resp.iter_chunks()
+    assert await anext(chunks) == b"first;"
+    waiting = asyncio.create_task(anext(chunks))  # the server holds the rest back
+    await asyncio.sleep(0.05)
+    resp.close()
+    with pytest.raises(ClientError, match="closed"):
+        await asyncio.wait_for(waiting, 2)
