@@ -170,8 +170,9 @@ async def serve(args: argparse.Namespace) -> int:
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
         config = config_from_args(args, workers=workers, host=host, port=port)
-        server = RouterServer(Router(config))
-        await server.start(host, port)
+        starting_server = RouterServer(Router(config))
+        await starting_server.start(host, port)  # cleans up after itself if it fails
+        server = starting_server
         tune_gc()
         supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
         urls = ", ".join(e.url for e in engines)
