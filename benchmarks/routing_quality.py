@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from microserve.bench.report import write_json
 from microserve.bench.runner import RunConfig, run_benchmark
 from microserve.bench.workloads import MultiTurnWorkload
 from microserve.machine import describe_machine
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess, engine_fleet, free_port
 from microserve.router.policies import POLICIES, PrefixAware
 
 MODEL = "smollm2-135m"
@@ -122,25 +121,13 @@ def _key_value(text: str) -> tuple[str, str]:
 # -- the engines ---------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def engine_fleet(args: argparse.Namespace) -> Iterator[list[str]]:
+def sim_fleet(args: argparse.Namespace) -> contextlib.AbstractContextManager[list[str]]:
     """`args.engines` sim engines, started side by side; yields their URLs."""
-    flags = ["--backend", "sim", "--threads", "1", "--num-kv-blocks", str(args.num_kv_blocks)]
+    flags = ["--backend", "sim", "--num-kv-blocks", str(args.num_kv_blocks)]
     flags += ["--max-model-len", str(args.max_model_len)]
     if args.profile:
         flags += ["--sim-profile", args.profile]
-    engines: list[ManagedProcess] = []
-    try:
-        for _ in range(args.engines):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "engine", "--port", str(port), *flags]
-            engines.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for engine in engines:
-            engine.wait_ready(timeout=300)
-        yield [e.url for e in engines]
-    finally:
-        for engine in engines:
-            engine.stop()
+    return engine_fleet(args.engines, *flags)
 
 
 def engine_metrics(url: str) -> dict[str, float]:
@@ -405,7 +392,7 @@ def main() -> None:
     started = time.perf_counter()
     given = args.engine_urls.split(",") if args.engine_urls else None
     rows = []
-    with contextlib.nullcontext(given) if given else engine_fleet(args) as engines:
+    with contextlib.nullcontext(given) if given else sim_fleet(args) as engines:
         for i, target in enumerate(parse_targets(args.targets)):
             rows.append(measure(target, engines, args, salt=i))
             print(f"{target.name}: done", file=sys.stderr, flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import datetime as dt
 import math
@@ -28,7 +27,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from microserve.bench.workloads import Endpoint, MultiTurnWorkload, RandomWorklo
 from microserve.machine import describe_machine
 from microserve.model.loader import resolve_model
 from microserve.model.tokenizer import Tokenizer
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import engine_fleet
 from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
 from microserve.router.core import Router
@@ -284,23 +283,6 @@ def run_sim(scenarios: Sequence[Scenario], tokenizer: Tokenizer) -> list[Point]:
 # -- real engine processes ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def engines(count: int, engine_args: list[str]) -> Iterator[list[str]]:
-    """`count` engine processes started side by side (one at a time takes `count` times as long)."""
-    procs: list[ManagedProcess] = []
-    try:
-        for _ in range(count):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "engine", "--port", str(port), *engine_args]
-            procs.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for proc in procs:
-            proc.wait_ready(timeout=600)
-        yield [p.url for p in procs]
-    finally:
-        for proc in procs:
-            proc.stop()
-
-
 async def measure(
     urls: list[str],
     fleet_roles: list[Role],
@@ -377,7 +359,7 @@ def real_point(
 
 
 def run_real(plan: RealPlan, tokenizer: Tokenizer) -> list[Point]:
-    with engines(plan.engines, plan.engine_args) as urls:
+    with engine_fleet(plan.engines, *plan.engine_args, timeout=600) as urls:
         return [
             real_point(plan, urls, sc, c, i, tokenizer)
             for sc in plan.scenarios
@@ -390,7 +372,7 @@ def real_plan(scenarios: tuple[Scenario, ...], profile_path: Path) -> RealPlan:
     args = ["--backend", "sim", "--sim-profile", str(profile_path), "--num-kv-blocks", str(KV_BLOCKS)]
     return RealPlan(
         part="real",
-        engine_args=[*args, "--threads", "1"],
+        engine_args=list(args),
         engines=REAL_ENGINES,
         scenarios=scenarios,
         contenders=CONTENDERS,
@@ -404,7 +386,7 @@ def real_plan(scenarios: tuple[Scenario, ...], profile_path: Path) -> RealPlan:
 def torch_plan(requests: int, rate: float) -> RealPlan:
     return RealPlan(
         part="torch",
-        engine_args=["--backend", "torch", "--dtype", "float32", "--threads", "1"],
+        engine_args=["--backend", "torch", "--dtype", "float32"],
         engines=TORCH_ENGINES,
         scenarios=(LONG_PROMPT,),
         contenders=(CONTENDERS[0], CONTENDERS[1], CONTENDERS[3]),

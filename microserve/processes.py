@@ -69,8 +69,8 @@ class ManagedProcess:
             self.log_path.unlink()
 
 
-def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
-    """Start a `microserve engine` on a free loopback port and wait until it is ready."""
+def _launch_engine(args: tuple[str, ...], threads: int) -> ManagedProcess:
+    """A `microserve engine` starting on a free loopback port (not waited for)."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -83,7 +83,12 @@ def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
         str(threads),
         *args,
     ]
-    engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    return ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+
+
+def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
+    """Start a `microserve engine` on a free loopback port and wait until it is ready."""
+    engine = _launch_engine(args, threads)
     try:
         engine.wait_ready()
     except BaseException:
@@ -100,3 +105,19 @@ def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
         yield engine.url
     finally:
         engine.stop()
+
+
+@contextlib.contextmanager
+def engine_fleet(count: int, *args: str, threads: int = 1, timeout: float = 300.0) -> Iterator[list[str]]:
+    """`count` engines started side by side (one after another takes `count` times as long); yields their
+    URLs once all are ready and stops them afterwards."""
+    engines: list[ManagedProcess] = []
+    try:
+        for _ in range(count):
+            engines.append(_launch_engine(args, threads))
+        for engine in engines:
+            engine.wait_ready(timeout=timeout)
+        yield [e.url for e in engines]
+    finally:
+        for engine in engines:
+            engine.stop()
