@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 PIPELINE_DEPTH = 16  # requests read ahead of the one being answered before reading pauses
-STATUS_CLIENT_CLOSED = 499
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
