@@ -12,56 +12,19 @@ import argparse
 import datetime as dt
 import gc
 import random
-import statistics
 import time
 
 import torch
+from decode_steps import decode_step_ms, prefill_ms
 
 from microserve.engine.builder import build_core
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
-from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.machine import describe_machine
 from microserve.model.quant import INT4_KERNEL_MAX_ROWS, Int4Linear
 
-PROMPT_LEN, PREFILL_LEN = 128, 512
-
-
-def _ids(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(100, 49000) for _ in range(n)]
-
-
-def decode_step_ms(core: EngineCore, batch: int, steps: int, rng: random.Random) -> float:
-    """Median time of a step in which `batch` sequences each decode one token."""
-    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
-    ids = [f"d{batch}-{i}" for i in range(batch)]
-    for rid in ids:
-        core.add_request(rid, _ids(rng, PROMPT_LEN), params)
-    while core.num_waiting or any(s.num_computed_tokens < PROMPT_LEN for s in core.scheduler.running):
-        core.step()
-    core.step()  # the first pure decode step, after the last prefill
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        core.step()
-        times.append(time.perf_counter() - start)
-    for rid in ids:
-        core.abort_request(rid)
-    return statistics.median(times) * 1e3
-
-
-def prefill_ms(core: EngineCore, repeats: int, rng: random.Random) -> float:
-    """Median time of the step that prefills one fresh 512-token prompt."""
-    times = []
-    for i in range(repeats):
-        core.add_request(f"p{i}", _ids(rng, PREFILL_LEN), SamplingParams(max_tokens=1, temperature=0.0))
-        start = time.perf_counter()
-        core.step()
-        times.append(time.perf_counter() - start)
-        while core.has_work():
-            core.step()
-    return statistics.median(times) * 1e3
+PROMPT_LEN = 128
 
 
 def _set_kernel_rows(core: EngineCore, rows: int | None) -> None:
@@ -100,7 +63,7 @@ def main() -> None:
         for name, rows in variants:
             _set_kernel_rows(core, rows)
             rng = random.Random(0)
-            row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng) for b in batches}
+            row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng, PROMPT_LEN) for b in batches}
             row["prefill 512"] = prefill_ms(core, 5, rng)
             results[name] = row
             print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)

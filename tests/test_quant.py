@@ -294,3 +294,23 @@ def test_flag_reaches_the_engine_config() -> None:
 def test_dense_linear_is_f_linear() -> None:
     w, x, b = torch.randn(5, 8), torch.randn(2, 8), torch.randn(5)
     assert torch.equal(DenseLinear(w)(x, b), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 32, 513])
+def test_packed_bf16_linear_is_f_linear_to_the_bit(rows: int) -> None:
+    torch.manual_seed(rows)
+    w, b = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
+    lin = DenseLinear(w)
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert lin.packed is not None and lin.weight is None  # the packed copy is the only one
+    x = torch.randn(rows, 64).bfloat16()
+    assert torch.equal(lin(x), F.linear(x, w))
+    assert torch.equal(lin(x, b), F.linear(x, w, b))
+    x3 = torch.randn(2, rows, 64).bfloat16()
+    assert torch.equal(lin(x3), F.linear(x3, w))
+
+
+def test_fp32_weights_stay_plain() -> None:
+    w = torch.randn(8, 16)
+    lin = DenseLinear(w)
+    assert lin.packed is None and lin.weight is w

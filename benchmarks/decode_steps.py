@@ -1,0 +1,134 @@
+"""In-process engine step times in bf16, dense weights: plain matrices against packed ones.
+
+Variants (each a fresh engine, same run): `plain` weights, which F.linear hands oneDNN to reorder on
+every call, and `packed` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`, today's
+engine). Decode steps at several batch sizes (every sequence decoding, 192-token contexts) and one
+512-token prefill. Run it with PYTHONPATH set to another checkout to time an older engine the same way
+(only `plain` where it cannot pack).
+
+Usage: python benchmarks/decode_steps.py [--threads 2] [--batches 1,8,32] [--steps 20] [--out x.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import random
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from microserve.engine.builder import build_core
+from microserve.engine.config import CacheConfig, EngineConfig
+from microserve.engine.core import EngineCore
+from microserve.engine.sampling import SamplingParams
+from microserve.engine.scheduler import SchedulerConfig
+from microserve.machine import describe_machine
+from microserve.model import quant
+
+CONTEXT_LEN, PREFILL_LEN = 192, 512
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(100, 49000) for _ in range(n)]
+
+
+def decode_step_ms(core: EngineCore, batch: int, steps: int, rng: random.Random, context: int) -> float:
+    """Median time of a step in which `batch` sequences each decode one token after `context` tokens."""
+    params = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
+    ids = [f"d{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        core.add_request(rid, _ids(rng, context), params)
+    while core.num_waiting or any(s.num_computed_tokens < context for s in core.scheduler.running):
+        core.step()
+    core.step()  # the first pure decode step, after the last prefill
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    for rid in ids:
+        core.abort_request(rid)
+    return statistics.median(times) * 1e3
+
+
+def prefill_ms(core: EngineCore, repeats: int, rng: random.Random) -> float:
+    """Median time of the step that prefills one fresh 512-token prompt."""
+    times = []
+    for i in range(repeats):
+        core.add_request(f"p{i}", _ids(rng, PREFILL_LEN), SamplingParams(max_tokens=1, temperature=0.0))
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+        while core.has_work():
+            core.step()
+    return statistics.median(times) * 1e3
+
+
+@contextmanager
+def plain_weights():
+    """Build with F.linear on plain matrices, as before weights were packed."""
+    saved = quant.pack_for_onednn
+    quant.pack_for_onednn = lambda weight: None
+    try:
+        yield
+    finally:
+        quant.pack_for_onednn = saved
+
+
+def build(threads: int, quantization: str) -> EngineCore:
+    return build_core(
+        EngineConfig(
+            dtype="bfloat16",
+            quantization=quantization,
+            threads=threads,
+            max_model_len=2048,
+            cache=CacheConfig(memory_bytes=1 << 30, enable_prefix_caching=False),
+            scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=512),
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--quantization", default="none", choices=["none", "auto"])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    header = f"{describe_machine()}; torch {torch.__version__}; {args.threads} threads; bf16"
+    date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    print(header, date, sep="\n")
+    packs = hasattr(quant, "pack_for_onednn")
+    results: dict[str, dict[str, float]] = {}
+    for name in ("plain", "packed") if packs else ("plain",):
+        with plain_weights() if packs and name == "plain" else _nothing():
+            core = build(args.threads, args.quantization)
+        rng = random.Random(0)
+        row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng, CONTEXT_LEN) for b in batches}
+        row["prefill 512"] = prefill_ms(core, 5, rng)
+        results[name] = row
+        print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)
+        del core
+        gc.collect()
+    print(f"\n{'step (median ms)':>18} " + " ".join(f"{n:>16}" for n in results))
+    for key in next(iter(results.values())):
+        print(f"{key:>18} " + " ".join(f"{results[n][key]:>16.1f}" for n in results))
+    if args.out:
+        args.out.write_text(json.dumps({"machine": header, "date": date, "steps_ms": results}, indent=1))
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+if __name__ == "__main__":
+    main()
