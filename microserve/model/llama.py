@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from microserve.kernels import cpu_ops
 from microserve.model.config import ModelConfig
 from microserve.model.loader import QuantizedTensor
 from microserve.model.quant import DenseLinear, Int4Linear, Linear
@@ -33,6 +34,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_decode: int = 0
     decode_slots: torch.Tensor | None = None  # [num_decode, max_context] (padding repeats a valid slot)
+    decode_tables: torch.Tensor | None = None  # [num_decode, max_blocks] for the paged decode kernel
+    decode_lens: torch.Tensor | None = None  # [num_decode] context lengths, new token included
+    block_size: int = 0
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context]; None when no padding
     prefills: list[PrefillChunk] = field(default_factory=list)
 
@@ -87,6 +91,8 @@ class Llama(torch.nn.Module):
             )
         cos, sin = _rope_tables(c, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+        # Decode attention straight over the paged blocks (microserve/kernels), where it can be built.
+        self.decode_kernel = cpu_ops() if device.type == "cpu" else None
 
     def linear(self, x: torch.Tensor, layer: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), whatever form the weight is kept in."""
@@ -141,7 +147,11 @@ class Llama(torch.nn.Module):
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         nd = meta.num_decode
-        if nd:
+        if nd and meta.decode_tables is not None:
+            out[:nd] = self.decode_kernel.paged_decode_attention(
+                q[:nd], k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
+            )
+        elif nd:
             slots = meta.decode_slots
             shape = (*slots.shape, *k_layer.shape[1:])  # [B, L, kv_heads, head_dim]
             kd = k_layer.index_select(0, slots.flatten()).view(shape).transpose(1, 2)

@@ -104,6 +104,11 @@ class TorchRunner:
             max_len = max(decode_lens)
             width = -(-max_len // bs)
             padded = torch.tensor([t[:width] + [t[0]] * (width - len(t[:width])) for t in decode_tables])
+            if self.model.decode_kernel is not None:  # it reads the blocks itself
+                meta.decode_tables = padded.to(self.device)
+                meta.decode_lens = torch.tensor(decode_lens, device=self.device)
+                meta.block_size = bs
+                return self._tensors(tokens, pos_chunks, meta, logit_rows, samplers)
             slots = (padded[:, :, None] * bs + torch.arange(bs)).view(len(decode_tables), -1)[:, :max_len]
             meta.decode_slots = slots.contiguous().to(self.device)
             if min(decode_lens) != max_len:
@@ -111,6 +116,16 @@ class TorchRunner:
                 meta.decode_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(
                     self.device
                 )
+        return self._tensors(tokens, pos_chunks, meta, logit_rows, samplers)
+
+    def _tensors(
+        self,
+        tokens: list[int],
+        pos_chunks: list[torch.Tensor],
+        meta: AttentionMetadata,
+        logit_rows: list[int],
+        samplers: list[Sequence],
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, list[Sequence]]:
         return (
             torch.tensor(tokens, dtype=torch.long, device=self.device),
             torch.cat(pos_chunks).to(self.device),

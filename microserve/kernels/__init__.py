@@ -1,0 +1,54 @@
+"""microserve's own CPU kernels (`cpu_ops.cpp`), compiled for this machine at first use.
+
+A decode step's attention over paged K/V in torch is a gather of every context into a padded copy, then
+SDPA over the copy: two passes over the K/V and, on CPU, at a fraction of the memory's speed. The kernel
+here reads the K/V straight from the blocks once. It is built with the C++ toolchain torch's extension
+loader uses (g++, ninja) and cached under torch's extensions directory, so only the first engine on a
+machine pays the ~30 s build; `scripts/setup.sh` builds it ahead (`python -m microserve.kernels`).
+
+Where it cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
+`cpu_ops()` returns None and the model runs on torch's ops alone: the same results within float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_lock = threading.Lock()
+_loaded: list[ModuleType | None] = []  # empty until the first call
+
+
+def cpu_ops() -> ModuleType | None:
+    """The compiled kernels, or None where they are off or cannot be built (logged once)."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("MICROSERVE_KERNELS", "1") == "0":
+        log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="microserve_cpu_ops",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure means: run on torch's ops
+        log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", str(error).splitlines()[0])
+        return None

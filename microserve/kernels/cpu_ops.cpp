@@ -1,0 +1,226 @@
+// CPU kernels for the decode step, where torch's ops cost more than the arithmetic they do.
+//
+// paged_decode_attention: one query token per sequence attends over its K/V read straight from the paged
+//   storage, with no gathered copy: a token's K (then V) rows of every head are one contiguous read, and
+//   the query heads of a K/V head share it. float32 and bfloat16 storage, float32 arithmetic; AVX-512 for
+//   head sizes 64 and 128 with common group sizes, a scalar loop otherwise.
+//
+// Built at first use by microserve/kernels/__init__.py.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+// 16 lanes at a time: the K/V rows of a head (64 values for the bundled model) are 4 vectors.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bf16 is the high half of a float32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// e^x for x <= 0 (scores minus their maximum): 2^n * 2^f, f in [-0.5, 0.5], 2^f by its degree-7 Taylor
+// polynomial (relative error < 1e-8, below float32's resolution).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.525273380405984e-05f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (sequence, K/V head): NV vectors of 16 per head row; `group` query heads share each K/V read.
+// One sequence, all its K/V heads: a token's K (then V) rows of every head are one contiguous read, and
+// the `G` query heads of each K/V head share it. NV vectors of 16 per head row.
+template <typename T, int NV, int G>
+void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
+                int64_t kv_heads, int64_t block_size, float* scores, float* acc, T* out) {
+  constexpr int64_t dim = 16 * NV;
+  const int64_t rows = kv_heads * G;  // query heads; scores are [rows, len]
+  std::vector<float> maxes(rows, -std::numeric_limits<float>::infinity());
+  const int64_t token_stride = kv_heads * dim;
+  const T* kp = nullptr;
+  for (int64_t t = 0, left = 0; t < len; ++t, --left, kp += token_stride) {
+    if (left == 0) {  // the next block: no division per token
+      kp = k_cache + table[t / block_size] * block_size * token_stride;
+      left = block_size;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      __m512 k[NV];
+      for (int v = 0; v < NV; ++v) k[v] = load16(kp + h * dim + 16 * v);
+      for (int g = 0; g < G; ++g) {
+        const float* q = qf + (h * G + g) * dim;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), k[0]);
+        for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), k[v], a);
+        const float sc = _mm512_reduce_add_ps(a);
+        const int64_t r = h * G + g;
+        scores[r * len + t] = sc;
+        maxes[r] = std::max(maxes[r], sc);
+      }
+    }
+  }
+  std::vector<float> inv(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = scores + r * len;
+    const __m512 mx = _mm512_set1_ps(maxes[r]);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sr + t), mx));
+      _mm512_storeu_ps(sr + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (t < len) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (len - t)) - 1);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + t), mx));
+      _mm512_mask_storeu_ps(sr + t, m, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  std::fill(acc, acc + rows * dim, 0.f);
+  const T* vp = nullptr;
+  for (int64_t t = 0, left = 0; t < len; ++t, --left, vp += token_stride) {
+    if (left == 0) {
+      vp = v_cache + table[t / block_size] * block_size * token_stride;
+      left = block_size;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      __m512 val[NV];
+      for (int v = 0; v < NV; ++v) val[v] = load16(vp + h * dim + 16 * v);
+      for (int g = 0; g < G; ++g) {
+        const int64_t r = h * G + g;
+        const __m512 p = _mm512_set1_ps(scores[r * len + t]);
+        float* a = acc + r * dim;
+        for (int v = 0; v < NV; ++v)
+          _mm512_storeu_ps(a + 16 * v, _mm512_fmadd_ps(p, val[v], _mm512_loadu_ps(a + 16 * v)));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < dim; ++d) out[r * dim + d] = static_cast<T>(acc[r * dim + d] * inv[r]);
+}
+
+// The vectorised kernel for the head sizes and group sizes of common models; false: not one of them.
+template <typename T>
+bool attend_fast(int64_t dim, int64_t group, const float* qf, const T* k_cache, const T* v_cache,
+                 const int64_t* table, int64_t len, int64_t kv_heads, int64_t block_size, float* scores,
+                 float* acc, T* out) {
+#define MICROSERVE_ATTEND(NV, G)                                                                       \
+  if (dim == 16 * (NV) && group == (G)) {                                                             \
+    attend_seq<T, NV, G>(qf, k_cache, v_cache, table, len, kv_heads, block_size, scores, acc, out);  \
+    return true;                                                                                      \
+  }
+  MICROSERVE_ATTEND(4, 1) MICROSERVE_ATTEND(4, 2) MICROSERVE_ATTEND(4, 3) MICROSERVE_ATTEND(4, 4)
+  MICROSERVE_ATTEND(4, 8) MICROSERVE_ATTEND(8, 1) MICROSERVE_ATTEND(8, 2) MICROSERVE_ATTEND(8, 4)
+  MICROSERVE_ATTEND(8, 5) MICROSERVE_ATTEND(8, 7) MICROSERVE_ATTEND(8, 8)
+#undef MICROSERVE_ATTEND
+  return false;
+}
+#endif
+
+// Any head size, any CPU: the same computation one value at a time.
+template <typename T>
+void attend_one_scalar(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table,
+                       int64_t len, int64_t kv_heads, int64_t h, int64_t block_size, int64_t group,
+                       int64_t dim, float* scores, float* acc, T* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < len; ++t) {
+      const T* kp = k_cache + ((table[t / block_size] * block_size + t % block_size) * kv_heads + h) * dim;
+      float s = 0.f;
+      for (int64_t d = 0; d < dim; ++d) s += qf[g * dim + d] * static_cast<float>(kp[d]);
+      scores[t] = s;
+      mx = std::max(mx, s);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) sum += (scores[t] = std::exp(scores[t] - mx));
+    std::fill(acc, acc + dim, 0.f);
+    for (int64_t t = 0; t < len; ++t) {
+      const T* vp = v_cache + ((table[t / block_size] * block_size + t % block_size) * kv_heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) acc[d] += scores[t] * static_cast<float>(vp[d]);
+    }
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = static_cast<T>(acc[d] / sum);
+  }
+}
+
+template <typename T>
+void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                      int64_t table_stride, const int64_t* lens, T* out, int64_t batch, int64_t heads,
+                      int64_t kv_heads, int64_t dim, int64_t block_size, float scale) {
+  const int64_t group = heads / kv_heads;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, lens[b]);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(heads * dim), scores(heads * longest), acc(heads * dim);
+    for (int64_t b = begin; b < end; ++b) {
+      const T* qb = q + b * heads * dim;
+      for (int64_t i = 0; i < heads * dim; ++i) qf[i] = static_cast<float>(qb[i]) * scale;
+      const int64_t* table = tables + b * table_stride;
+      T* ob = out + b * heads * dim;
+#if defined(__AVX512F__)
+      if (attend_fast<T>(dim, group, qf.data(), k_cache, v_cache, table, lens[b], kv_heads, block_size,
+                         scores.data(), acc.data(), ob))
+        continue;
+#endif
+      for (int64_t h = 0; h < kv_heads; ++h)
+        attend_one_scalar<T>(qf.data() + h * group * dim, k_cache, v_cache, table, lens[b], kv_heads, h,
+                             block_size, group, dim, scores.data(), acc.data(), ob + h * group * dim);
+    }
+  });
+}
+
+// q [B, heads, dim]; caches [slots, kv_heads, dim]; tables [B, max_blocks] int64; lens [B] int64.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, int64_t block_size,
+                                     double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(tables.scalar_type() == torch::kLong && lens.scalar_type() == torch::kLong, "int64 indices");
+  TORCH_CHECK(q.size(0) == tables.size(0) && q.size(0) == lens.size(0), "one table and length per row");
+  TORCH_CHECK(q.size(2) == k_cache.size(2) && q.size(1) % k_cache.size(1) == 0, "head layout mismatch");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  q = q.contiguous();
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  auto out = torch::empty_like(q);
+  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_decode_attention",
+    AT_DISPATCH_CASE(torch::kFloat, [&] {
+      decode_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                              tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
+                              out.data_ptr<float>(), q.size(0), q.size(1), k_cache.size(1), q.size(2),
+                              block_size, static_cast<float>(scale));
+    })
+    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
+      using T = at::BFloat16;
+      decode_attention<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                          tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
+                          out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), q.size(2),
+                          block_size, static_cast<float>(scale));
+    }));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention);
+}

@@ -1,0 +1,89 @@
+"""The CPU decode-attention kernel against torch's gather + SDPA; the engine with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from microserve.kernels import cpu_ops
+from tests.conftest import completion_ids, greedy, make_core, run_to_completion
+
+ops = cpu_ops()
+needs_kernels = pytest.mark.skipif(ops is None, reason="microserve's CPU kernels could not be built here")
+
+
+def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
+    """What the model computes without the kernel: gather each context, then SDPA per sequence."""
+    outs = []
+    kv_heads = k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lens[b])
+        pos = torch.arange(n)
+        slots = tables[b][pos // block_size] * block_size + pos % block_size
+        k = k_cache.index_select(0, slots).transpose(0, 1).float()  # [kv_heads, n, dim]
+        v = v_cache.index_select(0, slots).transpose(0, 1).float()
+        qb = q[b].float().view(kv_heads, -1, q.shape[-1])  # [kv_heads, group, dim]
+        outs.append(F.scaled_dot_product_attention(qb, k, v, scale=scale).reshape(q.shape[1:]))
+    return torch.stack(outs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(9, 3, 64, 16), (8, 8, 64, 16), (32, 8, 128, 16), (12, 4, 64, 8), (6, 2, 32, 16), (4, 2, 48, 4)],
+)
+def test_paged_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, dim, block_size):
+    torch.manual_seed(heads * dim + block_size)
+    lens = torch.tensor([1, 2, block_size, block_size + 1, 37, 200, 63])  # ends inside and on block edges
+    per_seq = -(-int(lens.max()) // block_size)
+    num_blocks = per_seq * len(lens) + 5
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim).to(dtype)
+    tables = torch.randperm(num_blocks)[: per_seq * len(lens)].view(len(lens), per_seq)  # scattered blocks
+    q = torch.randn(len(lens), heads, dim).to(dtype)
+    scale = dim**-0.5
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size, scale)
+    want = _reference(q, k_cache, v_cache, tables, lens, block_size, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+@needs_kernels
+def test_paged_decode_attention_refuses_what_it_cannot_read():
+    q, cache = torch.randn(2, 4, 64), torch.randn(32, 2, 64)
+    tables, lens = torch.zeros(2, 2, dtype=torch.long), torch.tensor([3, 4])
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.paged_decode_attention(q.bfloat16(), cache, cache, tables, lens, 16, 0.125)
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.paged_decode_attention(q, cache, cache, tables.int(), lens, 16, 0.125)
+    with pytest.raises(RuntimeError, match="one table and length per row"):
+        ops.paged_decode_attention(q, cache, cache, tables[:1], lens, 16, 0.125)
+    with pytest.raises(RuntimeError, match="head layout"):
+        ops.paged_decode_attention(torch.randn(2, 3, 64), cache, cache, tables, lens, 16, 0.125)
+
+
+@needs_kernels
+def test_the_engine_decodes_the_same_with_and_without_the_kernel():
+    prompts = {f"p{i}": list(range(1000 + 97 * i, 1000 + 97 * i + 20 + 13 * i)) for i in range(6)}
+    core = make_core()
+    assert core.runner.model.decode_kernel is ops
+    with_kernel = run_to_completion(
+        core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()}
+    )
+    core.runner.model.decode_kernel = None  # the runner then prepares the gather path
+    core.kv.pool.reset_prefix_cache()
+    without = run_to_completion(core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()})
+    assert {r: completion_ids(o) for r, o in with_kernel.items()} == {
+        r: completion_ids(o) for r, o in without.items()
+    }
+
+
+def test_kernels_can_be_turned_off(monkeypatch):
+    import microserve.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_loaded", [])
+    monkeypatch.setenv("MICROSERVE_KERNELS", "0")
+    assert kernels.cpu_ops() is None
