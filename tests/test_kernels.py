@@ -1,4 +1,4 @@
-"""The CPU decode-attention kernel against torch's gather + SDPA; the engine with and without it."""
+"""microserve's CPU kernels against the torch ops they replace; the engine with and without them."""
 
 from __future__ import annotations
 
@@ -51,6 +51,32 @@ def test_paged_decode_attention_matches_gather_and_sdpa(dtype, heads, kv_heads, 
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "dim"), [(1, 576), (32, 576), (300, 576), (5, 40)])
+def test_add_rms_norm_and_silu_mul_round_as_the_eager_ops(dtype, rows, dim):
+    torch.manual_seed(rows + dim)
+    x, delta = torch.randn(rows, dim).to(dtype), torch.randn(rows, dim).to(dtype)
+    w = torch.randn(dim).to(dtype)
+    gate_up = (3 * torch.randn(rows, 2 * dim)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    x_in_place = x.clone()
+    normed = ops.add_rms_norm(x_in_place, delta, w, 1e-5)
+    assert torch.equal(x_in_place, x + delta)  # the residual lands in x, rounded as `x + delta` is
+    if dtype == torch.bfloat16:  # float32 sums in another order, rounded to bf16: the same bits
+        assert torch.equal(normed, _rms_norm(x + delta, w))
+        assert torch.equal(ops.add_rms_norm(x, None, w, 1e-5), _rms_norm(x, w))
+        assert torch.equal(ops.silu_mul(gate_up), F.silu(gate) * up)
+    else:
+        torch.testing.assert_close(normed, _rms_norm(x + delta, w), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ops.silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+
+
 @needs_kernels
 def test_paged_decode_attention_refuses_what_it_cannot_read():
     q, cache = torch.randn(2, 4, 64), torch.randn(32, 2, 64)
@@ -63,17 +89,21 @@ def test_paged_decode_attention_refuses_what_it_cannot_read():
         ops.paged_decode_attention(q, cache, cache, tables[:1], lens, 16, 0.125)
     with pytest.raises(RuntimeError, match="head layout"):
         ops.paged_decode_attention(torch.randn(2, 3, 64), cache, cache, tables, lens, 16, 0.125)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.add_rms_norm(torch.randn(2, 8), None, torch.randn(4), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.silu_mul(torch.randn(2, 8).half())
 
 
 @needs_kernels
 def test_the_engine_decodes_the_same_with_and_without_the_kernel():
     prompts = {f"p{i}": list(range(1000 + 97 * i, 1000 + 97 * i + 20 + 13 * i)) for i in range(6)}
     core = make_core()
-    assert core.runner.model.decode_kernel is ops
+    assert core.runner.model.kernels is ops
     with_kernel = run_to_completion(
         core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()}
     )
-    core.runner.model.decode_kernel = None  # the runner then prepares the gather path
+    core.runner.model.kernels = None  # the runner then prepares the gather path
     core.kv.pool.reset_prefix_cache()
     without = run_to_completion(core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()})
     assert {r: completion_ids(o) for r, o in with_kernel.items()} == {

@@ -219,8 +219,159 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   return out;
 }
 
+
+// ---- Row-wise glue between the GEMMs: RMSNorm (with the residual add) and SiLU(gate) * up. ----
+
+#if defined(__AVX512F__)
+inline __m512 load16_any(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_any(const at::BFloat16* p) { return load16(p); }
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(at::BFloat16* p, __m512 x) {  // round to nearest even, as torch casts
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+// The value x takes once stored as T: what torch's eager ops round to between two ops.
+inline __m512 as_stored(__m512 x, float*) { return x; }
+inline __m512 as_stored(__m512 x, at::BFloat16*) {
+  alignas(64) at::BFloat16 tmp[16];
+  store16(tmp, x);
+  return load16(tmp);
+}
+#endif
+
+template <typename T>
+void rms_row(const T* x, const T* weight, T* y, int64_t dim, float eps) {
+  int64_t d = 0;
+  float ss = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= dim; d += 16) {
+    const __m512 v = load16_any(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  ss = _mm512_reduce_add_ps(acc);
+#endif
+  for (; d < dim; ++d) ss += static_cast<float>(x[d]) * static_cast<float>(x[d]);
+  // As transformers: normalise in float32, cast to the model's dtype, then scale by the weight.
+  const float norm = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+  d = 0;
+#if defined(__AVX512F__)
+  const __m512 n = _mm512_set1_ps(norm);
+  for (; d + 16 <= dim; d += 16) {
+    const __m512 h = as_stored(_mm512_mul_ps(load16_any(x + d), n), y);
+    store16(y + d, _mm512_mul_ps(load16_any(weight + d), h));
+  }
+#endif
+  for (; d < dim; ++d)
+    y[d] = static_cast<T>(static_cast<float>(weight[d]) * static_cast<float>(static_cast<T>(static_cast<float>(x[d]) * norm)));
+}
+
+template <typename T>
+void add_row(T* x, const T* delta, int64_t dim) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= dim; d += 16) store16(x + d, _mm512_add_ps(load16_any(x + d), load16_any(delta + d)));
+#endif
+  for (; d < dim; ++d) x[d] = static_cast<T>(static_cast<float>(x[d]) + static_cast<float>(delta[d]));
+}
+
+template <typename T>
+void silu_mul_row(const T* gate, const T* up, T* out, int64_t half) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= half; d += 16) {
+    const __m512 g = load16_any(gate + d);
+    const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
+    const __m512 s = as_stored(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), out);
+    store16(out + d, _mm512_mul_ps(s, load16_any(up + d)));
+  }
+#endif
+  for (; d < half; ++d) {
+    const float g = static_cast<float>(gate[d]);
+    const float s = static_cast<float>(static_cast<T>(g / (1.f + std::exp(-g))));
+    out[d] = static_cast<T>(s * static_cast<float>(up[d]));
+  }
+}
+
+template <typename F>
+void for_rows(int64_t rows, int64_t grain, const F& f) {  // threads only where there is enough work
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
+void check_rows(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [rows, dim] tensor");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be [dim] in x's dtype");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "float32 or bfloat16 only");
+}
+
+// rms_norm(x) with transformers' rounding; when `delta` is given, x += delta in place first.
+torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, torch::Tensor weight,
+                           double eps) {
+  check_rows(x, weight);
+  if (delta) {
+    TORCH_CHECK(delta->sizes() == x.sizes() && delta->scalar_type() == x.scalar_type(), "delta must match x");
+    *delta = delta->contiguous();
+  }
+  auto y = torch::empty_like(x);
+  const int64_t dim = x.size(1);
+  AT_DISPATCH_SWITCH(x.scalar_type(), "add_rms_norm",
+    AT_DISPATCH_CASE(torch::kFloat, [&] {
+      using T = float;
+      T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
+      const T* dp = delta ? delta->data_ptr<T>() : nullptr;
+      const T* wp = weight.data_ptr<T>();
+      for_rows(x.size(0), 64, [&](int64_t r) {
+        if (dp) add_row(xp + r * dim, dp + r * dim, dim);
+        rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
+      });
+    })
+    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
+      using T = at::BFloat16;
+      T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
+      const T* dp = delta ? delta->data_ptr<T>() : nullptr;
+      const T* wp = weight.data_ptr<T>();
+      for_rows(x.size(0), 64, [&](int64_t r) {
+        if (dp) add_row(xp + r * dim, dp + r * dim, dim);
+        rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
+      });
+    }));
+  return y;
+}
+
+// gate_up [rows, 2 * half] -> silu(gate_up[:, :half]) * gate_up[:, half:], rounded as the eager ops are.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up must be [rows, 2 * half]");
+  TORCH_CHECK(gate_up.scalar_type() == torch::kFloat || gate_up.scalar_type() == torch::kBFloat16,
+              "float32 or bfloat16 only");
+  gate_up = gate_up.contiguous();
+  const int64_t half = gate_up.size(1) / 2;
+  auto out = torch::empty({gate_up.size(0), half}, gate_up.options());
+  AT_DISPATCH_SWITCH(gate_up.scalar_type(), "silu_mul",
+    AT_DISPATCH_CASE(torch::kFloat, [&] {
+      const float* g = gate_up.data_ptr<float>();
+      float* o = out.data_ptr<float>();
+      for_rows(gate_up.size(0), 16, [&](int64_t r) { silu_mul_row(g + 2 * r * half, g + (2 * r + 1) * half, o + r * half, half); });
+    })
+    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
+      using T = at::BFloat16;
+      const T* g = gate_up.data_ptr<T>();
+      T* o = out.data_ptr<T>();
+      for_rows(gate_up.size(0), 16, [&](int64_t r) { silu_mul_row(g + 2 * r * half, g + (2 * r + 1) * half, o + r * half, half); });
+    }));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("silu_mul", &silu_mul);
 }

@@ -91,8 +91,10 @@ class Llama(torch.nn.Module):
             )
         cos, sin = _rope_tables(c, device)
         self.cos, self.sin = cos.to(dtype), sin.to(dtype)
-        # Decode attention straight over the paged blocks (microserve/kernels), where it can be built.
-        self.decode_kernel = cpu_ops() if device.type == "cpu" else None
+        # microserve's CPU kernels (decode attention over the paged blocks, fused norms and SwiGLU) where
+        # they can be built; torch's ops otherwise.
+        on_cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+        self.kernels = cpu_ops() if on_cpu else None
 
     def linear(self, x: torch.Tensor, layer: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), whatever form the weight is kept in."""
@@ -103,6 +105,23 @@ class Llama(torch.nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * h.to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """x += residual (in place, when given), then rms_norm(x): one pass with the CPU kernels."""
+        if self.kernels is not None:
+            return self.kernels.add_rms_norm(x, residual, weight, self.config.rms_norm_eps)
+        if residual is not None:
+            x += residual
+        return self.rms_norm(x, weight)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up over the fused gate/up projection's output."""
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     @torch.inference_mode()
     def forward(
@@ -119,8 +138,9 @@ class Llama(torch.nn.Module):
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         x = F.embedding(input_ids, self.embed)
+        residual: torch.Tensor | None = None  # the last layer's MLP output, still to add to x
         for i, layer in enumerate(self.layers):
-            h = self.rms_norm(x, layer["input_norm"])
+            h = self.add_rms_norm(x, residual, layer["input_norm"])
             qkv = self.linear(h, layer["qkv"], layer["qkv_bias"])
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
@@ -129,10 +149,11 @@ class Llama(torch.nn.Module):
             k_cache[i].index_copy_(0, meta.slot_mapping, k)
             v_cache[i].index_copy_(0, meta.slot_mapping, v)
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], meta)
-            x = x + self.linear(attn.reshape(-1, self.q_size), layer["o"])
-            h = self.rms_norm(x, layer["post_norm"])
-            gate, up = self.linear(h, layer["gate_up"]).chunk(2, dim=-1)
-            x = x + self.linear(F.silu(gate) * up, layer["down"])
+            attn = self.linear(attn.reshape(-1, self.q_size), layer["o"])
+            h = self.add_rms_norm(x, attn, layer["post_norm"])
+            residual = self.linear(self.silu_mul(self.linear(h, layer["gate_up"])), layer["down"])
+        if residual is not None:
+            x += residual
         x = self.rms_norm(x[logit_rows], self.final_norm)
         return self.linear(x, self.lm_head).float()
 
@@ -148,7 +169,7 @@ class Llama(torch.nn.Module):
         out = torch.empty_like(q)
         nd = meta.num_decode
         if nd and meta.decode_tables is not None:
-            out[:nd] = self.decode_kernel.paged_decode_attention(
+            out[:nd] = self.kernels.paged_decode_attention(
                 q[:nd], k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
             )
         elif nd:

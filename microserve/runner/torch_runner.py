@@ -104,7 +104,7 @@ class TorchRunner:
             max_len = max(decode_lens)
             width = -(-max_len // bs)
             padded = torch.tensor([t[:width] + [t[0]] * (width - len(t[:width])) for t in decode_tables])
-            if self.model.decode_kernel is not None:  # it reads the blocks itself
+            if self.model.kernels is not None:  # it reads the blocks itself
                 meta.decode_tables = padded.to(self.device)
                 meta.decode_lens = torch.tensor(decode_lens, device=self.device)
                 meta.block_size = bs
