@@ -78,6 +78,41 @@ def test_add_rms_norm_and_silu_mul_round_as_the_eager_ops(dtype, rows, dim):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 128), (2, 1, 40)])
+def test_rope_qkv_rotates_and_fills_the_cache_as_the_eager_ops(dtype, heads, kv_heads, dim):
+    from microserve.model.llama import _rope
+
+    torch.manual_seed(dim)
+    tokens, num_slots = 11, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    angles = torch.rand(tokens, dim // 2).repeat(1, 2) * 6
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(num_slots)[:tokens]
+    k_cache, v_cache = (
+        torch.zeros(num_slots, kv_heads, dim, dtype=dtype),
+        torch.zeros(num_slots, kv_heads, dim, dtype=dtype),
+    )
+    q, k = ops.rope_qkv(qkv, cos, sin, heads, kv_heads, slots, k_cache, v_cache)
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q_ref = _rope(q_ref.view(tokens, heads, dim), cos[:, None], sin[:, None])
+    k_ref = _rope(k_ref.reshape(tokens, kv_heads, dim), cos[:, None], sin[:, None])
+    if dtype == torch.bfloat16:
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    else:
+        torch.testing.assert_close(q, q_ref, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6)
+    assert torch.equal(k_cache[slots], k) and torch.equal(
+        v_cache[slots], v_ref.reshape(tokens, kv_heads, dim)
+    )
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache[untouched].any() and not v_cache[untouched].any()
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.rope_qkv(qkv, cos, sin, heads, kv_heads, slots + num_slots, k_cache, v_cache)
+
+
+@needs_kernels
 def test_paged_decode_attention_refuses_what_it_cannot_read():
     q, cache = torch.randn(2, 4, 64), torch.randn(32, 2, 64)
     tables, lens = torch.zeros(2, 2, dtype=torch.long), torch.tensor([3, 4])

@@ -116,6 +116,28 @@ class Llama(torch.nn.Module):
             x += residual
         return self.rms_norm(x, weight)
 
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        k_layer: torch.Tensor,
+        v_layer: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the fused projection into q, k, v; RoPE on q and k; k and v into their cache slots."""
+        c = self.config
+        if self.kernels is not None:
+            q, k = self.kernels.rope_qkv(qkv, cos, sin, c.num_heads, c.num_kv_heads, slots, k_layer, v_layer)
+            return q, k, qkv[:, self.q_size + self.kv_size :].view(-1, c.num_kv_heads, c.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = _rope(q.view(-1, c.num_heads, c.head_dim), cos[:, None], sin[:, None])
+        k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos[:, None], sin[:, None])
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        k_layer.index_copy_(0, slots, k)
+        v_layer.index_copy_(0, slots, v)
+        return q, k, v
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up over the fused gate/up projection's output."""
         if self.kernels is not None:
@@ -134,20 +156,13 @@ class Llama(torch.nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """Run the flattened batch; return float32 logits for the rows in `logit_rows`."""
-        c = self.config
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self.cos[positions], self.sin[positions]
         x = F.embedding(input_ids, self.embed)
         residual: torch.Tensor | None = None  # the last layer's MLP output, still to add to x
         for i, layer in enumerate(self.layers):
             h = self.add_rms_norm(x, residual, layer["input_norm"])
             qkv = self.linear(h, layer["qkv"], layer["qkv_bias"])
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = _rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-            k = _rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
-            v = v.view(-1, c.num_kv_heads, c.head_dim)
-            k_cache[i].index_copy_(0, meta.slot_mapping, k)
-            v_cache[i].index_copy_(0, meta.slot_mapping, v)
+            q, k, v = self.rope_and_cache(qkv, cos, sin, meta.slot_mapping, k_cache[i], v_cache[i])
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], meta)
             attn = self.linear(attn.reshape(-1, self.q_size), layer["o"])
             h = self.add_rms_norm(x, attn, layer["post_norm"])
