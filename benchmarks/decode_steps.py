@@ -1,10 +1,11 @@
-"""In-process engine step times in bf16, dense weights: plain matrices against packed ones.
+"""In-process engine step times in bf16, dense weights: what each of the engine's CPU speed-ups buys.
 
 Variants (each a fresh engine, same run): `plain` weights, which F.linear hands oneDNN to reorder on
-every call, and `packed` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`, today's
-engine). Decode steps at several batch sizes (every sequence decoding, 192-token contexts) and one
-512-token prefill. Run it with PYTHONPATH set to another checkout to time an older engine the same way
-(only `plain` where it cannot pack).
+every call, or `packed` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`); with
+torch's ops only, or with microserve's CPU kernels (`microserve/kernels`: decode attention over the paged
+blocks, fused RMSNorm, SwiGLU and RoPE) — packed + kernels is today's engine. Decode steps at several
+batch sizes (every sequence decoding, 192-token contexts) and one 512-token prefill. Run it with
+PYTHONPATH set to another checkout to time an older engine the same way (variants it lacks are skipped).
 
 Usage: python benchmarks/decode_steps.py [--threads 2] [--batches 1,8,32] [--steps 20] [--out x.json]
 """
@@ -108,9 +109,21 @@ def main() -> None:
     print(header, date, sep="\n")
     packs = hasattr(quant, "pack_for_onednn")
     results: dict[str, dict[str, float]] = {}
-    for name in ("plain", "packed") if packs else ("plain",):
-        with plain_weights() if packs and name == "plain" else _nothing():
+    variants = [
+        ("plain, torch ops", False, False),
+        ("packed, torch ops", True, False),
+        ("packed, kernels", True, True),
+    ]
+    for name, packed, kernels in variants:
+        if not packs and packed:
+            continue
+        with plain_weights() if packs and not packed else _nothing():
             core = build(args.threads, args.quantization)
+        has_kernels = getattr(core.runner.model, "kernels", None) is not None
+        if kernels and not has_kernels:
+            continue
+        if has_kernels and not kernels:
+            core.runner.model.kernels = None  # torch's ops for every step
         rng = random.Random(0)
         row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng, CONTEXT_LEN) for b in batches}
         row["prefill 512"] = prefill_ms(core, 5, rng)
