@@ -124,6 +124,10 @@ def test_paged_decode_attention_refuses_what_it_cannot_read():
         ops.paged_decode_attention(q, cache, cache, tables[:1], lens, 16, 0.125)
     with pytest.raises(RuntimeError, match="head layout"):
         ops.paged_decode_attention(torch.randn(2, 3, 64), cache, cache, tables, lens, 16, 0.125)
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        ops.paged_decode_attention(q, cache, cache, tables + 2, lens, 16, 0.125)  # 32 slots: blocks 0, 1
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        ops.paged_decode_attention(q, cache, cache, tables, lens + 30, 16, 0.125)
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.add_rms_norm(torch.randn(2, 8), None, torch.randn(4), 1e-5)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):

@@ -1,17 +1,20 @@
 """microserve's own CPU kernels (`cpu_ops.cpp`), compiled for this machine at first use.
 
-A decode step's attention over paged K/V in torch is a gather of every context into a padded copy, then
-SDPA over the copy: two passes over the K/V and, on CPU, at a fraction of the memory's speed. The kernel
-here reads the K/V straight from the blocks once. It is built with the C++ toolchain torch's extension
-loader uses (g++, ninja) and cached under torch's extensions directory, so only the first engine on a
-machine pays the ~30 s build; `scripts/setup.sh` builds it ahead (`python -m microserve.kernels`).
+On a CPU a decode step spends much of its time outside the GEMMs: torch's attention over paged K/V
+gathers every context into a padded copy and runs SDPA over it, and the glue between the GEMMs (norms,
+RoPE, SwiGLU, residuals) is some thirty eager ops per layer. These kernels read the K/V straight from the
+blocks and do each piece of glue in one pass. They are built with the C++ toolchain torch's extension
+loader uses (g++, ninja) and cached under torch's extensions directory, one build per version of the
+source, so only the first engine on a machine pays the ~30 s build; `scripts/setup.sh` builds it ahead
+(`python -m microserve.kernels`).
 
-Where it cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
+Where they cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
 `cpu_ops()` returns None and the model runs on torch's ops alone: the same results within float rounding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -39,13 +42,16 @@ def _load() -> ModuleType | None:
     if os.environ.get("MICROSERVE_KERNELS", "1") == "0":
         log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
         return None
+    flags = ["-O3", "-march=native", "-fopenmp"]
+    # One build directory per source and flags: checkouts of different versions never rebuild each other's.
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="microserve_cpu_ops",
+            name=f"microserve_cpu_ops_{digest}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -1,11 +1,14 @@
-// CPU kernels for the decode step, where torch's ops cost more than the arithmetic they do.
+// CPU kernels for the model's step, where torch's ops cost more than the arithmetic they do.
 //
 // paged_decode_attention: one query token per sequence attends over its K/V read straight from the paged
 //   storage, with no gathered copy: a token's K (then V) rows of every head are one contiguous read, and
 //   the query heads of a K/V head share it. float32 and bfloat16 storage, float32 arithmetic; AVX-512 for
 //   head sizes 64 and 128 with common group sizes, a scalar loop otherwise.
+// add_rms_norm, silu_mul, rope_qkv: the glue between the GEMMs (residual add + RMSNorm, SiLU(gate) * up,
+//   RoPE with the K/V cache write), one pass each, rounded between operations exactly as torch's eager
+//   ops round in bfloat16.
 //
-// Built at first use by microserve/kernels/__init__.py.
+// Built by microserve/kernels/__init__.py (at setup, or at first use).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -28,8 +31,8 @@ inline __m512 load16(const at::BFloat16* p) {  // bf16 is the high half of a flo
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// e^x for x <= 0 (scores minus their maximum): 2^n * 2^f, f in [-0.5, 0.5], 2^f by its degree-7 Taylor
-// polynomial (relative error < 1e-8, below float32's resolution).
+// e^x for x <= 88 (softmax takes scores minus their maximum): 2^n * 2^f, f in [-0.5, 0.5], 2^f by its
+// degree-7 Taylor polynomial (relative error < 1e-8, below float32's resolution); 0 below -87.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
@@ -46,7 +49,6 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One (sequence, K/V head): NV vectors of 16 per head row; `group` query heads share each K/V read.
 // One sequence, all its K/V heads: a token's K (then V) rows of every head are one contiguous read, and
 // the `G` query heads of each K/V head share it. NV vectors of 16 per head row.
 template <typename T, int NV, int G>
@@ -201,6 +203,15 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   q = q.contiguous();
   tables = tables.contiguous();
   lens = lens.contiguous();
+  // A wrong table must be an error, never a read outside the caches.
+  const int64_t num_blocks = k_cache.size(0) / block_size, width = tables.size(1);
+  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
+  TORCH_CHECK(block_size > 0 && k_cache.size(0) % block_size == 0, "block_size must divide the cache slots");
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lp[b] > 0 && lp[b] <= width * block_size, "context length outside its block table");
+    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < num_blocks, "block id out of range");
+  }
   auto out = torch::empty_like(q);
   AT_DISPATCH_SWITCH(q.scalar_type(), "paged_decode_attention",
     AT_DISPATCH_CASE(torch::kFloat, [&] {
@@ -223,8 +234,6 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 // ---- Row-wise glue between the GEMMs: RMSNorm (with the residual add) and SiLU(gate) * up. ----
 
 #if defined(__AVX512F__)
-inline __m512 load16_any(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16_any(const at::BFloat16* p) { return load16(p); }
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(at::BFloat16* p, __m512 x) {  // round to nearest even, as torch casts
   const __m512i u = _mm512_castps_si512(x);
@@ -249,7 +258,7 @@ void rms_row(const T* x, const T* weight, T* y, int64_t dim, float eps) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (; d + 16 <= dim; d += 16) {
-    const __m512 v = load16_any(x + d);
+    const __m512 v = load16(x + d);
     acc = _mm512_fmadd_ps(v, v, acc);
   }
   ss = _mm512_reduce_add_ps(acc);
@@ -261,8 +270,8 @@ void rms_row(const T* x, const T* weight, T* y, int64_t dim, float eps) {
 #if defined(__AVX512F__)
   const __m512 n = _mm512_set1_ps(norm);
   for (; d + 16 <= dim; d += 16) {
-    const __m512 h = as_stored(_mm512_mul_ps(load16_any(x + d), n), y);
-    store16(y + d, _mm512_mul_ps(load16_any(weight + d), h));
+    const __m512 h = as_stored(_mm512_mul_ps(load16(x + d), n), y);
+    store16(y + d, _mm512_mul_ps(load16(weight + d), h));
   }
 #endif
   for (; d < dim; ++d)
@@ -273,7 +282,7 @@ template <typename T>
 void add_row(T* x, const T* delta, int64_t dim) {
   int64_t d = 0;
 #if defined(__AVX512F__)
-  for (; d + 16 <= dim; d += 16) store16(x + d, _mm512_add_ps(load16_any(x + d), load16_any(delta + d)));
+  for (; d + 16 <= dim; d += 16) store16(x + d, _mm512_add_ps(load16(x + d), load16(delta + d)));
 #endif
   for (; d < dim; ++d) x[d] = static_cast<T>(static_cast<float>(x[d]) + static_cast<float>(delta[d]));
 }
@@ -283,10 +292,10 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t half) {
   int64_t d = 0;
 #if defined(__AVX512F__)
   for (; d + 16 <= half; d += 16) {
-    const __m512 g = load16_any(gate + d);
+    const __m512 g = load16(gate + d);
     const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
     const __m512 s = as_stored(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), out);
-    store16(out + d, _mm512_mul_ps(s, load16_any(up + d)));
+    store16(out + d, _mm512_mul_ps(s, load16(up + d)));
   }
 #endif
   for (; d < half; ++d) {
@@ -387,9 +396,9 @@ void rope_row16(const T* x, const T* cos, const T* sin, T* out, int64_t dim) {  
   const int64_t half = dim / 2;
   const __m512 minus = _mm512_set1_ps(-1.f);
   for (int64_t d = 0; d < dim; d += 16) {
-    __m512 rot = d < half ? _mm512_mul_ps(minus, load16_any(x + d + half)) : load16_any(x + d - half);
-    const __m512 a = as_stored(_mm512_mul_ps(load16_any(x + d), load16_any(cos + d)), out);
-    const __m512 b = as_stored(_mm512_mul_ps(rot, load16_any(sin + d)), out);
+    __m512 rot = d < half ? _mm512_mul_ps(minus, load16(x + d + half)) : load16(x + d - half);
+    const __m512 a = as_stored(_mm512_mul_ps(load16(x + d), load16(cos + d)), out);
+    const __m512 b = as_stored(_mm512_mul_ps(rot, load16(sin + d)), out);
     store16(out + d, _mm512_add_ps(a, b));
   }
 }
