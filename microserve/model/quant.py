@@ -66,9 +66,9 @@ def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
     F.linear hands oneDNN a plain matrix, which it reorders into its blocked layout on every call: a
     second pass over every weight on every step. Packed once here, a whole bf16 decode step of the
-    bundled model on the 2-core Xeon takes 25 ms instead of 32 for one sequence and 59 instead of 65
-    for 32 (benchmarks/decode_steps.py); the result is the same to the bit. torch's inductor packs the
-    same way when it freezes a model for CPU. fp32 GEMMs run in MKL, where packing did not pay.
+    bundled model on the 2-core Xeon is ~6 ms shorter, for one sequence and for 32
+    (benchmarks/decode_steps.py); the result is the same to the bit. torch's inductor packs the same way
+    when it freezes a model for CPU. fp32 GEMMs run in MKL, where packing did not pay.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         return None
