@@ -4,8 +4,8 @@ On a CPU a decode step spends much of its time outside the GEMMs: torch's attent
 gathers every context into a padded copy and runs SDPA over it, and the glue between the GEMMs (norms,
 RoPE, SwiGLU, residuals) is some thirty eager ops per layer. These kernels read the K/V straight from the
 blocks and do each piece of glue in one pass. They are built with the C++ toolchain torch's extension
-loader uses (g++, ninja) and cached under torch's extensions directory, one build per version of the
-source, so only the first engine on a machine pays the ~30 s build; `scripts/setup.sh` builds it ahead
+loader uses (g++, ninja) and cached under torch's extensions directory, one build per checkout and
+version of the source, so only the first engine pays the ~30 s build; `scripts/setup.sh` builds it ahead
 (`python -m microserve.kernels`).
 
 Where they cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
@@ -43,8 +43,9 @@ def _load() -> ModuleType | None:
         log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
         return None
     flags = ["-O3", "-march=native", "-fopenmp"]
-    # One build directory per source and flags: checkouts of different versions never rebuild each other's.
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    # One build directory per source file, content and flags: no checkout ever rebuilds another's build.
+    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(flags).encode()])
+    digest = hashlib.sha256(key).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
