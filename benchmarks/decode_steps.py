@@ -71,6 +71,14 @@ def prefill_ms(core: EngineCore, repeats: int, rng: random.Random) -> float:
     return statistics.median(times) * 1e3
 
 
+def step_times(core: EngineCore, batches: list[int], steps: int, context: int) -> dict[str, float]:
+    """Median decode step at each batch size (contexts of `context` tokens), and a 512-token prefill."""
+    rng = random.Random(0)
+    row = {f"decode b={b}": decode_step_ms(core, b, steps, rng, context) for b in batches}
+    row["prefill 512"] = prefill_ms(core, 5, rng)
+    return row
+
+
 @contextmanager
 def plain_weights():
     """Build with F.linear on plain matrices, as before weights were packed."""
@@ -124,11 +132,8 @@ def main() -> None:
             continue
         if has_kernels and not kernels:
             core.runner.model.kernels = None  # torch's ops for every step
-        rng = random.Random(0)
-        row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng, CONTEXT_LEN) for b in batches}
-        row["prefill 512"] = prefill_ms(core, 5, rng)
-        results[name] = row
-        print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)
+        results[name] = step_times(core, batches, args.steps, CONTEXT_LEN)
+        print(name, {k: round(v, 1) for k, v in results[name].items()}, flush=True)
         del core
         gc.collect()
     print(f"\n{'step (median ms)':>18} " + " ".join(f"{n:>16}" for n in results))

@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gc
-import random
 import time
 
 import torch
-from decode_steps import decode_step_ms, prefill_ms
+from decode_steps import step_times
 
 from microserve.engine.builder import build_core
 from microserve.engine.config import CacheConfig, EngineConfig
@@ -62,11 +61,8 @@ def main() -> None:
             variants = [("int4", INT4_KERNEL_MAX_ROWS), ("int4 kernel always", None)]
         for name, rows in variants:
             _set_kernel_rows(core, rows)
-            rng = random.Random(0)
-            row = {f"decode b={b}": decode_step_ms(core, b, args.steps, rng, PROMPT_LEN) for b in batches}
-            row["prefill 512"] = prefill_ms(core, 5, rng)
-            results[name] = row
-            print(name, {k: round(v, 1) for k, v in row.items()}, flush=True)
+            results[name] = step_times(core, batches, args.steps, PROMPT_LEN)
+            print(name, {k: round(v, 1) for k, v in results[name].items()}, flush=True)
         del core
         gc.collect()
     print(f"\n{'step (median ms)':>18} " + " ".join(f"{n:>20}" for n in results) + "   none / int4")

@@ -49,6 +49,29 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// A sequence's token rows (every head's K, or V) in order, through its block table: one division per
+// block, not per token.
+template <typename T>
+struct RowWalk {
+  const T* cache;
+  const int64_t* table;
+  int64_t block_size, token_stride;
+  int64_t t = 0, left = 0;
+  const T* row = nullptr;
+
+  const T* next() {
+    if (left == 0) {
+      row = cache + table[t / block_size] * block_size * token_stride;
+      left = block_size;
+    } else {
+      row += token_stride;
+    }
+    --left;
+    ++t;
+    return row;
+  }
+};
+
 // One sequence, all its K/V heads: a token's K (then V) rows of every head are one contiguous read, and
 // the `G` query heads of each K/V head share it. NV vectors of 16 per head row.
 template <typename T, int NV, int G>
@@ -58,12 +81,9 @@ void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64
   const int64_t rows = kv_heads * G;  // query heads; scores are [rows, len]
   std::vector<float> maxes(rows, -std::numeric_limits<float>::infinity());
   const int64_t token_stride = kv_heads * dim;
-  const T* kp = nullptr;
-  for (int64_t t = 0, left = 0; t < len; ++t, --left, kp += token_stride) {
-    if (left == 0) {  // the next block: no division per token
-      kp = k_cache + table[t / block_size] * block_size * token_stride;
-      left = block_size;
-    }
+  RowWalk<T> keys{k_cache, table, block_size, token_stride};
+  for (int64_t t = 0; t < len; ++t) {
+    const T* kp = keys.next();
     for (int64_t h = 0; h < kv_heads; ++h) {
       __m512 k[NV];
       for (int v = 0; v < NV; ++v) k[v] = load16(kp + h * dim + 16 * v);
@@ -98,12 +118,9 @@ void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64
     inv[r] = 1.f / _mm512_reduce_add_ps(sum);
   }
   std::fill(acc, acc + rows * dim, 0.f);
-  const T* vp = nullptr;
-  for (int64_t t = 0, left = 0; t < len; ++t, --left, vp += token_stride) {
-    if (left == 0) {
-      vp = v_cache + table[t / block_size] * block_size * token_stride;
-      left = block_size;
-    }
+  RowWalk<T> values{v_cache, table, block_size, token_stride};
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vp = values.next();
     for (int64_t h = 0; h < kv_heads; ++h) {
       __m512 val[NV];
       for (int v = 0; v < NV; ++v) val[v] = load16(vp + h * dim + 16 * v);
