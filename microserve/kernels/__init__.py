@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -49,13 +52,31 @@ def _load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name=f"microserve_cpu_ops_{digest}",
-            sources=[str(SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _ninja_on_path():
+            return load(
+                name=f"microserve_cpu_ops_{digest}",
+                sources=[str(SOURCE)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except Exception as error:  # any build or load failure means: run on torch's ops
         log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", str(error).splitlines()[0])
         return None
+
+
+@contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The `ninja` wheel's binary on PATH while torch looks for it: a venv's bin is often not on PATH."""
+    saved = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
