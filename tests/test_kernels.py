@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,17 @@ def test_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(kernels, "_loaded", [])
     monkeypatch.setenv("MICROSERVE_KERNELS", "0")
     assert kernels.cpu_ops() is None
+
+
+def test_kernels_that_cannot_be_built_fall_back_and_say_why(monkeypatch, tmp_path, caplog):
+    import microserve.kernels as kernels
+
+    bad = tmp_path / "cpu_ops.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "SOURCE", bad)
+    monkeypatch.setenv("MICROSERVE_KERNELS", "1")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    with caplog.at_level(logging.WARNING, logger="microserve.kernels"):
+        assert kernels._load() is None
+    assert "microserve CPU kernels unavailable, using torch's ops" in caplog.text
+    assert "error" in caplog.text.lower()  # the compiler's reason, not only the command line

@@ -61,7 +61,11 @@ def _load() -> ModuleType | None:
                 verbose=False,
             )
     except Exception as error:  # any build or load failure means: run on torch's ops
-        log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", str(error).splitlines()[0])
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # A failed build's message starts with the compile command; its cause is a line naming an error.
+        cause = next((line for line in lines[1:] if "error" in line.lower()), lines[-1])
+        why = lines[0][:100] if len(lines) == 1 else f"{lines[0][:100]}... {cause}"
+        log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", why)
         return None
 
 
