@@ -248,7 +248,7 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 }
 
 
-// ---- Row-wise glue between the GEMMs: RMSNorm (with the residual add) and SiLU(gate) * up. ----
+// ---- Row-wise glue between the GEMMs: RMSNorm (with the residual add), SiLU(gate) * up, RoPE. ----
 
 #if defined(__AVX512F__)
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
