@@ -19,7 +19,7 @@ import json
 import random
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -125,7 +125,7 @@ def main() -> None:
     for name, packed, kernels in variants:
         if not packs and packed:
             continue
-        with plain_weights() if packs and not packed else _nothing():
+        with plain_weights() if packs and not packed else nullcontext():
             core = build(args.threads, args.quantization)
         has_kernels = getattr(core.runner.model, "kernels", None) is not None
         if kernels and not has_kernels:
@@ -141,11 +141,6 @@ def main() -> None:
         print(f"{key:>18} " + " ".join(f"{results[n][key]:>16.1f}" for n in results))
     if args.out:
         args.out.write_text(json.dumps({"machine": header, "date": date, "steps_ms": results}, indent=1))
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 if __name__ == "__main__":

@@ -215,13 +215,22 @@ class ViaCompletions(Strategy):
 """
 
 
-async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path: Path) -> None:
+@asynccontextmanager
+async def via_completions(
+    tmp_path: Path, workers: int
+) -> AsyncIterator[tuple[list[FakeOpenAI], RouterClient]]:
+    """`workers` fake microserve engines behind a router running the VIA_COMPLETIONS strategy."""
     path = tmp_path / "via.py"
     path.write_text(VIA_COMPLETIONS)
     async with (
-        fakes(2) as servers,
+        fakes(workers) as servers,
         routing(servers, kind=WorkerKind.MICROSERVE, strategy=f"{path}:ViaCompletions") as client,
     ):
+        yield servers, client
+
+
+async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path: Path) -> None:
+    async with via_completions(tmp_path, 2) as (servers, client):
         sdk = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="x", max_retries=0)
         whole = await sdk.chat.completions.create(model="fake", messages=CHAT["messages"], max_tokens=4)
         assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
@@ -242,12 +251,7 @@ async def test_strategy_building_blocks_shape_chat_and_continue_streams(tmp_path
 
 
 async def test_a_strategys_stream_ends_with_the_usage_the_client_asked_for(tmp_path: Path) -> None:
-    path = tmp_path / "via.py"
-    path.write_text(VIA_COMPLETIONS)
-    async with (
-        fakes(1) as servers,
-        routing(servers, kind=WorkerKind.MICROSERVE, strategy=f"{path}:ViaCompletions") as client,
-    ):
+    async with via_completions(tmp_path, 1) as (servers, client):
         body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
         events = await sse(await client.post("/v1/chat/completions", json=body))
         assert servers[0].generate_calls[0]["stream_options"] == {"include_usage": True}
