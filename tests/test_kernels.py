@@ -136,6 +136,56 @@ def test_paged_decode_attention_refuses_what_it_cannot_read():
         ops.silu_mul(torch.randn(2, 8).half())
 
 
+needs_amx = pytest.mark.skipif(
+    ops is None or not ops.amx_available(), reason="no AMX on this CPU (or the kernels could not be built)"
+)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 32])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (96, 576), (576, 1536)])
+def test_amx_linear_is_onednn_to_the_bit_up_to_32_rows(rows, n, k):
+    torch.manual_seed(rows * n + k)
+    w, b, x = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16(), torch.randn(rows, k).bfloat16()
+    tiles = ops.amx_pack(w)
+    assert tiles.shape == (n // 16, k // 32, 16, 16, 2)
+    assert torch.equal(ops.amx_linear(x, tiles, None), F.linear(x, w))  # oneDNN's AMX GEMM
+    assert torch.equal(ops.amx_linear(x, tiles, b), F.linear(x, w, b))
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [0, 33, 100, 512])
+def test_amx_linear_rows_do_not_depend_on_the_batch(rows):
+    """Any row count: within a rounding of F.linear, and each row exactly what it is computed alone."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(80, 96).bfloat16(), torch.randn(rows, 96).bfloat16()
+    tiles = ops.amx_pack(w)
+    got = ops.amx_linear(x, tiles, None)
+    assert got.shape == (rows, 80)
+    torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2**-7, atol=1e-3)
+    for i in range(0, rows, 31):
+        assert torch.equal(got[i], ops.amx_linear(x[i : i + 1], tiles, None)[0])
+
+
+@needs_amx
+def test_amx_linear_refuses_what_it_cannot_multiply():
+    with pytest.raises(RuntimeError, match="N % 16 == 0 and K % 32 == 0"):
+        ops.amx_pack(torch.randn(40, 64).bfloat16())
+    with pytest.raises(RuntimeError, match="N % 16 == 0 and K % 32 == 0"):
+        ops.amx_pack(torch.randn(48, 72).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        ops.amx_pack(torch.randn(48, 64))
+    tiles = ops.amx_pack(torch.randn(48, 64).bfloat16())
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 64\] bfloat16"):
+        ops.amx_linear(torch.randn(2, 32).bfloat16(), tiles, None)
+    with pytest.raises(RuntimeError, match=r"x must be"):
+        ops.amx_linear(torch.randn(2, 64), tiles, None)
+    with pytest.raises(RuntimeError, match=r"bias must be \[48\] bfloat16"):
+        ops.amx_linear(torch.randn(2, 64).bfloat16(), tiles, torch.randn(47).bfloat16())
+    with pytest.raises(RuntimeError, match="from amx_pack"):
+        ops.amx_linear(torch.randn(2, 64).bfloat16(), torch.randn(48, 64).bfloat16(), None)
+
+
 @needs_kernels
 def test_the_engine_decodes_the_same_with_and_without_the_kernel():
     prompts = {f"p{i}": list(range(1000 + 97 * i, 1000 + 97 * i + 20 + 13 * i)) for i in range(6)}

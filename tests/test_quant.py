@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 import gguf
@@ -297,20 +299,22 @@ def test_dense_linear_is_f_linear() -> None:
 
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 32, 513])
-def test_packed_bf16_linear_is_f_linear_to_the_bit(rows: int) -> None:
+def test_packed_bf16_linear_is_f_linear(rows: int) -> None:
+    """To the bit up to 32 rows (AMX tiles or oneDNN's layout alike); beyond, oneDNN reorders its sums."""
     torch.manual_seed(rows)
     w, b = torch.randn(96, 64).bfloat16(), torch.randn(96).bfloat16()
     lin = DenseLinear(w)
     if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert lin.packed is not None and lin.weight is None  # the packed copy is the only one
+        assert (lin.tiles is not None or lin.packed is not None) and lin.weight is None  # the only copy
+    same = torch.equal if rows <= 32 else functools.partial(torch.allclose, rtol=2**-7, atol=1e-3)
     x = torch.randn(rows, 64).bfloat16()
-    assert torch.equal(lin(x), F.linear(x, w))
-    assert torch.equal(lin(x, b), F.linear(x, w, b))
+    assert same(lin(x), F.linear(x, w))
+    assert same(lin(x, b), F.linear(x, w, b))
     x3 = torch.randn(2, rows, 64).bfloat16()
-    assert torch.equal(lin(x3), F.linear(x3, w))
+    assert same(lin(x3), F.linear(x3, w))
 
 
 def test_fp32_weights_stay_plain() -> None:
     w = torch.randn(8, 16)
     lin = DenseLinear(w)
-    assert lin.packed is None and lin.weight is w
+    assert lin.tiles is None and lin.packed is None and lin.weight is w

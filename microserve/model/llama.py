@@ -181,8 +181,12 @@ class Llama(torch.nn.Module):
         v_layer: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        out = torch.empty_like(q)
         nd = meta.num_decode
+        if nd and meta.decode_tables is not None and not meta.prefills:  # all decode: no copy
+            return self.kernels.paged_decode_attention(
+                q, k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
+            )
+        out = torch.empty_like(q)
         if nd and meta.decode_tables is not None:
             out[:nd] = self.kernels.paged_decode_attention(
                 q[:nd], k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
