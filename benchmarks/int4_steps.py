@@ -21,12 +21,15 @@ from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.machine import describe_machine
-from microserve.model.quant import INT4_KERNEL_MAX_ROWS, Int4Linear
+from microserve.model.quant import Int4Linear
 
 PROMPT_LEN = 128
 
 
-def _set_kernel_rows(core: EngineCore, rows: int | None) -> None:
+def _set_kernel_rows(core: EngineCore, rows: int | str | None) -> None:
+    """Force the int4 layers' row limit (None: the kernel always); "auto" keeps the engine's own."""
+    if rows == "auto":
+        return
     for layer in core.runner.model.layers:
         for lin in layer.values():
             if isinstance(lin, Int4Linear):
@@ -56,9 +59,9 @@ def main() -> None:
             )
         )
         print(f"{quantization}: built in {time.perf_counter() - start:.1f} s")
-        variants: list[tuple[str, int | None]] = [("none", INT4_KERNEL_MAX_ROWS)]
+        variants: list[tuple[str, int | str | None]] = [("none", "auto")]
         if quantization == "int4":
-            variants = [("int4", INT4_KERNEL_MAX_ROWS), ("int4 kernel always", None)]
+            variants = [("int4", "auto"), ("int4 kernel always", None)]
         for name, rows in variants:
             _set_kernel_rows(core, rows)
             results[name] = step_times(core, batches, args.steps, PROMPT_LEN)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +169,22 @@ def test_amx_linear_rows_do_not_depend_on_the_batch(rows):
     torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2**-7, atol=1e-3)
     for i in range(0, rows, 31):
         assert torch.equal(got[i], ops.amx_linear(x[i : i + 1], tiles, None)[0])
+
+
+@needs_amx
+def test_amx_linear_as_the_first_amx_user_of_a_process():
+    """No oneDNN GEMM ran before it: the kernel asks Linux for AMX and loads its own tile configuration."""
+    code = (
+        "import torch\n"
+        "from microserve.kernels import cpu_ops\n"
+        "k = cpu_ops()\n"
+        "w, x = torch.randn(48, 64).bfloat16(), torch.randn(3, 64).bfloat16()\n"
+        "got = k.amx_linear(x, k.amx_pack(w), None)\n"
+        "assert torch.equal(got, torch.nn.functional.linear(x, w))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=300)
 
 
 @needs_amx

@@ -555,7 +555,9 @@ void configure_tiles(int rows0, int rows1) {
   for (int t : {2, 3, 5}) cfg.rows[t] = static_cast<uint8_t>(std::max(rows1, 1));
   for (int t : {6, 7}) cfg.rows[t] = 16;
   for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  // Not _tile_loadconfig: GCC 12 declares it as reading 8 bytes, and then drops the stores that fill the
+  // rest of the configuration (ldtilecfg then faults on whatever the stack held).
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 // Rows [m, m + rows) of y for column blocks nb (and nb + 1 when `pair`).

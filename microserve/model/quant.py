@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ QUANTIZATIONS = ("auto", "none", "int4")
 GROUP_SIZE = 32  # elements per Q4_0/Q4_1 block, and the kernel's group
 # Torch's CPU int4 kernel multiplies in fp32 FMAs, 4 rows at a time: it beats bf16 GEMM (AMX) only
 # while a step is memory-bound, i.e. for few rows. On the 2-core Xeon (benchmarks/int4_steps.py) a decode
-# step with the kernel vs the dequantized weights: 16 vs 33 ms at 1 row, 33 vs 44 at 8, 43 vs 47 at 12.
-INT4_KERNEL_MAX_ROWS = 8
+# step with the kernel vs the dequantized weights on oneDNN: 16 vs 33 ms at 1 row, 33 vs 44 at 8, 43 vs
+# 47 at 12; on microserve's AMX GEMM, which streams the dense weights faster: 11.0 vs 14.0 at 1 row,
+# 14.1 vs 16.0 at 4, 22.2 vs 17.8 at 8.
+INT4_KERNEL_MAX_ROWS = 8  # dense weights on oneDNN
+INT4_KERNEL_MAX_ROWS_AMX = 4  # dense weights on AMX tiles
 INT4_TYPES = frozenset({"Q4_0", "Q4_1"})
 _Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d, [fp16 m], 16 bytes of nibbles
 # The rows oneDNN lays packed weights out for; any row count works, and 1..512 ran as fast as with their
@@ -117,7 +121,8 @@ class Int4Linear(Linear):
 
     Packed by `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles; scales and zeros are one
     [K/32, N, 2] tensor in the activations' dtype (the kernel refuses any other), scale before zero.
-    Batches of more than `max_kernel_rows` rows (None: no limit) use the same weights dequantized.
+    Batches of more than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM that
+    runs them starts to win) use the same weights dequantized.
     """
 
     def __init__(
@@ -126,7 +131,7 @@ class Int4Linear(Linear):
         scale: torch.Tensor,
         zero: torch.Tensor,
         dtype: torch.dtype,
-        max_kernel_rows: int | None = INT4_KERNEL_MAX_ROWS,
+        max_kernel_rows: int | Literal["auto"] | None = "auto",
     ) -> None:
         n, k = q.shape
         if k % GROUP_SIZE or scale.shape != (n, k // GROUP_SIZE) or zero.shape != scale.shape:
@@ -142,13 +147,16 @@ class Int4Linear(Linear):
         if max_kernel_rows is not None:
             groups = (q.reshape(n, -1, GROUP_SIZE).float() - 8) * scale[..., None] + zero[..., None]
             self.dense = DenseLinear(groups.reshape(n, k).to(dtype))
+        if max_kernel_rows == "auto":
+            on_amx = self.dense is not None and self.dense.tiles is not None
+            self.max_kernel_rows = INT4_KERNEL_MAX_ROWS_AMX if on_amx else INT4_KERNEL_MAX_ROWS
 
     @classmethod
     def from_gguf(
         cls,
         parts: Sequence[QuantizedTensor],
         dtype: torch.dtype,
-        max_kernel_rows: int | None = INT4_KERNEL_MAX_ROWS,
+        max_kernel_rows: int | Literal["auto"] | None = "auto",
     ) -> Int4Linear:
         """One layer from GGUF tensors stacked along the output rows (fused q/k/v or gate/up).
 
