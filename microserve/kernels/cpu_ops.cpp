@@ -21,6 +21,8 @@
 #include <immintrin.h>
 #endif
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 #if defined(__AMX_BF16__) && defined(__linux__)
@@ -112,13 +114,27 @@ inline __m512 hsum16(const __m512* v) {
 // K row read serves the G heads, sums reduced 16 at a time), then the weighted sum of V rows into
 // accumulators that stay in registers. NV vectors of 16 per head row. The sequence's K/V (~70 KiB for
 // the bundled model at 192 tokens) stays in L2 across its heads.
+//
+// bf16 caches on a CPU with AVX512-BF16 skip the conversions to float32: q.K by VDPBF16PS straight on
+// the bf16 rows (exact products, float32 sums; the scale applied to the sum), and P.V by VDPBF16PS on
+// pairs of tokens, the probabilities rounded to bf16 as torch's SDPA rounds them for its P.V GEMM.
 constexpr int64_t kAhead = 32;  // tokens the K prefetch runs ahead
 
+#if defined(__AVX512BF16__)
+inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
+#endif
+
 template <typename T, int NV, int G>
-void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64_t* table, int64_t len,
-                int64_t kv_heads, int64_t block_size, float* scores, T* out) {
+void attend_seq(const T* q, const float* qf, float scale, const T* k_cache, const T* v_cache,
+                const int64_t* table, int64_t len, int64_t kv_heads, int64_t block_size, float* scores,
+                at::BFloat16* probs, T* out) {
+#if defined(__AVX512BF16__)
+  constexpr bool bf16_dot = std::is_same_v<T, at::BFloat16> && NV % 2 == 0;
+#else
+  constexpr bool bf16_dot = false;
+#endif
   constexpr int64_t dim = 16 * NV;
-  const int64_t token_stride = kv_heads * dim;
+  const int64_t token_stride = kv_heads * dim, pstride = len + 1;  // probs: one zero past the end
   for (int64_t h = 0; h < kv_heads; ++h) {
     float maxes[G];
     std::fill(maxes, maxes + G, -std::numeric_limits<float>::infinity());
@@ -144,19 +160,35 @@ void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64
       for (int i = 0; i < n; ++i) rows[i] = keys.next();
       const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
       for (int g = 0; g < G; ++g) {
-        const float* qg = qf + (h * G + g) * dim;
-        __m512 q[NV], part[16];
-        for (int v = 0; v < NV; ++v) q[v] = _mm512_loadu_ps(qg + 16 * v);
-        for (int i = 0; i < 16; ++i) {
-          if (i >= n) {
+        __m512 part[16], sc;
+        if constexpr (bf16_dot) {
+#if defined(__AVX512BF16__)
+          const T* qg = q + (h * G + g) * dim;
+          __m512bh qv[NV / 2];
+          for (int v = 0; v < NV / 2; ++v) qv[v] = as_bh(_mm512_loadu_si512(qg + 32 * v));
+          for (int i = 0; i < 16; ++i) {
             part[i] = _mm512_setzero_ps();
-            continue;
+            if (i >= n) continue;
+            for (int v = 0; v < NV / 2; ++v)
+              part[i] = _mm512_dpbf16_ps(part[i], as_bh(_mm512_loadu_si512(rows[i] + 32 * v)), qv[v]);
           }
-          __m512 a = _mm512_mul_ps(q[0], load16(rows[i]));
-          for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(q[v], load16(rows[i] + 16 * v), a);
-          part[i] = a;
+          sc = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(scale));
+#endif
+        } else {
+          const float* qg = qf + (h * G + g) * dim;
+          __m512 qv[NV];
+          for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(qg + 16 * v);
+          for (int i = 0; i < 16; ++i) {
+            if (i >= n) {
+              part[i] = _mm512_setzero_ps();
+              continue;
+            }
+            __m512 a = _mm512_mul_ps(qv[0], load16(rows[i]));
+            for (int v = 1; v < NV; ++v) a = _mm512_fmadd_ps(qv[v], load16(rows[i] + 16 * v), a);
+            part[i] = a;
+          }
+          sc = hsum16(part);
         }
-        const __m512 sc = hsum16(part);
         _mm512_mask_storeu_ps(scores + g * len + t0, live, sc);
         maxes[g] = std::max(maxes[g], _mm512_mask_reduce_max_ps(live, sc));
       }
@@ -169,39 +201,85 @@ void attend_seq(const float* qf, const T* k_cache, const T* v_cache, const int64
       for (int64_t t = 0; t < len; t += 16) {
         const __mmask16 m = len - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - t)) - 1);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sr + t), mx));
-        _mm512_mask_storeu_ps(sr + t, m, e);
+        if constexpr (bf16_dot) {
+#if defined(__AVX512BF16__)
+          _mm256_mask_storeu_epi16(probs + g * pstride + t, m, (__m256i)_mm512_cvtneps_pbh(e));
+#endif
+        } else {
+          _mm512_mask_storeu_ps(sr + t, m, e);
+        }
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
       }
+      if constexpr (bf16_dot) probs[g * pstride + len] = at::BFloat16(0.f);
       inv[g] = 1.f / _mm512_reduce_add_ps(sum);
     }
     __m512 acc[G][NV];
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_setzero_ps();
     RowWalk<T> values{v_cache + h * dim, table, block_size, token_stride};
-    for (int64_t t = 0; t < len; ++t) {
-      const T* vp = values.next();
-      __m512 val[NV];
-      for (int v = 0; v < NV; ++v) val[v] = load16(vp + 16 * v);
-      for (int g = 0; g < G; ++g) {
-        const __m512 p = _mm512_set1_ps(scores[g * len + t]);
-        for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+    if constexpr (bf16_dot) {
+#if defined(__AVX512BF16__)
+      // Tokens t, t + 1 interleaved value by value (within 128-bit lanes) against (p_t, p_t+1): each
+      // accumulator holds 16 of the head's values in a lane order undone at the store.
+      for (int64_t t = 0; t < len; t += 2) {
+        const T* va = values.next();
+        const T* vb = t + 1 < len ? values.next() : nullptr;
+        __m512bh pp[G];
+        for (int g = 0; g < G; ++g) {
+          int32_t pair;
+          std::memcpy(&pair, probs + g * pstride + t, sizeof(pair));
+          pp[g] = as_bh(_mm512_set1_epi32(pair));
+        }
+        for (int v = 0; v < NV / 2; ++v) {
+          const __m512i a = _mm512_loadu_si512(va + 32 * v);
+          const __m512i b = vb ? _mm512_loadu_si512(vb + 32 * v) : _mm512_setzero_si512();
+          const __m512bh lo = as_bh(_mm512_unpacklo_epi16(a, b)), hi = as_bh(_mm512_unpackhi_epi16(a, b));
+          for (int g = 0; g < G; ++g) {
+            acc[g][2 * v] = _mm512_dpbf16_ps(acc[g][2 * v], lo, pp[g]);
+            acc[g][2 * v + 1] = _mm512_dpbf16_ps(acc[g][2 * v + 1], hi, pp[g]);
+          }
+        }
       }
-    }
-    for (int g = 0; g < G; ++g) {
-      const __m512 s = _mm512_set1_ps(inv[g]);
-      for (int v = 0; v < NV; ++v) store16(out + (h * G + g) * dim + 16 * v, _mm512_mul_ps(acc[g][v], s));
+      // lo lane 4j + r holds value 8j + r of its 32, hi lane 4j + r value 8j + 4 + r.
+      const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+      const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = _mm512_set1_ps(inv[g]);
+        T* o = out + (h * G + g) * dim;
+        for (int v = 0; v < NV / 2; ++v) {
+          const __m512 lo = acc[g][2 * v], hi = acc[g][2 * v + 1];
+          store16(o + 32 * v, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s));
+          store16(o + 32 * v + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s));
+        }
+      }
+#endif
+    } else {
+      for (int64_t t = 0; t < len; ++t) {
+        const T* vp = values.next();
+        __m512 val[NV];
+        for (int v = 0; v < NV; ++v) val[v] = load16(vp + 16 * v);
+        for (int g = 0; g < G; ++g) {
+          const __m512 p = _mm512_set1_ps(scores[g * len + t]);
+          for (int v = 0; v < NV; ++v) acc[g][v] = _mm512_fmadd_ps(p, val[v], acc[g][v]);
+        }
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512 s = _mm512_set1_ps(inv[g]);
+        for (int v = 0; v < NV; ++v) store16(out + (h * G + g) * dim + 16 * v, _mm512_mul_ps(acc[g][v], s));
+      }
     }
   }
 }
 
 // The vectorised kernel for the head sizes and group sizes of common models; false: not one of them.
 template <typename T>
-bool attend_fast(int64_t dim, int64_t group, const float* qf, const T* k_cache, const T* v_cache,
-                 const int64_t* table, int64_t len, int64_t kv_heads, int64_t block_size, float* scores,
-                 T* out) {
+bool attend_fast(int64_t dim, int64_t group, const T* q, const float* qf, float scale, const T* k_cache,
+                 const T* v_cache, const int64_t* table, int64_t len, int64_t kv_heads, int64_t block_size,
+                 float* scores, at::BFloat16* probs, T* out) {
 #define MICROSERVE_ATTEND(NV, G)                                                                       \
   if (dim == 16 * (NV) && group == (G)) {                                                             \
-    attend_seq<T, NV, G>(qf, k_cache, v_cache, table, len, kv_heads, block_size, scores, out);       \
+    attend_seq<T, NV, G>(q, qf, scale, k_cache, v_cache, table, len, kv_heads, block_size, scores,  \
+                         probs, out);                                                              \
     return true;                                                                                      \
   }
   MICROSERVE_ATTEND(4, 1) MICROSERVE_ATTEND(4, 2) MICROSERVE_ATTEND(4, 3) MICROSERVE_ATTEND(4, 4)
@@ -246,14 +324,15 @@ void decode_attention(const T* q, const T* k_cache, const T* v_cache, const int6
   for (int64_t b = 0; b < batch; ++b) longest = std::max(longest, lens[b]);
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(heads * dim), scores(heads * longest), acc(heads * dim);
+    std::vector<at::BFloat16> probs(group * (longest + 1));
     for (int64_t b = begin; b < end; ++b) {
       const T* qb = q + b * heads * dim;
       for (int64_t i = 0; i < heads * dim; ++i) qf[i] = static_cast<float>(qb[i]) * scale;
       const int64_t* table = tables + b * table_stride;
       T* ob = out + b * heads * dim;
 #if defined(__AVX512F__)
-      if (attend_fast<T>(dim, group, qf.data(), k_cache, v_cache, table, lens[b], kv_heads, block_size,
-                         scores.data(), ob))
+      if (attend_fast<T>(dim, group, qb, qf.data(), scale, k_cache, v_cache, table, lens[b], kv_heads,
+                         block_size, scores.data(), probs.data(), ob))
         continue;
 #endif
       for (int64_t h = 0; h < kv_heads; ++h)
