@@ -1,10 +1,11 @@
 """In-process engine step times in bf16, dense weights: what each of the engine's CPU speed-ups buys.
 
 Variants (each a fresh engine, same run): `plain` weights, which F.linear hands oneDNN to reorder on
-every call, or `packed` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`); with
-torch's ops only, or with microserve's CPU kernels (`microserve/kernels`: decode attention over the paged
-blocks, fused RMSNorm, SwiGLU and RoPE) — packed + kernels is today's engine. Decode steps at several
-batch sizes (every sequence decoding, 192-token contexts) and one 512-token prefill. Run it with
+every call; `oneDNN` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`); `AMX`
+tiles for microserve's own GEMM (`model/quant.pack_for_amx`); with torch's ops only, or with
+microserve's CPU kernels (`microserve/kernels`: decode attention over the paged blocks, fused RMSNorm,
+SwiGLU and RoPE, greedy argmax) — AMX + kernels is today's engine on a CPU with AMX. Decode steps at
+several batch sizes (every sequence decoding, 192-token contexts) and one 512-token prefill. Run it with
 PYTHONPATH set to another checkout to time an older engine the same way (variants it lacks are skipped).
 
 Usage: python benchmarks/decode_steps.py [--threads 2] [--batches 1,8,32] [--steps 20] [--out x.json]
@@ -19,7 +20,7 @@ import json
 import random
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,14 +81,17 @@ def step_times(core: EngineCore, batches: list[int], steps: int, context: int) -
 
 
 @contextmanager
-def plain_weights():
-    """Build with F.linear on plain matrices, as before weights were packed."""
-    saved = quant.pack_for_onednn
-    quant.pack_for_onednn = lambda weight: None
+def weight_layout(layout: str):
+    """Build with weights `plain` (F.linear), in oneDNN's layout, or as AMX tiles (the default)."""
+    patched = {"plain": ["pack_for_amx", "pack_for_onednn"], "oneDNN": ["pack_for_amx"], "AMX": []}[layout]
+    saved = {name: getattr(quant, name) for name in patched if hasattr(quant, name)}
+    for name in saved:
+        setattr(quant, name, lambda weight: None)
     try:
         yield
     finally:
-        quant.pack_for_onednn = saved
+        for name, fn in saved.items():
+            setattr(quant, name, fn)
 
 
 def build(threads: int, quantization: str) -> EngineCore:
@@ -115,23 +119,34 @@ def main() -> None:
     header = f"{describe_machine()}; torch {torch.__version__}; {args.threads} threads; bf16"
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     print(header, date, sep="\n")
-    packs = hasattr(quant, "pack_for_onednn")
+    available = {
+        "plain": True,
+        "oneDNN": hasattr(quant, "pack_for_onednn"),
+        "AMX": hasattr(quant, "pack_for_amx"),
+    }
     results: dict[str, dict[str, float]] = {}
     variants = [
-        ("plain, torch ops", False, False),
-        ("packed, torch ops", True, False),
-        ("packed, kernels", True, True),
+        ("plain, torch ops", "plain", False),
+        ("oneDNN, torch ops", "oneDNN", False),
+        ("oneDNN, kernels", "oneDNN", True),
+        ("AMX, kernels", "AMX", True),
     ]
-    for name, packed, kernels in variants:
-        if not packs and packed:
+    for name, layout, kernels in variants:
+        if not available[layout]:
             continue
-        with plain_weights() if packs and not packed else nullcontext():
+        with weight_layout(layout):
             core = build(args.threads, args.quantization)
-        has_kernels = getattr(core.runner.model, "kernels", None) is not None
+        model = core.runner.model
+        if layout == "AMX" and not any(
+            getattr(lin, "tiles", None) is not None for lin in model.layers[0].values()
+        ):
+            continue  # no AMX here (or no kernels): the same as oneDNN
+        has_kernels = getattr(model, "kernels", None) is not None
         if kernels and not has_kernels:
             continue
         if has_kernels and not kernels:
-            core.runner.model.kernels = None  # torch's ops for every step
+            model.kernels = None  # torch's ops for every step
+            core.runner.sampler._argmax = None
         results[name] = step_times(core, batches, args.steps, CONTEXT_LEN)
         print(name, {k: round(v, 1) for k, v in results[name].items()}, flush=True)
         del core

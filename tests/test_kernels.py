@@ -207,6 +207,22 @@ def test_amx_linear_refuses_what_it_cannot_multiply():
 
 
 @needs_kernels
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 5), (3, 17), (4, 16), (32, 49152)])
+def test_argmax_rows_is_torch_max_indices(rows, vocab):
+    """The first largest value wins a tie; a row with a NaN gives its first NaN, as torch.max does."""
+    torch.manual_seed(vocab)
+    x = torch.randn(rows, vocab)
+    x[0, 1] = x[0, -1] = x[0].max() + 1  # a tie
+    x[-1, :] = float("-inf")
+    assert torch.equal(ops.argmax_rows(x), x.max(dim=-1).indices)
+    if rows > 1:
+        x[1, 3:] = float("nan")
+        assert torch.equal(ops.argmax_rows(x), x.max(dim=-1).indices)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax_rows(x.bfloat16())
+
+
+@needs_kernels
 def test_the_engine_decodes_the_same_with_and_without_the_kernel():
     prompts = {f"p{i}": list(range(1000 + 97 * i, 1000 + 97 * i + 20 + 13 * i)) for i in range(6)}
     core = make_core()

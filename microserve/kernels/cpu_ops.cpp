@@ -740,6 +740,57 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
 #endif
   return y;
 }
+
+// ---- Greedy sampling: the index of each row's largest value ----
+
+// x [R, V] float32 -> int64 [R], as torch.max(dim=-1).indices: the first largest value, or the first
+// NaN where a row has one.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.size(1) > 0, "x must be [rows, V > 0] float32");
+  x = x.contiguous();
+  const int64_t rows = x.size(0), V = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * V;
+      int64_t v = 0, best = 0;
+      float top = row[0];
+      bool nan = false;
+#if defined(__AVX512F__)
+      if (V >= 16) {
+        __m512 mx = _mm512_loadu_ps(row);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i at = idx;
+        __mmask16 unordered = _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+        for (v = 16; v + 16 <= V; v += 16) {
+          at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+          const __m512 x16 = _mm512_loadu_ps(row + v);
+          unordered |= _mm512_cmp_ps_mask(x16, x16, _CMP_UNORD_Q);
+          const __mmask16 gt = _mm512_cmp_ps_mask(x16, mx, _CMP_GT_OQ);  // strictly: the first stays
+          mx = _mm512_mask_mov_ps(mx, gt, x16);
+          idx = _mm512_mask_mov_epi32(idx, gt, at);
+        }
+        nan = unordered != 0;
+        top = _mm512_reduce_max_ps(mx);
+        const __mmask16 at_top = _mm512_cmp_ps_mask(mx, _mm512_set1_ps(top), _CMP_EQ_OQ);
+        best = _mm512_mask_reduce_min_epi32(at_top, idx);
+      }
+#endif
+      for (; v < V; ++v) {
+        nan |= std::isnan(row[v]);
+        if (row[v] > top) top = row[v], best = v;
+      }
+      if (nan || std::isnan(top)) {
+        best = 0;
+        while (!std::isnan(row[best])) ++best;
+      }
+      op[r] = best;
+    }
+  });
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -748,6 +799,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul);
   m.def("rope_qkv", &rope_qkv);
   m.def("amx_available", &amx_available);
+  m.def("argmax_rows", &argmax_rows);
   m.def("amx_pack", &amx_pack);
   m.def("amx_linear", &amx_linear);
 }
