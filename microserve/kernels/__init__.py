@@ -3,9 +3,11 @@
 On a CPU a decode step spends much of its time outside the GEMMs: torch's attention over paged K/V
 gathers every context into a padded copy and runs SDPA over it, and the glue between the GEMMs (norms,
 RoPE, SwiGLU, residuals) is some thirty eager ops per layer. These kernels read the K/V straight from the
-blocks and do each piece of glue in one pass. They are built with the C++ toolchain torch's extension
-loader uses (g++, ninja) and cached under torch's extensions directory, one build per checkout and
-version of the source, so only the first engine pays the ~30 s build; `scripts/setup.sh` builds it ahead
+blocks and do each piece of glue in one pass; on a CPU with AMX they also run the bf16 GEMMs
+(`amx_linear`, on weights packed as tiles at load), which oneDNN runs at ~2/3 of the speed for a decode
+step's few rows, and greedy sampling's argmax. They are built with the C++ toolchain torch's extension
+loader uses (g++, ninja) and cached under torch's extensions directory, one build per checkout, version
+of the source and CPU, so only the first engine pays the ~30 s build; `scripts/setup.sh` builds it ahead
 (`python -m microserve.kernels`).
 
 Where they cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import threading
 from collections.abc import Iterator
@@ -46,8 +49,9 @@ def _load() -> ModuleType | None:
         log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
         return None
     flags = ["-O3", "-march=native", "-fopenmp"]
-    # One build directory per source file, content and flags: no checkout ever rebuilds another's build.
-    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(flags).encode()])
+    # One build directory per source file, content, flags and CPU: no checkout ever rebuilds another's
+    # build, and a home directory shared between machines never loads code built for another CPU.
+    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_flags()])
     digest = hashlib.sha256(key).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
@@ -67,6 +71,15 @@ def _load() -> ModuleType | None:
         why = lines[0][:100] if len(lines) == 1 else f"{lines[0][:100]}... {cause}"
         log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", why)
         return None
+
+
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags (what -march=native compiles for), where Linux says."""
+    try:
+        with open("/proc/cpuinfo", "rb") as info:
+            return next((line for line in info if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.processor().encode()
 
 
 @contextmanager

@@ -1,15 +1,17 @@
 // CPU kernels for the model's step, where torch's ops cost more than the arithmetic they do.
 //
 // paged_decode_attention: one query token per sequence attends over its K/V read straight from the paged
-//   storage, with no gathered copy: a token's K (then V) rows of every head are one contiguous read, and
-//   the query heads of a K/V head share it. float32 and bfloat16 storage, float32 arithmetic; AVX-512 for
-//   head sizes 64 and 128 with common group sizes, a scalar loop otherwise.
+//   storage, with no gathered copy: one K/V head at a time, the query heads that share it together,
+//   the first head's pass prefetching every head's rows. float32 and bfloat16 storage; float32 sums
+//   (VDPBF16PS on bf16 rows where the CPU has AVX512-BF16); AVX-512 for head sizes 64 and 128 with
+//   common group sizes, a scalar loop otherwise.
 // add_rms_norm, silu_mul, rope_qkv: the glue between the GEMMs (residual add + RMSNorm, SiLU(gate) * up,
 //   RoPE with the K/V cache write), one pass each, rounded between operations exactly as torch's eager
 //   ops round in bfloat16.
 // amx_pack, amx_linear: bf16 x @ W.T on AMX tiles from weights packed once as tiles. Same sums in the
-//   same order as oneDNN's AMX GEMM (equal to the bit), ~1.5x its speed on a decode step's few rows,
-//   where oneDNN's overheads dominate a GEMM that should be a stream over the weights.
+//   same order as oneDNN's AMX GEMM (equal to the bit up to 32 rows), ~1.5x its speed on a decode step's
+//   few rows, where oneDNN's overheads dominate a GEMM that should be a stream over the weights.
+// argmax_rows: greedy sampling's argmax, with torch.max's tie and NaN rules.
 //
 // Built by microserve/kernels/__init__.py (at setup, or at first use).
 
