@@ -75,18 +75,20 @@ class TorchRunner:
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         row = 0
+        decode_slots: list[int] = []  # decode rows (first in the batch) in plain ints: no tensor per row
         for seq, n in zip(seqs, counts, strict=True):
             start = seq.num_computed_tokens
             end = start + n
             tokens.extend(seq.token_ids[start:end])
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            positions = torch.arange(start, end)
-            pos_chunks.append(positions)
-            slot_chunks.append(table[positions // bs] * bs + positions % bs)
             if n == 1:
+                decode_slots.append(seq.block_table[start // bs] * bs + start % bs)
                 decode_tables.append(seq.block_table)
                 decode_lens.append(end)
             else:
+                table = torch.tensor(seq.block_table, dtype=torch.long)
+                positions = torch.arange(start, end)
+                pos_chunks.append(positions)
+                slot_chunks.append(table[positions // bs] * bs + positions % bs)
                 ctx_slots = mask = None
                 if start > 0:
                     ctx = torch.arange(end)
@@ -98,6 +100,9 @@ class TorchRunner:
                 samplers.append(seq)
             row += n
 
+        if decode_slots:
+            slot_chunks.insert(0, torch.tensor(decode_slots, dtype=torch.long))
+            pos_chunks.insert(0, torch.tensor(decode_lens, dtype=torch.long) - 1)
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_chunks).to(self.device), prefills=prefills)
         if decode_tables:
             meta.num_decode = len(decode_tables)
