@@ -171,6 +171,49 @@ def test_amx_linear_rows_do_not_depend_on_the_batch(rows):
         assert torch.equal(got[i], ops.amx_linear(x[i : i + 1], tiles, None)[0])
 
 
+def _q4_weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF-like int4 groups (fp16 scales, zero = m + 8 d) and the bf16 weights they dequantize to."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = (torch.randn(n, k // 32, generator=g) * 0.01).half().float()
+    zero = (torch.randn(n, k // 32, generator=g) * 0.01).half().float() + 8 * scale
+    dense = (q.reshape(n, -1, 32).float() - 8) * scale[..., None] + zero[..., None]
+    return q, scale, zero, dense.reshape(n, k).bfloat16()
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 7, 32, 33, 100])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576), (576, 1536)])
+def test_amx_linear_q4_is_the_dense_gemm_to_the_bit(rows, n, k):
+    """Tiles dequantized in registers as the GEMM reaches them equal the weights dequantized at load."""
+    q, scale, zero, dense = _q4_weights(n, k, rows + n)
+    tiles = ops.amx_pack_q4(q, scale, zero)
+    assert tiles.shape == (n // 16, k // 32, 384) and tiles.dtype == torch.uint8
+    x, b = torch.randn(rows, k).bfloat16(), torch.randn(n).bfloat16()
+    dense_tiles = ops.amx_pack(dense)
+    assert torch.equal(ops.amx_linear_q4(x, tiles, None), ops.amx_linear(x, dense_tiles, None))
+    assert torch.equal(ops.amx_linear_q4(x, tiles, b), ops.amx_linear(x, dense_tiles, b))
+    assert torch.equal(ops.amx_linear_q4(x[:0], tiles, None), torch.empty(0, n).bfloat16())
+
+
+@needs_amx
+def test_amx_q4_refuses_what_it_cannot_pack_or_multiply():
+    q, scale, zero, _ = _q4_weights(48, 64, 0)
+    with pytest.raises(RuntimeError, match=r"0\.\.15"):
+        ops.amx_pack_q4(q | 16, scale, zero)
+    with pytest.raises(RuntimeError, match=r"\[N, K/32\] float32"):
+        ops.amx_pack_q4(q, scale[:, :1], zero[:, :1])
+    with pytest.raises(RuntimeError, match="N % 16 == 0"):
+        ops.amx_pack_q4(q[:40], scale[:40], zero[:40])
+    with pytest.raises(RuntimeError, match="uint8"):
+        ops.amx_pack_q4(q.int(), scale, zero)
+    tiles = ops.amx_pack_q4(q, scale, zero)
+    with pytest.raises(RuntimeError, match=r"x must be \[M, 64\] bfloat16"):
+        ops.amx_linear_q4(torch.randn(2, 64), tiles, None)
+    with pytest.raises(RuntimeError, match="from amx_pack_q4"):
+        ops.amx_linear_q4(torch.randn(2, 64).bfloat16(), ops.amx_pack(torch.randn(48, 64).bfloat16()), None)
+
+
 @needs_amx
 def test_amx_linear_as_the_first_amx_user_of_a_process():
     """No oneDNN GEMM ran before it: the kernel asks Linux for AMX and loads its own tile configuration."""

@@ -15,10 +15,14 @@ from gguf.quants import dequantize, quantize
 
 from microserve.cli import build_parser, engine_config
 from microserve.engine.config import EngineConfig
+from microserve.kernels import cpu_ops
+from microserve.model import quant
 from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
 from microserve.model.loader import QuantizedTensor, load_quantized, load_weights, unpermute_rotary_rows
 from microserve.model.quant import (
+    INT4_AMX_MAX_ROWS,
     INT4_KERNEL_MAX_ROWS,
+    INT4_TORCH_MAX_ROWS_WITH_AMX,
     INT4_TYPES,
     DenseLinear,
     Int4Linear,
@@ -99,7 +103,20 @@ def test_load_quantized_keeps_the_blocks_load_weights_dequantizes(tmp_path: Path
         assert torch.equal(torch.from_numpy(dequantize_int4(*int4_groups(t))), dense[name]), name
 
 
-def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path) -> None:
+@pytest.fixture(params=["amx", "torch"])
+def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The int4 kernel `Int4Linear` is built on: microserve's AMX one (bf16 where the CPU has AMX; its
+    results are the dense GEMM's to the bit) or torch's CPU kernel (its own rounding)."""
+    if request.param == "torch":
+        monkeypatch.setattr(quant, "pack_q4_for_amx", lambda *args: None)
+    else:
+        kernels = cpu_ops()
+        if kernels is None or not kernels.amx_available():
+            pytest.skip("no AMX on this CPU (or the kernels could not be built)")
+    return request.param
+
+
+def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path, int4_kernel: str) -> None:
     path = _tiny_gguf(tmp_path / "tiny.gguf", QT.Q4_1, untied=True)
     config, dense = load_weights(path)
     _, weights, quantized = load_quantized(path, INT4_TYPES)
@@ -116,6 +133,10 @@ def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path
         assert isinstance(lin, Int4Linear)
         lin.max_kernel_rows = None
     b = _teacher_forced_logits(int4, ids)
+    if int4_kernel == "amx":  # dequantized in registers exactly as at load: the dense model's logits
+        assert all(lin.tiles is not None for lin in [int4.lm_head, *(layer["qkv"] for layer in int4.layers)])
+        assert torch.equal(a, b)
+        return
     # Random weights amplify bf16 rounding, so measure both against float32 rather than each other.
     exact = _teacher_forced_logits(Llama(config, dense, torch.float32, torch.device("cpu")), ids)
     assert not torch.equal(a, b)
@@ -178,18 +199,27 @@ def test_fused_rows_compute_each_part_exactly_as_alone(bundled) -> None:
 
 
 @pytest.mark.slow
-def test_big_batches_use_the_dequantized_weights_small_ones_the_kernel(bundled) -> None:
+def test_big_batches_use_the_dequantized_weights_small_ones_the_kernel(bundled, int4_kernel: str) -> None:
     (_, dense), (_, _, quantized) = bundled
-    layer = _qkv(quantized, torch.bfloat16, INT4_KERNEL_MAX_ROWS)
+    layer = _qkv(quantized, torch.bfloat16, "auto")
+    limit = INT4_AMX_MAX_ROWS if int4_kernel == "amx" else INT4_KERNEL_MAX_ROWS
+    assert layer.max_kernel_rows == limit
     kernel_only = _qkv(quantized, torch.bfloat16, None)
     same_as_none = DenseLinear(_qkv_dense(dense).bfloat16())
-    x = torch.randn(INT4_KERNEL_MAX_ROWS + 1, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x = torch.randn(limit + 1, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
     bias = torch.randn(960).bfloat16()
 
     assert torch.equal(layer(x, bias), same_as_none(x, bias))
-    small = x[:INT4_KERNEL_MAX_ROWS]
+    small = x[:limit]
     assert torch.equal(layer(small, bias), kernel_only(small, bias))
-    assert not torch.equal(layer(small), same_as_none(small))  # the kernel really ran
+    layer.dense = None  # from here on only the kernel can answer
+    if int4_kernel == "amx":  # the dense weights' results, at any row count the AMX kernel takes
+        assert torch.equal(layer(small, bias), same_as_none(small, bias))
+        assert torch.equal(layer(x), same_as_none(x))
+        fewest = x[:INT4_TORCH_MAX_ROWS_WITH_AMX]  # these go to torch's kernel, with its own rounding
+        assert not torch.equal(layer(fewest), same_as_none(fewest))
+    else:
+        assert not torch.equal(layer(small), same_as_none(small))  # its own rounding
 
 
 @pytest.mark.slow
@@ -210,7 +240,9 @@ def _teacher_forced_logits(model: Llama, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_int4_model_agrees_with_the_dequantized_bf16_model(bundled, model_path: Path) -> None:
+def test_int4_model_agrees_with_the_dequantized_bf16_model(
+    bundled, model_path: Path, int4_kernel: str
+) -> None:
     """Top-1 agreement, not greedy equality: bf16 near-ties flip (the first differs after 6 tokens on one
     prompt), so greedy runs can diverge and then disagree everywhere after."""
     (config, dense), (_, weights, quantized) = bundled
@@ -234,7 +266,10 @@ def test_int4_model_agrees_with_the_dequantized_bf16_model(bundled, model_path: 
         ids = tokenizer.encode(text)
         assert len(ids) >= 30
         a, b = _teacher_forced_logits(reference, ids), _teacher_forced_logits(int4, ids)
-        assert not torch.equal(a, b)  # the int4 kernel, not the dequantized weights, made `b`
+        if int4_kernel == "amx":  # the dequantized weights' results exactly, from the int4 weights
+            assert torch.equal(a, b)
+        else:
+            assert not torch.equal(a, b)  # torch's int4 kernel, not the dequantized weights, made `b`
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
     assert total >= 100 and agree / total >= 0.95, f"top-1 agreement {agree}/{total}"

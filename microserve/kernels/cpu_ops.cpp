@@ -26,6 +26,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <memory>
 #include <vector>
 #if defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
@@ -641,12 +642,12 @@ void configure_tiles(int rows0, int rows1) {
   __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
-// Rows [m, m + rows) of y for column blocks nb (and nb + 1 when `pair`).
-void amx_chunk(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16* bias, at::BFloat16* y,
+// Rows [m, m + rows) of y for column blocks nb (and nb + 1 when `pair`); `tile(kb, j)` gives the bf16 B
+// tile of block nb + j for the kb-th 32 values of K.
+template <typename TileSource>
+void amx_chunk(const at::BFloat16* x, const TileSource& tile, const at::BFloat16* bias, at::BFloat16* y,
                int64_t K, int64_t N, int64_t m, int rows0, int rows1, int64_t nb, bool pair) {
   const int64_t KB = K / 32;
-  const char* w0 = reinterpret_cast<const char*>(w + nb * KB * 512);
-  const char* w1 = w0 + KB * 1024;
   const at::BFloat16* a0 = x + m * K;
   const at::BFloat16* a1 = a0 + 16 * K;
   _tile_zero(0);
@@ -655,10 +656,10 @@ void amx_chunk(const at::BFloat16* x, const at::BFloat16* w, const at::BFloat16*
   _tile_zero(3);
   for (int64_t kb = 0; kb < KB; ++kb) {
     _tile_loadd(4, a0 + kb * 32, K * 2);
-    _tile_loadd(6, w0 + kb * 1024, 64);
+    _tile_loadd(6, tile(kb, 0), 64);
     _tile_dpbf16ps(0, 4, 6);
     if (pair) {
-      _tile_loadd(7, w1 + kb * 1024, 64);
+      _tile_loadd(7, tile(kb, 1), 64);
       _tile_dpbf16ps(1, 4, 7);
     }
     if (rows1) {
@@ -708,7 +709,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
   TORCH_CHECK(packed.dim() == 5 && packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2 &&
                   packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
               "packed weights must come from amx_pack");
-  const int64_t NB = packed.size(0), K = packed.size(1) * 32, N = NB * 16;
+  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32, N = NB * 16;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kBFloat16,
               "x must be [M, ", K, "] bfloat16");
   if (bias) {
@@ -734,7 +735,140 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
           configure_tiles(std::min(rows, 16), std::max(rows - 16, 0));
           configured = rows;
         }
-        amx_chunk(xp, wp, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, 2 * p + 1 < NB);
+        const at::BFloat16* w = wp + 2 * p * KB * 512;
+        auto tile = [&](int64_t kb, int j) { return w + (j * KB + kb) * 512; };
+        amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, 2 * p + 1 < NB);
+      }
+    }
+    if (configured >= 0) _tile_release();
+  });
+#endif
+  return y;
+}
+
+// ---- The same GEMM on 4-bit weights (GGUF's Q4_0/Q4_1 groups of 32 along K) ----
+//
+// A B tile (32 K x 16 columns) is one group of each of its 16 columns: packed as 384 bytes, its 512
+// values q in 0..15 (tile row r, the K pair 2r, 2r+1: 16 bytes, byte i holding the row's i-th value in
+// the low nibble and its (16 + i)-th in the high one), then the 16 columns' scales and their 16 zeros as
+// float32. Dequantized as the GEMM reaches it: w = (q - 8) * scale + zero in float32 (one FMA: the
+// product is exact), rounded to bf16 -- the dense weights dequantized at load, so results equal
+// amx_linear's on those to the bit, at 3/8 of the bytes read.
+
+constexpr int64_t kQ4TileBytes = 384;
+
+// q [N, K] uint8 (0..15), scale and zero [N, K/32] float32 -> [N/16, K/32, 384] uint8.
+torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kByte, "q must be a [N, K] uint8 matrix");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "AMX tiles need N % 16 == 0 and K % 32 == 0, not ", N, " x ", K);
+  TORCH_CHECK(scale.sizes() == zero.sizes() && scale.dim() == 2 && scale.size(0) == N && scale.size(1) == K / 32 &&
+                  scale.scalar_type() == torch::kFloat && zero.scalar_type() == torch::kFloat,
+              "scale and zero must be [N, K/32] float32");
+  q = q.contiguous();
+  scale = scale.contiguous();
+  zero = zero.contiguous();
+  TORCH_CHECK(q.numel() == 0 || q.max().item<int64_t>() < 16, "q values must lie in 0..15");
+  const int64_t NB = N / 16, KB = K / 32;
+  auto out = torch::empty({NB, KB, kQ4TileBytes}, q.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, NB * KB, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / KB, kb = t % KB;
+      uint8_t* tile = op + t * kQ4TileBytes;
+      // Tile row r, value e: column 16 nb + e / 2, K index 32 kb + 2 r + e % 2.
+      auto value = [&](int64_t r, int64_t e) { return qp[(nb * 16 + e / 2) * K + kb * 32 + 2 * r + e % 2]; };
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t i = 0; i < 16; ++i)
+          tile[r * 16 + i] = static_cast<uint8_t>(value(r, i) | (value(r, 16 + i) << 4));
+      float* sz = reinterpret_cast<float*>(tile + 256);
+      for (int64_t n = 0; n < 16; ++n) {
+        sz[n] = sp[(nb * 16 + n) * KB + kb];
+        sz[16 + n] = zp[(nb * 16 + n) * KB + kb];
+      }
+    }
+  });
+  return out;
+}
+
+#if defined(MICROSERVE_AMX)
+// One packed tile -> a bf16 B tile (1 KiB) at dst. q becomes a float exactly by way of 2^23 + q.
+inline void dequantize_q4_tile(const uint8_t* src, at::BFloat16* dst) {
+  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
+  const __m512i magic = _mm512_set1_epi32(0x4B000000), nibble = _mm512_set1_epi32(0x0F);
+  const __m512 offset = _mm512_set1_ps(8388608.f + 8.f);  // 2^23 + 8: leaves q - 8
+  const float* sz = reinterpret_cast<const float*>(src + 256);
+  const __m512 s = _mm512_loadu_ps(sz), z = _mm512_loadu_ps(sz + 16);
+  const __m512 s_lo = _mm512_permutexvar_ps(lo_cols, s), s_hi = _mm512_permutexvar_ps(hi_cols, s);
+  const __m512 z_lo = _mm512_permutexvar_ps(lo_cols, z), z_hi = _mm512_permutexvar_ps(hi_cols, z);
+  for (int r = 0; r < 16; ++r) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * r)));
+    const __m512 lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(b, nibble, magic, 0xEA));  // b & 15 | magic
+    const __m512 hi = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(b, 4), magic));
+    const __m512 w_lo = _mm512_fmadd_ps(_mm512_sub_ps(lo, offset), s_lo, z_lo);
+    const __m512 w_hi = _mm512_fmadd_ps(_mm512_sub_ps(hi, offset), s_hi, z_hi);
+    _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
+  }
+}
+#endif
+
+// x [M, K] bf16, packed from amx_pack_q4, bias [N] bf16 or None -> y [M, N] bf16.
+torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(amx_available(), "AMX is not available on this CPU or kernel");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kQ4TileBytes && packed.scalar_type() == torch::kByte &&
+                  packed.is_contiguous(),
+              "packed weights must come from amx_pack_q4");
+  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32, N = NB * 16;
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kBFloat16,
+              "x must be [M, ", K, "] bfloat16");
+  torch::Tensor b;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kBFloat16,
+                "bias must be [", N, "] bfloat16");
+    b = bias->contiguous();
+  }
+  x = x.contiguous();
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+#if defined(MICROSERVE_AMX)
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* bp = bias ? b.data_ptr<at::BFloat16>() : nullptr;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (NB + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    // Up to 32 rows: each tile dequantized as its turn comes, into a ring of 4 (two K steps of the pair).
+    // More rows: the pair's tiles dequantized once, then every 32 rows against them.
+    std::unique_ptr<at::BFloat16[]> scratch(new at::BFloat16[M <= 32 ? 4 * 512 : 2 * KB * 512]);
+    at::BFloat16* buf = scratch.get();
+    int configured = -1;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* w = wp + 2 * p * KB * kQ4TileBytes;
+      const bool pair = 2 * p + 1 < NB;
+      if (M > 32)
+        for (int j = 0; j < (pair ? 2 : 1); ++j)
+          for (int64_t kb = 0; kb < KB; ++kb)
+            dequantize_q4_tile(w + (j * KB + kb) * kQ4TileBytes, buf + (j * KB + kb) * 512);
+      for (int64_t m = 0; m < M; m += 32) {
+        const int rows = static_cast<int>(std::min<int64_t>(32, M - m));
+        if (rows != configured) {
+          configure_tiles(std::min(rows, 16), std::max(rows - 16, 0));
+          configured = rows;
+        }
+        if (M <= 32) {
+          auto tile = [&](int64_t kb, int j) {
+            at::BFloat16* dst = buf + ((kb & 1) * 2 + j) * 512;
+            dequantize_q4_tile(w + (j * KB + kb) * kQ4TileBytes, dst);
+            return static_cast<const at::BFloat16*>(dst);
+          };
+          amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, pair);
+        } else {
+          auto tile = [&](int64_t kb, int j) { return static_cast<const at::BFloat16*>(buf + (j * KB + kb) * 512); };
+          amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, pair);
+        }
       }
     }
     if (configured >= 0) _tile_release();
@@ -804,4 +938,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows);
   m.def("amx_pack", &amx_pack);
   m.def("amx_linear", &amx_linear);
+  m.def("amx_pack_q4", &amx_pack_q4);
+  m.def("amx_linear_q4", &amx_linear_q4);
 }

@@ -24,13 +24,16 @@ log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("auto", "none", "int4")
 GROUP_SIZE = 32  # elements per Q4_0/Q4_1 block, and the kernel's group
-# Torch's CPU int4 kernel multiplies in fp32 FMAs, 4 rows at a time: it beats bf16 GEMM (AMX) only
-# while a step is memory-bound, i.e. for few rows. On the 2-core Xeon (benchmarks/int4_steps.py) a decode
-# step with the kernel vs the dequantized weights on oneDNN: 16 vs 33 ms at 1 row, 33 vs 44 at 8, 43 vs
-# 47 at 12; on microserve's AMX GEMM, which streams the dense weights faster: 11.0 vs 14.0 at 1 row,
-# 14.1 vs 16.0 at 4, 22.2 vs 17.8 at 8.
-INT4_KERNEL_MAX_ROWS = 8  # dense weights on oneDNN
-INT4_KERNEL_MAX_ROWS_AMX = 4  # dense weights on AMX tiles
+# An int4 kernel beats the bf16 GEMM only while a step is memory-bound, i.e. for few rows. Torch's CPU
+# int4 kernel multiplies in fp32 FMAs, 4 rows at a time; on the 2-core Xeon (benchmarks/int4_steps.py) a
+# decode step with it vs the dequantized weights on oneDNN: 16 vs 33 ms at 1 row, 33 vs 44 at 8, 43 vs 47
+# at 12. microserve's AMX int4 kernel (`kernels.amx_linear_q4`) dequantizes each tile in registers into
+# the bf16 GEMM: a 32-row step 24.2 ms against 26.3 with the dense weights on AMX (all of its layers'
+# GEMMs alone: 7.9 vs 10.1 ms), but it loses beyond (18.4 vs 13.1 ms at 64 rows) and to torch's kernel on
+# the fewest rows, a GEMV: a step 10.3 vs 12.5 ms at 1 row, 12.9 vs 13.7 at 4, 20.5 vs 15.2 at 8.
+INT4_KERNEL_MAX_ROWS = 8  # torch's int4 kernel, where there is no AMX
+INT4_AMX_MAX_ROWS = 32  # microserve's AMX int4 kernel
+INT4_TORCH_MAX_ROWS_WITH_AMX = 4  # with AMX, torch's kernel still takes up to this many rows
 INT4_TYPES = frozenset({"Q4_0", "Q4_1"})
 _Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d, [fp16 m], 16 bytes of nibbles
 # The rows oneDNN lays packed weights out for; any row count works, and 1..512 ran as fast as with their
@@ -117,12 +120,14 @@ def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Int4Linear(Linear):
-    """Groupwise int4 (group 32) on torch's CPU kernel: w = (q - 8) * scale + zero, q in 0..15.
+    """Groupwise int4 (group 32): w = (q - 8) * scale + zero, q in 0..15, on an int4 kernel.
 
-    Packed by `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles; scales and zeros are one
-    [K/32, N, 2] tensor in the activations' dtype (the kernel refuses any other), scale before zero.
-    Batches of more than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM that
-    runs them starts to win) use the same weights dequantized.
+    bf16 on a CPU with AMX: microserve's AMX kernel (`pack_q4_for_amx`), whose results equal the dense
+    bf16 GEMM's on the same weights to the bit. Otherwise torch's CPU kernel, packed by
+    `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles, scales and zeros one [K/32, N, 2]
+    tensor in the activations' dtype (the kernel refuses any other), scale before zero. Batches of more
+    than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM starts to win) use the same
+    weights dequantized.
     """
 
     def __init__(
@@ -139,7 +144,13 @@ class Int4Linear(Linear):
         self.out_features, self.in_features = n, k
         self.dtype = dtype
         self.max_kernel_rows = max_kernel_rows
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.tiles = pack_q4_for_amx(q, scale, zero, dtype)
+        self._amx_linear_q4 = cpu_ops().amx_linear_q4 if self.tiles is not None else None
+        # torch's kernel: every kernel batch without AMX; with it, the fewest rows (near a GEMV, fp32 FMAs
+        # straight from the nibbles beat dequantizing tiles for AMX).
+        self.torch_kernel_max_rows = INT4_TORCH_MAX_ROWS_WITH_AMX if self.tiles is not None else None
+        nibbles = q.to(torch.int32).contiguous()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1)
         self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(dtype)
         # Exactly the weights `none` would hold: the float32 dequantization, cast once. Big batches are
         # compute-bound, where bf16 GEMM is several times faster than the int4 kernel (see README).
@@ -148,8 +159,7 @@ class Int4Linear(Linear):
             groups = (q.reshape(n, -1, GROUP_SIZE).float() - 8) * scale[..., None] + zero[..., None]
             self.dense = DenseLinear(groups.reshape(n, k).to(dtype))
         if max_kernel_rows == "auto":
-            on_amx = self.dense is not None and self.dense.tiles is not None
-            self.max_kernel_rows = INT4_KERNEL_MAX_ROWS_AMX if on_amx else INT4_KERNEL_MAX_ROWS
+            self.max_kernel_rows = INT4_AMX_MAX_ROWS if self.tiles is not None else INT4_KERNEL_MAX_ROWS
 
     @classmethod
     def from_gguf(
@@ -173,11 +183,32 @@ class Int4Linear(Linear):
         limit = self.max_kernel_rows
         if self.dense is not None and limit is not None and flat.shape[0] > limit:
             return self.dense(x, bias)
+        torch_rows = self.torch_kernel_max_rows
+        if self._amx_linear_q4 is not None and (torch_rows is None or flat.shape[0] > torch_rows):
+            y = self._amx_linear_q4(flat, self.tiles, bias)
+            return y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros
         )
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
+
+
+def pack_q4_for_amx(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Int4 groups as tiles for microserve's AMX int4 kernel (`kernels.amx_linear_q4`), or None where it
+    does not apply: not bf16, no AMX (or kernels off), or N not a multiple of 16.
+
+    Each tile is dequantized in registers as the GEMM reaches it, exactly as the dense weights are at
+    load ((q - 8) * scale + zero in float32, rounded to bf16), so the layer's results are the dense bf16
+    GEMM's to the bit at 3/8 of the bytes: ~5 bits read per weight instead of 16.
+    """
+    n, k = q.shape
+    kernels = cpu_ops()
+    if dtype != torch.bfloat16 or kernels is None or n % 16 or k % 32 or not kernels.amx_available():
+        return None
+    return kernels.amx_pack_q4(q.to(torch.uint8), scale.float(), zero.float())
 
 
 def int4_groups(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
