@@ -11,6 +11,8 @@
 // amx_pack, amx_linear: bf16 x @ W.T on AMX tiles from weights packed once as tiles. Same sums in the
 //   same order as oneDNN's AMX GEMM (equal to the bit up to 32 rows), ~1.5x its speed on a decode step's
 //   few rows, where oneDNN's overheads dominate a GEMM that should be a stream over the weights.
+// amx_pack_q4, amx_linear_q4: the same GEMM straight from 4-bit groups (GGUF's Q4_0/Q4_1), each tile
+//   dequantized in registers just before it is used: the dense weights' results to the bit, 3/8 of the bytes.
 // argmax_rows: greedy sampling's argmax, with torch.max's tie and NaN rules.
 //
 // Built by microserve/kernels/__init__.py (at setup, or at first use).
