@@ -120,14 +120,14 @@ def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 class Int4Linear(Linear):
-    """Groupwise int4 (group 32): w = (q - 8) * scale + zero, q in 0..15, on an int4 kernel.
+    """Groupwise int4 (group 32): w = (q - 8) * scale + zero, q in 0..15, on int4 kernels.
 
-    bf16 on a CPU with AMX: microserve's AMX kernel (`pack_q4_for_amx`), whose results equal the dense
-    bf16 GEMM's on the same weights to the bit. Otherwise torch's CPU kernel, packed by
-    `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles, scales and zeros one [K/32, N, 2]
-    tensor in the activations' dtype (the kernel refuses any other), scale before zero. Batches of more
-    than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM starts to win) use the same
-    weights dequantized.
+    Torch's CPU kernel, packed by `_convert_weight_to_int4pack_for_cpu` from [N, K] int32 nibbles (scales
+    and zeros one [K/32, N, 2] tensor in the activations' dtype, scale before zero), takes every kernel
+    batch; in bf16 on a CPU with AMX only those of at most `torch_kernel_max_rows` rows, and microserve's
+    AMX kernel (`pack_q4_for_amx`) the larger ones, with the dense bf16 GEMM's results to the bit.
+    Batches of more than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM starts to
+    win) use the same weights dequantized.
     """
 
     def __init__(
