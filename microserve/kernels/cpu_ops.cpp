@@ -38,6 +38,10 @@
 
 namespace {
 
+// The body once, for float32 and bfloat16 storage (`scalar_t` inside it), as torch's AT_DISPATCH_* do.
+#define MICROSERVE_DISPATCH_FLOAT_BF16(type, name, ...) \
+  AT_DISPATCH_SWITCH(type, name, AT_DISPATCH_CASE(torch::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(torch::kBFloat16, __VA_ARGS__))
+
 #if defined(__AVX512F__)
 // 16 lanes at a time: the K/V rows of a head (64 values for the bundled model) are 4 vectors.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -371,20 +375,12 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
       TORCH_CHECK(tp[b * width + i] >= 0 && tp[b * width + i] < num_blocks, "block id out of range");
   }
   auto out = torch::empty_like(q);
-  AT_DISPATCH_SWITCH(q.scalar_type(), "paged_decode_attention",
-    AT_DISPATCH_CASE(torch::kFloat, [&] {
-      decode_attention<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-                              tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
-                              out.data_ptr<float>(), q.size(0), q.size(1), k_cache.size(1), q.size(2),
-                              block_size, static_cast<float>(scale));
-    })
-    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
-      using T = at::BFloat16;
-      decode_attention<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-                          tables.data_ptr<int64_t>(), tables.size(1), lens.data_ptr<int64_t>(),
-                          out.data_ptr<T>(), q.size(0), q.size(1), k_cache.size(1), q.size(2),
-                          block_size, static_cast<float>(scale));
-    }));
+  MICROSERVE_DISPATCH_FLOAT_BF16(q.scalar_type(), "paged_decode_attention", [&] {
+    using T = scalar_t;
+    decode_attention<T>(q.data_ptr<T>(), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(), tables.data_ptr<int64_t>(),
+                        tables.size(1), lens.data_ptr<int64_t>(), out.data_ptr<T>(), q.size(0), q.size(1),
+                        k_cache.size(1), q.size(2), block_size, static_cast<float>(scale));
+  });
   return out;
 }
 
@@ -478,27 +474,16 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
   }
   auto y = torch::empty_like(x);
   const int64_t dim = x.size(1);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "add_rms_norm",
-    AT_DISPATCH_CASE(torch::kFloat, [&] {
-      using T = float;
-      T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
-      const T* dp = delta ? delta->data_ptr<T>() : nullptr;
-      const T* wp = weight.data_ptr<T>();
-      for_rows(x.size(0), 64, [&](int64_t r) {
-        if (dp) add_row(xp + r * dim, dp + r * dim, dim);
-        rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
-      });
-    })
-    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
-      using T = at::BFloat16;
-      T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
-      const T* dp = delta ? delta->data_ptr<T>() : nullptr;
-      const T* wp = weight.data_ptr<T>();
-      for_rows(x.size(0), 64, [&](int64_t r) {
-        if (dp) add_row(xp + r * dim, dp + r * dim, dim);
-        rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
-      });
-    }));
+  MICROSERVE_DISPATCH_FLOAT_BF16(x.scalar_type(), "add_rms_norm", [&] {
+    using T = scalar_t;
+    T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
+    const T* dp = delta ? delta->data_ptr<T>() : nullptr;
+    const T* wp = weight.data_ptr<T>();
+    for_rows(x.size(0), 64, [&](int64_t r) {
+      if (dp) add_row(xp + r * dim, dp + r * dim, dim);
+      rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
+    });
+  });
   return y;
 }
 
@@ -510,18 +495,11 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   gate_up = gate_up.contiguous();
   const int64_t half = gate_up.size(1) / 2;
   auto out = torch::empty({gate_up.size(0), half}, gate_up.options());
-  AT_DISPATCH_SWITCH(gate_up.scalar_type(), "silu_mul",
-    AT_DISPATCH_CASE(torch::kFloat, [&] {
-      const float* g = gate_up.data_ptr<float>();
-      float* o = out.data_ptr<float>();
-      for_rows(gate_up.size(0), 16, [&](int64_t r) { silu_mul_row(g + 2 * r * half, g + (2 * r + 1) * half, o + r * half, half); });
-    })
-    AT_DISPATCH_CASE(torch::kBFloat16, [&] {
-      using T = at::BFloat16;
-      const T* g = gate_up.data_ptr<T>();
-      T* o = out.data_ptr<T>();
-      for_rows(gate_up.size(0), 16, [&](int64_t r) { silu_mul_row(g + 2 * r * half, g + (2 * r + 1) * half, o + r * half, half); });
-    }));
+  MICROSERVE_DISPATCH_FLOAT_BF16(gate_up.scalar_type(), "silu_mul", [&] {
+    const scalar_t* g = gate_up.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for_rows(gate_up.size(0), 16, [&](int64_t r) { silu_mul_row(g + 2 * r * half, g + (2 * r + 1) * half, o + r * half, half); });
+  });
   return out;
 }
 
@@ -602,9 +580,9 @@ std::vector<torch::Tensor> rope_qkv(torch::Tensor qkv, torch::Tensor cos, torch:
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < num_slots, "slot out of range");
   auto q = torch::empty({tokens, heads, dim}, qkv.options());
   auto k = torch::empty({tokens, kv_heads, dim}, qkv.options());
-  AT_DISPATCH_SWITCH(qkv.scalar_type(), "rope_qkv",
-    AT_DISPATCH_CASE(torch::kFloat, [&] { rope_qkv_impl<float>(qkv, cos, sin, heads, kv_heads, dim, sp, k_cache, v_cache, q, k); })
-    AT_DISPATCH_CASE(torch::kBFloat16, [&] { rope_qkv_impl<at::BFloat16>(qkv, cos, sin, heads, kv_heads, dim, sp, k_cache, v_cache, q, k); }));
+  MICROSERVE_DISPATCH_FLOAT_BF16(qkv.scalar_type(), "rope_qkv", [&] {
+    rope_qkv_impl<scalar_t>(qkv, cos, sin, heads, kv_heads, dim, sp, k_cache, v_cache, q, k);
+  });
   return {q, k};
 }
 
@@ -705,19 +683,22 @@ torch::Tensor amx_pack(torch::Tensor w) {
   return w.contiguous().view({N / 16, 16, K / 32, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous();
 }
 
-// x [M, K] bf16, packed from amx_pack, bias [N] bf16 or None -> y [M, N] bf16.
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+// The GEMM both weight forms share: x [M, K] bf16, bias [N] bf16 or None -> y [M, N] bf16. Threads split
+// the pairs of 16-column blocks; each pair meets x 32 rows at a time. `prepare(p, scratch)` runs once per
+// pair with `scratch_size` bf16 of the thread's own; `tile(p, kb, j, scratch)` gives the bf16 B tile of
+// block 2p + j for the kb-th 32 values of K.
+template <typename Prepare, typename Tile>
+torch::Tensor amx_gemm(torch::Tensor x, const c10::optional<torch::Tensor>& bias, int64_t NB, int64_t KB,
+                       int64_t scratch_size, const Prepare& prepare, const Tile& tile) {
   TORCH_CHECK(amx_available(), "AMX is not available on this CPU or kernel");
-  TORCH_CHECK(packed.dim() == 5 && packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2 &&
-                  packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
-              "packed weights must come from amx_pack");
-  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32, N = NB * 16;
+  const int64_t K = KB * 32, N = NB * 16;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kBFloat16,
               "x must be [M, ", K, "] bfloat16");
+  torch::Tensor b;
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kBFloat16,
                 "bias must be [", N, "] bfloat16");
-    *bias = bias->contiguous();
+    b = bias->contiguous();
   }
   x = x.contiguous();
   const int64_t M = x.size(0);
@@ -725,27 +706,40 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
   if (M == 0) return y;
 #if defined(MICROSERVE_AMX)
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = bias ? bias->data_ptr<at::BFloat16>() : nullptr;
+  const at::BFloat16* bp = bias ? b.data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, (NB + 1) / 2, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<at::BFloat16[]> scratch(scratch_size ? new at::BFloat16[scratch_size] : nullptr);
     int configured = -1;  // rows of the current tile configuration
     for (int64_t p = begin; p < end; ++p) {
+      prepare(p, scratch.get());
+      auto pair_tile = [&](int64_t kb, int j) { return tile(p, kb, j, scratch.get()); };
       for (int64_t m = 0; m < M; m += 32) {
         const int rows = static_cast<int>(std::min<int64_t>(32, M - m));
         if (rows != configured) {
           configure_tiles(std::min(rows, 16), std::max(rows - 16, 0));
           configured = rows;
         }
-        const at::BFloat16* w = wp + 2 * p * KB * 512;
-        auto tile = [&](int64_t kb, int j) { return w + (j * KB + kb) * 512; };
-        amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, 2 * p + 1 < NB);
+        amx_chunk(xp, pair_tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p,
+                  2 * p + 1 < NB);
       }
     }
     if (configured >= 0) _tile_release();
   });
 #endif
   return y;
+}
+
+// x [M, K] bf16, packed from amx_pack, bias [N] bf16 or None -> y [M, N] bf16.
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(packed.dim() == 5 && packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2 &&
+                  packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
+              "packed weights must come from amx_pack");
+  const int64_t NB = packed.size(0), KB = packed.size(1);
+  const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
+  return amx_gemm(
+      x, bias, NB, KB, 0, [](int64_t, at::BFloat16*) {},
+      [&](int64_t p, int64_t kb, int j, at::BFloat16*) { return wp + ((2 * p + j) * KB + kb) * 512; });
 }
 
 // ---- The same GEMM on 4-bit weights (GGUF's Q4_0/Q4_1 groups of 32 along K) ----
@@ -819,64 +813,33 @@ inline void dequantize_q4_tile(const uint8_t* src, at::BFloat16* dst) {
 
 // x [M, K] bf16, packed from amx_pack_q4, bias [N] bf16 or None -> y [M, N] bf16.
 torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(amx_available(), "AMX is not available on this CPU or kernel");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kQ4TileBytes && packed.scalar_type() == torch::kByte &&
                   packed.is_contiguous(),
               "packed weights must come from amx_pack_q4");
-  const int64_t NB = packed.size(0), KB = packed.size(1), K = KB * 32, N = NB * 16;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kBFloat16,
-              "x must be [M, ", K, "] bfloat16");
-  torch::Tensor b;
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kBFloat16,
-                "bias must be [", N, "] bfloat16");
-    b = bias->contiguous();
-  }
-  x = x.contiguous();
-  const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-#if defined(MICROSERVE_AMX)
-  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const at::BFloat16* bp = bias ? b.data_ptr<at::BFloat16>() : nullptr;
+  const int64_t NB = packed.size(0), KB = packed.size(1), M = x.dim() == 2 ? x.size(0) : 0;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, (NB + 1) / 2, 1, [&](int64_t begin, int64_t end) {
-    // Up to 32 rows: each tile dequantized as its turn comes, into a ring of 4 (two K steps of the pair).
-    // More rows: the pair's tiles dequantized once, then every 32 rows against them.
-    std::unique_ptr<at::BFloat16[]> scratch(new at::BFloat16[M <= 32 ? 4 * 512 : 2 * KB * 512]);
-    at::BFloat16* buf = scratch.get();
-    int configured = -1;
-    for (int64_t p = begin; p < end; ++p) {
-      const uint8_t* w = wp + 2 * p * KB * kQ4TileBytes;
-      const bool pair = 2 * p + 1 < NB;
-      if (M > 32)
-        for (int j = 0; j < (pair ? 2 : 1); ++j)
-          for (int64_t kb = 0; kb < KB; ++kb)
-            dequantize_q4_tile(w + (j * KB + kb) * kQ4TileBytes, buf + (j * KB + kb) * 512);
-      for (int64_t m = 0; m < M; m += 32) {
-        const int rows = static_cast<int>(std::min<int64_t>(32, M - m));
-        if (rows != configured) {
-          configure_tiles(std::min(rows, 16), std::max(rows - 16, 0));
-          configured = rows;
-        }
-        if (M <= 32) {
-          auto tile = [&](int64_t kb, int j) {
-            at::BFloat16* dst = buf + ((kb & 1) * 2 + j) * 512;
-            dequantize_q4_tile(w + (j * KB + kb) * kQ4TileBytes, dst);
-            return static_cast<const at::BFloat16*>(dst);
-          };
-          amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, pair);
-        } else {
-          auto tile = [&](int64_t kb, int j) { return static_cast<const at::BFloat16*>(buf + (j * KB + kb) * 512); };
-          amx_chunk(xp, tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p, pair);
-        }
-      }
-    }
-    if (configured >= 0) _tile_release();
-  });
+  [[maybe_unused]] auto src = [&](int64_t p, int64_t kb, int j) {
+    return wp + ((2 * p + j) * KB + kb) * kQ4TileBytes;
+  };
+  // Up to 32 rows: each tile dequantized as its turn comes, into a ring of 4 (two K steps of the pair).
+  // More rows: the pair's tiles dequantized once, then every 32 rows against them.
+  const bool ring = M <= 32;
+  auto prepare = [&](int64_t p, at::BFloat16* scratch) {
+#if defined(MICROSERVE_AMX)
+    if (ring) return;
+    for (int j = 0; j < (2 * p + 1 < NB ? 2 : 1); ++j)
+      for (int64_t kb = 0; kb < KB; ++kb) dequantize_q4_tile(src(p, kb, j), scratch + (j * KB + kb) * 512);
 #endif
-  return y;
+  };
+  auto tile = [&](int64_t p, int64_t kb, int j, at::BFloat16* scratch) -> const at::BFloat16* {
+    if (!ring) return scratch + (j * KB + kb) * 512;
+    at::BFloat16* dst = scratch + ((kb & 1) * 2 + j) * 512;
+#if defined(MICROSERVE_AMX)
+    dequantize_q4_tile(src(p, kb, j), dst);
+#endif
+    return dst;
+  };
+  return amx_gemm(x, bias, NB, KB, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
 }
 
 // ---- Greedy sampling: the index of each row's largest value ----
