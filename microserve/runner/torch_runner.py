@@ -100,9 +100,10 @@ class TorchRunner:
                 samplers.append(seq)
             row += n
 
+        lens = torch.tensor(decode_lens, dtype=torch.long)  # decode rows' context lengths, new token included
         if decode_slots:
             slot_chunks.insert(0, torch.tensor(decode_slots, dtype=torch.long))
-            pos_chunks.insert(0, torch.tensor(decode_lens, dtype=torch.long) - 1)
+            pos_chunks.insert(0, lens - 1)
         meta = AttentionMetadata(slot_mapping=torch.cat(slot_chunks).to(self.device), prefills=prefills)
         if decode_tables:
             meta.num_decode = len(decode_tables)
@@ -111,13 +112,12 @@ class TorchRunner:
             padded = torch.tensor([t[:width] + [t[0]] * (width - len(t[:width])) for t in decode_tables])
             if self.model.kernels is not None:  # it reads the blocks itself
                 meta.decode_tables = padded.to(self.device)
-                meta.decode_lens = torch.tensor(decode_lens, device=self.device)
+                meta.decode_lens = lens.to(self.device)
                 meta.block_size = bs
                 return self._tensors(tokens, pos_chunks, meta, logit_rows, samplers)
             slots = (padded[:, :, None] * bs + torch.arange(bs)).view(len(decode_tables), -1)[:, :max_len]
             meta.decode_slots = slots.contiguous().to(self.device)
             if min(decode_lens) != max_len:
-                lens = torch.tensor(decode_lens)
                 meta.decode_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(
                     self.device
                 )
