@@ -833,11 +833,13 @@ torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional
   };
   auto tile = [&](int64_t p, int64_t kb, int j, at::BFloat16* scratch) -> const at::BFloat16* {
     if (!ring) return scratch + (j * KB + kb) * 512;
-    at::BFloat16* dst = scratch + ((kb & 1) * 2 + j) * 512;
+    // One K step ahead: a tile is loaded a step after its stores, never waiting for them to reach L1.
+    auto slot = [&](int64_t k) { return scratch + ((k & 1) * 2 + j) * 512; };
 #if defined(MICROSERVE_AMX)
-    dequantize_q4_tile(src(p, kb, j), dst);
+    if (kb == 0) dequantize_q4_tile(src(p, 0, j), slot(0));
+    if (kb + 1 < KB) dequantize_q4_tile(src(p, kb + 1, j), slot(kb + 1));
 #endif
-    return dst;
+    return slot(kb);
   };
   return amx_gemm(x, bias, NB, KB, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
 }
