@@ -143,6 +143,33 @@ def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path
     assert (b - exact).abs().mean() <= 1.5 * (a - exact).abs().mean()
 
 
+def test_a_fused_layer_of_mixed_types_runs_on_its_dequantized_weights(tmp_path: Path) -> None:
+    """v stored as Q8_0 beside Q4_1 q/k (llama.cpp's fallback where a row does not fit the block): the
+    fused q/k/v is dense, the other projections stay int4."""
+    tensors = {}
+    for name, values in _tiny_hf_weights(np.random.default_rng(5), bias=False, untied=False).items():
+        if "q_proj" in name:
+            values = _llama_cpp_permute(values, TINY["heads"])
+        elif "k_proj" in name:
+            values = _llama_cpp_permute(values, TINY["kv_heads"])
+        qtype = QT.F32 if values.ndim == 1 else QT.Q8_0 if "v_proj" in name else QT.Q4_1
+        tensors[_gguf_name(name)] = (values, qtype)
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, "llama", tensors)
+    config, dense = load_weights(path)
+    _, weights, quantized = load_quantized(path, INT4_TYPES)
+    assert "model.layers.0.self_attn.q_proj.weight" in quantized
+    assert "model.layers.0.self_attn.v_proj.weight" in weights
+
+    model = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
+
+    assert all(isinstance(layer["qkv"], DenseLinear) for layer in model.layers)
+    assert all(isinstance(layer["gate_up"], Int4Linear) for layer in model.layers)
+    reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
+    ids = list(range(3, 40))  # 37 rows: the int4 layers use their dequantized copy, exactly
+    assert torch.equal(_teacher_forced_logits(model, ids), _teacher_forced_logits(reference, ids))
+
+
 @pytest.fixture(scope="module")
 def bundled(model_path: Path):
     return load_weights(model_path), load_quantized(model_path, INT4_TYPES)

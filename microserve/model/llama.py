@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from microserve.kernels import cpu_ops
 from microserve.model.config import ModelConfig
 from microserve.model.loader import QuantizedTensor
-from microserve.model.quant import DenseLinear, Int4Linear, Linear
+from microserve.model.quant import DenseLinear, Int4Linear, Linear, dequantize_blocks
 
 
 @dataclass(slots=True)
@@ -60,7 +60,10 @@ class Llama(torch.nn.Module):
         quantized = quantized or {}
 
         def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=device, dtype=dtype)
+            # A fused group can mix kept and dequantized parts (llama.cpp stores a tensor in another
+            # type where its rows do not fit the block): the whole group is then dense.
+            weight = weights[name] if name in weights else dequantize_blocks(quantized[name])
+            return weight.to(device=device, dtype=dtype)
 
         def linear(*names: str) -> Linear:
             # Fused projections: one matmul for q/k/v and one for gate/up instead of five.

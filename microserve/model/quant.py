@@ -194,6 +194,14 @@ class Int4Linear(Linear):
         return y if bias is None else y + bias
 
 
+def dequantize_blocks(t: QuantizedTensor) -> torch.Tensor:
+    """A kept tensor's float32 weights, as `load_weights` would have dequantized them."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(t.blocks, GGMLQuantizationType[t.qtype]).reshape(t.shape))
+
+
 def pack_q4_for_amx(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor | None:
