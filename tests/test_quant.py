@@ -73,15 +73,17 @@ def test_row_permutation_commutes_with_blockwise_quantization() -> None:
     assert np.array_equal(unpacked, unpermute_rotary_rows(dequantize(t.blocks, QT.Q4_1).reshape(64, 64), 4))
 
 
-def _tiny_gguf(path: Path, qtype: QT, *, untied: bool = False) -> Path:
-    """The loader tests' tiny llama, every matrix in `qtype`, q/k permuted as llama.cpp stores them."""
+def _tiny_gguf(path: Path, qtype: QT, *, untied: bool = False, other: dict[str, QT] | None = None) -> Path:
+    """The loader tests' tiny llama, every matrix in `qtype` (or `other[part]` for names containing that
+    part), q/k permuted as llama.cpp stores them."""
     tensors = {}
     for name, values in _tiny_hf_weights(np.random.default_rng(2), bias=False, untied=untied).items():
         if "q_proj" in name:
             values = _llama_cpp_permute(values, TINY["heads"])
         elif "k_proj" in name:
             values = _llama_cpp_permute(values, TINY["kv_heads"])
-        tensors[_gguf_name(name)] = (values, qtype if values.ndim == 2 else QT.F32)
+        matrix_type = next((t for part, t in (other or {}).items() if part in name), qtype)
+        tensors[_gguf_name(name)] = (values, matrix_type if values.ndim == 2 else QT.F32)
     _write_gguf(path, "llama", tensors)
     return path
 
@@ -146,16 +148,7 @@ def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path
 def test_a_fused_layer_of_mixed_types_runs_on_its_dequantized_weights(tmp_path: Path) -> None:
     """v stored as Q8_0 beside Q4_1 q/k (llama.cpp's fallback where a row does not fit the block): the
     fused q/k/v is dense, the other projections stay int4."""
-    tensors = {}
-    for name, values in _tiny_hf_weights(np.random.default_rng(5), bias=False, untied=False).items():
-        if "q_proj" in name:
-            values = _llama_cpp_permute(values, TINY["heads"])
-        elif "k_proj" in name:
-            values = _llama_cpp_permute(values, TINY["kv_heads"])
-        qtype = QT.F32 if values.ndim == 1 else QT.Q8_0 if "v_proj" in name else QT.Q4_1
-        tensors[_gguf_name(name)] = (values, qtype)
-    path = tmp_path / "mixed.gguf"
-    _write_gguf(path, "llama", tensors)
+    path = _tiny_gguf(tmp_path / "mixed.gguf", QT.Q4_1, other={"v_proj": QT.Q8_0})
     config, dense = load_weights(path)
     _, weights, quantized = load_quantized(path, INT4_TYPES)
     assert "model.layers.0.self_attn.q_proj.weight" in quantized
