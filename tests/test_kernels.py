@@ -261,8 +261,45 @@ def test_argmax_rows_is_torch_max_indices(rows, vocab):
     if rows > 1:
         x[1, 3:] = float("nan")
         assert torch.equal(ops.argmax_rows(x), x.max(dim=-1).indices)
-    with pytest.raises(RuntimeError, match="float32"):
-        ops.argmax_rows(x.bfloat16())
+    b = x.bfloat16()  # bf16 logits: the same rules on the values they hold
+    assert torch.equal(ops.argmax_rows(b), b.max(dim=-1).indices)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.argmax_rows(x.half())
+
+
+@needs_amx
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_decode_step_in_one_call_equals_the_layer_loop(bias):
+    """kernels.decode_layers runs the loop's kernels on the same tensors: the same logits to the bit."""
+    core = make_core(dtype="bfloat16")
+    model = core.runner.model
+    assert model.fused_decode
+    if bias:  # q/k/v bias as Qwen2 has it, random: the fused call must add it where the loop does
+        torch.manual_seed(0)
+        width = model.q_size + 2 * model.kv_size
+        for layer in model.layers:
+            layer["qkv_bias"] = torch.randn(width).bfloat16()
+        model._qkv_biases = [layer["qkv_bias"] for layer in model.layers]
+    forward, compared = model.forward, []
+
+    def both(input_ids, positions, meta, k_cache, v_cache, logit_rows):
+        args = (input_ids, positions, meta, k_cache, v_cache, logit_rows)
+        if model._decode_tiles(meta, len(input_ids)) is None:
+            return forward(*args)
+        fused = forward(*args)
+        model.fused_decode = False
+        try:
+            loop = forward(*args)  # rewrites the same K/V into the same slots
+        finally:
+            model.fused_decode = True
+        assert torch.equal(fused, loop)
+        compared.append(len(input_ids))
+        return fused
+
+    model.forward = both
+    prompts = {f"p{i}": list(range(500 + 31 * i, 520 + 40 * i)) for i in range(8)}
+    run_to_completion(core, {rid: (p, greedy(6, ignore_eos=True)) for rid, p in prompts.items()})
+    assert compared and max(compared) == 8  # every decode step of the 8 went through both
 
 
 @needs_kernels

@@ -14,6 +14,8 @@ import orjson
 import torch
 import xxhash
 
+from microserve.engine import host_memory
+
 MAGIC = b"MSKV"
 VERSION = 1
 _HEADER_LEN = struct.Struct("<I")
@@ -56,8 +58,8 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         shape = (layout.num_layers, num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self.k = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=layout.torch_dtype, device=self.device)
+        self.k = host_memory.zeros(shape, layout.torch_dtype, self.device)
+        self.v = host_memory.zeros(shape, layout.torch_dtype, self.device)
 
     def copy_block(self, src: int, dst: int) -> None:
         bs = self.layout.block_size

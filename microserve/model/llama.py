@@ -98,6 +98,11 @@ class Llama(torch.nn.Module):
         # they can be built; torch's ops otherwise.
         on_cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self.kernels = cpu_ops() if on_cpu else None
+        # A decode step's layers in one call to the kernels (`_decode_tiles`) where they all run on AMX.
+        self.fused_decode = self.kernels is not None and dtype == torch.bfloat16
+        self._tiles_by_rows: dict[int, list[torch.Tensor] | None] = {}
+        self._norms = [layer[n] for layer in self.layers for n in ("input_norm", "post_norm")]
+        self._qkv_biases = [layer["qkv_bias"] for layer in self.layers] if c.attention_bias else []
 
     def linear(self, x: torch.Tensor, layer: Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W.T (+ bias), whatever form the weight is kept in."""
@@ -158,9 +163,44 @@ class Llama(torch.nn.Module):
         v_cache: torch.Tensor,
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
-        """Run the flattened batch; return float32 logits for the rows in `logit_rows`."""
+        """Run the flattened batch; return the logits of the rows in `logit_rows`, in the model's dtype."""
         cos, sin = self.cos[positions], self.sin[positions]
         x = F.embedding(input_ids, self.embed)
+        tiles = self._decode_tiles(meta, len(input_ids))
+        if tiles is not None:  # the same kernels on the same tensors as the loop below, in one call
+            c = self.config
+            self.kernels.decode_layers(
+                x,
+                self._norms,
+                tiles,
+                self._qkv_biases,
+                cos,
+                sin,
+                meta.slot_mapping,
+                k_cache,
+                v_cache,
+                meta.decode_tables,
+                meta.decode_lens,
+                meta.block_size,
+                c.num_heads,
+                self.scale,
+                c.rms_norm_eps,
+            )
+        else:
+            self._layers(x, cos, sin, meta, k_cache, v_cache)
+        x = self.rms_norm(x[logit_rows], self.final_norm)
+        return self.linear(x, self.lm_head)
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> None:
+        """Every layer over x (updated in place: the residual stream)."""
         residual: torch.Tensor | None = None  # the last layer's MLP output, still to add to x
         for i, layer in enumerate(self.layers):
             h = self.add_rms_norm(x, residual, layer["input_norm"])
@@ -172,8 +212,17 @@ class Llama(torch.nn.Module):
             residual = self.linear(self.silu_mul(self.linear(h, layer["gate_up"])), layer["down"])
         if residual is not None:
             x += residual
-        x = self.rms_norm(x[logit_rows], self.final_norm)
-        return self.linear(x, self.lm_head).float()
+
+    def _decode_tiles(self, meta: AttentionMetadata, rows: int) -> list[torch.Tensor] | None:
+        """For an all-decode batch whose every linear layer runs on AMX tiles at `rows` rows: those tiles,
+        four a layer, for `kernels.decode_layers`; None otherwise."""
+        if not self.fused_decode or meta.decode_tables is None or meta.prefills:
+            return None
+        if rows not in self._tiles_by_rows:
+            names = ("qkv", "o", "gate_up", "down")
+            tiles = [layer[n].amx_tiles(rows) for layer in self.layers for n in names]
+            self._tiles_by_rows[rows] = None if any(t is None for t in tiles) else tiles
+        return self._tiles_by_rows[rows]
 
     def _attention(
         self,

@@ -52,6 +52,11 @@ class Linear:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(x, bias)
 
+    def amx_tiles(self, rows: int) -> torch.Tensor | None:
+        """The AMX tiles `forward` runs for `rows` rows (`kernels.amx_linear` or `amx_linear_q4` on them),
+        or None where it runs something else."""
+        return None
+
 
 class DenseLinear(Linear):
     """A weight matrix in the model's dtype; on CPU in bf16, packed once for the GEMM that runs it.
@@ -67,6 +72,9 @@ class DenseLinear(Linear):
         self.packed = pack_for_onednn(weight) if self.tiles is None else None
         self.weight = weight if self.tiles is None and self.packed is None else None
         self._amx_linear = cpu_ops().amx_linear if self.tiles is not None else None
+
+    def amx_tiles(self, rows: int) -> torch.Tensor | None:
+        return self.tiles
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is not None:
@@ -175,6 +183,14 @@ class Int4Linear(Linear):
         groups = [int4_groups(p) for p in parts]
         q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
         return cls(q, scale, zero, dtype, max_kernel_rows)
+
+    def amx_tiles(self, rows: int) -> torch.Tensor | None:
+        if self.dense is not None and self.max_kernel_rows is not None and rows > self.max_kernel_rows:
+            return self.dense.amx_tiles(rows)
+        torch_rows = self.torch_kernel_max_rows
+        if self._amx_linear_q4 is not None and (torch_rows is None or rows > torch_rows):
+            return self.tiles
+        return None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.dtype:
