@@ -168,6 +168,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    serves_a_model = args.command == "engine" and args.engine_command != "profile" and args.backend == "torch"
+    if argv is None and serves_a_model:  # the program itself, not a caller in Python
+        from microserve.engine.host_memory import reexec_with_huge_page_malloc
+
+        reexec_with_huge_page_malloc()  # returns where it does not apply (or already did)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

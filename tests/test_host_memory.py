@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,34 @@ def test_kv_storage_is_zeroed_and_keeps_its_writes():
     storage.k[1, 17] = 2.0
     storage.copy_block(1, 5)
     assert torch.equal(storage.k[1, 5 * 16 + 1], storage.k[1, 17])
+
+
+def test_the_malloc_tunable_joins_the_others_once(monkeypatch):
+    if host_memory.huge_page_malloc_env({}) is None:
+        pytest.skip("not glibc >= 2.35 on Linux with THP on")
+    env = host_memory.huge_page_malloc_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "X": "1"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "X": "1"}
+    assert host_memory.huge_page_malloc_env(env) is None  # already there: no second exec
+    assert host_memory.huge_page_malloc_env({"MICROSERVE_HUGE_PAGES": "0"}) is None
+    calls = []
+    monkeypatch.setattr(host_memory.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(host_memory.sys, "argv", ["/usr/bin/microserve", "engine", "--port", "9"])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    host_memory.reexec_with_huge_page_malloc()
+    ((executable, argv, env),) = calls
+    assert executable == sys.executable
+    assert argv[1:] == ["-m", "microserve", "engine", "--port", "9"]
+    assert env["GLIBC_TUNABLES"] == host_memory.MALLOC_TUNABLE
+
+
+def test_an_engine_process_runs_with_malloc_on_huge_pages():
+    from microserve.processes import start_engine
+
+    if host_memory.huge_page_malloc_env({}) is None:
+        pytest.skip("not glibc >= 2.35 on Linux with THP on")
+    engine = start_engine("--max-model-len", "256", "--kv-cache-memory", "64MiB")
+    try:
+        environ = Path(f"/proc/{engine.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=" + host_memory.MALLOC_TUNABLE.encode() in environ
+    finally:
+        engine.stop()

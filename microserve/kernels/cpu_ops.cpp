@@ -480,7 +480,7 @@ torch::Tensor add_rms_norm(torch::Tensor x, c10::optional<torch::Tensor> delta, 
     T *xp = x.data_ptr<T>(), *yp = y.data_ptr<T>();
     const T* dp = delta ? delta->data_ptr<T>() : nullptr;
     const T* wp = weight.data_ptr<T>();
-    for_rows(x.size(0), 64, [&](int64_t r) {
+    for_rows(x.size(0), 16, [&](int64_t r) {
       if (dp) add_row(xp + r * dim, dp + r * dim, dim);
       rms_row(xp + r * dim, wp, yp + r * dim, dim, static_cast<float>(eps));
     });
@@ -945,15 +945,18 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention);
-  m.def("add_rms_norm", &add_rms_norm);
-  m.def("silu_mul", &silu_mul);
-  m.def("rope_qkv", &rope_qkv);
-  m.def("amx_available", &amx_available);
-  m.def("argmax_rows", &argmax_rows);
-  m.def("decode_layers", &decode_layers);
-  m.def("amx_pack", &amx_pack);
-  m.def("amx_linear", &amx_linear);
-  m.def("amx_pack_q4", &amx_pack_q4);
-  m.def("amx_linear_q4", &amx_linear_q4);
+  // Every kernel lets go of the GIL, as torch's own ops do: the server's event loop takes requests and
+  // sends tokens while a step runs (a prefill step holds the engine thread for ~0.1 s).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention, nogil);
+  m.def("add_rms_norm", &add_rms_norm, nogil);
+  m.def("silu_mul", &silu_mul, nogil);
+  m.def("rope_qkv", &rope_qkv, nogil);
+  m.def("amx_available", &amx_available, nogil);
+  m.def("argmax_rows", &argmax_rows, nogil);
+  m.def("decode_layers", &decode_layers, nogil);
+  m.def("amx_pack", &amx_pack, nogil);
+  m.def("amx_linear", &amx_linear, nogil);
+  m.def("amx_pack_q4", &amx_pack_q4, nogil);
+  m.def("amx_linear_q4", &amx_linear_q4, nogil);
 }
