@@ -40,6 +40,11 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, max_context]; None when no padding
     prefills: list[PrefillChunk] = field(default_factory=list)
 
+    @property
+    def paged_decode_only(self) -> bool:
+        """Every row decodes, and the paged decode kernel reads the blocks (`decode_tables`)."""
+        return self.num_decode > 0 and self.decode_tables is not None and not self.prefills
+
 
 class Llama(torch.nn.Module):
     def __init__(
@@ -216,7 +221,7 @@ class Llama(torch.nn.Module):
     def _decode_tiles(self, meta: AttentionMetadata, rows: int) -> list[torch.Tensor] | None:
         """For an all-decode batch whose every linear layer runs on AMX tiles at `rows` rows: those tiles,
         four a layer, for `kernels.decode_layers`; None otherwise."""
-        if not self.fused_decode or meta.decode_tables is None or meta.prefills:
+        if not self.fused_decode or not meta.paged_decode_only:
             return None
         if rows not in self._tiles_by_rows:
             names = ("qkv", "o", "gate_up", "down")
@@ -234,7 +239,7 @@ class Llama(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         nd = meta.num_decode
-        if nd and meta.decode_tables is not None and not meta.prefills:  # all decode: no copy
+        if meta.paged_decode_only:  # no copy
             return self.kernels.paged_decode_attention(
                 q, k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
             )

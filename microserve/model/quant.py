@@ -184,23 +184,29 @@ class Int4Linear(Linear):
         q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
         return cls(q, scale, zero, dtype, max_kernel_rows)
 
-    def amx_tiles(self, rows: int) -> torch.Tensor | None:
+    def _runs_on(self, rows: int) -> Literal["dense", "amx", "torch"]:
+        """What a batch of `rows` rows runs on: the dequantized weights, the AMX int4 kernel or torch's."""
         if self.dense is not None and self.max_kernel_rows is not None and rows > self.max_kernel_rows:
-            return self.dense.amx_tiles(rows)
+            return "dense"
         torch_rows = self.torch_kernel_max_rows
         if self._amx_linear_q4 is not None and (torch_rows is None or rows > torch_rows):
-            return self.tiles
-        return None
+            return "amx"
+        return "torch"
+
+    def amx_tiles(self, rows: int) -> torch.Tensor | None:
+        kind = self._runs_on(rows)
+        if kind == "dense":
+            return self.dense.amx_tiles(rows)
+        return self.tiles if kind == "amx" else None
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.dtype:
             raise TypeError(f"int4 layer built for {self.dtype} activations got {x.dtype}")
         flat = x.reshape(-1, self.in_features)
-        limit = self.max_kernel_rows
-        if self.dense is not None and limit is not None and flat.shape[0] > limit:
+        kind = self._runs_on(flat.shape[0])
+        if kind == "dense":
             return self.dense(x, bias)
-        torch_rows = self.torch_kernel_max_rows
-        if self._amx_linear_q4 is not None and (torch_rows is None or flat.shape[0] > torch_rows):
+        if kind == "amx":
             y = self._amx_linear_q4(flat, self.tiles, bias)
             return y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
