@@ -215,6 +215,40 @@ def test_amx_q4_refuses_what_it_cannot_pack_or_multiply():
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 17, 32, 33, 100, 512])
+@pytest.mark.parametrize(("n", "k"), [(64, 64), (3072, 576), (96, 1536)])
+def test_gate_up_tiles_give_the_same_gemm_and_silu_mul_to_the_bit(rows, n, k):
+    """Paired gate/up tiles: amx_linear writes what the plain tiles write, and amx_silu_mul is
+    silu_mul(amx_linear(...)) to the bit, on bf16 tiles and on int4 tiles alike."""
+    q, scale, zero, dense = _q4_weights(n, k, rows * 7 + n)
+    x, b = torch.randn(rows, k).bfloat16(), torch.randn(n).bfloat16()
+    plain, paired = ops.amx_pack(dense), ops.amx_pack(dense, gate_up=True)
+    assert paired.shape == (n // 32, 2, k // 32, 16, 16, 2)
+    assert torch.equal(ops.amx_linear(x, paired, b), ops.amx_linear(x, plain, b))
+    expected = ops.silu_mul(ops.amx_linear(x, plain, None))
+    assert expected.shape == (rows, n // 2)
+    assert torch.equal(ops.amx_silu_mul(x, paired), expected)
+    q4_plain, q4_paired = ops.amx_pack_q4(q, scale, zero), ops.amx_pack_q4(q, scale, zero, gate_up=True)
+    assert q4_paired.shape == (n // 32, 2, k // 32, 384)
+    assert torch.equal(ops.amx_linear_q4(x, q4_paired, b), ops.amx_linear_q4(x, q4_plain, b))
+    assert torch.equal(ops.amx_silu_mul(x, q4_paired), expected)
+
+
+@needs_amx
+def test_amx_silu_mul_refuses_tiles_that_are_not_gate_up_pairs():
+    q, scale, zero, dense = _q4_weights(48, 64, 0)
+    x = torch.randn(2, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="needs gate/up tiles"):
+        ops.amx_silu_mul(x, ops.amx_pack(dense))
+    with pytest.raises(RuntimeError, match="needs gate/up tiles"):
+        ops.amx_silu_mul(x, ops.amx_pack_q4(q, scale, zero))
+    with pytest.raises(RuntimeError, match="N % 32 == 0"):
+        ops.amx_pack(dense, gate_up=True)  # 48 rows: three blocks, not pairs
+    with pytest.raises(RuntimeError, match="N % 32 == 0"):
+        ops.amx_pack_q4(q, scale, zero, gate_up=True)
+
+
+@needs_amx
 def test_amx_linear_as_the_first_amx_user_of_a_process():
     """No oneDNN GEMM ran before it: the kernel asks Linux for AMX and loads its own tile configuration."""
     code = (

@@ -372,3 +372,22 @@ def test_fp32_weights_stay_plain() -> None:
     w = torch.randn(8, 16)
     lin = DenseLinear(w)
     assert lin.tiles is None and lin.packed is None and lin.weight is w
+
+
+@pytest.mark.parametrize("rows", [0, 1, 4, 5, 32, 33, 513])
+def test_gate_up_layers_silu_mul_equals_silu_mul_of_their_output(int4_kernel: str, rows: int) -> None:
+    """`silu_mul` of a gate/up layer, fused into the AMX kernels' output where they run, is the MLP's
+    SiLU(gate) * up of the layer's own output to the bit, on every path a row count takes."""
+    rng = np.random.default_rng(rows)
+    values = _weights(rng, 64, 96)
+    q, scale, zero = (torch.from_numpy(a) for a in int4_groups(_blocks(values, QT.Q4_1)))
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    int4 = Int4Linear(q, scale, zero, torch.bfloat16, gate_up=True)
+    weights = dequantize_int4(q.numpy(), scale.numpy(), zero.numpy())
+    dense = DenseLinear(torch.from_numpy(weights).bfloat16(), gate_up=True)
+    for layer in (int4, dense):
+        got = layer.silu_mul(x)
+        assert got.shape == (rows, 32)
+        assert torch.equal(got, quant.silu_mul(layer(x)))
+    if int4_kernel == "amx":
+        assert int4.tiles.shape == (2, 2, 3, 384) and dense.tiles.shape == (2, 2, 3, 16, 16, 2)  # paired

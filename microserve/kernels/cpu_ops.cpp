@@ -13,6 +13,8 @@
 //   few rows, where oneDNN's overheads dominate a GEMM that should be a stream over the weights.
 // amx_pack_q4, amx_linear_q4: the same GEMM straight from 4-bit groups (GGUF's Q4_0/Q4_1), each tile
 //   dequantized in registers just before it is used: the dense weights' results to the bit, 3/8 of the bytes.
+// amx_silu_mul: the MLP's gate/up GEMM on either weight form, packed with gate and up blocks paired, with
+//   SiLU(gate) * up applied as each pair of blocks finishes.
 // decode_layers: a decode step's whole layer loop in one call, on the kernels above.
 // argmax_rows: greedy sampling's argmax over float32 or bf16 logits, with torch.max's tie and NaN rules.
 //
@@ -390,8 +392,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 
 #if defined(__AVX512F__)
 // The value x takes once stored as T: what torch's eager ops round to between two ops.
-inline __m512 as_stored(__m512 x, float*) { return x; }
-inline __m512 as_stored(__m512 x, at::BFloat16*) {
+inline __m512 as_stored(__m512 x, const float*) { return x; }
+inline __m512 as_stored(__m512 x, const at::BFloat16*) {
   return _mm512_castsi512_ps(_mm512_and_si512(bf16_bits(x), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 #endif
@@ -432,16 +434,21 @@ void add_row(T* x, const T* delta, int64_t dim) {
   for (; d < dim; ++d) x[d] = static_cast<T>(static_cast<float>(x[d]) + static_cast<float>(delta[d]));
 }
 
+#if defined(__AVX512F__)
+// SiLU(g) * u for 16 values of gate and up as stored in T, with SiLU's result rounded to T before the
+// product, as the eager ops round; the caller's store16 rounds the product.
+template <typename T>
+inline __m512 silu_mul16(__m512 g, __m512 u, const T* like) {
+  const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
+  return _mm512_mul_ps(as_stored(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), like), u);
+}
+#endif
+
 template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t half) {
   int64_t d = 0;
 #if defined(__AVX512F__)
-  for (; d + 16 <= half; d += 16) {
-    const __m512 g = load16(gate + d);
-    const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(88.f)));
-    const __m512 s = as_stored(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), out);
-    store16(out + d, _mm512_mul_ps(s, load16(up + d)));
-  }
+  for (; d + 16 <= half; d += 16) store16(out + d, silu_mul16(load16(gate + d), load16(up + d), out));
 #endif
   for (; d < half; ++d) {
     const float g = static_cast<float>(gate[d]);
@@ -597,6 +604,12 @@ std::vector<torch::Tensor> rope_qkv(torch::Tensor qkv, torch::Tensor cos, torch:
 // pairs of column blocks; for each 32 rows of x, four C tiles (2 row tiles x 2 column blocks) sum over K
 // in order from zero, as oneDNN's brgemm does, then round to bf16 (nearest even) with the bias added in
 // float32 first. The pair's weights stay in cache across the row chunks of a longer x.
+//
+// A fused gate/up projection ([gate; up], the MLP's two halves stacked) can be packed with its blocks
+// paired instead: gate block i and up block i side by side, [N/32, 2, K/32, 16, 16, 2], so the pair one
+// thread computes holds a gate column block and the up block it multiplies. Its results are the same,
+// written where the plain layout would write them, or go through SiLU(gate) * up as the pair finishes
+// (`amx_silu_mul`): the [M, N] projection is never written nor read back.
 
 #if defined(MICROSERVE_AMX)
 struct alignas(64) TileConfig {
@@ -622,12 +635,30 @@ void configure_tiles(int rows0, int rows1) {
   // rest of the configuration (ldtilecfg then faults on whatever the stack held).
   __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
+#endif
 
-// Rows [m, m + rows) of y for column blocks nb (and nb + 1 when `pair`); `tile(kb, j)` gives the bf16 B
-// tile of block nb + j for the kb-th 32 values of K.
-template <typename TileSource>
+// Where a GEMM's results go: y = x @ W.T (+ bias) with W's blocks in order (kPlain) or paired gate/up
+// (kGateUp), or SiLU(x @ Wg.T) * (x @ Wu.T) from paired blocks (kSiluMul, y [M, N/2]).
+enum class Epilogue { kPlain, kGateUp, kSiluMul };
+
+#if defined(MICROSERVE_AMX)
+// How a chunk's tile loads treat the caches. Many rows of x: x streams through L2 (the T1 hint) and the
+// pair's B tiles, used again for every chunk, stay in L1 (~25% off a 512-row prefill GEMM of the bundled
+// model). One chunk of x: the B tiles are each used once and stream instead.
+enum class Reuse { kBoth, kB, kX };
+constexpr int64_t kL1WeightBytes = 40 * 1024;  // a pair's B tiles that fit in L1 (48 KiB) beside x's
+
+// The tile intrinsics take the tile's number as a literal, so these are macros (in amx_chunk, of its R).
+#define MICROSERVE_LOAD_X(tile, p, stride) \
+  if constexpr (R == Reuse::kB) _tile_stream_loadd(tile, p, stride); else _tile_loadd(tile, p, stride)
+#define MICROSERVE_LOAD_W(tile, p) \
+  if constexpr (R == Reuse::kX) _tile_stream_loadd(tile, p, 64); else _tile_loadd(tile, p, 64)
+
+// Rows [m, m + rows) of x times column blocks nb (and nb + 1 when `pair`) to y as `E` says; `tile(kb, j)`
+// gives the bf16 B tile of block nb + j for the kb-th 32 values of K. y has N columns (N / 2 for kSiluMul).
+template <Reuse R, typename TileSource>
 void amx_chunk(const at::BFloat16* x, const TileSource& tile, const at::BFloat16* bias, at::BFloat16* y,
-               int64_t K, int64_t N, int64_t m, int rows0, int rows1, int64_t nb, bool pair) {
+               int64_t K, int64_t N, int64_t m, int rows0, int rows1, int64_t nb, bool pair, Epilogue E) {
   const int64_t KB = K / 32;
   const at::BFloat16* a0 = x + m * K;
   const at::BFloat16* a1 = a0 + 16 * K;
@@ -636,15 +667,15 @@ void amx_chunk(const at::BFloat16* x, const TileSource& tile, const at::BFloat16
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t kb = 0; kb < KB; ++kb) {
-    _tile_loadd(4, a0 + kb * 32, K * 2);
-    _tile_loadd(6, tile(kb, 0), 64);
+    MICROSERVE_LOAD_X(4, a0 + kb * 32, K * 2);
+    MICROSERVE_LOAD_W(6, tile(kb, 0));
     _tile_dpbf16ps(0, 4, 6);
     if (pair) {
-      _tile_loadd(7, tile(kb, 1), 64);
+      MICROSERVE_LOAD_W(7, tile(kb, 1));
       _tile_dpbf16ps(1, 4, 7);
     }
     if (rows1) {
-      _tile_loadd(5, a1 + kb * 32, K * 2);
+      MICROSERVE_LOAD_X(5, a1 + kb * 32, K * 2);
       _tile_dpbf16ps(2, 5, 6);
       if (pair) _tile_dpbf16ps(3, 5, 7);
     }
@@ -656,16 +687,23 @@ void amx_chunk(const at::BFloat16* x, const TileSource& tile, const at::BFloat16
     _tile_stored(2, c[2], 64);
     if (pair) _tile_stored(3, c[3], 64);
   }
-  const int blocks = pair ? 2 : 1;
-  for (int j = 0; j < blocks; ++j) {
-    const int64_t col = (nb + j) * 16;
-    const __m512 b = bias ? load16(bias + col) : _mm512_setzero_ps();
+  auto sums = [&](int r, int j) { return _mm512_load_ps(c[(r / 16) * 2 + j] + (r % 16) * 16); };
+  if (E == Epilogue::kSiluMul) {  // a pair is gate block p and up block p: output columns 16p..16p+15
+    const int64_t col = nb / 2 * 16, half = N / 2;
     for (int r = 0; r < rows0 + rows1; ++r) {
-      const float* src = c[(r / 16) * 2 + j] + (r % 16) * 16;
-      store16(y + (m + r) * N + col, _mm512_add_ps(_mm512_load_ps(src), b));
+      at::BFloat16* out = y + (m + r) * half + col;
+      store16(out, silu_mul16(as_stored(sums(r, 0), out), as_stored(sums(r, 1), out), out));
     }
+    return;
+  }
+  for (int j = 0; j < (pair ? 2 : 1); ++j) {
+    const int64_t col = E == Epilogue::kGateUp ? j * (N / 2) + nb / 2 * 16 : (nb + j) * 16;
+    const __m512 b = bias ? load16(bias + col) : _mm512_setzero_ps();
+    for (int r = 0; r < rows0 + rows1; ++r) store16(y + (m + r) * N + col, _mm512_add_ps(sums(r, j), b));
   }
 }
+#undef MICROSERVE_LOAD_X
+#undef MICROSERVE_LOAD_W
 #endif
 
 bool amx_available() {
@@ -676,39 +714,47 @@ bool amx_available() {
 #endif
 }
 
-// W [N, K] bf16, N % 16 == 0, K % 32 == 0 -> its AMX tiles [N/16, K/32, 16, 16, 2].
-torch::Tensor amx_pack(torch::Tensor w) {
+// W [N, K] bf16, N % 16 == 0, K % 32 == 0 -> its AMX tiles [N/16, K/32, 16, 16, 2]; with `gate_up`
+// (N % 32 == 0, W = [gate; up]), paired: [N/32, 2, K/32, 16, 16, 2].
+torch::Tensor amx_pack(torch::Tensor w, bool gate_up) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16, "W must be a [N, K] bfloat16 matrix");
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "AMX tiles need N % 16 == 0 and K % 32 == 0, not ", N, " x ", K);
-  return w.contiguous().view({N / 16, 16, K / 32, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous();
+  TORCH_CHECK(!gate_up || N % 32 == 0, "paired gate/up tiles need N % 32 == 0, not ", N);
+  if (gate_up) w = w.view({2, N / 32, 16, K}).transpose(0, 1).reshape({N, K});  // gate 0, up 0, gate 1, ...
+  auto tiles = w.contiguous().view({N / 16, 16, K / 32, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous();
+  return gate_up ? tiles.view({N / 32, 2, K / 32, 16, 16, 2}) : tiles;
 }
 
-// The GEMM both weight forms share: x [M, K] bf16, bias [N] bf16 or None -> y [M, N] bf16. Threads split
-// the pairs of 16-column blocks; each pair meets x 32 rows at a time. `prepare(p, scratch)` runs once per
-// pair with `scratch_size` bf16 of the thread's own; `tile(p, kb, j, scratch)` gives the bf16 B tile of
-// block 2p + j for the kb-th 32 values of K.
+// The GEMM both weight forms share: x [M, K] bf16, bias [N] bf16 or None -> y [M, N] bf16 ([M, N/2] for
+// kSiluMul). Threads split the pairs of 16-column blocks; each pair meets x 32 rows at a time.
+// `prepare(p, scratch)` runs once per pair with `scratch_size` bf16 of the thread's own; `tile(p, kb, j,
+// scratch)` gives the bf16 B tile of block 2p + j for the kb-th 32 values of K.
 template <typename Prepare, typename Tile>
 torch::Tensor amx_gemm(torch::Tensor x, const c10::optional<torch::Tensor>& bias, int64_t NB, int64_t KB,
-                       int64_t scratch_size, const Prepare& prepare, const Tile& tile) {
+                       Epilogue epilogue, int64_t scratch_size, const Prepare& prepare, const Tile& tile) {
   TORCH_CHECK(amx_available(), "AMX is not available on this CPU or kernel");
   const int64_t K = KB * 32, N = NB * 16;
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == torch::kBFloat16,
               "x must be [M, ", K, "] bfloat16");
   torch::Tensor b;
   if (bias) {
+    TORCH_CHECK(epilogue != Epilogue::kSiluMul, "SiLU(gate) * up takes no bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == torch::kBFloat16,
                 "bias must be [", N, "] bfloat16");
     b = bias->contiguous();
   }
   x = x.contiguous();
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, epilogue == Epilogue::kSiluMul ? N / 2 : N}, x.options());
   if (M == 0) return y;
 #if defined(MICROSERVE_AMX)
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
   const at::BFloat16* bp = bias ? b.data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  // Tiles from scratch were just written there: they are in L1 whatever the hint.
+  const bool weights_in_l1 = scratch_size > 0 || 2 * KB * 1024 <= kL1WeightBytes;
+  const Reuse reuse = M > 32 ? (weights_in_l1 ? Reuse::kB : Reuse::kBoth) : (scratch_size ? Reuse::kBoth : Reuse::kX);
   at::parallel_for(0, (NB + 1) / 2, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<at::BFloat16[]> scratch(scratch_size ? new at::BFloat16[scratch_size] : nullptr);
     int configured = -1;  // rows of the current tile configuration
@@ -721,8 +767,14 @@ torch::Tensor amx_gemm(torch::Tensor x, const c10::optional<torch::Tensor>& bias
           configure_tiles(std::min(rows, 16), std::max(rows - 16, 0));
           configured = rows;
         }
-        amx_chunk(xp, pair_tile, bp, yp, K, N, m, std::min(rows, 16), std::max(rows - 16, 0), 2 * p,
-                  2 * p + 1 < NB);
+        const int r0 = std::min(rows, 16), r1 = std::max(rows - 16, 0);
+        const bool pair = 2 * p + 1 < NB;
+        if (reuse == Reuse::kB)
+          amx_chunk<Reuse::kB>(xp, pair_tile, bp, yp, K, N, m, r0, r1, 2 * p, pair, epilogue);
+        else if (reuse == Reuse::kX)
+          amx_chunk<Reuse::kX>(xp, pair_tile, bp, yp, K, N, m, r0, r1, 2 * p, pair, epilogue);
+        else
+          amx_chunk<Reuse::kBoth>(xp, pair_tile, bp, yp, K, N, m, r0, r1, 2 * p, pair, epilogue);
       }
     }
     if (configured >= 0) _tile_release();
@@ -731,40 +783,61 @@ torch::Tensor amx_gemm(torch::Tensor x, const c10::optional<torch::Tensor>& bias
   return y;
 }
 
-// x [M, K] bf16, packed from amx_pack, bias [N] bf16 or None -> y [M, N] bf16.
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(packed.dim() == 5 && packed.size(2) == 16 && packed.size(3) == 16 && packed.size(4) == 2 &&
-                  packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
+// A bf16 tile tensor's blocks: (NB, KB, paired) for [NB, KB, 16, 16, 2] or paired [NB/2, 2, KB, 16, 16, 2].
+std::tuple<int64_t, int64_t, bool> bf16_tile_blocks(const torch::Tensor& packed) {
+  const bool paired = packed.dim() == 6 && packed.size(1) == 2;
+  const int64_t d = paired ? 1 : 0;
+  TORCH_CHECK((packed.dim() == 5 || paired) && packed.size(d + 2) == 16 && packed.size(d + 3) == 16 &&
+                  packed.size(d + 4) == 2 && packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
               "packed weights must come from amx_pack");
-  const int64_t NB = packed.size(0), KB = packed.size(1);
+  return {paired ? 2 * packed.size(0) : packed.size(0), packed.size(d + 1), paired};
+}
+
+torch::Tensor amx_linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, bool silu_mul) {
+  const auto [NB, KB, paired] = bf16_tile_blocks(packed);
+  TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (amx_pack with gate_up)");
+  const Epilogue epilogue = silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
   const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
   return amx_gemm(
-      x, bias, NB, KB, 0, [](int64_t, at::BFloat16*) {},
+      x, bias, NB, KB, epilogue, 0, [](int64_t, at::BFloat16*) {},
       [&](int64_t p, int64_t kb, int j, at::BFloat16*) { return wp + ((2 * p + j) * KB + kb) * 512; });
+}
+
+// x [M, K] bf16, packed from amx_pack, bias [N] bf16 or None -> y [M, N] bf16.
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  return amx_linear_bf16(x, packed, bias, false);
 }
 
 // ---- The same GEMM on 4-bit weights (GGUF's Q4_0/Q4_1 groups of 32 along K) ----
 //
 // A B tile (32 K x 16 columns) is one group of each of its 16 columns: packed as 384 bytes, its 512
-// values q in 0..15 (tile row r, the K pair 2r, 2r+1: 16 bytes, byte i holding the row's i-th value in
-// the low nibble and its (16 + i)-th in the high one), then the 16 columns' scales and their 16 zeros as
-// float32. Dequantized as the GEMM reaches it: w = (q - 8) * scale + zero in float32 (one FMA: the
-// product is exact), rounded to bf16 -- the dense weights dequantized at load, so results equal
-// amx_linear's on those to the bit, at 3/8 of the bytes read.
+// values q in 0..15 as nibbles (256 bytes, laid out so each half row of the tile is one shift away from
+// a vector of indices, see amx_pack_q4), then the 16 columns' scales and their 16 zeros as float32.
+// Dequantized as the GEMM reaches it: w = (q - 8) * scale + zero in float32 (one FMA: the product is
+// exact), rounded to bf16 -- the dense weights dequantized at load, so results equal amx_linear's on
+// those to the bit, at 3/8 of the bytes read. The dequantization, not the tile products, is most of a
+// decode step's GEMM time: on the 2-core Xeon the AMX unit does not overlap with it (~1 KiB of stores a
+// tile), so it is kept to 7 vector instructions a tile row (a table lookup for q - 8 instead of integer
+// unpacking and a subtraction: ~95 -> ~67 cycles a tile).
 
 constexpr int64_t kQ4TileBytes = 384;
 
-// q [N, K] uint8 (0..15), scale and zero [N, K/32] float32 -> [N/16, K/32, 384] uint8.
-torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor zero) {
+// q [N, K] uint8 (0..15), scale and zero [N, K/32] float32 -> [N/16, K/32, 384] uint8; with `gate_up`
+// (N % 32 == 0, the rows [gate; up]), paired as amx_pack's: [N/32, 2, K/32, 384].
+torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor zero, bool gate_up) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kByte, "q must be a [N, K] uint8 matrix");
   const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "AMX tiles need N % 16 == 0 and K % 32 == 0, not ", N, " x ", K);
   TORCH_CHECK(scale.sizes() == zero.sizes() && scale.dim() == 2 && scale.size(0) == N && scale.size(1) == K / 32 &&
                   scale.scalar_type() == torch::kFloat && zero.scalar_type() == torch::kFloat,
               "scale and zero must be [N, K/32] float32");
-  q = q.contiguous();
-  scale = scale.contiguous();
-  zero = zero.contiguous();
+  TORCH_CHECK(!gate_up || N % 32 == 0, "paired gate/up tiles need N % 32 == 0, not ", N);
+  auto pairs = [&](const torch::Tensor& t) {  // rows gate 0..15, up 0..15, gate 16..31, ...
+    return gate_up ? t.view({2, N / 32, 16, t.size(1)}).transpose(0, 1).reshape({N, t.size(1)}) : t;
+  };
+  q = pairs(q).contiguous();
+  scale = pairs(scale).contiguous();
+  zero = pairs(zero).contiguous();
   TORCH_CHECK(q.numel() == 0 || q.max().item<int64_t>() < 16, "q values must lie in 0..15");
   const int64_t NB = N / 16, KB = K / 32;
   auto out = torch::empty({NB, KB, kQ4TileBytes}, q.options());
@@ -775,11 +848,16 @@ torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor ze
     for (int64_t t = begin; t < end; ++t) {
       const int64_t nb = t / KB, kb = t % KB;
       uint8_t* tile = op + t * kQ4TileBytes;
-      // Tile row r, value e: column 16 nb + e / 2, K index 32 kb + 2 r + e % 2.
+      // Tile row r, value e: column 16 nb + e / 2, K index 32 kb + 2 r + e % 2. Rows 4g..4g + 3 fill 64
+      // bytes as 16 little-endian 32-bit words; word i holds, in nibble t, value 16 (t % 2) + i of row
+      // 4g + t / 2, so shifting the words right by 4t puts that half row's values in their low nibbles.
       auto value = [&](int64_t r, int64_t e) { return qp[(nb * 16 + e / 2) * K + kb * 32 + 2 * r + e % 2]; };
-      for (int64_t r = 0; r < 16; ++r)
-        for (int64_t i = 0; i < 16; ++i)
-          tile[r * 16 + i] = static_cast<uint8_t>(value(r, i) | (value(r, 16 + i) << 4));
+      for (int64_t g = 0; g < 4; ++g)
+        for (int64_t i = 0; i < 16; ++i) {
+          uint32_t word = 0;
+          for (int64_t t = 0; t < 8; ++t) word |= static_cast<uint32_t>(value(4 * g + t / 2, 16 * (t % 2) + i)) << (4 * t);
+          std::memcpy(tile + 64 * g + 4 * i, &word, 4);
+        }
       float* sz = reinterpret_cast<float*>(tile + 256);
       for (int64_t n = 0; n < 16; ++n) {
         sz[n] = sp[(nb * 16 + n) * KB + kb];
@@ -787,37 +865,42 @@ torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor ze
       }
     }
   });
-  return out;
+  return gate_up ? out.view({N / 32, 2, KB, kQ4TileBytes}) : out;
 }
 
 #if defined(MICROSERVE_AMX)
-// One packed tile -> a bf16 B tile (1 KiB) at dst. q becomes a float exactly by way of 2^23 + q.
+// One packed tile -> a bf16 B tile (1 KiB) at dst. Each half row's 16 values index a table of q - 8
+// (vpermps reads only an index's low 4 bits), then one FMA each: w = (q - 8) * scale + zero.
 inline void dequantize_q4_tile(const uint8_t* src, at::BFloat16* dst) {
   const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
   const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
-  const __m512i magic = _mm512_set1_epi32(0x4B000000), nibble = _mm512_set1_epi32(0x0F);
-  const __m512 offset = _mm512_set1_ps(8388608.f + 8.f);  // 2^23 + 8: leaves q - 8
+  const __m512 q_minus_8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
   const float* sz = reinterpret_cast<const float*>(src + 256);
   const __m512 s = _mm512_loadu_ps(sz), z = _mm512_loadu_ps(sz + 16);
   const __m512 s_lo = _mm512_permutexvar_ps(lo_cols, s), s_hi = _mm512_permutexvar_ps(hi_cols, s);
   const __m512 z_lo = _mm512_permutexvar_ps(lo_cols, z), z_hi = _mm512_permutexvar_ps(hi_cols, z);
-  for (int r = 0; r < 16; ++r) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16 * r)));
-    const __m512 lo = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(b, nibble, magic, 0xEA));  // b & 15 | magic
-    const __m512 hi = _mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32(b, 4), magic));
-    const __m512 w_lo = _mm512_fmadd_ps(_mm512_sub_ps(lo, offset), s_lo, z_lo);
-    const __m512 w_hi = _mm512_fmadd_ps(_mm512_sub_ps(hi, offset), s_hi, z_hi);
-    _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
+  for (int g = 0; g < 4; ++g) {
+    const __m512i words = _mm512_loadu_si512(src + 64 * g);
+    for (int r = 0; r < 4; ++r) {
+      const __m512i lo = _mm512_srli_epi32(words, 8 * r), hi = _mm512_srli_epi32(words, 8 * r + 4);
+      const __m512 w_lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(lo, q_minus_8), s_lo, z_lo);
+      const __m512 w_hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(hi, q_minus_8), s_hi, z_hi);
+      _mm512_storeu_si512(dst + 32 * (4 * g + r), (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
+    }
   }
 }
 #endif
 
-// x [M, K] bf16, packed from amx_pack_q4, bias [N] bf16 or None -> y [M, N] bf16.
-torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kQ4TileBytes && packed.scalar_type() == torch::kByte &&
-                  packed.is_contiguous(),
+torch::Tensor amx_linear_q4_impl(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
+                                 bool silu_mul) {
+  const bool paired = packed.dim() == 4 && packed.size(1) == 2;
+  TORCH_CHECK((packed.dim() == 3 || paired) && packed.size(-1) == kQ4TileBytes &&
+                  packed.scalar_type() == torch::kByte && packed.is_contiguous(),
               "packed weights must come from amx_pack_q4");
-  const int64_t NB = packed.size(0), KB = packed.size(1), M = x.dim() == 2 ? x.size(0) : 0;
+  TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (amx_pack_q4 with gate_up)");
+  const Epilogue epilogue = silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
+  const int64_t NB = paired ? 2 * packed.size(0) : packed.size(0), KB = packed.size(-2);
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   [[maybe_unused]] auto src = [&](int64_t p, int64_t kb, int j) {
     return wp + ((2 * p + j) * KB + kb) * kQ4TileBytes;
@@ -842,7 +925,19 @@ torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional
 #endif
     return slot(kb);
   };
-  return amx_gemm(x, bias, NB, KB, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
+  return amx_gemm(x, bias, NB, KB, epilogue, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
+}
+
+// x [M, K] bf16, packed from amx_pack_q4, bias [N] bf16 or None -> y [M, N] bf16.
+torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  return amx_linear_q4_impl(x, packed, bias, false);
+}
+
+// x [M, K] bf16, gate/up tiles from amx_pack or amx_pack_q4 with gate_up -> SiLU(x @ Wg.T) * (x @ Wu.T)
+// [M, N/2] bf16, equal to silu_mul(amx_linear(x, packed)) to the bit.
+torch::Tensor amx_silu_mul(torch::Tensor x, torch::Tensor packed) {
+  if (packed.scalar_type() == torch::kByte) return amx_linear_q4_impl(x, packed, c10::nullopt, true);
+  return amx_linear_bf16(x, packed, c10::nullopt, true);
 }
 
 // ---- Every layer of a decode step in one call ----
@@ -856,10 +951,15 @@ torch::Tensor tile_linear(const torch::Tensor& x, const torch::Tensor& tiles, co
   return tiles.scalar_type() == torch::kByte ? amx_linear_q4(x, tiles, bias) : amx_linear(x, tiles, bias);
 }
 
+bool gate_up_tiles(const torch::Tensor& tiles) {  // paired by amx_pack or amx_pack_q4 with gate_up
+  return tiles.dim() == (tiles.scalar_type() == torch::kByte ? 4 : 6);
+}
+
 // x [B, hidden], the residual stream, updated in place to the last layer's output. Per layer l:
 // norms[2l], norms[2l + 1] (input, post-attention), tiles[4l..4l + 3] (q/k/v, o, gate/up, down: int4 tiles
-// from amx_pack_q4 or bf16 tiles from amx_pack), qkv_bias[l] (an empty list: no bias); cos, sin [B, dim];
-// slots [B]; caches [layers, slots, kv_heads, dim]; tables, lens, block_size as paged_decode_attention.
+// from amx_pack_q4 or bf16 tiles from amx_pack, gate/up paired or not), qkv_bias[l] (an empty list: no
+// bias); cos, sin [B, dim]; slots [B]; caches [layers, slots, kv_heads, dim]; tables, lens, block_size as
+// paged_decode_attention.
 void decode_layers(torch::Tensor x, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> tiles,
                    std::vector<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, torch::Tensor slots,
                    torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor tables, torch::Tensor lens,
@@ -880,7 +980,9 @@ void decode_layers(torch::Tensor x, std::vector<torch::Tensor> norms, std::vecto
     const auto qk = rope_qkv(tile_linear(h, tiles[4 * l], bias), cos, sin, heads, kv_heads, slots, kl, vl);
     const torch::Tensor attn = paged_decode_attention(qk[0], kl, vl, tables, lens, block_size, scale);
     h = add_rms_norm(x, tile_linear(attn.view({rows, heads * dim}), tiles[4 * l + 1], c10::nullopt), norms[2 * l + 1], eps);
-    residual = tile_linear(silu_mul(tile_linear(h, tiles[4 * l + 2], c10::nullopt)), tiles[4 * l + 3], c10::nullopt);
+    const torch::Tensor& gate_up = tiles[4 * l + 2];
+    h = gate_up_tiles(gate_up) ? amx_silu_mul(h, gate_up) : silu_mul(tile_linear(h, gate_up, c10::nullopt));
+    residual = tile_linear(h, tiles[4 * l + 3], c10::nullopt);
   }
   x += residual;
 }
@@ -955,8 +1057,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, nogil);
   m.def("argmax_rows", &argmax_rows, nogil);
   m.def("decode_layers", &decode_layers, nogil);
-  m.def("amx_pack", &amx_pack, nogil);
+  m.def("amx_pack", &amx_pack, py::arg("w"), py::arg("gate_up") = false, nogil);
   m.def("amx_linear", &amx_linear, nogil);
-  m.def("amx_pack_q4", &amx_pack_q4, nogil);
+  m.def("amx_pack_q4", &amx_pack_q4, py::arg("q"), py::arg("scale"), py::arg("zero"), py::arg("gate_up") = false,
+        nogil);
   m.def("amx_linear_q4", &amx_linear_q4, nogil);
+  m.def("amx_silu_mul", &amx_silu_mul, nogil);
 }

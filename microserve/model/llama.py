@@ -70,11 +70,11 @@ class Llama(torch.nn.Module):
             weight = weights[name] if name in weights else dequantize_blocks(quantized[name])
             return weight.to(device=device, dtype=dtype)
 
-        def linear(*names: str) -> Linear:
+        def linear(*names: str, gate_up: bool = False) -> Linear:
             # Fused projections: one matmul for q/k/v and one for gate/up instead of five.
             if all(n in quantized for n in names):
-                return Int4Linear.from_gguf([quantized[n] for n in names], dtype)
-            return DenseLinear(torch.cat([w(n) for n in names]))
+                return Int4Linear.from_gguf([quantized[n] for n in names], dtype, gate_up=gate_up)
+            return DenseLinear(torch.cat([w(n) for n in names]), gate_up)
 
         self.embed = w("model.embed_tokens.weight")
         self.lm_head = DenseLinear(self.embed) if c.tie_word_embeddings else linear("lm_head.weight")
@@ -93,7 +93,7 @@ class Llama(torch.nn.Module):
                     "qkv_bias": bias,
                     "o": linear(attn + "o_proj.weight"),
                     "post_norm": w(p + "post_attention_layernorm.weight"),
-                    "gate_up": linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
+                    "gate_up": linear(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", gate_up=True),
                     "down": linear(p + "mlp.down_proj.weight"),
                 }
             )
@@ -151,13 +151,6 @@ class Llama(torch.nn.Module):
         v_layer.index_copy_(0, slots, v)
         return q, k, v
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """SiLU(gate) * up over the fused gate/up projection's output."""
-        if self.kernels is not None:
-            return self.kernels.silu_mul(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
     @torch.inference_mode()
     def forward(
         self,
@@ -214,7 +207,7 @@ class Llama(torch.nn.Module):
             attn = self._attention(q, k, v, k_cache[i], v_cache[i], meta)
             attn = self.linear(attn.reshape(-1, self.q_size), layer["o"])
             h = self.add_rms_norm(x, attn, layer["post_norm"])
-            residual = self.linear(self.silu_mul(self.linear(h, layer["gate_up"])), layer["down"])
+            residual = self.linear(layer["gate_up"].silu_mul(h), layer["down"])
         if residual is not None:
             x += residual
 

@@ -36,13 +36,19 @@ INT4_AMX_MAX_ROWS = 32  # microserve's AMX int4 kernel
 INT4_TORCH_MAX_ROWS_WITH_AMX = 4  # with AMX, torch's kernel still takes up to this many rows
 INT4_TYPES = frozenset({"Q4_0", "Q4_1"})
 _Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d, [fp16 m], 16 bytes of nibbles
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what microserve's row-wise CPU kernels take
 # The rows oneDNN lays packed weights out for; any row count works, and 1..512 ran as fast as with their
 # own hint (decode batches and prefill chunks alike).
 PACK_ROWS_HINT = 32
 
 
 class Linear:
-    """`forward(x, bias)` = x @ W.T (+ bias) for x of shape [..., in_features]."""
+    """`forward(x, bias)` = x @ W.T (+ bias) for x of shape [..., in_features].
+
+    A fused gate/up projection (W = [gate; up], built with `gate_up=True`) also gives the MLP's
+    SiLU(x @ gate.T) * (x @ up.T) through `silu_mul`, which its AMX kernels apply as they write the GEMM's
+    results instead of in a pass of its own.
+    """
 
     out_features: int
 
@@ -51,6 +57,10 @@ class Linear:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(x, bias)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(x @ gate.T) * (x @ up.T) for W = [gate; up]: [..., out_features / 2]."""
+        return silu_mul(self(x))
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         """The AMX tiles `forward` runs for `rows` rows (`kernels.amx_linear` or `amx_linear_q4` on them),
@@ -66,15 +76,22 @@ class DenseLinear(Linear):
     weight.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, gate_up: bool = False) -> None:
         self.out_features, self.in_features = weight.shape
-        self.tiles = pack_for_amx(weight)
+        self.tiles = pack_for_amx(weight, gate_up)
         self.packed = pack_for_onednn(weight) if self.tiles is None else None
         self.weight = weight if self.tiles is None and self.packed is None else None
         self._amx_linear = cpu_ops().amx_linear if self.tiles is not None else None
+        self._paired = gate_up and self.tiles is not None  # tiles for kernels.amx_silu_mul
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         return self.tiles
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._paired:
+            return super().silu_mul(x)
+        y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), self.tiles)
+        return y.view(*x.shape[:-1], self.out_features // 2)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is not None:
@@ -87,7 +104,17 @@ class DenseLinear(Linear):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up over a fused gate/up projection's output [..., 2 * half], rounded as the eager ops."""
+    kernels = cpu_ops()
+    kernel_input = gate_up.device.type == "cpu" and gate_up.dim() == 2 and gate_up.dtype in _KERNEL_DTYPES
+    if kernels is not None and kernel_input:
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def pack_for_amx(weight: torch.Tensor, gate_up: bool = False) -> torch.Tensor | None:
     """`weight` as AMX tiles for microserve's bf16 GEMM (`kernels.amx_linear`), or None where it does
     not apply: not bf16 on a CPU with AMX, kernels off, or a shape not in whole tiles (N % 16, K % 32).
 
@@ -96,15 +123,16 @@ def pack_for_amx(weight: torch.Tensor) -> torch.Tensor | None:
     instead of 20.7 on the 2-core Xeon, and it is faster at every row count up to a 512-token prefill
     (docs/engine-benchmark.md). Up to 32 rows the result equals oneDNN's to the bit (the same tile sums in
     the same order); beyond, oneDNN changes its order and the two differ by a rounding in a few values.
-    Each row's result depends on that row alone, never on the batch it rides in.
+    Each row's result depends on that row alone, never on the batch it rides in. `gate_up`: W = [gate; up]
+    with its blocks paired for `kernels.amx_silu_mul` (N % 32; the GEMM's results are the same).
     """
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
         return None
     n, k = weight.shape
     kernels = cpu_ops()
-    if kernels is None or n % 16 or k % 32 or not kernels.amx_available():
+    if kernels is None or n % (32 if gate_up else 16) or k % 32 or not kernels.amx_available():
         return None
-    return kernels.amx_pack(weight)
+    return kernels.amx_pack(weight, gate_up)
 
 
 def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
@@ -135,7 +163,7 @@ class Int4Linear(Linear):
     batch; in bf16 on a CPU with AMX only those of at most `torch_kernel_max_rows` rows, and microserve's
     AMX kernel (`pack_q4_for_amx`) the larger ones, with the dense bf16 GEMM's results to the bit.
     Batches of more than `max_kernel_rows` rows (None: no limit; "auto": where the dense GEMM starts to
-    win) use the same weights dequantized.
+    win) use the same weights dequantized. `gate_up`: q holds [gate; up], both tile forms paired.
     """
 
     def __init__(
@@ -145,6 +173,7 @@ class Int4Linear(Linear):
         zero: torch.Tensor,
         dtype: torch.dtype,
         max_kernel_rows: int | Literal["auto"] | None = "auto",
+        gate_up: bool = False,
     ) -> None:
         n, k = q.shape
         if k % GROUP_SIZE or scale.shape != (n, k // GROUP_SIZE) or zero.shape != scale.shape:
@@ -152,7 +181,8 @@ class Int4Linear(Linear):
         self.out_features, self.in_features = n, k
         self.dtype = dtype
         self.max_kernel_rows = max_kernel_rows
-        self.tiles = pack_q4_for_amx(q, scale, zero, dtype)
+        self.tiles = pack_q4_for_amx(q, scale, zero, dtype, gate_up)
+        self._paired = gate_up and self.tiles is not None  # tiles for kernels.amx_silu_mul
         self._amx_linear_q4 = cpu_ops().amx_linear_q4 if self.tiles is not None else None
         # torch's kernel: every kernel batch without AMX; with it, the fewest rows (near a GEMV, fp32 FMAs
         # straight from the nibbles beat dequantizing tiles for AMX).
@@ -165,7 +195,7 @@ class Int4Linear(Linear):
         self.dense: DenseLinear | None = None
         if max_kernel_rows is not None:
             groups = (q.reshape(n, -1, GROUP_SIZE).float() - 8) * scale[..., None] + zero[..., None]
-            self.dense = DenseLinear(groups.reshape(n, k).to(dtype))
+            self.dense = DenseLinear(groups.reshape(n, k).to(dtype), gate_up)
         if max_kernel_rows == "auto":
             self.max_kernel_rows = INT4_AMX_MAX_ROWS if self.tiles is not None else INT4_KERNEL_MAX_ROWS
 
@@ -175,6 +205,7 @@ class Int4Linear(Linear):
         parts: Sequence[QuantizedTensor],
         dtype: torch.dtype,
         max_kernel_rows: int | Literal["auto"] | None = "auto",
+        gate_up: bool = False,
     ) -> Int4Linear:
         """One layer from GGUF tensors stacked along the output rows (fused q/k/v or gate/up).
 
@@ -182,7 +213,7 @@ class Int4Linear(Linear):
         """
         groups = [int4_groups(p) for p in parts]
         q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
-        return cls(q, scale, zero, dtype, max_kernel_rows)
+        return cls(q, scale, zero, dtype, max_kernel_rows, gate_up)
 
     def _runs_on(self, rows: int) -> Literal["dense", "amx", "torch"]:
         """What a batch of `rows` rows runs on: the dequantized weights, the AMX int4 kernel or torch's."""
@@ -199,9 +230,22 @@ class Int4Linear(Linear):
             return self.dense.amx_tiles(rows)
         return self.tiles if kind == "amx" else None
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self._runs_on(x.reshape(-1, self.in_features).shape[0])
+        if kind == "dense":
+            return self.dense.silu_mul(x)
+        if kind == "amx" and self._paired:
+            self._check_dtype(x)
+            y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), self.tiles)
+            return y.view(*x.shape[:-1], self.out_features // 2)
+        return super().silu_mul(x)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
         if x.dtype != self.dtype:
             raise TypeError(f"int4 layer built for {self.dtype} activations got {x.dtype}")
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_dtype(x)
         flat = x.reshape(-1, self.in_features)
         kind = self._runs_on(flat.shape[0])
         if kind == "dense":
@@ -225,20 +269,23 @@ def dequantize_blocks(t: QuantizedTensor) -> torch.Tensor:
 
 
 def pack_q4_for_amx(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype, gate_up: bool = False
 ) -> torch.Tensor | None:
     """Int4 groups as tiles for microserve's AMX int4 kernel (`kernels.amx_linear_q4`), or None where it
     does not apply: not bf16, no AMX (or kernels off), or N not a multiple of 16.
 
     Each tile is dequantized in registers as the GEMM reaches it, exactly as the dense weights are at
     load ((q - 8) * scale + zero in float32, rounded to bf16), so the layer's results are the dense bf16
-    GEMM's to the bit at 3/8 of the bytes: ~5 bits read per weight instead of 16.
+    GEMM's to the bit at 3/8 of the bytes: ~5 bits read per weight instead of 16. `gate_up`: paired as
+    `pack_for_amx`'s (N % 32).
     """
     n, k = q.shape
     kernels = cpu_ops()
-    if dtype != torch.bfloat16 or kernels is None or n % 16 or k % 32 or not kernels.amx_available():
+    if dtype != torch.bfloat16 or kernels is None or n % (32 if gate_up else 16) or k % 32:
         return None
-    return kernels.amx_pack_q4(q.to(torch.uint8), scale.float(), zero.float())
+    if not kernels.amx_available():
+        return None
+    return kernels.amx_pack_q4(q.to(torch.uint8), scale.float(), zero.float(), gate_up)
 
 
 def int4_groups(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
