@@ -249,6 +249,25 @@ def test_amx_silu_mul_refuses_tiles_that_are_not_gate_up_pairs():
 
 
 @needs_amx
+@pytest.mark.parametrize("rows", [1, 7, 16, 32, 33, 100])
+@pytest.mark.parametrize(("n", "k"), [(48, 64), (96, 576)])
+def test_amx_linear_q8_is_the_dense_gemm_to_the_bit(rows, n, k):
+    """Q8_0 tiles (q int8, fp16-valued scales) dequantized in registers equal the dense bf16 weights."""
+    g = torch.Generator().manual_seed(rows + n)
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.randn(n, k // 32, generator=g) * 0.01).half().float()
+    dense = (q.float().view(n, -1, 32) * scale[..., None]).view(n, k).bfloat16()
+    tiles = ops.amx_pack_q8(q, scale)
+    assert tiles.shape == (n // 16, k // 32, 576) and tiles.dtype == torch.uint8
+    x, b = torch.randn(rows, k).bfloat16(), torch.randn(n).bfloat16()
+    assert torch.equal(ops.amx_linear_q8(x, tiles, b), ops.amx_linear(x, ops.amx_pack(dense), b))
+    with pytest.raises(RuntimeError, match="from amx_pack_q8"):
+        ops.amx_linear_q8(x, ops.amx_pack_q4(q.to(torch.uint8) & 15, scale, scale), None)
+    with pytest.raises(RuntimeError, match="int8"):
+        ops.amx_pack_q8(q.to(torch.uint8), scale)
+
+
+@needs_amx
 def test_amx_linear_as_the_first_amx_user_of_a_process():
     """No oneDNN GEMM ran before it: the kernel asks Linux for AMX and loads its own tile configuration."""
     code = (

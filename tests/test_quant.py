@@ -24,8 +24,11 @@ from microserve.model.quant import (
     INT4_KERNEL_MAX_ROWS,
     INT4_TORCH_MAX_ROWS_WITH_AMX,
     INT4_TYPES,
+    Q8_KERNEL_MIN_ROWS,
+    Q8_TYPES,
     DenseLinear,
     Int4Linear,
+    Int8Linear,
     dequantize_int4,
     int4_groups,
     resolve_quantization,
@@ -391,3 +394,39 @@ def test_gate_up_layers_silu_mul_equals_silu_mul_of_their_output(int4_kernel: st
         assert torch.equal(got, quant.silu_mul(layer(x)))
     if int4_kernel == "amx":
         assert int4.tiles.shape == (2, 2, 3, 384) and dense.tiles.shape == (2, 2, 3, 16, 16, 2)  # paired
+
+
+def test_a_tied_q8_0_embedding_gives_an_int8_lm_head_with_the_dense_heads_logits(tmp_path: Path) -> None:
+    """The embedding stays dequantized for the lookup; its Q8_0 blocks also come back, and the tied head
+    runs on them: the dense head's logits to the bit, kernel or not (37 rows here, 1 row below)."""
+    path = _tiny_gguf(tmp_path / "tiny.gguf", QT.Q4_1, other={"embed_tokens": QT.Q8_0})
+    config, dense = load_weights(path)
+    _, weights, quantized = load_quantized(path, INT4_TYPES, keep_embedding=Q8_TYPES)
+    assert quantized["model.embed_tokens.weight"].qtype == "Q8_0"
+    assert torch.equal(weights["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    assert load_quantized(path, INT4_TYPES)[2].keys() == quantized.keys() - {"model.embed_tokens.weight"}
+
+    reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
+    int4 = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
+    assert isinstance(int4.lm_head, Int8Linear)
+    kernels = cpu_ops()
+    if kernels is not None and kernels.amx_available():
+        assert int4.lm_head.tiles is not None
+    ids = list(range(3, 40))
+    assert torch.equal(_teacher_forced_logits(int4, ids), _teacher_forced_logits(reference, ids))
+    x = torch.randn(1, TINY["hidden"]).bfloat16()
+    assert torch.equal(int4.lm_head(x), reference.lm_head(x))
+
+
+@pytest.mark.parametrize("rows", [1, Q8_KERNEL_MIN_ROWS - 1, Q8_KERNEL_MIN_ROWS, 32, 100])
+def test_int8_linear_is_its_dense_copy_to_the_bit(rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    values = _weights(rng, 64, 96)
+    blocks = _blocks(values, QT.Q8_0)
+    weight = torch.from_numpy(dequantize(blocks.blocks, QT.Q8_0).reshape(64, 96)).bfloat16()
+    layer = Int8Linear.from_gguf(blocks, DenseLinear(weight))
+    x, b = torch.randn(rows, 96).bfloat16(), torch.randn(64).bfloat16()
+    assert torch.equal(layer(x), F.linear(x, weight) if rows <= 32 else layer.dense(x))
+    assert torch.equal(layer(x, b), layer.dense(x, b))
+    with pytest.raises(ValueError, match="not Q8_0"):
+        Int8Linear.from_gguf(_blocks(values, QT.Q4_1), DenseLinear(weight))

@@ -5,7 +5,8 @@ gathers every context into a padded copy and runs SDPA over it, and the glue bet
 RoPE, SwiGLU, residuals) is some thirty eager ops per layer. These kernels read the K/V straight from the
 blocks and do each piece of glue in one pass; on a CPU with AMX they also run the bf16 GEMMs
 (`amx_linear`, on weights packed as tiles at load), which oneDNN runs at ~2/3 of the speed for a decode
-step's few rows, the same GEMM on a GGUF's int4 groups (`amx_linear_q4`), and greedy sampling's argmax.
+step's few rows, the same GEMM on a GGUF's int4 and int8 groups (`amx_linear_q4`, `amx_linear_q8`),
+the MLP's gate/up GEMM with SiLU(gate) * up on its output (`amx_silu_mul`), and greedy sampling's argmax.
 They are built with the C++ toolchain torch's extension loader uses (g++, ninja) and cached under
 torch's extensions directory, one build per checkout, version of the source and CPU, so only the first
 engine pays the ~30 s build; `scripts/setup.sh` builds it ahead (`python -m microserve.kernels`).

@@ -13,6 +13,8 @@
 //   few rows, where oneDNN's overheads dominate a GEMM that should be a stream over the weights.
 // amx_pack_q4, amx_linear_q4: the same GEMM straight from 4-bit groups (GGUF's Q4_0/Q4_1), each tile
 //   dequantized in registers just before it is used: the dense weights' results to the bit, 3/8 of the bytes.
+// amx_pack_q8, amx_linear_q8: the same for 8-bit groups (GGUF's Q8_0, e.g. a tied embedding's LM head),
+//   9/16 of the bytes.
 // amx_silu_mul: the MLP's gate/up GEMM on either weight form, packed with gate and up blocks paired, with
 //   SiLU(gate) * up applied as each pair of blocks finishes.
 // decode_layers: a decode step's whole layer loop in one call, on the kernels above.
@@ -891,6 +893,34 @@ inline void dequantize_q4_tile(const uint8_t* src, at::BFloat16* dst) {
 }
 #endif
 
+// The GEMM on weights packed as `tile_bytes`-byte quantized tiles, one per bf16 B tile (blocks in the
+// order amx_gemm reads them): `dequantize(src, dst)` turns one into the bf16 tile at dst.
+template <typename Dequantize>
+torch::Tensor amx_linear_quantized(const torch::Tensor& x, const torch::Tensor& packed,
+                                   const c10::optional<torch::Tensor>& bias, Epilogue epilogue, int64_t NB,
+                                   int64_t KB, int64_t tile_bytes, const Dequantize& dequantize) {
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  auto src = [&](int64_t p, int64_t kb, int j) { return wp + ((2 * p + j) * KB + kb) * tile_bytes; };
+  // Up to 32 rows: each tile dequantized as its turn comes, into a ring of 4 (two K steps of the pair).
+  // More rows: the pair's tiles dequantized once, then every 32 rows against them.
+  const bool ring = M <= 32;
+  auto prepare = [&](int64_t p, at::BFloat16* scratch) {
+    if (ring) return;
+    for (int j = 0; j < (2 * p + 1 < NB ? 2 : 1); ++j)
+      for (int64_t kb = 0; kb < KB; ++kb) dequantize(src(p, kb, j), scratch + (j * KB + kb) * 512);
+  };
+  auto tile = [&](int64_t p, int64_t kb, int j, at::BFloat16* scratch) -> const at::BFloat16* {
+    if (!ring) return scratch + (j * KB + kb) * 512;
+    // One K step ahead: a tile is loaded a step after its stores, never waiting for them to reach L1.
+    auto slot = [&](int64_t k) { return scratch + ((k & 1) * 2 + j) * 512; };
+    if (kb == 0) dequantize(src(p, 0, j), slot(0));
+    if (kb + 1 < KB) dequantize(src(p, kb + 1, j), slot(kb + 1));
+    return slot(kb);
+  };
+  return amx_gemm(x, bias, NB, KB, epilogue, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
+}
+
 torch::Tensor amx_linear_q4_impl(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
                                  bool silu_mul) {
   const bool paired = packed.dim() == 4 && packed.size(1) == 2;
@@ -900,32 +930,12 @@ torch::Tensor amx_linear_q4_impl(torch::Tensor x, torch::Tensor packed, c10::opt
   TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (amx_pack_q4 with gate_up)");
   const Epilogue epilogue = silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
   const int64_t NB = paired ? 2 * packed.size(0) : packed.size(0), KB = packed.size(-2);
-  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  [[maybe_unused]] auto src = [&](int64_t p, int64_t kb, int j) {
-    return wp + ((2 * p + j) * KB + kb) * kQ4TileBytes;
-  };
-  // Up to 32 rows: each tile dequantized as its turn comes, into a ring of 4 (two K steps of the pair).
-  // More rows: the pair's tiles dequantized once, then every 32 rows against them.
-  const bool ring = M <= 32;
-  auto prepare = [&](int64_t p, at::BFloat16* scratch) {
+  return amx_linear_quantized(x, packed, bias, epilogue, NB, KB, kQ4TileBytes,
+                              [](const uint8_t* src, at::BFloat16* dst) {
 #if defined(MICROSERVE_AMX)
-    if (ring) return;
-    for (int j = 0; j < (2 * p + 1 < NB ? 2 : 1); ++j)
-      for (int64_t kb = 0; kb < KB; ++kb) dequantize_q4_tile(src(p, kb, j), scratch + (j * KB + kb) * 512);
+                                dequantize_q4_tile(src, dst);
 #endif
-  };
-  auto tile = [&](int64_t p, int64_t kb, int j, at::BFloat16* scratch) -> const at::BFloat16* {
-    if (!ring) return scratch + (j * KB + kb) * 512;
-    // One K step ahead: a tile is loaded a step after its stores, never waiting for them to reach L1.
-    auto slot = [&](int64_t k) { return scratch + ((k & 1) * 2 + j) * 512; };
-#if defined(MICROSERVE_AMX)
-    if (kb == 0) dequantize_q4_tile(src(p, 0, j), slot(0));
-    if (kb + 1 < KB) dequantize_q4_tile(src(p, kb + 1, j), slot(kb + 1));
-#endif
-    return slot(kb);
-  };
-  return amx_gemm(x, bias, NB, KB, epilogue, ring ? 4 * 512 : 2 * KB * 512, prepare, tile);
+                              });
 }
 
 // x [M, K] bf16, packed from amx_pack_q4, bias [N] bf16 or None -> y [M, N] bf16.
@@ -938,6 +948,73 @@ torch::Tensor amx_linear_q4(torch::Tensor x, torch::Tensor packed, c10::optional
 torch::Tensor amx_silu_mul(torch::Tensor x, torch::Tensor packed) {
   if (packed.scalar_type() == torch::kByte) return amx_linear_q4_impl(x, packed, c10::nullopt, true);
   return amx_linear_bf16(x, packed, c10::nullopt, true);
+}
+
+// ---- The same GEMM on 8-bit weights (GGUF's Q8_0: w = q * scale, groups of 32 along K) ----
+//
+// A tile is 512 bytes of q in -128..127 laid out as the bf16 B tile's values (row r: the K pair 2r, 2r+1
+// of each of the 16 columns), then the 16 columns' scales as float32: 576 bytes for the tile's 1 KiB.
+// q * scale is exact in float32 (8 by 11 significant bits for GGUF's fp16 scales), rounded to bf16 as the
+// dense weights were at load, so results equal amx_linear's on those to the bit. The bundled model's tied
+// embedding is Q8_0: its LM head so reads 30 MB a step instead of 57.
+
+constexpr int64_t kQ8TileBytes = 576;
+
+// q [N, K] int8, scale [N, K/32] float32 -> [N/16, K/32, 576] uint8.
+torch::Tensor amx_pack_q8(torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kChar, "q must be a [N, K] int8 matrix");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "AMX tiles need N % 16 == 0 and K % 32 == 0, not ", N, " x ", K);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && scale.size(1) == K / 32 && scale.scalar_type() == torch::kFloat,
+              "scale must be [N, K/32] float32");
+  q = q.contiguous();
+  scale = scale.contiguous();
+  const int64_t NB = N / 16, KB = K / 32;
+  auto out = torch::empty({NB, KB, kQ8TileBytes}, q.options().dtype(torch::kByte));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, NB * KB, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t nb = t / KB, kb = t % KB;
+      uint8_t* tile = op + t * kQ8TileBytes;
+      // Tile row r, value e: column 16 nb + e / 2, K index 32 kb + 2 r + e % 2.
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t e = 0; e < 32; ++e)
+          tile[r * 32 + e] = static_cast<uint8_t>(qp[(nb * 16 + e / 2) * K + kb * 32 + 2 * r + e % 2]);
+      float* sc = reinterpret_cast<float*>(tile + 512);
+      for (int64_t n = 0; n < 16; ++n) sc[n] = sp[(nb * 16 + n) * KB + kb];
+    }
+  });
+  return out;
+}
+
+#if defined(MICROSERVE_AMX)
+inline void dequantize_q8_tile(const uint8_t* src, at::BFloat16* dst) {
+  const __m512i lo_cols = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i hi_cols = _mm512_add_epi32(lo_cols, _mm512_set1_epi32(8));
+  const __m512 s = _mm512_loadu_ps(reinterpret_cast<const float*>(src + 512));
+  const __m512 s_lo = _mm512_permutexvar_ps(lo_cols, s), s_hi = _mm512_permutexvar_ps(hi_cols, s);
+  for (int r = 0; r < 16; ++r) {
+    const __m128i* row = reinterpret_cast<const __m128i*>(src + 32 * r);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(row + 1)));
+    _mm512_storeu_si512(dst + 32 * r, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, s_hi), _mm512_mul_ps(lo, s_lo)));
+  }
+}
+#endif
+
+// x [M, K] bf16, packed from amx_pack_q8, bias [N] bf16 or None -> y [M, N] bf16.
+torch::Tensor amx_linear_q8(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kQ8TileBytes && packed.scalar_type() == torch::kByte &&
+                  packed.is_contiguous(),
+              "packed weights must come from amx_pack_q8");
+  return amx_linear_quantized(x, packed, bias, Epilogue::kPlain, packed.size(0), packed.size(1), kQ8TileBytes,
+                              [](const uint8_t* src, at::BFloat16* dst) {
+#if defined(MICROSERVE_AMX)
+                                dequantize_q8_tile(src, dst);
+#endif
+                              });
 }
 
 // ---- Every layer of a decode step in one call ----
@@ -1063,4 +1140,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         nogil);
   m.def("amx_linear_q4", &amx_linear_q4, nogil);
   m.def("amx_silu_mul", &amx_silu_mul, nogil);
+  m.def("amx_pack_q8", &amx_pack_q8, nogil);
+  m.def("amx_linear_q8", &amx_linear_q8, nogil);
 }

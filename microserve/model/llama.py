@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from microserve.kernels import cpu_ops
 from microserve.model.config import ModelConfig
 from microserve.model.loader import QuantizedTensor
-from microserve.model.quant import DenseLinear, Int4Linear, Linear, dequantize_blocks
+from microserve.model.quant import DenseLinear, Int4Linear, Int8Linear, Linear, dequantize_blocks
 
 
 @dataclass(slots=True)
@@ -76,8 +76,11 @@ class Llama(torch.nn.Module):
                 return Int4Linear.from_gguf([quantized[n] for n in names], dtype, gate_up=gate_up)
             return DenseLinear(torch.cat([w(n) for n in names]), gate_up)
 
-        self.embed = w("model.embed_tokens.weight")
-        self.lm_head = DenseLinear(self.embed) if c.tie_word_embeddings else linear("lm_head.weight")
+        self.embed = w("model.embed_tokens.weight")  # looked up: always dequantized
+        self.lm_head: Linear = DenseLinear(self.embed) if c.tie_word_embeddings else linear("lm_head.weight")
+        embed_blocks = quantized.get("model.embed_tokens.weight")
+        if c.tie_word_embeddings and embed_blocks is not None:  # a tied head on the embedding's own blocks
+            self.lm_head = Int8Linear.from_gguf(embed_blocks, self.lm_head)
         self.final_norm = w("model.norm.weight")
         self.layers: list[dict[str, Any]] = []
         for i in range(c.num_layers):

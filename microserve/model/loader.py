@@ -119,11 +119,12 @@ def load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def load_quantized(
-    path: Path, keep: Collection[str]
+    path: Path, keep: Collection[str], keep_embedding: Collection[str] = ()
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """Like `load_weights`, but 2-D weights of a GGML type in `keep` come back as their raw blocks.
 
-    Those are absent from the float32 dict. The token embedding is always dequantized: it is looked up.
+    Those are absent from the float32 dict. The token embedding is always dequantized (it is looked up);
+    where its type is in `keep_embedding` its blocks come back too, for a tied LM head to run on.
     """
     path = Path(path)
     if path.is_dir():
@@ -135,13 +136,15 @@ def load_quantized(
     quantized: dict[str, QuantizedTensor] = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
-        if t.tensor_type.name in keep and len(t.shape) == 2 and t.name != "token_embd.weight":
+        embedding = t.name == "token_embd.weight"
+        kept = keep_embedding if embedding else keep
+        if t.tensor_type.name in kept and len(t.shape) == 2:
             rows = _unpermute_if_rotary(t.data, t.name, config)
             shape = (int(t.shape[1]), int(t.shape[0]))
             quantized[name] = QuantizedTensor(name, t.tensor_type.name, shape, np.ascontiguousarray(rows))
-        else:
+        if embedding or name not in quantized:
             tensors[name] = _gguf_tensor(t, config)
-    _check_names(config, [*tensors, *quantized])
+    _check_names(config, {*tensors, *quantized})
     return config, tensors, quantized
 
 

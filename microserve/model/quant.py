@@ -2,7 +2,8 @@
 
 Dense bf16 weights on CPU are packed once at load: as AMX tiles for microserve's GEMM kernel where the CPU
 has AMX, else in oneDNN's blocked layout, so no GEMM reorders them again. Int4 reuses a GGUF's own
-Q4_0/Q4_1 blocks exactly, so small decode batches read ~5 bits a weight, not 16.
+Q4_0/Q4_1 blocks exactly, so small decode batches read ~5 bits a weight, not 16; a tied Q8_0 embedding's
+blocks give the LM head ~9 bits a weight (`Int8Linear`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ INT4_KERNEL_MAX_ROWS = 8  # torch's int4 kernel, where there is no AMX
 INT4_AMX_MAX_ROWS = 32  # microserve's AMX int4 kernel
 INT4_TORCH_MAX_ROWS_WITH_AMX = 4  # with AMX, torch's kernel still takes up to this many rows
 INT4_TYPES = frozenset({"Q4_0", "Q4_1"})
+Q8_TYPES = frozenset({"Q8_0"})  # a tied embedding's blocks the LM head runs on (`Int8Linear`)
+# The int8 LM head's kernel dequantizes every tile whatever the batch, so below this many rows (a GEMV,
+# where the bf16 stream is cheaper to read than to dequantize) the head keeps its bf16 copy: at 1 row
+# 2.2 vs 3.0 ms, at 8 about even, at 16 2.9 vs 1.5, at 32 2.9 vs 2.6 (cold 49,152 x 576 head, 2 threads).
+Q8_KERNEL_MIN_ROWS = 16
 _Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 d, [fp16 m], 16 bytes of nibbles
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what microserve's row-wise CPU kernels take
 # The rows oneDNN lays packed weights out for; any row count works, and 1..512 ran as fast as with their
@@ -102,6 +108,45 @@ class DenseLinear(Linear):
         else:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(Linear):
+    """GGUF Q8_0 weights (w = q * scale, q int8, groups of 32 along K) on microserve's AMX int8 kernel.
+
+    Each tile is dequantized in registers as the GEMM reaches it (`kernels.amx_linear_q8`): q * scale is
+    exact in float32 and rounds to bf16 as the dense weights do at load, so a batch gets the dense bf16
+    GEMM's results to the bit from 9/16 of the bytes. Batches of fewer than `Q8_KERNEL_MIN_ROWS` rows, and
+    every batch where the kernel does not apply (no AMX, not bf16), run on `dense`, those weights in bf16.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dense: DenseLinear) -> None:
+        n, k = q.shape
+        dense_shape = (dense.out_features, dense.in_features)
+        if k % GROUP_SIZE or scale.shape != (n, k // GROUP_SIZE) or dense_shape != (n, k):
+            raise ValueError(f"int8 weight {tuple(q.shape)} does not match its scales or dense copy")
+        self.out_features, self.in_features = n, k
+        self.dense = dense
+        kernels = cpu_ops()
+        usable = dense.tiles is not None and kernels is not None and n % 16 == 0 and k % 32 == 0
+        self.tiles = kernels.amx_pack_q8(q, scale.float()) if usable else None
+
+    @classmethod
+    def from_gguf(cls, blocks: QuantizedTensor, dense: DenseLinear) -> Int8Linear:
+        """A layer on a Q8_0 tensor's blocks, beside `dense`, the same weights dequantized."""
+        if blocks.qtype not in Q8_TYPES:
+            raise ValueError(f"{blocks.name}: {blocks.qtype} is not Q8_0")
+        n, k = blocks.shape
+        raw = blocks.blocks.reshape(n, k // GROUP_SIZE, 34)
+        scale = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        q = raw[..., 2:].copy().view(np.int8).reshape(n, k)
+        return cls(torch.from_numpy(q), torch.from_numpy(scale), dense)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.tiles is None or flat.shape[0] < Q8_KERNEL_MIN_ROWS or x.dtype != torch.bfloat16:
+            return self.dense(x, bias)
+        y = cpu_ops().amx_linear_q8(flat, self.tiles, bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -356,6 +401,6 @@ def load_model(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """Config, float32 weights, and the raw blocks of the layers a resolved scheme keeps packed."""
     if quantization == "int4":
-        return load_quantized(path, INT4_TYPES)
+        return load_quantized(path, INT4_TYPES, keep_embedding=Q8_TYPES)
     config, weights = load_weights(path)
     return config, weights, {}
