@@ -430,3 +430,18 @@ def test_int8_linear_is_its_dense_copy_to_the_bit(rows: int) -> None:
     assert torch.equal(layer(x, b), layer.dense(x, b))
     with pytest.raises(ValueError, match="not Q8_0"):
         Int8Linear.from_gguf(_blocks(values, QT.Q4_1), DenseLinear(weight))
+
+
+def test_gate_up_halves_not_in_whole_tile_pairs_keep_plain_tiles(int4_kernel: str) -> None:
+    """N = 48 (halves of 24): the tiles cannot pair gate and up blocks, so they stay plain and `silu_mul`
+    runs on the GEMM's output, still on the AMX kernels."""
+    values = _weights(np.random.default_rng(0), 48, 96)
+    q, scale, zero = (torch.from_numpy(a) for a in int4_groups(_blocks(values, QT.Q4_1)))
+    int4 = Int4Linear(q, scale, zero, torch.bfloat16, gate_up=True)
+    weights = dequantize_int4(q.numpy(), scale.numpy(), zero.numpy())
+    dense = DenseLinear(torch.from_numpy(weights).bfloat16(), gate_up=True)
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for layer in (int4, dense):
+        assert torch.equal(layer.silu_mul(x), quant.silu_mul(layer(x)))
+    if int4_kernel == "amx":
+        assert int4.tiles.dim() == 3 and dense.tiles.dim() == 5

@@ -88,7 +88,7 @@ class DenseLinear(Linear):
         self.packed = pack_for_onednn(weight) if self.tiles is None else None
         self.weight = weight if self.tiles is None and self.packed is None else None
         self._amx_linear = cpu_ops().amx_linear if self.tiles is not None else None
-        self._paired = gate_up and self.tiles is not None  # tiles for kernels.amx_silu_mul
+        self._paired = self.tiles is not None and self.tiles.dim() == 6  # for kernels.amx_silu_mul
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         return self.tiles
@@ -169,15 +169,15 @@ def pack_for_amx(weight: torch.Tensor, gate_up: bool = False) -> torch.Tensor | 
     (docs/engine-benchmark.md). Up to 32 rows the result equals oneDNN's to the bit (the same tile sums in
     the same order); beyond, oneDNN changes its order and the two differ by a rounding in a few values.
     Each row's result depends on that row alone, never on the batch it rides in. `gate_up`: W = [gate; up]
-    with its blocks paired for `kernels.amx_silu_mul` (N % 32; the GEMM's results are the same).
+    with its blocks paired for `kernels.amx_silu_mul` where N % 32 == 0 (the GEMM's results are the same).
     """
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2:
         return None
     n, k = weight.shape
     kernels = cpu_ops()
-    if kernels is None or n % (32 if gate_up else 16) or k % 32 or not kernels.amx_available():
+    if kernels is None or n % 16 or k % 32 or not kernels.amx_available():
         return None
-    return kernels.amx_pack(weight, gate_up)
+    return kernels.amx_pack(weight, gate_up and n % 32 == 0)
 
 
 def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
@@ -227,7 +227,7 @@ class Int4Linear(Linear):
         self.dtype = dtype
         self.max_kernel_rows = max_kernel_rows
         self.tiles = pack_q4_for_amx(q, scale, zero, dtype, gate_up)
-        self._paired = gate_up and self.tiles is not None  # tiles for kernels.amx_silu_mul
+        self._paired = self.tiles is not None and self.tiles.dim() == 4  # for kernels.amx_silu_mul
         self._amx_linear_q4 = cpu_ops().amx_linear_q4 if self.tiles is not None else None
         # torch's kernel: every kernel batch without AMX; with it, the fewest rows (near a GEMV, fp32 FMAs
         # straight from the nibbles beat dequantizing tiles for AMX).
@@ -322,15 +322,13 @@ def pack_q4_for_amx(
     Each tile is dequantized in registers as the GEMM reaches it, exactly as the dense weights are at
     load ((q - 8) * scale + zero in float32, rounded to bf16), so the layer's results are the dense bf16
     GEMM's to the bit at 3/8 of the bytes: ~5 bits read per weight instead of 16. `gate_up`: paired as
-    `pack_for_amx`'s (N % 32).
+    `pack_for_amx`'s (where N % 32 == 0).
     """
     n, k = q.shape
     kernels = cpu_ops()
-    if dtype != torch.bfloat16 or kernels is None or n % (32 if gate_up else 16) or k % 32:
+    if dtype != torch.bfloat16 or kernels is None or n % 16 or k % 32 or not kernels.amx_available():
         return None
-    if not kernels.amx_available():
-        return None
-    return kernels.amx_pack_q4(q.to(torch.uint8), scale.float(), zero.float(), gate_up)
+    return kernels.amx_pack_q4(q.to(torch.uint8), scale.float(), zero.float(), gate_up and n % 32 == 0)
 
 
 def int4_groups(t: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
