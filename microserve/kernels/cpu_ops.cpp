@@ -643,6 +643,24 @@ void configure_tiles(int rows0, int rows1) {
 // (kGateUp), or SiLU(x @ Wg.T) * (x @ Wu.T) from paired blocks (kSiluMul, y [M, N/2]).
 enum class Epilogue { kPlain, kGateUp, kSiluMul };
 
+// Tiles packed with `gate_up` (amx_pack: [N/32, 2, K/32, 16, 16, 2]; amx_pack_q4: [N/32, 2, K/32, 384]).
+bool gate_up_tiles(const torch::Tensor& tiles) {
+  return tiles.dim() == (tiles.scalar_type() == torch::kByte ? 4 : 6) && tiles.size(1) == 2;
+}
+
+// The epilogue for tiles `paired` or not; SiLU(gate) * up only from gate/up tiles (from `packer`).
+Epilogue epilogue_for(bool paired, bool silu_mul, const char* packer) {
+  TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (", packer, " with gate_up)");
+  return silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
+}
+
+// Rows [gate; up] (N % 32 == 0) reordered gate 0..15, up 0..15, gate 16..31, ...: packed in that order,
+// each pair of 16-column blocks a thread computes is a gate block and its up block.
+torch::Tensor pair_gate_up_rows(const torch::Tensor& t) {
+  const int64_t N = t.size(0);
+  return t.contiguous().view({2, N / 32, 16, t.size(1)}).transpose(0, 1).reshape({N, t.size(1)});
+}
+
 #if defined(MICROSERVE_AMX)
 // How a chunk's tile loads treat the caches. Many rows of x: x streams through L2 (the T1 hint) and the
 // pair's B tiles, used again for every chunk, stay in L1 (~25% off a 512-row prefill GEMM of the bundled
@@ -723,7 +741,7 @@ torch::Tensor amx_pack(torch::Tensor w, bool gate_up) {
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(N % 16 == 0 && K % 32 == 0, "AMX tiles need N % 16 == 0 and K % 32 == 0, not ", N, " x ", K);
   TORCH_CHECK(!gate_up || N % 32 == 0, "paired gate/up tiles need N % 32 == 0, not ", N);
-  if (gate_up) w = w.view({2, N / 32, 16, K}).transpose(0, 1).reshape({N, K});  // gate 0, up 0, gate 1, ...
+  if (gate_up) w = pair_gate_up_rows(w);
   auto tiles = w.contiguous().view({N / 16, 16, K / 32, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous();
   return gate_up ? tiles.view({N / 32, 2, K / 32, 16, 16, 2}) : tiles;
 }
@@ -787,7 +805,7 @@ torch::Tensor amx_gemm(torch::Tensor x, const c10::optional<torch::Tensor>& bias
 
 // A bf16 tile tensor's blocks: (NB, KB, paired) for [NB, KB, 16, 16, 2] or paired [NB/2, 2, KB, 16, 16, 2].
 std::tuple<int64_t, int64_t, bool> bf16_tile_blocks(const torch::Tensor& packed) {
-  const bool paired = packed.dim() == 6 && packed.size(1) == 2;
+  const bool paired = gate_up_tiles(packed);
   const int64_t d = paired ? 1 : 0;
   TORCH_CHECK((packed.dim() == 5 || paired) && packed.size(d + 2) == 16 && packed.size(d + 3) == 16 &&
                   packed.size(d + 4) == 2 && packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous(),
@@ -797,8 +815,7 @@ std::tuple<int64_t, int64_t, bool> bf16_tile_blocks(const torch::Tensor& packed)
 
 torch::Tensor amx_linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, bool silu_mul) {
   const auto [NB, KB, paired] = bf16_tile_blocks(packed);
-  TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (amx_pack with gate_up)");
-  const Epilogue epilogue = silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
+  const Epilogue epilogue = epilogue_for(paired, silu_mul, "amx_pack");
   const at::BFloat16* wp = packed.data_ptr<at::BFloat16>();
   return amx_gemm(
       x, bias, NB, KB, epilogue, 0, [](int64_t, at::BFloat16*) {},
@@ -834,12 +851,10 @@ torch::Tensor amx_pack_q4(torch::Tensor q, torch::Tensor scale, torch::Tensor ze
                   scale.scalar_type() == torch::kFloat && zero.scalar_type() == torch::kFloat,
               "scale and zero must be [N, K/32] float32");
   TORCH_CHECK(!gate_up || N % 32 == 0, "paired gate/up tiles need N % 32 == 0, not ", N);
-  auto pairs = [&](const torch::Tensor& t) {  // rows gate 0..15, up 0..15, gate 16..31, ...
-    return gate_up ? t.view({2, N / 32, 16, t.size(1)}).transpose(0, 1).reshape({N, t.size(1)}) : t;
-  };
-  q = pairs(q).contiguous();
-  scale = pairs(scale).contiguous();
-  zero = pairs(zero).contiguous();
+  auto pairs = [&](const torch::Tensor& t) { return gate_up ? pair_gate_up_rows(t) : t.contiguous(); };
+  q = pairs(q);
+  scale = pairs(scale);
+  zero = pairs(zero);
   TORCH_CHECK(q.numel() == 0 || q.max().item<int64_t>() < 16, "q values must lie in 0..15");
   const int64_t NB = N / 16, KB = K / 32;
   auto out = torch::empty({NB, KB, kQ4TileBytes}, q.options());
@@ -923,12 +938,11 @@ torch::Tensor amx_linear_quantized(const torch::Tensor& x, const torch::Tensor& 
 
 torch::Tensor amx_linear_q4_impl(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias,
                                  bool silu_mul) {
-  const bool paired = packed.dim() == 4 && packed.size(1) == 2;
+  const bool paired = gate_up_tiles(packed);
   TORCH_CHECK((packed.dim() == 3 || paired) && packed.size(-1) == kQ4TileBytes &&
                   packed.scalar_type() == torch::kByte && packed.is_contiguous(),
               "packed weights must come from amx_pack_q4");
-  TORCH_CHECK(!silu_mul || paired, "SiLU(gate) * up needs gate/up tiles (amx_pack_q4 with gate_up)");
-  const Epilogue epilogue = silu_mul ? Epilogue::kSiluMul : paired ? Epilogue::kGateUp : Epilogue::kPlain;
+  const Epilogue epilogue = epilogue_for(paired, silu_mul, "amx_pack_q4");
   const int64_t NB = paired ? 2 * packed.size(0) : packed.size(0), KB = packed.size(-2);
   return amx_linear_quantized(x, packed, bias, epilogue, NB, KB, kQ4TileBytes,
                               [](const uint8_t* src, at::BFloat16* dst) {
@@ -1026,10 +1040,6 @@ torch::Tensor amx_linear_q8(torch::Tensor x, torch::Tensor packed, c10::optional
 
 torch::Tensor tile_linear(const torch::Tensor& x, const torch::Tensor& tiles, const c10::optional<torch::Tensor>& bias) {
   return tiles.scalar_type() == torch::kByte ? amx_linear_q4(x, tiles, bias) : amx_linear(x, tiles, bias);
-}
-
-bool gate_up_tiles(const torch::Tensor& tiles) {  // paired by amx_pack or amx_pack_q4 with gate_up
-  return tiles.dim() == (tiles.scalar_type() == torch::kByte ? 4 : 6);
 }
 
 // x [B, hidden], the residual stream, updated in place to the last layer's output. Per layer l:

@@ -57,6 +57,7 @@ class Linear:
     """
 
     out_features: int
+    in_features: int
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -67,6 +68,11 @@ class Linear:
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(x @ gate.T) * (x @ up.T) for W = [gate; up]: [..., out_features / 2]."""
         return silu_mul(self(x))
+
+    def _silu_mul_on_tiles(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
+        """`silu_mul` in the AMX GEMM's epilogue, on gate/up tiles."""
+        y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), tiles)
+        return y.view(*x.shape[:-1], self.out_features // 2)
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         """The AMX tiles `forward` runs for `rows` rows (`kernels.amx_linear` or `amx_linear_q4` on them),
@@ -94,10 +100,7 @@ class DenseLinear(Linear):
         return self.tiles
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._paired:
-            return super().silu_mul(x)
-        y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), self.tiles)
-        return y.view(*x.shape[:-1], self.out_features // 2)
+        return self._silu_mul_on_tiles(x, self.tiles) if self._paired else super().silu_mul(x)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is not None:
@@ -126,9 +129,8 @@ class Int8Linear(Linear):
             raise ValueError(f"int8 weight {tuple(q.shape)} does not match its scales or dense copy")
         self.out_features, self.in_features = n, k
         self.dense = dense
-        kernels = cpu_ops()
-        usable = dense.tiles is not None and kernels is not None and n % 16 == 0 and k % 32 == 0
-        self.tiles = kernels.amx_pack_q8(q, scale.float()) if usable else None
+        # Where the dense copy is on AMX tiles, so can the int8 weights be (same shape, same kernels).
+        self.tiles = cpu_ops().amx_pack_q8(q, scale.float()) if dense.tiles is not None else None
 
     @classmethod
     def from_gguf(cls, blocks: QuantizedTensor, dense: DenseLinear) -> Int8Linear:
@@ -281,8 +283,7 @@ class Int4Linear(Linear):
             return self.dense.silu_mul(x)
         if kind == "amx" and self._paired:
             self._check_dtype(x)
-            y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), self.tiles)
-            return y.view(*x.shape[:-1], self.out_features // 2)
+            return self._silu_mul_on_tiles(x, self.tiles)
         return super().silu_mul(x)
 
     def _check_dtype(self, x: torch.Tensor) -> None:
