@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from microserve.client import EngineClient
+from microserve.engine_client import EngineClient
 from microserve.machine import cpu_name
 from microserve.processes import engine_process
 

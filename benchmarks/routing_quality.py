@@ -31,10 +31,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from router_overhead import PEERS  # the sibling benchmark knows where setup_peers.sh puts the peers
 
-from microserve.bench.client import Target
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.report import write_json
 from microserve.bench.runner import RunConfig, run_benchmark
+from microserve.bench.sender import Target
 from microserve.bench.workloads import MultiTurnWorkload
 from microserve.machine import describe_machine
 from microserve.processes import ManagedProcess, engine_fleet, free_port

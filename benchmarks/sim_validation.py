@@ -19,9 +19,9 @@ import sys
 import time
 from typing import Any
 
-from microserve.bench.client import Target
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.runner import RunConfig, run_benchmark
+from microserve.bench.sender import Target
 from microserve.bench.workloads import Endpoint, RandomWorkload
 from microserve.machine import describe_machine
 from microserve.model.loader import resolve_model
@@ -29,12 +29,12 @@ from microserve.model.tokenizer import Tokenizer
 from microserve.processes import ManagedProcess, free_port
 from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
+from microserve.router.router import Router
 from microserve.router.workers import WorkerSpec
 from microserve.runner.cost_model import CostModel
-from microserve.sim.host import FleetConfig, parse_roles
-from microserve.sim.replica import ReplicaConfig
-from microserve.sim.run import Simulator
+from microserve.simulator.host import FleetConfig, parse_roles
+from microserve.simulator.replica import ReplicaConfig
+from microserve.simulator.run import Simulator
 
 MODEL = "smollm2-135m"
 

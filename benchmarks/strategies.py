@@ -36,10 +36,10 @@ import orjson
 from matplotlib.figure import Figure
 from sim_validation import MODEL  # the engines' served model (this script's folder is on sys.path)
 
-from microserve.bench.client import RequestRecord, Target
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.report import write_json
 from microserve.bench.runner import RunConfig, run_benchmark
+from microserve.bench.sender import RequestRecord, Target
 from microserve.bench.workloads import Endpoint, MultiTurnWorkload, RandomWorkload, Workload
 from microserve.machine import describe_machine
 from microserve.model.loader import resolve_model
@@ -47,12 +47,12 @@ from microserve.model.tokenizer import Tokenizer
 from microserve.processes import engine_fleet
 from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
+from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerSpec
 from microserve.runner.cost_model import CostModel
-from microserve.sim.host import FleetConfig
-from microserve.sim.replica import ReplicaConfig
-from microserve.sim.run import Simulator
+from microserve.simulator.host import FleetConfig
+from microserve.simulator.replica import ReplicaConfig
+from microserve.simulator.run import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "docs/profiles/smollm2-135m-fp32-2threads.json"

@@ -6,29 +6,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from microserve.args import parse_size, resolve_device
 from microserve.bench.cli import add_arguments as add_bench_args
 from microserve.router.config import add_router_args, config_from_args
-from microserve.router.serve import add_serve_args
-from microserve.sim.cli import add_arguments as add_simulate_args
+from microserve.serve import add_serve_args
+from microserve.simulator.cli import add_arguments as add_simulate_args
 
 if TYPE_CHECKING:
     from microserve.engine.config import EngineConfig
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'1GiB', '512M', '2g', '1048576' -> bytes (powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MiB, 2GiB)")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
 def _positive_int(text: str) -> int:
@@ -186,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_router(config_from_args(args))
         if args.command == "serve":
-            from microserve.router.serve import run_serve
+            from microserve.serve import run_serve
 
             return run_serve(args)
         if args.command == "bench":
@@ -194,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_bench(args)
         if args.command == "simulate":
-            from microserve.sim.cli import run as run_simulate
+            from microserve.simulator.cli import run as run_simulate
 
             return run_simulate(args)
         if args.command == "engine":
@@ -209,18 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"microserve: error: {exc}", file=sys.stderr)
         return 2
     return 2
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (asked only when an engine starts: importing
-    torch costs a second and a few hundred thousand objects that the router and bench never need)."""
-    if device != "auto":
-        return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from microserve.router.app import RouterServer
-from microserve.router.core import Router
+from microserve.router.router import Router
 
 CHAT_PROMPT = [1, 2, 3]  # what every chat prompt "tokenizes" to
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from microserve.bench.client import RequestRecord, Target, first_model, send
+from microserve.bench.sender import RequestRecord, Target, first_model, send
 from microserve.bench.workloads import BenchRequest, Endpoint
 from tests.bench_fakes import FakeServer, start
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from microserve.bench.client import Target
 from microserve.bench.runner import RunConfig, run_benchmark
+from microserve.bench.sender import Target
 from microserve.bench.workloads import Endpoint, MultiTurnWorkload, RandomWorkload
 from microserve.cli import main
 from microserve.processes import engine_process

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from microserve.bench.client import RequestRecord
 from microserve.bench.metrics import (
     Distribution,
     parse_goodput,
@@ -13,6 +12,7 @@ from microserve.bench.metrics import (
     request_tpot,
     summarize,
 )
+from microserve.bench.sender import RequestRecord
 from microserve.bench.workloads import BenchRequest
 
 

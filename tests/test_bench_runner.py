@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 
 from microserve.bench.arrivals import ArrivalKind
-from microserve.bench.client import Target
 from microserve.bench.runner import LiveProgress, RunConfig, run_benchmark
+from microserve.bench.sender import Target
 from microserve.bench.workloads import Endpoint, MultiTurnWorkload, RandomWorkload
 from tests.bench_fakes import FakeServer, start
 

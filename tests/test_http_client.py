@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from microserve.http_client import ClientError, HTTPClient, RequestTimeout
+from microserve.http.client import ClientError, HTTPClient, RequestTimeout
 
 pytestmark = pytest.mark.asyncio
 

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from microserve.http_server import HTTPServer, Request, Response, Routes, Stream
+from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
 from microserve.server.errors import APIError
 
 pytestmark = pytest.mark.asyncio

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from microserve.client import EngineClient, EngineError
 from microserve.engine.kv_storage import KVLayout, KVStorage
+from microserve.engine_client import EngineClient, EngineError
 from microserve.processes import engine_process, free_port, start_engine
 
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ import pytest
 
 from microserve.processes import ManagedProcess, free_port
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
 from microserve.router.health import HealthConfig
+from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from tests.router_fakes import RouterClient, serving
 

@@ -21,8 +21,8 @@ from microserve.router.admission import AdmissionConfig
 from microserve.router.app import RouterServer
 from microserve.router.breaker import BreakerConfig
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
 from microserve.router.health import HealthConfig
+from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from tests.router_fakes import CHAT_PROMPT, FakeOpenAI, RouterClient, expected_text, fakes, serving
 

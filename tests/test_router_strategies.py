@@ -14,7 +14,7 @@ import pytest
 from microserve.processes import ManagedProcess, start_engine
 from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
+from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 
 pytestmark = pytest.mark.slow

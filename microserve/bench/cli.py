@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from microserve.bench.arrivals import ArrivalKind
-from microserve.bench.client import Target, first_model
 from microserve.bench.metrics import DEFAULT_PERCENTILES, parse_goodput, parse_percentiles, summarize
 from microserve.bench.runner import LiveProgress, RunConfig, run_benchmark, sweep_configs
+from microserve.bench.sender import Target, first_model
 from microserve.bench.trace import TraceWorkload
 from microserve.bench.workloads import (
     Endpoint,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from microserve.bench.client import RequestRecord
+from microserve.bench.sender import RequestRecord
 
 SLO_METRICS = ("ttft", "tpot", "e2el")
 DEFAULT_PERCENTILES = (90.0, 99.0)

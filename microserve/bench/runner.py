@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from microserve.bench.arrivals import ArrivalKind, check_arrival, default_kind, interarrival_gaps
-from microserve.bench.client import RequestRecord, Target, send
+from microserve.bench.sender import RequestRecord, Target, send
 from microserve.bench.workloads import BenchRequest, Workload
 
 

@@ -8,8 +8,8 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from microserve.http_server import Request, Response, Routes
-from microserve.router.core import Router
+from microserve.http.server import Request, Response, Routes
+from microserve.router.router import Router
 from microserve.router.workers import WorkerSpec
 from microserve.server.errors import APIError, bad_request
 

@@ -1,5 +1,5 @@
 """The router's HTTP front: the OpenAI routes, /v1/models, health, readiness, metrics and the admin API,
-served by microserve's lean HTTP server (`microserve.http_server`).
+served by microserve's lean HTTP server (`microserve.http.server`).
 
 Handlers parse, call one function and shape the answer; the request's way through lives in `dispatch.py`.
 """
@@ -15,12 +15,12 @@ import signal
 import time
 from types import TracebackType
 
-from microserve.http_server import HTTPServer, Request, Response, Routes
+from microserve.http.server import HTTPServer, Request, Response, Routes
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
 from microserve.router.config import RouterConfig
-from microserve.router.core import Router
 from microserve.router.request import Route
+from microserve.router.router import Router
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from contextlib import aclosing
 
 import orjson
 
-from microserve.http_server import Request, Response, Stream
-from microserve.router.core import Router, no_worker_available
+from microserve.http.server import Request, Response, Stream
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
+from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from microserve.client import EngineClient, EngineError, KVAddress
-from microserve.http_client import HTTPClient, Response
+from microserve.engine_client import EngineClient, EngineError, KVAddress
+from microserve.http.client import HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,

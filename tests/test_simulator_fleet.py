@@ -15,9 +15,9 @@ from microserve.model.tokenizer import Tokenizer
 from microserve.router.workers import Role
 from microserve.runner.cost_model import CostModel
 from microserve.runner.sim_runner import plain_word_tokens
-from microserve.sim.host import FleetConfig, parse_roles
-from microserve.sim.replica import ReplicaConfig, SimReplica
-from microserve.sim.run import SimRun, Simulator
+from microserve.simulator.host import FleetConfig, parse_roles
+from microserve.simulator.replica import ReplicaConfig, SimReplica
+from microserve.simulator.run import SimRun, Simulator
 
 COST = CostModel.default()
 

@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from microserve.bench.client import RequestRecord
-from microserve.client import KVAddress
+from microserve.bench.sender import RequestRecord
 from microserve.engine.errors import EngineOverloaded
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
+from microserve.engine_client import KVAddress
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.upstream import WorkerFailure
 from microserve.router.workers import PickedWorker, Worker
-from microserve.sim.replica import SimReplica
+from microserve.simulator.replica import SimReplica
 
 T = TypeVar("T")
 

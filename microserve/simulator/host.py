@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from microserve.router.core import select_worker
 from microserve.router.policies import POLICIES, Policy, make_policy
 from microserve.router.retry import RetryBudget, RetryConfig, backoff_s
+from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import WorkerFailure
 from microserve.router.workers import NoWorkerAvailable, Role, WorkerKind, WorkerPool, WorkerSpec
-from microserve.sim.handle import SimRequest, SimWorkerHandle
-from microserve.sim.replica import ReplicaConfig, SimReplica
+from microserve.simulator.handle import SimRequest, SimWorkerHandle
+from microserve.simulator.replica import ReplicaConfig, SimReplica
 
 MODEL = "sim"  # the one model every simulated replica serves
 

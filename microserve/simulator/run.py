@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from microserve.bench.arrivals import interarrival_gaps
-from microserve.bench.client import RequestRecord
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.runner import RunConfig, RunResult
+from microserve.bench.sender import RequestRecord
 from microserve.bench.workloads import BenchRequest, ConversationSource, Endpoint, Workload
 from microserve.engine.sampling import SamplingParams
 from microserve.model.tokenizer import Tokenizer
@@ -23,10 +23,10 @@ from microserve.router.prompt_ids import prompt_ids
 from microserve.router.request import Route
 from microserve.runner.sim_runner import plain_word_tokens
 from microserve.server.errors import APIError
-from microserve.sim.clock import run_virtual
-from microserve.sim.handle import Answer, SimRequest
-from microserve.sim.host import MODEL, FleetConfig, SimRouter
-from microserve.sim.replica import SimReplica
+from microserve.simulator.clock import run_virtual
+from microserve.simulator.handle import Answer, SimRequest
+from microserve.simulator.host import MODEL, FleetConfig, SimRouter
+from microserve.simulator.replica import SimReplica
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from microserve.sim.clock import SimulationDeadlock, run_virtual
+from microserve.simulator.clock import SimulationDeadlock, run_virtual
 
 
 def test_sleeps_advance_the_clock_exactly_and_take_no_real_time() -> None:

@@ -18,7 +18,7 @@ import aiohttp
 
 from microserve.router.app import RouterServer, tune_gc
 from microserve.router.config import INTERNAL_TOKEN_ENV, config_from_args
-from microserve.router.core import Router
+from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 `httptools` (llhttp), handlers as plain coroutines over a small `Request`, answers whole or streamed.
 
 Why not aiohttp's server: on the 2-core benchmark machine a forwarding proxy built on this server and
-`microserve.http_client` served 21k requests/s at 64 connections, the same proxy on aiohttp's server
+`microserve.http.client` served 21k requests/s at 64 connections, the same proxy on aiohttp's server
 12.8k and on uvicorn 11.1k (docs/router-benchmark.md). It does what the router needs and no more:
 keep-alive and pipelining (answered in order), Content-Length or chunked request bodies with a size cap,
 `Expect: 100-continue`, chunked streamed answers with write backpressure, the handler cancelled when its

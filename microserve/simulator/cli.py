@@ -41,7 +41,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from microserve.cli import parse_size
+    from microserve.args import parse_size
 
     _one_line_errors(p)
     fleet = p.add_argument_group("fleet")
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     from microserve.model.loader import resolve_model
     from microserve.model.tokenizer import Tokenizer
     from microserve.runner.cost_model import CostModel
-    from microserve.sim.host import FleetConfig, parse_roles
-    from microserve.sim.replica import ReplicaConfig
-    from microserve.sim.run import Simulator
+    from microserve.simulator.host import FleetConfig, parse_roles
+    from microserve.simulator.replica import ReplicaConfig
+    from microserve.simulator.run import Simulator
 
     console = console or Console()
     endpoint = Endpoint(args.endpoint)

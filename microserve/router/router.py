@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 
-from microserve.http_client import HTTPClient
+from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthChecker
