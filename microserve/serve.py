@@ -12,10 +12,11 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
+from microserve.http.limits import raise_descriptor_limit
 from microserve.router.app import RouterServer, tune_gc
 from microserve.router.config import INTERNAL_TOKEN_ENV, config_from_args
 from microserve.router.router import Router
@@ -34,8 +35,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def port_is_free(host: str, port: int) -> bool:
+def port_is_free(host: str, port: int, *, reuse_port: bool = False) -> bool:
+    """Whether a listener could bind `port`; with `reuse_port`, a port held by another reuse-port
+    listener of this user (a router being replaced) counts as free."""
     with socket.socket() as s:
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -143,9 +148,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     host, port = args.host, args.port
-    if not port_is_free(host, port):
+    if not port_is_free(host, port, reuse_port=not args.no_reuse_port):
         print(f"microserve serve: port {port} on {host} is taken; pick one with --port", file=sys.stderr)
         return 2
+    config = config_from_args(args, host=host, port=port)  # a bad flag fails before engines start
+    raise_descriptor_limit()
     count = args.engines
     threads = args.threads or max(1, cores() // count)
     ports = engine_ports("127.0.0.1", args.engine_port or port + 1, count, {port})
@@ -169,8 +176,7 @@ async def serve(args: argparse.Namespace) -> int:
         await starting  # raises if an engine died or timed out
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-        config = config_from_args(args, workers=workers, host=host, port=port)
-        starting_server = RouterServer(Router(config))
+        starting_server = RouterServer(Router(replace(config, workers=workers)))
         await starting_server.start(host, port)  # cleans up after itself if it fails
         server = starting_server
         tune_gc()

@@ -4,15 +4,18 @@
 Why not aiohttp's server: on the 2-core benchmark machine a forwarding proxy built on this server and
 `microserve.http.client` served 21k requests/s at 64 connections, the same proxy on aiohttp's server
 12.8k and on uvicorn 11.1k (docs/router-benchmark.md). It does what the router needs and no more:
-keep-alive and pipelining (answered in order), Content-Length or chunked request bodies with a size cap,
-`Expect: 100-continue`, chunked streamed answers with write backpressure, the handler cancelled when its
-client goes away, an idle timeout, and a graceful stop that lets requests in flight finish.
+keep-alive and pipelining (answered in order), Content-Length or chunked request bodies under a limit
+per route, `Expect: 100-continue`, chunked streamed answers with write backpressure, the handler
+cancelled when its client goes away, a deadline on each phase of a connection and caps on connections
+(`limits.py`), and a stop that hands the port over to a successor without losing a request (`stop`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,14 +27,32 @@ from urllib.parse import parse_qsl
 import httptools
 import orjson
 
+from microserve.http.limits import ConnectionLimits, ConnectionTable
+from microserve.http.listener import accept_queue_length, listen, other_listeners
 from microserve.server.errors import APIError, bad_request, internal_error
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 64 * 1024
 PIPELINE_DEPTH = 16  # requests read ahead of the one being answered before reading pauses
+HANDOVER_QUEUE_WAIT_S = 1.0  # at most, for a listener's accept queue to empty before it closes
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+)
+_BUSY_BODY = orjson.dumps(
+    APIError(503, "Too many connections are open; retry later.", code="too_many_connections").body()
+)
+
+
+class Reading(enum.Enum):
+    """Where a connection is in reading its next request; each phase has its own deadline."""
+
+    WAITING = 0  # for the request's first byte
+    HEADERS = 1
+    BODY = 2
 
 
 class Request:
@@ -136,13 +157,21 @@ Handler = Callable[[Request], Awaitable["Response | Stream"]]
 
 
 class Routes:
-    """Exact paths to handlers by method; unknown paths are 404, known ones with another method 405."""
+    """Exact paths to handlers by method; unknown paths are 404, known ones with another method 405.
+    A route may declare the largest body it takes; the others take the server's `max_body_bytes`."""
 
     def __init__(self) -> None:
         self._by_path: dict[str, dict[str, Handler]] = {}
+        self._max_body: dict[tuple[str, str], int] = {}
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def add(self, method: str, path: str, handler: Handler, *, max_body: int | None = None) -> None:
         self._by_path.setdefault(path, {})[method.upper()] = handler
+        if max_body is not None:
+            self._max_body[(method.upper(), path)] = max_body
+
+    def max_body(self, method: str, path: str, default: int) -> int:
+        """The largest body `method path` takes: known before a byte of the body is read."""
+        return self._max_body.get((method, path), default)
 
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._by_path.get(path)
@@ -163,12 +192,17 @@ class HTTPProtocol(asyncio.Protocol):
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._url = b""
+        self._method = ""
+        self._path = ""
+        self._query = ""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
+        self._body_limit = 0
         self._refused: APIError | None = None  # answered instead of the request being read
         self._queue: deque[Request | APIError] = deque()
         self._task: asyncio.Task[None] | None = None
@@ -176,20 +210,37 @@ class HTTPProtocol(asyncio.Protocol):
         self._read_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
         self._stream: Stream | None = None
         self.busy = False  # a request is being answered
+        # Deadlines: one timer, which may fire early and then re-arms itself for the deadline then due.
+        self._reading = Reading.WAITING
+        self._read_start = self._loop.time()  # of the phase being read
+        self._requests = 0  # begun on this connection
+        self._idle_since = 0.0
+        self._linger_until: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
+        if victim is not None:
+            victim.close()  # idle or slow to send its headers: the newcomer gets its place
+        if not admitted:  # every connection of this client (or of all) is reading a body or answered
+            self.server.refused_connections += 1
+            self.transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+            self.transport.close()
+            return
         self.server.connections.add(self)
-        self._arm_idle()
+        self._read_start = self._loop.time()
+        self._schedule()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused is not None:
-            return  # the connection closes once the refusal is written
+        if self._refused is not None or self._parser is None:
+            return  # dropped: the connection closes once the refusal is written (and read)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -200,14 +251,19 @@ class HTTPProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self.server.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
+        # The parser holds this protocol and this protocol the parser: without breaking that cycle the
+        # connection, and any body it buffered, would wait for the cyclic garbage collector.
+        self._parser = None
+        self._body = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._task is not None and not self._task.done():
             self._task.cancel()  # the client left: what it asked for is not wanted any more
         self._queue.clear()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("the client went away"))
+        self.server.connection_closed(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -219,17 +275,19 @@ class HTTPProtocol(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self.write_paused:
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self._loop.create_future()
             await self._drain
 
     # -- httptools callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if self._idle is not None:  # a request is arriving: the connection is not idle
-            self._idle.cancel()
-            self._idle = None
+        if self._requests:  # a new connection's first request has had its header deadline from the start
+            self._read_start = self._loop.time()
+        self._requests += 1
+        self._reading = Reading.HEADERS
         self._url, self._headers, self._header_bytes = b"", {}, 0
         self._body, self._body_size = [], 0
+        self._schedule()  # the header deadline comes before an idle connection's
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -246,29 +304,41 @@ class HTTPProtocol(asyncio.Protocol):
         self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
+        if self._refused is not None or self._parser is None:
+            return
+        url = httptools.parse_url(self._url)
+        self._method = self._parser.get_method().decode()
+        self._path = url.path.decode("utf-8", "replace")
+        self._query = url.query.decode("latin-1") if url.query else ""
+        self._reading, self._read_start = Reading.BODY, self._loop.time()
+        self.server.table.working(self)
+        method = "GET" if self._method == "HEAD" else self._method
+        self._body_limit = self.server.routes.max_body(method, self._path, self.server.limits.max_body_bytes)
         length = self._headers.get("content-length")
-        limit = self.server.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            self._refuse(APIError(413, f"The request body exceeds {limit} bytes."))
+        if length is not None and length.isdigit() and int(length) > self._body_limit:
+            self._refuse(APIError(413, f"The request body exceeds {self._body_limit} bytes."))
             return
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._schedule()  # a body deadline may come before the header deadline
 
     def on_body(self, body: bytes) -> None:
+        if self._refused is not None:
+            return
         self._body_size += len(body)
-        if self._body_size > self.server.max_body_bytes:
-            self._refuse(APIError(413, f"The request body exceeds {self.server.max_body_bytes} bytes."))
+        if self._body_size > self._body_limit:
+            self._body = []  # not held while the refusal is written and the rest of the body dropped
+            self._refuse(APIError(413, f"The request body exceeds {self._body_limit} bytes."))
             return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        if self._refused is not None:
+        if self._refused is not None or self._parser is None:
             return
-        url = httptools.parse_url(self._url)
-        path = url.path.decode("utf-8", "replace")
-        query = url.query.decode("latin-1") if url.query else ""
+        self._reading = Reading.WAITING
         body = b"".join(self._body) if len(self._body) != 1 else self._body[0]
-        request = Request(self, self._parser.get_method().decode(), path, query, self._headers, body)
+        self._body = []
+        request = Request(self, self._method, self._path, self._query, self._headers, body)
         request.keep_alive = self._parser.should_keep_alive()
         self._queue.append(request)
         if len(self._queue) > PIPELINE_DEPTH and self.transport is not None and not self._read_paused:
@@ -276,6 +346,50 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.pause_reading()
         if self._task is None:
             self._start_next()
+
+    # -- deadlines ----------------------------------------------------------------------------------
+
+    def _deadline(self) -> float | None:
+        """When the phase this connection is in has taken too long (None: no limit now)."""
+        if self._linger_until is not None:
+            return self._linger_until
+        if self._refused is not None or self._read_paused:
+            return None  # paused: the client waits for us, not we for it
+        limits = self.server.limits
+        if self._reading is Reading.HEADERS:
+            return self._read_start + limits.header_timeout_s
+        if self._reading is Reading.BODY:
+            return self._read_start + limits.body_timeout_s + self._body_size / limits.body_min_rate
+        if self.busy or self._queue:
+            return None  # being answered: the request's own deadline is the handler's business
+        if not self._requests:
+            return self._read_start + limits.header_timeout_s  # a new connection owes its first request
+        return self._idle_since + (0.0 if self.server.closing_idle else limits.keepalive_s)
+
+    def _schedule(self) -> None:
+        """Have the timer fire no later than the current deadline (earlier is fine: it re-checks)."""
+        deadline = self._deadline()
+        if deadline is None or self.transport is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline()
+        if deadline is None or self.transport is None:
+            return
+        if deadline > self._loop.time():
+            self._schedule()
+        elif self._linger_until is not None or self._reading is Reading.WAITING:
+            self._close()  # lingered long enough, idle, or a new connection that sent nothing
+        else:
+            self.server.timed_out += 1
+            self._refuse(APIError(408, "The request was not received in time; the connection closes."))
 
     # -- answering ----------------------------------------------------------------------------------
 
@@ -289,13 +403,11 @@ class HTTPProtocol(asyncio.Protocol):
             self._start_next()
 
     def _start_next(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
         item = self._queue.popleft()
         self._keep_alive = isinstance(item, Request) and item.keep_alive  # for the answer being written
         self.busy = True
-        self._task = asyncio.get_running_loop().create_task(self._answer(item))
+        self.server.table.working(self)
+        self._task = self._loop.create_task(self._answer(item))
         self._task.add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Task[None]) -> None:
@@ -305,23 +417,47 @@ class HTTPProtocol(asyncio.Protocol):
             pass  # the client left
         elif self._queue and self._keep_alive:
             self._start_next()
-        elif not self._keep_alive or self.server.stopping:
+        elif self._refused is not None:
+            self._linger()
+        elif not self._keep_alive:
             self.transport.close()
         else:
             if self._read_paused:
                 self._read_paused = False
                 self.transport.resume_reading()
-            self._arm_idle()
+            self._idle_since = self._loop.time()
+            if self._reading is not Reading.BODY:
+                self.server.table.waiting(self)
+            self._schedule()
         self.server.request_done()
+
+    def _linger(self) -> None:
+        """Close after a refusal without losing it: a client still sending its request would get a
+        reset, and with it lose the answer, if the socket closed with its bytes unread; so half-close,
+        drop what still arrives, and close when the client does or `linger_s` has passed."""
+        transport = self.transport
+        if transport is None:
+            return
+        if self.server.limits.linger_s <= 0 or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._linger_until = self._loop.time() + self.server.limits.linger_s
+        self.server.table.waiting(self)
+        self._schedule()
 
     async def _answer(self, item: Request | APIError) -> None:
         self._stream = None
         head_only = False
         try:
-            if isinstance(item, APIError):
-                raise item
-            head_only = item.method == "HEAD"
-            answer = await self.server.routes.resolve(item.method, item.path)(item)
+            if isinstance(item, APIError):  # not raised: its traceback would hold this connection
+                answer: Response | Stream = Response.error(item)
+            else:
+                head_only = item.method == "HEAD"
+                answer = await self.server.routes.resolve(item.method, item.path)(item)
         except APIError as exc:
             answer = Response.error(exc)
         except (ConnectionResetError, asyncio.CancelledError):
@@ -345,13 +481,16 @@ class HTTPProtocol(asyncio.Protocol):
             self._write_whole(answer, head_only)
 
     async def start_stream(self, status: int, headers: Mapping[str, str]) -> Stream:
-        if self.transport is None:
+        if self.transport is None or self._parser is None:
             raise ConnectionResetError("the client went away")
         chunked = self._parser.get_http_version() != "1.0"
         head = [self._status_line(status)]
         for name, value in headers.items():
             head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(b"Transfer-Encoding: chunked\r\n" if chunked else b"Connection: close\r\n")
+        if chunked and self.server.stopping:
+            head.append(b"Connection: close\r\n")
+            self._keep_alive = False
         head.append(b"\r\n")
         self.transport.write(b"".join(head))
         self._stream = Stream(self, chunked)
@@ -367,6 +506,7 @@ class HTTPProtocol(asyncio.Protocol):
         head.append(b"Content-Length: %d\r\n" % len(body))
         if not self._keep_alive or self.server.stopping:
             head.append(b"Connection: close\r\n")
+            self._keep_alive = False  # what is read after this answer is not answered
         head.append(b"\r\n")
         if not head_only:
             head.append(body)
@@ -375,42 +515,55 @@ class HTTPProtocol(asyncio.Protocol):
     def _status_line(self, status: int) -> bytes:
         return b"HTTP/1.1 %d %s\r\nDate: %s\r\n" % (status, _REASONS.get(status, b"Unknown"), _date())
 
-    def _arm_idle(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(self.server.keepalive_s, self._close)
-
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def close_if_idle(self) -> None:
-        if not self.busy and not self._queue:
+    def close(self) -> None:
+        """Close now (to make room at a connection cap, or at the end of a stop)."""
+        if self.transport is not None:
+            self.transport.abort() if self.busy else self.transport.close()
+
+    def is_idle(self) -> bool:
+        return not self.busy and not self._queue and self._reading is Reading.WAITING
+
+    def drain_idle(self) -> None:
+        """The server stops: close now if idle and the server closes idle connections, else let the
+        deadline decide (a successor takes the port: wait for the client's next request)."""
+        if self.is_idle() and self.server.closing_idle:
             self._close()
+        else:
+            self._schedule()
 
 
 class HTTPServer:
-    """Serves `routes` on a port; `stop` lets the requests in flight finish, then closes."""
+    """Serves `routes` on a port; `stop` lets the requests in flight finish, then closes.
+
+    Started with `reuse_port`, a second server (another process) can listen on the same port; new
+    connections go to the newest (`listener.py`). Stopped while such a successor listens, this server
+    takes in the connections already queued for it, closes its listener, answers every request that
+    still arrives with `Connection: close`, and leaves idle connections open until their client sends
+    one more request or their keep-alive timeout passes: closing an idle connection can race a request
+    the client is sending on it, which would be lost. Without a successor, idle connections close at
+    once: nobody else could answer what they might send."""
 
     def __init__(
-        self,
-        routes: Routes,
-        *,
-        max_body_bytes: int = 32 * 1024 * 1024,
-        keepalive_s: float = 75.0,
-        backlog: int = 2048,
+        self, routes: Routes, limits: ConnectionLimits | None = None, *, backlog: int = 2048
     ) -> None:
         self.routes = routes
-        self.max_body_bytes = max_body_bytes
-        self.keepalive_s = keepalive_s
+        self.limits = limits or ConnectionLimits()
         self.backlog = backlog
         self.connections: set[HTTPProtocol] = set()
+        self.table: ConnectionTable[HTTPProtocol] = ConnectionTable(*self.limits.caps())
         self.stopping = False
+        self.closing_idle = False
+        self.timed_out = 0  # requests cut by a header or body deadline (408)
+        self.refused_connections = 0  # new connections refused at a connection cap (503)
         self.host = ""
         self.port = 0
-        self._server: asyncio.Server | None = None
-        self._idle_waiter: asyncio.Future[None] | None = None
+        self._servers: list[asyncio.Server] = []
+        self._sockets: list[socket.socket] = []
+        self._stop_waiter: asyncio.Future[None] | None = None
 
     @property
     def url(self) -> str:
@@ -418,38 +571,72 @@ class HTTPServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: HTTPProtocol(self), host, port, backlog=self.backlog, reuse_port=reuse_port or None
-        )
-        self.host, self.port = host, self._server.sockets[0].getsockname()[1]
+        self.table = ConnectionTable(*self.limits.caps())  # the descriptor limit in force now
+        self._sockets = listen(host, port, backlog=self.backlog, reuse_port=reuse_port)
+        try:
+            for sock in self._sockets:
+                server = await loop.create_server(lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog)
+                self._servers.append(server)
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            for sock in self._sockets:
+                sock.close()
+            raise
+        self.host, self.port = host, self._sockets[0].getsockname()[1]
 
     def busy(self) -> int:
         return sum(1 for c in self.connections if c.busy)
 
     def request_done(self) -> None:
-        if self._idle_waiter is not None and not self._idle_waiter.done() and not self.busy():
-            self._idle_waiter.set_result(None)
+        self._check_stopped()
+
+    def connection_closed(self, conn: HTTPProtocol) -> None:
+        self.connections.discard(conn)
+        self.table.remove(conn)
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        if self._stop_waiter is not None and not self._stop_waiter.done() and not self.connections:
+            self._stop_waiter.set_result(None)
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop accepting, let requests in flight finish (up to `drain_timeout_s`), close every connection."""
+        """Stop accepting, let requests in flight finish (up to `drain_timeout_s`), close every connection.
+
+        With a successor on the port (a hand-over), idle connections stay open within that time until
+        their client's next request is answered (with `Connection: close`) or they reach their
+        keep-alive timeout; set `drain_timeout_s` at least as long as the keep-alive timeout for a
+        hand-over that never closes a connection a client may be using."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
         self.stopping = True
-        if self._server is not None:
-            self._server.close()
+        successor = any(other_listeners(sock) for sock in self._sockets if sock.fileno() >= 0)
+        if successor:
+            # New connections go to the successor; those queued here before it listened would be
+            # reset when this listener closes (unless net.ipv4.tcp_migrate_req moves them): accept them.
+            wait_until = min(deadline, loop.time() + HANDOVER_QUEUE_WAIT_S)
+            while loop.time() < wait_until and any(accept_queue_length(s) for s in self._sockets):
+                await asyncio.sleep(0.005)
+        self.closing_idle = not successor
+        for server in self._servers:
+            server.close()
         for conn in list(self.connections):
-            conn.close_if_idle()
-        if self.busy():
-            self._idle_waiter = asyncio.get_running_loop().create_future()
+            conn.drain_idle()
+        if self.connections:
+            self._stop_waiter = loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._idle_waiter), drain_timeout_s)
+                await asyncio.wait_for(asyncio.shield(self._stop_waiter), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 log.warning(
-                    "%d requests still in flight after %.0f s; closing them", self.busy(), drain_timeout_s
+                    "%d connections still open (%d answering) after %.0f s; closing them",
+                    len(self.connections),
+                    self.busy(),
+                    drain_timeout_s,
                 )
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort() if conn.busy else conn.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
+            conn.close()
+        for server in self._servers:
+            await server.wait_closed()
 
 
 _date_cache: tuple[int, bytes] = (0, b"")

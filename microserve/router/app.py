@@ -15,6 +15,7 @@ import signal
 import time
 from types import TracebackType
 
+from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
@@ -24,17 +25,15 @@ from microserve.router.router import Router
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
 
 class RouterServer:
     """A `Router` behind its HTTP server: `start` starts both, `stop` drains requests in flight, then
     closes the router's connections and health checks. Also an async context manager (a free port)."""
 
-    def __init__(self, router: Router, *, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, router: Router) -> None:
         self.router = router
         self.started = int(time.time())
-        self.http = HTTPServer(routes(router, self.started), max_body_bytes=max_body_bytes)
+        self.http = HTTPServer(routes(router, self.started), router.config.connections)
 
     @property
     def url(self) -> str:
@@ -47,13 +46,14 @@ class RouterServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         await self.router.start()
         try:
-            await self.http.start(host, port)
+            await self.http.start(host, port, reuse_port=self.router.config.reuse_port)
         except BaseException:
             await self.router.close()
             raise
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
-        """Refuse new requests (503, /ready too), let those in flight finish, then close everything."""
+        """Stop listening (/ready answers 503), answer what is in flight or still arrives on open
+        connections (each then closed), then close everything; see `HTTPServer.stop`."""
         self.router.draining = True
         timeout = self.router.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         try:
@@ -72,11 +72,11 @@ class RouterServer:
 
 
 def routes(router: Router, started: int) -> Routes:
+    """The router's routes; only the OpenAI ones take large bodies."""
     table = Routes()
-    table.add("POST", Route.CHAT.value, functools.partial(dispatch.handle, router, route=Route.CHAT))
-    table.add(
-        "POST", Route.COMPLETIONS.value, functools.partial(dispatch.handle, router, route=Route.COMPLETIONS)
-    )
+    for route in (Route.CHAT, Route.COMPLETIONS):
+        handler = functools.partial(dispatch.handle, router, route=route)
+        table.add("POST", route.value, handler, max_body=router.config.max_body_bytes)
     table.add("GET", "/v1/models", functools.partial(models, router, started))
     table.add("GET", "/health", health)
     table.add("GET", "/ready", functools.partial(ready, router))
@@ -134,6 +134,7 @@ def tune_gc() -> None:
 
 
 async def _serve(config: RouterConfig) -> None:
+    raise_descriptor_limit()
     server = RouterServer(Router(config))
     await server.start(config.host, config.port)
     tune_gc()

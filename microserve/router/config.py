@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from microserve.args import parse_size
+from microserve.http.limits import ConnectionLimits, MiB
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
 from microserve.router.health import HealthConfig
@@ -36,6 +38,10 @@ class RouterConfig:
     connect_timeout_s: float = 5.0
     max_connections: int = 4096  # the shared connection pool to all workers
     drain_timeout_s: float = 30.0  # on shutdown, how long requests in flight may take to finish
+    # The OpenAI routes' body limit: a 256K-token context at 16 bytes a token (JSON-escaped non-ASCII
+    # text, or token ids); other routes take the connection limits' much smaller default.
+    max_body_bytes: int = 4 * MiB
+    reuse_port: bool = True  # a new router may listen on this port while this one drains (a hand-over)
     stream_continuation: bool = True  # track microserve streams to continue them if an engine dies
     max_continuations: int = 3
     tokenizers: dict[str, str] = field(default_factory=dict)  # served model -> tokenizer source
@@ -43,10 +49,13 @@ class RouterConfig:
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ValueError("timeouts must be positive")
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be at least 1")
         if self.max_connections < 1 or self.max_continuations < 0:
             raise ValueError("need max_connections >= 1 and max_continuations >= 0")
 
@@ -61,6 +70,7 @@ class RouterConfig:
             "circuit_breaker": BreakerConfig,
             "health": HealthConfig,
             "admission": AdmissionConfig,
+            "connections": ConnectionLimits,
         }
         kwargs: dict[str, Any] = {}
         for name, section in sections.items():
@@ -154,6 +164,35 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     p.add_argument("--max-attempts", type=int, default=None, help="attempts per request, first included (3)")
     p.add_argument("--health-interval", type=float, default=None, help="seconds between health checks (2)")
     p.add_argument(
+        "--max-body-size", type=parse_size, default=None, help="largest body of an OpenAI request (4MiB)"
+    )
+    p.add_argument(
+        "--header-timeout", type=float, default=None, help="seconds for a request's headers to arrive (10)"
+    )
+    p.add_argument("--body-timeout", type=float, default=None, help="seconds for a body, and see below (30)")
+    p.add_argument(
+        "--body-min-rate", type=parse_size, default=None, help="each such many bytes add 1 s to it (1KiB)"
+    )
+    p.add_argument("--keepalive-timeout", type=float, default=None, help="seconds a connection may idle (75)")
+    p.add_argument(
+        "--max-client-connections",
+        type=int,
+        default=None,
+        help="client connections held at once (3/4 of the descriptor limit)",
+    )
+    p.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=None,
+        help="connections held for one client address (half of --max-client-connections)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
+    p.add_argument(
+        "--no-reuse-port",
+        action="store_true",
+        help="listen without SO_REUSEPORT (a second router on the port fails instead of taking it over)",
+    )
+    p.add_argument(
         "--no-stream-continuation",
         action="store_true",
         help="do not track engine streams (no continuation when an engine dies mid-stream)",
@@ -204,6 +243,26 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["health"] = replace(config.health, interval_s=args.health_interval)
     if args.no_stream_continuation:
         changes["stream_continuation"] = False
+    if args.max_body_size is not None:
+        changes["max_body_bytes"] = args.max_body_size
+    if args.drain_timeout is not None:
+        changes["drain_timeout_s"] = args.drain_timeout
+    if args.no_reuse_port:
+        changes["reuse_port"] = False
+    limits = {
+        name: value
+        for name, value in (
+            ("header_timeout_s", args.header_timeout),
+            ("body_timeout_s", args.body_timeout),
+            ("body_min_rate", args.body_min_rate),
+            ("keepalive_s", args.keepalive_timeout),
+            ("max_connections", args.max_client_connections),
+            ("max_connections_per_client", args.max_connections_per_client),
+        )
+        if value is not None
+    }
+    if limits:
+        changes["connections"] = replace(config.connections, **limits)
     if args.tokenizer:
         changes["tokenizers"] = {**config.tokenizers, **{k: str(v) for k, v in args.tokenizer}}
     if getattr(args, "host", None) is not None:

@@ -29,8 +29,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     status, answered, admitted = 500, False, False
     req: RoutedRequest | None = None
     try:
-        if router.draining:
-            raise no_worker_available("The router is shutting down; send the request elsewhere.")
+        # A draining router still answers what arrives on its open connections (then closed by the
+        # HTTP server): those requests were sent before the client could know; nothing new connects.
         req = router.parse(route, request.body, request.headers)
         await router.admission.acquire()
         admitted = True

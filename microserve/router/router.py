@@ -52,7 +52,7 @@ class Router:
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
         self._health: HealthChecker | None = None
-        self.draining = False  # shutting down: new requests are refused, those in flight finish
+        self.draining = False  # shutting down: /ready says 503; what arrives on open connections is answered
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
