@@ -15,7 +15,9 @@ import orjson
 import pytest
 
 from microserve.http.limits import ConnectionLimits, ConnectionTable, descriptor_limit
+from microserve.http.listener import listen, other_listeners
 from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
+from microserve.serve import port_is_free
 from microserve.server.errors import APIError
 
 
@@ -456,3 +458,17 @@ def test_connection_limits_resolve_their_caps_from_the_descriptor_limit() -> Non
     assert total == descriptor_limit() * 3 // 4 and per_client == total // 2
     with pytest.raises(ValueError, match="timeouts"):
         ConnectionLimits(header_timeout_s=0)
+
+
+def test_serve_counts_a_port_held_by_a_reuse_port_router_as_free_for_a_hand_over() -> None:
+    [held] = listen("127.0.0.1", 0, backlog=8, reuse_port=True)
+    port = held.getsockname()[1]
+    try:
+        assert port_is_free("127.0.0.1", port, reuse_port=True)
+        assert not port_is_free("127.0.0.1", port)
+        [successor] = listen("127.0.0.1", port, backlog=8, reuse_port=True)
+        assert other_listeners(held) == 1 and other_listeners(successor) == 1
+        successor.close()
+        assert other_listeners(held) == 0
+    finally:
+        held.close()

@@ -205,6 +205,18 @@ def test_yaml_config_then_flags(tmp_path: Path) -> None:
     assert config.policy_options == {"min_match": 64, "balance_abs": 8}
     assert config.admission.max_queued == 0 and config.port == 9000
 
+    path.write_text("connections: {header_timeout_s: 5, keepalive_s: 20}\nmax_body_bytes: 1000\n")
+    flags = ["--config", str(path), "--body-timeout", "9", "--body-min-rate", "2KiB"]
+    flags += ["--max-body-size", "1MiB", "--max-connections-per-client", "7", "--no-reuse-port"]
+    flags += ["--drain-timeout", "4"]
+    config = config_from_args(parser.parse_args(flags))
+    limits = config.connections
+    assert (limits.header_timeout_s, limits.keepalive_s, limits.body_timeout_s) == (5, 20, 9)
+    assert (limits.body_min_rate, limits.max_connections_per_client) == (2048, 7)
+    assert (config.max_body_bytes, config.reuse_port, config.drain_timeout_s) == (1 << 20, False, 4)
+    with pytest.raises(ValueError, match="timeouts"):
+        config_from_args(parser.parse_args(["--header-timeout", "0"]))
+
     path.write_text("prot: 9000\n")
     with pytest.raises(ValueError, match="unknown router setting"):
         load_config_file(path)
