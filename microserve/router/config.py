@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from microserve.args import parse_size
+from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
@@ -166,26 +166,7 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     p.add_argument(
         "--max-body-size", type=parse_size, default=None, help="largest body of an OpenAI request (4MiB)"
     )
-    p.add_argument(
-        "--header-timeout", type=float, default=None, help="seconds for a request's headers to arrive (10)"
-    )
-    p.add_argument("--body-timeout", type=float, default=None, help="seconds for a body, and see below (30)")
-    p.add_argument(
-        "--body-min-rate", type=parse_size, default=None, help="each such many bytes add 1 s to it (1KiB)"
-    )
-    p.add_argument("--keepalive-timeout", type=float, default=None, help="seconds a connection may idle (75)")
-    p.add_argument(
-        "--max-client-connections",
-        type=int,
-        default=None,
-        help="client connections held at once (3/4 of the descriptor limit)",
-    )
-    p.add_argument(
-        "--max-connections-per-client",
-        type=int,
-        default=None,
-        help="connections held for one client address (half of --max-client-connections)",
-    )
+    add_connection_args(p)
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -249,20 +230,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["drain_timeout_s"] = args.drain_timeout
     if args.no_reuse_port:
         changes["reuse_port"] = False
-    limits = {
-        name: value
-        for name, value in (
-            ("header_timeout_s", args.header_timeout),
-            ("body_timeout_s", args.body_timeout),
-            ("body_min_rate", args.body_min_rate),
-            ("keepalive_s", args.keepalive_timeout),
-            ("max_connections", args.max_client_connections),
-            ("max_connections_per_client", args.max_connections_per_client),
-        )
-        if value is not None
-    }
-    if limits:
-        changes["connections"] = replace(config.connections, **limits)
+    limits = connection_limits(args, config.connections)
+    if limits is not config.connections:
+        changes["connections"] = limits
     if args.tokenizer:
         changes["tokenizers"] = {**config.tokenizers, **{k: str(v) for k, v in args.tokenizer}}
     if getattr(args, "host", None) is not None:
