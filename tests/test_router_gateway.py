@@ -319,7 +319,9 @@ async def test_a_failing_worker_trips_its_circuit_breaker() -> None:
             assert (await client.post("/v1/chat/completions", json=CHAT)).status == 200
         assert len(servers[0].generate_calls) == 2  # then its circuit opened: no more traffic
         metrics = (await (await client.get("/metrics")).read()).decode()
-        assert f'microserve_router_worker_circuit_state{{worker="{servers[0].url}"}} 2.0' in metrics
+        url = servers[0].url
+        assert f'microserve_router_worker_circuit_state{{state="open",worker="{url}"}} 1.0' in metrics
+        assert f'microserve_router_worker_circuit_state{{state="closed",worker="{url}"}} 0.0' in metrics
 
 
 async def test_health_checks_take_a_dead_worker_out_and_ready_follows() -> None:

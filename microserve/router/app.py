@@ -1,5 +1,5 @@
-"""The router's HTTP front: the OpenAI routes, /v1/models, health, readiness, metrics and the admin API,
-served by microserve's lean HTTP server (`microserve.http.server`).
+"""The router's HTTP front: the OpenAI routes, /v1/models, health, readiness, metrics, the admin API and
+the /dashboard page, served by microserve's lean HTTP server (`microserve.http.server`).
 
 Handlers parse, call one function and shape the answer; the request's way through lives in `dispatch.py`.
 """
@@ -20,6 +20,8 @@ from microserve.http.server import HTTPServer, Request, Response, Routes
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
 from microserve.router.config import RouterConfig
+from microserve.router.dashboard import add_dashboard_routes
+from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
 
@@ -81,7 +83,9 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/health", health)
     table.add("GET", "/ready", functools.partial(ready, router))
     table.add("GET", "/metrics", functools.partial(metrics, router))
+    table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
     add_admin_routes(table, router)
+    add_dashboard_routes(table, router, started)
     return table
 
 
@@ -108,6 +112,10 @@ async def ready(router: Router, request: Request) -> Response:
 async def metrics(router: Router, request: Request) -> Response:
     body, content_type = router.metrics.render(request.headers.get("accept"))
     return Response(body, content_type=content_type)
+
+
+async def prometheus_targets(router: Router, request: Request) -> Response:
+    return Response.json(scrape_targets(router.pool))
 
 
 def run_router(config: RouterConfig) -> int:

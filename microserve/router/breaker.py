@@ -13,7 +13,7 @@ from enum import IntEnum
 
 
 class CircuitState(IntEnum):
-    # Ordered by how much traffic passes, and exported as a gauge with these values.
+    # Ordered by how much traffic passes (the metrics export each state as its own series).
     CLOSED = 0
     HALF_OPEN = 1
     OPEN = 2

@@ -50,6 +50,7 @@ class StreamProgress:
     usage_sent: bool = False
     done: bool = False
     continuations: int = 0
+    cached_tokens: int | None = None  # from the engine's usage chunk, when the stream carried one
     skip: int = 0  # characters of the continuation the client already has
 
     opened: bool = False  # the client has had a first chunk (for chat: the one with the role)
@@ -106,6 +107,7 @@ class StreamProgress:
             self._advance(new or [], text or "", choice.get("finish_reason"))
         elif chunk.get("usage"):
             self.usage_sent = True
+            self.cached_tokens = _cached(chunk["usage"])
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
     def _advance(self, new_ids: list[int], text: str, finish_reason: str | None) -> None:
@@ -156,6 +158,12 @@ class StreamProgress:
         del self.generated[k:]
         return body
 
+    def count_into(self, req: RoutedRequest) -> None:
+        """Give the request the token counts this stream saw (the router's TPOT and /dashboard)."""
+        req.output_tokens = len(self.generated)
+        if self.cached_tokens is not None:
+            req.cached_tokens = self.cached_tokens
+
     def closing_frames(self) -> Iterator[bytes]:
         """What the client still needs when the generation had ended but the stream had not."""
         if self.finish_reason is None:
@@ -179,7 +187,7 @@ class StreamProgress:
             if not usage or not self.include_usage:
                 return None
             self.usage_sent = True
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            self.cached_tokens = cached = _cached(usage)
             return opening + self._usage_frame(len(self.generated), cached)
         choice = choices[0]
         ids = choice.get("token_ids") or []
@@ -263,6 +271,10 @@ class StreamProgress:
             },
         }
         return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _cached(usage: dict[str, Any]) -> int:
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def sampling_fields(req: RoutedRequest) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from contextlib import aclosing
 import orjson
 
 from microserve.http.server import Request, Response, Stream
+from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
 from microserve.router.router import Router, no_worker_available
@@ -26,8 +27,10 @@ STATUS_CLIENT_CLOSED = 499
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
-    status, answered, admitted = 500, False, False
+    status, admitted = 500, False
+    ttft: float | None = None
     req: RoutedRequest | None = None
+    strategy: Strategy | None = None
     try:
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
@@ -37,10 +40,11 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
         gen, first = await first_output(router, strategy, req)
-        answered = True
-        router.metrics.first_byte(route, time.perf_counter() - start)
+        ttft = time.perf_counter() - start
+        router.metrics.first_byte(route, ttft)
         if gen is None:
             status = 200
+            req.output_tokens, req.cached_tokens = usage_tokens(first)
             return Response(first)
         response = await request.stream(headers=SSE_HEADERS)
         status = 200
@@ -58,7 +62,37 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 handle.release()
         if admitted:
             router.admission.release()
-        router.metrics.request_done(route, status, time.perf_counter() - start if answered else None)
+        e2e = time.perf_counter() - start
+        router.metrics.request_done(route, status, e2e if ttft is not None else None)
+        record(router, route, req, strategy, status, ttft, e2e)
+
+
+def record(
+    router: Router,
+    route: Route,
+    req: RoutedRequest | None,
+    strategy: Strategy | None,
+    status: int,
+    ttft: float | None,
+    e2e: float,
+) -> None:
+    """Keep the request in the router's recent-request ring (for /dashboard)."""
+    name = "" if strategy is None else strategy.name or type(strategy).__name__
+    if req is None:
+        router.recent.record(route, None, name, status, False, ttft, e2e)
+        return
+    router.recent.record(
+        route,
+        req.model,
+        name,
+        status,
+        req.stream,
+        ttft,
+        e2e,
+        req.output_tokens,
+        req.cached_tokens,
+        req.hops,
+    )
 
 
 async def first_output(

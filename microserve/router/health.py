@@ -165,7 +165,13 @@ class HealthChecker:
                 status, body = await self._get(worker, "/load")
                 if status == 200:
                     load = orjson.loads(body)
-                    worker.report_load(int(load["waiting"]), int(load["running"]), float(load["kv_usage"]))
+                    hit_rate = load.get("prefix_hit_rate")
+                    worker.report_load(
+                        int(load["waiting"]),
+                        int(load["running"]),
+                        float(load["kv_usage"]),
+                        prefix_hit_rate=None if hit_rate is None else float(hit_rate),
+                    )
                 return
             status, body = await self._get(worker, "/metrics")
             parsed = parse_prometheus_load(body.decode(errors="replace")) if status == 200 else None

@@ -1,20 +1,20 @@
-"""The router's Prometheus metrics, in a registry of its own per app (two routers never share state).
-
-Per-request series are observed as requests end; per-worker state (in flight, circuit, health, errors,
-policy decisions) is read from the pool at scrape time, so the hot path only bumps plain integers.
-"""
+"""The router's Prometheus metrics (docs/observability.md lists them), in a registry per app; per-worker
+state and tallies are read at scrape time, so the hot path only bumps plain integers."""
 
 from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from microserve.router.admission import AdmissionQueue
+from microserve.router.breaker import CircuitState
+from microserve.router.recent import RecentRequests
 from microserve.router.workers import WorkerPool
 from microserve.server.metrics import E2E_BUCKETS, TTFT_BUCKETS
 
@@ -22,12 +22,21 @@ PREFIX = "microserve_router_"
 
 
 class PoolCollector:
+    """Reads the pool, the admission queue and the tallies at scrape time (nothing to keep in step)."""
+
     def __init__(
-        self, pool: Callable[[], WorkerPool], admission: AdmissionQueue, decisions: Tally[tuple[str, str]]
+        self,
+        pool: Callable[[], WorkerPool],
+        admission: AdmissionQueue,
+        decisions: Tally[tuple[str, str]],
+        recent: RecentRequests,
+        names: Callable[[], tuple[str, str]],
     ) -> None:
         self._pool = pool
         self._admission = admission
         self._decisions = decisions
+        self._recent = recent
+        self._names = names
 
     def collect(self) -> Iterator[Metric]:
         workers = list(self._pool())
@@ -38,13 +47,29 @@ class PoolCollector:
                 family.add_metric([w.url], value(w))
             return family
 
-        yield per_worker("worker_in_flight", "Requests in flight per worker.", lambda w: w.in_flight)
-        yield per_worker(
-            "worker_circuit_state",
-            "Circuit breaker state per worker: 0 closed, 1 half-open, 2 open.",
-            lambda w: int(w.breaker.state),
+        info = GaugeMetricFamily(
+            PREFIX + "worker_info",
+            "Each worker's kind and role (always 1).",
+            labels=["worker", "kind", "role"],
         )
+        for w in workers:
+            info.add_metric([w.url, str(w.kind), str(w.role)], 1)
+        yield info
+        yield per_worker("worker_requests_in_flight", "Requests in flight per worker.", lambda w: w.in_flight)
         yield per_worker("worker_healthy", "1 if the worker passes its health checks.", lambda w: w.healthy)
+        yield per_worker(
+            "worker_draining", "1 if the worker is draining (takes no new requests).", lambda w: w.draining
+        )
+        circuit = GaugeMetricFamily(
+            PREFIX + "worker_circuit_state",
+            "1 for the state each worker's circuit breaker is in (closed, half_open, open), else 0.",
+            labels=["worker", "state"],
+        )
+        for w in workers:
+            current = w.breaker.state
+            for state in CircuitState:
+                circuit.add_metric([w.url, state.name.lower()], float(state is current))
+        yield circuit
         errors = CounterMetricFamily(
             PREFIX + "worker_errors", "Failed attempts per worker, by kind.", labels=["worker", "kind"]
         )
@@ -52,27 +77,81 @@ class PoolCollector:
             for kind, count in sorted(w.errors.items()):
                 errors.add_metric([w.url, kind], count)
         yield errors
+        calls = CounterMetricFamily(
+            PREFIX + "worker_calls",
+            "Calls strategies made on each worker, by verb (generate, prep_recv, remote_send, "
+            "start_generate, resume); counted as their request ends.",
+            labels=["worker", "verb"],
+        )
+        for (url, verb), count in sorted(self._recent.calls.items()):
+            calls.add_metric([url, verb], count)
+        yield calls
+        kv_bytes = CounterMetricFamily(
+            PREFIX + "kv_transfer_bytes",
+            "KV bytes each worker pushed to another (remote_send).",
+            labels=["worker"],
+        )
+        kv_tokens = CounterMetricFamily(
+            PREFIX + "kv_transfer_tokens", "Tokens whose KV each worker pushed to another.", labels=["worker"]
+        )
+        for url, count in sorted(self._recent.kv_bytes.items()):
+            kv_bytes.add_metric([url], count)
+            kv_tokens.add_metric([url], self._recent.kv_tokens[url])
+        yield kv_bytes
+        yield kv_tokens
         decisions = CounterMetricFamily(
             PREFIX + "policy_decisions", "Workers picked, by policy.", labels=["policy", "worker"]
         )
         for (policy, url), count in sorted(self._decisions.items()):
             decisions.add_metric([policy, url], count)
         yield decisions
-        queue = GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for admission.")
-        queue.add_metric([], self._admission.queued)
-        yield queue
-        running = GaugeMetricFamily(PREFIX + "requests_running", "Requests admitted and not finished.")
-        running.add_metric([], self._admission.running)
-        yield running
+        strategy, policy = self._names()
+        for what, name in (("strategy", strategy), ("policy", policy)):
+            family = GaugeMetricFamily(
+                PREFIX + f"{what}_info", f"The current {what} (always 1).", labels=[what]
+            )
+            family.add_metric([name], 1)
+            yield family
+        config = self._admission.config
+        for name, doc, value in (
+            ("requests_waiting", "Requests waiting for admission.", self._admission.queued),
+            ("requests_running", "Requests admitted and not finished.", self._admission.running),
+            ("max_queued_requests", "Requests that may wait (--max-queued).", config.max_queued),
+            (
+                "max_concurrent_requests",
+                "Requests that may run at once (--max-concurrent).",
+                config.max_concurrent,
+            ),
+        ):
+            family = GaugeMetricFamily(PREFIX + name, doc)
+            family.add_metric([], value)
+            yield family
+
+
+def scrape_targets(pool: WorkerPool) -> list[dict[str, Any]]:
+    """The workers as Prometheus HTTP service discovery targets (`http_sd_configs`), one group each, labelled
+    with the router's `worker` URL, `kind` and `role` so that dashboards can join both sides."""
+    groups = []
+    for w in pool:
+        parts = urlsplit(w.url)
+        labels = {"worker": w.url, "kind": str(w.kind), "role": str(w.role), "__scheme__": parts.scheme}
+        groups.append({"targets": [parts.netloc], "labels": labels})
+    return groups
 
 
 class RouterMetrics:
     def __init__(
-        self, pool: Callable[[], WorkerPool], admission: AdmissionQueue, decisions: Tally[tuple[str, str]]
+        self,
+        pool: Callable[[], WorkerPool],
+        admission: AdmissionQueue,
+        decisions: Tally[tuple[str, str]],
+        recent: RecentRequests,
+        names: Callable[[], tuple[str, str]],
     ) -> None:
+        """`names` gives the current (strategy, policy) names."""
         self.registry = CollectorRegistry()
         reg = self.registry
-        reg.register(PoolCollector(pool, admission, decisions))
+        reg.register(PoolCollector(pool, admission, decisions, recent, names))
         self._requests = Counter(
             PREFIX + "requests", "Requests answered, by route and status.", ["route", "status"], registry=reg
         )
@@ -97,6 +176,8 @@ class RouterMetrics:
             ["outcome"],
             registry=reg,
         )
+        for outcome in ("completed", "gave_up", "no_worker"):  # present at 0, so rates and alerts see them
+            self.continuations.labels(outcome)
         self.retry_budget_exhausted = Counter(
             PREFIX + "retry_budget_exhausted", "Retries refused by the retry budget.", registry=reg
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from microserve.router.recent import Hop
 from microserve.server.errors import bad_request
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
@@ -38,10 +39,13 @@ class RoutedRequest:
         "_prompt_ids",
         "_tokenize",
         "body",
+        "cached_tokens",
         "deadline",
         "excluded",
         "handles",
+        "hops",
         "model",
+        "output_tokens",
         "raw",
         "route",
         "session_key",
@@ -70,6 +74,10 @@ class RoutedRequest:
         self.deadline = time.monotonic() + timeout_s
         self.excluded: set[str] = set()  # workers that failed this request: retries go elsewhere
         self.handles: list[Any] = []  # every worker picked for it, released when it ends
+        # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
+        self.hops: list[Hop] = []
+        self.output_tokens: int | None = None
+        self.cached_tokens: int | None = None
         self._tokenize = tokenize
         self._prompt_ids: list[int] | None = None
         self._prefix: str | list[int] | None = None
@@ -111,6 +119,10 @@ class RoutedRequest:
         if self._id is None:
             self._id = uuid.uuid4().hex
         return self._id
+
+    def note(self, verb: str, worker: str, tokens: int | None = None, nbytes: int | None = None) -> None:
+        """Record a call a strategy made for this request (shown on /dashboard, counted in /metrics)."""
+        self.hops.append(Hop(verb, worker, tokens, nbytes))
 
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()

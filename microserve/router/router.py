@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
+from microserve.router.recent import RecentRequests
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import RetryBudget
 from microserve.router.strategies import Strategy, make_strategy
@@ -46,7 +48,10 @@ class Router:
         self.admission = AdmissionQueue(config.admission)
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
-        self.metrics = RouterMetrics(lambda: self.pool, self.admission, self.decisions)
+        self.recent = RecentRequests()
+        self.metrics = RouterMetrics(
+            lambda: self.pool, self.admission, self.decisions, self.recent, self._names
+        )
         self.tokenizers = TokenizerCache(config.tokenizers)
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
@@ -143,6 +148,15 @@ class Router:
         req.handles.append(handle)
         return handle
 
+    async def refresh_loads(self, max_age_s: float) -> None:
+        """Load reports no older than `max_age_s` from every healthy worker, for /dashboard (the policy's
+        own polling runs only while the policy reads loads)."""
+        if self._health is None:
+            return
+        now = time.monotonic()
+        stale = [w for w in self.pool if w.healthy and (w.load is None or now - w.load.at > max_age_s)]
+        await asyncio.gather(*(self._health.poll_load(w) for w in stale))
+
     async def _decoder(self, model: str | None) -> Callable[[list[int]], str] | None:
         if model is None:
             return None
@@ -193,6 +207,9 @@ class Router:
             missing = await self.tokenizers.preload(self.pool.models())
             if missing:
                 raise ValueError(f"token ids are needed, but {'; '.join(missing)} (see --tokenizer)")
+
+    def _names(self) -> tuple[str, str]:
+        return self.strategy.name or type(self.strategy).__name__, self.policy.name
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.strategy.describe(), "policy": self.policy.describe()}

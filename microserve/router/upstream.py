@@ -138,6 +138,7 @@ class WorkerHandle(PickedWorker):
 
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
+        req.note("generate", self.url)
         track = req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE
         body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
         try:
@@ -146,8 +147,10 @@ class WorkerHandle(PickedWorker):
                 if not req.stream:
                     yield await self._read_whole(resp)
                 elif track:
-                    async for data in self._relay_tracked(resp, StreamProgress.for_request(req)):
+                    progress = StreamProgress.for_request(req)
+                    async for data in self._relay_tracked(resp, progress):
                         yield data
+                    progress.count_into(req)
                 else:
                     async for data in self._relay(resp):
                         yield data
@@ -158,6 +161,7 @@ class WorkerHandle(PickedWorker):
 
     async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
         """Continue a broken stream here: prompt + generated ids on /v1/completions, as the client's shape."""
+        req.note("resume", self.url)
         decoder = self._up.decoder
         decode = await decoder(req.model) if decoder is not None and holds_back(req) else None
         body = progress.resume_body(req, decode)
@@ -173,7 +177,9 @@ class WorkerHandle(PickedWorker):
 
     async def prep_recv(self, req: RoutedRequest, end: int) -> KVAddress:
         """Reserve blocks here for the prompt's KV up to `end`; `.matched` is the prefix already held."""
-        return await self._verb(self.engine.prep_recv(req.id, req.prompt_ids, end))
+        addr: KVAddress = await self._verb(self.engine.prep_recv(req.id, req.prompt_ids, end))
+        req.note("prep_recv", self.url, addr.matched)
+        return addr
 
     async def remote_send(
         self, req: RoutedRequest, addr: KVAddress, dst: WorkerHandle, begin: int, end: int
@@ -181,14 +187,17 @@ class WorkerHandle(PickedWorker):
         """Compute the prompt's KV up to `end` here and push [begin, end) to `dst`; this worker's part of
         the request ends with it."""
         try:
-            return await self._verb(
+            sent: dict[str, int] = await self._verb(
                 self.engine.remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
             )
+            req.note("remote_send", self.url, sent.get("sent_tokens"), sent.get("bytes"))
+            return sent
         finally:
             self.release()
 
     async def start_generate(self, req: RoutedRequest, begin: int) -> AsyncIterator[bytes]:
         """Generate here on top of the KV received for `req`, answering in the client's shape."""
+        req.note("start_generate", self.url)
         body = {**sampling_fields(req), "request_id": req.id, "prompt": req.prompt_ids, "begin": begin}
         path = "/microserving/start_generate"
         if req.stream:
@@ -232,6 +241,7 @@ class WorkerHandle(PickedWorker):
             try:
                 async for data in self._frames(resp, progress, progress.reshape):
                     yield data
+                progress.count_into(req)
             finally:
                 resp.close()
         finally:

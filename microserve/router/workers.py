@@ -122,6 +122,7 @@ class LoadReport:
     running: int
     kv_usage: float
     at: float
+    prefix_hit_rate: float | None = None  # microserve engines report it; other servers do not
 
 
 class Worker:
@@ -183,8 +184,16 @@ class Worker:
         self.in_flight -= 1
         self.breaker.on_release()
 
-    def report_load(self, waiting: int, running: int, kv_usage: float, at: float | None = None) -> None:
-        self.load = LoadReport(waiting, running, kv_usage, time.monotonic() if at is None else at)
+    def report_load(
+        self,
+        waiting: int,
+        running: int,
+        kv_usage: float,
+        at: float | None = None,
+        prefix_hit_rate: float | None = None,
+    ) -> None:
+        at = time.monotonic() if at is None else at
+        self.load = LoadReport(waiting, running, kv_usage, at, prefix_hit_rate)
         self.sent_since_report = 0
 
     def record_failure(self, kind: str) -> None:
