@@ -10,13 +10,12 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
 
 from microserve.router.admission import AdmissionQueue
 from microserve.router.breaker import CircuitState
 from microserve.router.recent import RecentRequests
 from microserve.router.workers import WorkerPool
-from microserve.server.metrics import E2E_BUCKETS, TTFT_BUCKETS
+from microserve.server.metrics import E2E_BUCKETS, TTFT_BUCKETS, render_text
 
 PREFIX = "microserve_router_"
 
@@ -206,5 +205,5 @@ class RouterMetrics:
             e2e.observe(e2e_s)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        """Text format 0.0.4, as the engines answer (`render_text` says why nothing is negotiated)."""
+        return render_text(self.registry)

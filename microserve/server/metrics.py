@@ -10,11 +10,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from microserve.engine.outputs import RequestOutput
+
+# The text format would carry each counter's and histogram's `_created` time as a series of its own, which
+# neither vLLM nor the dashboards use (a process-wide switch of prometheus_client, read at scrape time).
+disable_created_metrics()
 
 # The names below are the ones the Gateway API Inference Extension's model-server protocol reads from vLLM
 # (docs/proposals/003-model-server-protocol): num_requests_waiting, num_requests_running,
@@ -136,9 +140,15 @@ class ServerMetrics:
         return RequestTimer(self)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
-        """The exposition body and its content type, negotiated from the scraper's Accept header."""
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        """The exposition body and its content type (`accept` is not negotiated: see `render_text`)."""
+        return render_text(self.registry)
+
+
+def render_text(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The registry in Prometheus' text format 0.0.4, whatever the scraper accepts. Negotiating OpenMetrics
+    would rename `vllm:*` to `vllm_*` (prometheus_client escapes colons there), and a real Prometheus asks
+    for OpenMetrics first: its series would no longer carry the names gateways and dashboards use."""
+    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
 class RequestTimer:

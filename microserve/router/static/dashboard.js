@@ -65,9 +65,11 @@ function bars(svg, bins, key, cls, scale) {
 function line(svg, bins, key, cls, scale) {
   const w = 600 / bins.length;
   const points = bins
-    .map((b, i) => (b[key] === null ? null : `${i * w + w / 2},${120 - (b[key] / scale) * 110}`))
+    .map((b, i) => (b[key] === null ? null : [i * w + w / 2, 120 - (b[key] / scale) * 110]))
     .filter((p) => p !== null);
-  if (points.length) svg.append(svgEl("polyline", { class: cls, points: points.join(" ") }));
+  if (points.length > 1) svg.append(svgEl("polyline", { class: cls, points: points.map((p) => p.join(",")).join(" ") }));
+  // A dot per bin too: one bin alone draws no line.
+  for (const [x, y] of points) svg.append(svgEl("circle", { class: cls.replace("line", "point"), cx: x, cy: y, r: 3 }));
 }
 
 function svgEl(tag, attrs) {
