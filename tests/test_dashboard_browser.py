@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import playwright.sync_api as playwright_api  # the test extra; it drives Debian's chromium
 import pytest
 
 from tests.observed_fleet import ADMIN, ADMIN_TOKEN, Fleet, observed_fleet, traffic
 
 pytestmark = pytest.mark.slow
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
 TIMEOUT_MS = 30_000
 NONE = "\u2013"  # what the page shows for a figure it does not have yet
 
