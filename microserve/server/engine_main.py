@@ -14,8 +14,8 @@ import threading
 from aiohttp import web
 
 from microserve.engine.async_engine import AsyncEngine
-from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
+from microserve.engine_builder import build_engine
 from microserve.server.app import create_app
 from microserve.server.microserving import add_microserving_routes
 
