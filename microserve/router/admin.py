@@ -65,7 +65,8 @@ def _worker_not_found(url: str) -> APIError:
 
 
 async def list_workers(router: Router, request: Request) -> Response:
-    return Response.json({"workers": [w.describe() for w in router.pool]})
+    source = router.discovery.source_of
+    return Response.json({"workers": [{**w.describe(), "source": source(w.url)} for w in router.pool]})
 
 
 async def add_worker(router: Router, request: Request) -> Response:

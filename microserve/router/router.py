@@ -16,6 +16,7 @@ import aiohttp
 from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue
 from microserve.router.config import RouterConfig
+from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
@@ -53,6 +54,10 @@ class Router:
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
+        sources = [make_discovery(url) for url in config.discovery]
+        self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
+        if self.discovery:
+            self.metrics.registry.register(DiscoveryCollector(self.discovery))
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -83,10 +88,12 @@ class Router:
         )
         self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
+        await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
         await self._preload_tokenizers(self.strategy, self.policy)
 
     async def close(self) -> None:
+        await self.discovery.stop()
         if self._health is not None:
             await self._health.stop()
         if self._session is not None:
