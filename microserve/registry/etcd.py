@@ -212,7 +212,9 @@ class EtcdClient:
 
 def _watch_events(message: dict[str, Any]) -> list[WatchEvent]:
     if "error" in message:
-        raise EtcdError(f"etcd watch error: {message['error']}")
+        error = message["error"]
+        detail = error.get("message", error) if isinstance(error, dict) else error
+        raise EtcdError(f"the etcd watch broke: {detail}")
     result = message.get("result", {})
     if result.get("canceled"):
         reason = result.get("cancel_reason") or f"compacted at {result.get('compact_revision')}"
