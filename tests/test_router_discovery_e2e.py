@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -243,3 +244,26 @@ async def test_etcd_down_keeps_the_fleet_and_says_so(etcd: EtcdServer, fleet: li
             await wait_for(lambda: ghost.url not in urls(router), "that record deleted")
         finally:
             await etcd_client.close()
+
+
+def test_the_router_command_follows_etcd(etcd: EtcdServer, fleet: list[ManagedProcess]) -> None:
+    """`microserve router --discovery etcd://…` as a process: ready (and serving) on the registered fleet."""
+    registry = etcd.url("/fleet")
+    port = free_port()
+    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router", "--port", str(port),
+           "--discovery", registry]  # fmt: skip
+    router = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    try:
+        router.wait_ready(timeout=60)
+        with urllib.request.urlopen(f"{router.url}/ready", timeout=5) as r:
+            ready = orjson.loads(r.read())
+        assert ready["workers_available"] == 2
+        assert [(s["source"], s["connected"], s["workers"]) for s in ready["discovery"]] == [
+            (registry, True, 2)
+        ]
+        body = orjson.dumps({"prompt": "hello", "max_tokens": 3})
+        request = urllib.request.Request(f"{router.url}/v1/completions", data=body, method="POST")
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert orjson.loads(r.read())["usage"]["completion_tokens"] == 3
+    finally:
+        router.stop()
