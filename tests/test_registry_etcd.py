@@ -120,3 +120,24 @@ async def test_a_registration_outlives_its_ttl_comes_back_and_withdraws(
     finally:
         await registrar.withdraw()
     assert await values() == []  # withdrawn at once, not after the TTL
+
+
+async def test_a_watch_carries_a_large_event_whole(client: EtcdClient) -> None:
+    """One watch message far past a reader's usual line buffer (64 KiB) arrives whole."""
+    _, revision = await client.get_prefix("/t4/")
+    big = b"x" * 300_000
+    seen: list[WatchEvent] = []
+
+    async def follow() -> None:
+        async for batch in client.watch("/t4/", revision + 1):
+            seen.extend(batch)
+
+    watcher = asyncio.create_task(follow())
+    await client.put("/t4/big", big)
+
+    async def arrived() -> bool:
+        return len(seen) == 1
+
+    await wait_for(arrived, "the big event")
+    watcher.cancel()
+    assert seen[0].value == big
