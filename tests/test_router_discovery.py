@@ -196,3 +196,26 @@ async def test_a_watched_file_drives_the_pool(tmp_path: Path) -> None:
             path.unlink()
             await asyncio.sleep(0.2)
             assert [w.url for w in router.pool] == [b, c]
+
+
+def test_engine_registration_flags() -> None:
+    from microserve.cli import build_parser
+    from microserve.registry.args import registration_from_args
+
+    def options(*flags: str):  # type: ignore[no-untyped-def]
+        return registration_from_args(build_parser().parse_args(["engine", "--port", "8123", *flags]))
+
+    assert options() is None
+    opts = options("--register", "etcd://127.0.0.1:2379/p", "--label", "zone=a", "--role", "decode")
+    assert (opts.url, opts.ttl_s, opts.role, opts.labels) == (
+        "http://127.0.0.1:8123",
+        10,
+        "decode",
+        {"zone": "a"},
+    )
+    assert opts.target.workers_prefix == "/p/workers/"
+    assert options("--register", "etcd://h:1", "--advertise-url", "http://gpu-7:9/").url == "http://gpu-7:9"
+    with pytest.raises(ValueError, match="--advertise-url"):
+        options("--register", "etcd://h:1", "--advertise-url", "gpu-7:9")
+    with pytest.raises(ValueError, match="at least 2"):
+        options("--register", "etcd://h:1", "--register-ttl", "1")

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from microserve.registry.etcd import EtcdTarget
+from microserve.router.workers import WorkerSpec
 
 
 @dataclass(slots=True, frozen=True)
@@ -66,9 +67,14 @@ def registration_from_args(args: argparse.Namespace) -> RegisterOptions | None:
         return None
     if args.register_ttl < 2:
         raise ValueError(f"--register-ttl must be at least 2 seconds, got {args.register_ttl}")
+    url = args.advertise_url or advertised_url(args.host, args.port)
+    try:
+        url = WorkerSpec(url).url  # checked now, not once the model has loaded
+    except ValueError as exc:
+        raise ValueError(f"--advertise-url: {exc}") from None
     return RegisterOptions(
         target=EtcdTarget.parse(args.register),
-        url=args.advertise_url or advertised_url(args.host, args.port),
+        url=url,
         ttl_s=args.register_ttl,
         role=args.role,
         labels=dict(args.label),
