@@ -219,3 +219,20 @@ def test_engine_registration_flags() -> None:
         options("--register", "etcd://h:1", "--advertise-url", "gpu-7:9")
     with pytest.raises(ValueError, match="at least 2"):
         options("--register", "etcd://h:1", "--register-ttl", "1")
+
+
+async def test_the_admin_listing_names_each_workers_source(tmp_path: Path) -> None:
+    async with fakes(3) as (static, added, listed):
+        path = tmp_path / "workers.yaml"
+        path.write_text(f"- {listed.url}\n")
+        config = RouterConfig(workers=[WorkerSpec(static.url)], discovery=[f"file://{path}"], admin_token="t")
+        async with serving(Router(config)) as client:
+            auth = {"Authorization": "Bearer t"}
+            r = await client.post("/admin/workers", json={"url": added.url}, headers=auth)
+            assert r.status == 201
+            workers = (await (await client.get("/admin/workers", headers=auth)).json())["workers"]
+            assert {w["url"]: w["source"] for w in workers} == {
+                static.url: "static",
+                listed.url: f"file://{path}",
+                added.url: "admin",
+            }

@@ -54,6 +54,7 @@ class Router:
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
+        self._static = {spec.url for spec in config.workers}  # the rest came from the admin API or discovery
         sources = [make_discovery(url) for url in config.discovery]
         self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
         if self.discovery:
@@ -196,12 +197,17 @@ class Router:
 
     async def add_worker(self, spec: WorkerSpec) -> Worker:
         worker = self.pool.add(spec)
+        self._static.discard(spec.url)
         if self._health is not None:
             await self._health.first_check(worker)
         return worker
 
     def remove_worker(self, url: str) -> Worker:
         return self.pool.remove(url)
+
+    def source_of(self, url: str) -> str:
+        """Where a worker in the pool came from: `static` (flags, YAML), `admin`, or a discovery URL."""
+        return self.discovery.source_of(url) or ("static" if url in self._static else "admin")
 
     def drain_worker(self, url: str, draining: bool = True) -> Worker:
         worker = self.pool.get(url)
