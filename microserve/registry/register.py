@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from microserve.registry.etcd import EtcdClient, EtcdError, EtcdTarget
 from microserve.registry.record import Registration
@@ -28,8 +29,9 @@ class Registrar:
         self._client = EtcdClient(target.endpoints, timeout_s=max(1.0, ttl_s / 4))
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="registrar")
+    def start(self, when: Callable[[], bool] = lambda: True) -> None:
+        """Register (and keep the registration alive) from the moment `when()` is true."""
+        self._task = asyncio.create_task(self._run(when), name="registrar")
 
     async def _publish(self) -> None:
         lease = await self._client.grant(self.ttl_s)
@@ -37,7 +39,9 @@ class Registrar:
         self.lease = lease
         log.info("registered %s in %s (lease %x, TTL %d s)", self.record.url, self.target, lease, self.ttl_s)
 
-    async def _run(self) -> None:
+    async def _run(self, when: Callable[[], bool]) -> None:
+        while not when():  # a router that finds us checks us at once: be ready to answer
+            await asyncio.sleep(0.05)
         unreachable = False
         while True:
             try:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -112,7 +113,7 @@ def run_engine(
     engine = build_engine(config)
     app = engine_app(engine, internal_token, own_thread=False)
     if register is not None:
-        add_registration(app, registrar(engine, config, register))
+        add_registration(app, registrar(engine, config, register), engine.is_ready)
     server = ServerThread(app, host, port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,12 +144,12 @@ def registrar(engine: AsyncEngine, config: EngineConfig, options: RegisterOption
     return Registrar(options.target, record, options.ttl_s)
 
 
-def add_registration(app: web.Application, registrar: Registrar) -> None:
-    """Register once the server listens; withdraw first thing on a graceful stop, before draining, so
-    routers stop sending new requests while those in flight finish here."""
+def add_registration(app: web.Application, registrar: Registrar, ready: Callable[[], bool]) -> None:
+    """Register once the engine is ready (it listens and steps); withdraw first thing on a graceful stop,
+    before draining, so routers stop sending new requests while those in flight finish here."""
 
     async def start(_: web.Application) -> None:
-        registrar.start()
+        registrar.start(when=ready)
 
     async def withdraw(_: web.Application) -> None:
         await registrar.withdraw()
