@@ -83,7 +83,11 @@ class DiscoveryFleet:
                 log.warning("%s: not reachable at start (%s); serving without it", sync.discovery.name,
                             status.error)  # fmt: skip
                 return
-            waits = [asyncio.ensure_future(e.wait()) for e in (sync.applied, sync.discovery.settled)]
+            # Once the source has read its registry, only the membership being applied is awaited.
+            events = (
+                [sync.applied] if sync.discovery.settled.is_set() else [sync.applied, sync.discovery.settled]
+            )
+            waits = [asyncio.ensure_future(e.wait()) for e in events]
             try:
                 await asyncio.wait(waits, timeout=deadline - time.monotonic(), return_when="FIRST_COMPLETED")
             finally:
