@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from microserve.args import parse_size, resolve_device
 from microserve.bench.cli import add_arguments as add_bench_args
+from microserve.registry.args import add_register_args, registration_from_args
 from microserve.router.config import add_router_args, config_from_args
 from microserve.serve import add_serve_args
 from microserve.simulator.cli import add_arguments as add_simulate_args
@@ -91,6 +92,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("MICROSERVE_INTERNAL_TOKEN"),
         help="required as 'Authorization: Bearer' on /microserving/* (default: $MICROSERVE_INTERNAL_TOKEN)",
     )
+    add_register_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +192,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from microserve.server.engine_main import run_engine
 
             return run_engine(
-                engine_config(args), host=args.host, port=args.port, internal_token=args.internal_token
+                engine_config(args),
+                host=args.host,
+                port=args.port,
+                internal_token=args.internal_token,
+                register=registration_from_args(args),
             )
     except KeyboardInterrupt:
         return 130

@@ -104,9 +104,10 @@ async def health(request: Request) -> Response:
 async def ready(router: Router, request: Request) -> Response:
     """Ready when at least one worker can take a request and the router is not shutting down."""
     available = 0 if router.draining else sum(1 for w in router.pool if w.available and w.models)
-    return Response.json(
-        {"ready": available > 0, "workers_available": available}, status=200 if available else 503
-    )
+    body: dict[str, object] = {"ready": available > 0, "workers_available": available}
+    if router.discovery:  # a registry that blinked: still ready on the last membership, and says so
+        body["discovery"] = router.discovery.describe()
+    return Response.json(body, status=200 if available else 503)
 
 
 async def metrics(router: Router, request: Request) -> Response:

@@ -15,6 +15,7 @@ from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
+from microserve.router.discovery import make_discovery
 from microserve.router.health import HealthConfig
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
@@ -28,6 +29,7 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: list[WorkerSpec] = field(default_factory=list)
+    discovery: list[str] = field(default_factory=list)  # etcd://HOST:PORT[/prefix], file:///path
     strategy: str = "data_parallel"  # a built-in name or path/to/file.py:ClassName
     strategy_options: dict[str, Any] = field(default_factory=dict)
     policy: str = "round_robin"
@@ -58,6 +60,10 @@ class RouterConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.max_connections < 1 or self.max_continuations < 0:
             raise ValueError("need max_connections >= 1 and max_continuations >= 0")
+        if isinstance(self.discovery, str):
+            self.discovery = [self.discovery]
+        for url in self.discovery:
+            make_discovery(url)  # a bad URL fails here, before anything starts
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -144,6 +150,14 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
             help="a worker: URL plus kind=microserve|openai, role=prefill|decode|both, weight=N, "
             "model=NAME (repeatable), label.KEY=VALUE, api_key=KEY (repeatable flag)",
         )
+    p.add_argument(
+        "--discovery",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="follow workers registered in etcd://HOST:PORT[/prefix] or listed in file:///path.yaml "
+        "(repeatable; docs/discovery.md)",
+    )
     p.add_argument("--strategy", default=None, help="data_parallel (default) or path/to/file.py:ClassName")
     p.add_argument("--strategy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
     p.add_argument("--policy", default=None, help="round_robin (default), least_connections, …")
@@ -194,6 +208,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
     changes: dict[str, Any] = {}
     if getattr(args, "worker", None):
         changes["workers"] = [*config.workers, *args.worker]
+    if getattr(args, "discovery", None):
+        changes["discovery"] = [*config.discovery, *args.discovery]
     if args.strategy is not None:
         changes["strategy"] = args.strategy
         changes["strategy_options"] = {}
