@@ -28,6 +28,10 @@ class ClientError(ConnectionError):
     """The request failed on the network: the connection could not be made, or it broke."""
 
 
+class ConnectFailed(ClientError):
+    """No connection could be made: nothing listens there (refused), or the host cannot be reached."""
+
+
 class RequestTimeout(TimeoutError):
     """The request's deadline passed before its response was read to the end."""
 
@@ -357,7 +361,7 @@ class HTTPClient:
         except TimeoutError:
             raise RequestTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
+            raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
         self._all.add(conn)
         return conn
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import threading
+from typing import Any
 
 from aiohttp import web
 
@@ -17,18 +18,27 @@ from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
 from microserve.server.app import create_app
+from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
+from microserve.tokens import bearer_matches
 
 log = logging.getLogger(__name__)
 
 
 def engine_app(
-    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
+    engine: AsyncEngine,
+    internal_token: str | None = None,
+    *,
+    own_thread: bool = True,
+    metrics_token: str | None = None,
 ) -> web.Application:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
-    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
+    `metrics_token`, /metrics answers only requests that carry it."""
     app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
+    if metrics_token:
+        app.middlewares.append(_metrics_token(metrics_token))
 
     async def start(_: web.Application) -> None:
         engine.start()
@@ -40,6 +50,16 @@ def engine_app(
         app.on_startup.append(start)
     app.on_cleanup.append(stop)
     return app
+
+
+def _metrics_token(token: str):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def require(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/metrics" and not bearer_matches(request.headers.get("Authorization"), token):
+            return APIError(401, "/metrics needs the metrics token.", code="unauthorized").response()
+        return await handler(request)
+
+    return require
 
 
 class ServerThread:
@@ -98,9 +118,16 @@ class ServerThread:
         await runner.cleanup()  # on_shutdown (drain) then on_cleanup (stops the engine)
 
 
-def run_engine(config: EngineConfig, host: str, port: int, internal_token: str | None = None) -> int:
+def run_engine(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    internal_token: str | None = None,
+    metrics_token: str | None = None,
+) -> int:
     engine = build_engine(config)
-    server = ServerThread(engine_app(engine, internal_token, own_thread=False), host, port)
+    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token)
+    server = ServerThread(app, host, port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
