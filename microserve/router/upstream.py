@@ -7,6 +7,7 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,12 +81,19 @@ class BrokenStream(WorkerFailure):
 # A worker that is there but busy or starting says so with these; it is not unwell.
 _NOT_A_FAILURE = {429, 503}
 _NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-_CONNECT_ERRORS = (ConnectFailed, aiohttp.ClientConnectorError)
+_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+
+
+def _peer_down(exc: BaseException) -> bool:
+    """A connection refused or its host unreachable (not this process out of descriptors)."""
+    if isinstance(exc, ConnectFailed):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in _PEER_DOWN
 
 
 def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
     """The failure to raise for a network error on `worker` (already recorded as a connect failure)."""
-    if isinstance(exc, _CONNECT_ERRORS):
+    if _peer_down(exc):
         worker.mark_unreachable()
         return WorkerUnreachable(worker, f"cannot connect to the worker: {exc!r}")
     return WorkerFailure(worker, f"cannot reach the worker: {exc!r}")
