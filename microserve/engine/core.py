@@ -12,7 +12,7 @@ from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
-from microserve.engine.reservations import ReservationError, ReservationTable
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
@@ -129,13 +129,17 @@ class EngineCore:
         self._check_new_id(request_id)
         if not 0 < end <= len(prompt_ids) or end > self.max_model_len:
             raise ValueError(f"end={end} must be in [1, {min(len(prompt_ids), self.max_model_len)}]")
-        blocks = self.kv.blocks_for(end)
-        self.reservations.check_quota(requester, blocks)
         seq = Sequence(request_id, list(prompt_ids[:end]), SamplingParams(max_tokens=1))
         cached = self.kv.match_prefix(seq.token_ids, limit=end)
         matched = len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, end - matched, cached):
             raise EngineOverloaded(f"no free KV blocks to receive {end - matched} tokens; retry later")
+        blocks = len(seq.block_table)
+        try:  # after the cache's own check: a full cache is the answer that says more
+            self.reservations.check_quota(requester, blocks)
+        except ReservationQuotaExceeded:
+            self.kv.free(seq)
+            raise
         self.reservations.add(seq, end, matched, requester=requester, blocks=blocks)
         return matched
 
