@@ -24,6 +24,8 @@ from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
+from microserve.server.errors import APIError
+from microserve.tokens import bearer_matches
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +113,23 @@ async def ready(router: Router, request: Request) -> Response:
 
 
 async def metrics(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     body, content_type = router.metrics.render(request.headers.get("accept"))
     return Response(body, content_type=content_type)
 
 
 async def prometheus_targets(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     return Response.json(scrape_targets(router.pool))
+
+
+def _check_metrics_token(router: Router, request: Request) -> None:
+    """Both name the engines' addresses: behind `--metrics-token-file` when one is given."""
+    token = router.config.metrics_token
+    if token and not bearer_matches(request.headers.get("authorization"), token):
+        raise APIError(
+            401, "This route needs the metrics token: 'Authorization: Bearer <token>'.", code="unauthorized"
+        )
 
 
 def run_router(config: RouterConfig) -> int:

@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -22,18 +23,27 @@ from microserve.registry.args import RegisterOptions
 from microserve.registry.record import Registration
 from microserve.registry.register import Registrar
 from microserve.server.app import create_app
+from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
+from microserve.tokens import bearer_matches
 
 log = logging.getLogger(__name__)
 
 
 def engine_app(
-    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
+    engine: AsyncEngine,
+    internal_token: str | None = None,
+    *,
+    own_thread: bool = True,
+    metrics_token: str | None = None,
 ) -> web.Application:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
-    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
+    `metrics_token`, /metrics answers only requests that carry it."""
     app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
+    if metrics_token:
+        app.middlewares.append(_metrics_token(metrics_token))
 
     async def start(_: web.Application) -> None:
         engine.start()
@@ -45,6 +55,16 @@ def engine_app(
         app.on_startup.append(start)
     app.on_cleanup.append(stop)
     return app
+
+
+def _metrics_token(token: str):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def require(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/metrics" and not bearer_matches(request.headers.get("Authorization"), token):
+            return APIError(401, "/metrics needs the metrics token.", code="unauthorized").response()
+        return await handler(request)
+
+    return require
 
 
 class ServerThread:
@@ -108,10 +128,11 @@ def run_engine(
     host: str,
     port: int,
     internal_token: str | None = None,
+    metrics_token: str | None = None,
     register: RegisterOptions | None = None,
 ) -> int:
     engine = build_engine(config)
-    app = engine_app(engine, internal_token, own_thread=False)
+    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token)
     if register is not None:
         add_registration(app, registrar(engine, config, register), engine.is_ready)
     server = ServerThread(app, host, port)
