@@ -80,6 +80,7 @@ class Router:
             connect_timeout_s=self.config.connect_timeout_s,
             track_streams=self.config.stream_continuation,
             decoder=self._decoder,
+            deadlines=self.config.deadlines,
         )
         self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now

@@ -123,6 +123,8 @@ class LoadReport:
     kv_usage: float
     at: float
     prefix_hit_rate: float | None = None  # microserve engines report it; other servers do not
+    step_s: float | None = None  # the engine's smoothed step time (microserve engines), for deadlines
+    max_num_seqs: int | None = None  # how many requests the engine runs at once, for admission
 
 
 class Worker:
@@ -191,9 +193,11 @@ class Worker:
         kv_usage: float,
         at: float | None = None,
         prefix_hit_rate: float | None = None,
+        step_s: float | None = None,
+        max_num_seqs: int | None = None,
     ) -> None:
         at = time.monotonic() if at is None else at
-        self.load = LoadReport(waiting, running, kv_usage, at, prefix_hit_rate)
+        self.load = LoadReport(waiting, running, kv_usage, at, prefix_hit_rate, step_s, max_num_seqs)
         self.sent_since_report = 0
 
     def record_failure(self, kind: str) -> None:

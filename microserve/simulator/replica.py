@@ -120,6 +120,7 @@ class SimReplica:
             self._stepping = False
             return
         self.busy_s += self._step_s
+        core.record_step_time(self._step_s)
         self._timer = self._loop.call_later(self._step_s, self._step_done, outputs)
 
     def _step_done(self, outputs: list[RequestOutput | PrefillProgress]) -> None:
