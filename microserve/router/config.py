@@ -162,8 +162,25 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         help=f"bearer token the router sends to microserve engines (default: ${INTERNAL_TOKEN_ENV})",
     )
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (600)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="requests running at once (1024)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="requests running at once (default: the sum of the ready engines' batch sizes)",
+    )
     p.add_argument("--max-queued", type=int, default=None, help="requests waiting beyond those (1024)")
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=None,
+        help="seconds a request may expect to wait for a slot; beyond it, 429 at once (2)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        help="seconds a request is held while no worker is ready, then 503 (30)",
+    )
     p.add_argument(
         "--first-byte-timeout",
         type=float,
@@ -226,12 +243,17 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
             changes[name] = getattr(args, flag)
     if args.request_timeout is not None:
         changes["request_timeout_s"] = args.request_timeout
-    if args.max_concurrent is not None or args.max_queued is not None:
+    admission_flags = (args.max_concurrent, args.max_queued, args.max_queue_wait, args.queue_timeout)
+    if any(flag is not None for flag in admission_flags):
         admission = config.admission
         changes["admission"] = replace(
             admission,
             max_concurrent=args.max_concurrent or admission.max_concurrent,
             max_queued=admission.max_queued if args.max_queued is None else args.max_queued,
+            max_queue_wait_s=admission.max_queue_wait_s
+            if args.max_queue_wait is None
+            else args.max_queue_wait,
+            queue_timeout_s=args.queue_timeout or admission.queue_timeout_s,
         )
     if args.first_byte_timeout is not None or args.stall_timeout is not None:
         d = config.deadlines

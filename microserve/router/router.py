@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from microserve.http.client import HTTPClient
-from microserve.router.admission import AdmissionQueue
+from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
@@ -45,7 +45,8 @@ class Router:
         self.policy: Policy = make_policy(config.policy, config.policy_options)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.strategy.bind(self)
-        self.admission = AdmissionQueue(config.admission)
+        per_worker = config.admission.per_worker
+        self.admission = AdmissionQueue(config.admission, lambda: pool_capacity(self.pool, per_worker))
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()
@@ -82,7 +83,9 @@ class Router:
             decoder=self._decoder,
             deadlines=self.config.deadlines,
         )
-        self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
+        self._health = HealthChecker(
+            self.pool, self._upstream, self.config.health, self._wants_load, self.admission.wake
+        )
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         self._health.start()
         await self._preload_tokenizers(self.strategy, self.policy)
@@ -107,19 +110,29 @@ class Router:
     # -- requests -----------------------------------------------------------------------------------
 
     def parse(self, route: Route, raw: bytes, headers: Mapping[str, str]) -> RoutedRequest:
-        """The client's request, with its model resolved to a pool (404 if no worker serves it)."""
+        """The client's request, with its model resolved to a pool (404 if no worker serves it).
+
+        While no worker has told its models yet (all down since the start, a fleet scaled to zero) the
+        model stays unresolved: admission holds the request, then `resolve_model` runs again."""
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
+        if self.pool.default_model() is not None:
+            self.resolve_model(req)
+        return req
+
+    def resolve_model(self, req: RoutedRequest) -> None:
         if req.model is not None and self.pool.serves(req.model):
-            return req
+            return
         default = self.pool.default_model()
         if default is None:
-            raise no_worker_available("No worker is available: none has answered a health check yet.")
+            raise no_worker_ready(
+                "No worker is available: none has answered a health check yet.",
+                self.config.admission.retry_after_s,
+            )
         if req.model is not None:
             raise model_not_found(req.model)
         req.model = default
-        return req
 
     def pick(
         self,
