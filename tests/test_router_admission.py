@@ -5,13 +5,22 @@ with a Retry-After from the drain rate, and while no worker is ready requests ar
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
+from microserve.processes import ManagedProcess, free_port
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
+from microserve.router.config import RouterConfig
+from microserve.router.health import HealthConfig
+from microserve.router.router import Router
 from microserve.router.workers import WorkerPool, WorkerSpec
 from microserve.server.errors import APIError
 from microserve.simulator.clock import run_virtual
+from tests.router_fakes import serving
+from tests.test_router_e2e import write_profile
 
 
 def test_capacity_is_the_ready_workers_batch_sizes() -> None:
@@ -112,3 +121,47 @@ def test_held_requests_get_503_with_retry_after_when_no_worker_comes() -> None:
         assert queue.queued == 0 and queue.running == 0
 
     run_virtual(main())
+
+
+# -- end to end: a router whose only engine is down, then starts -----------------------------------
+
+
+def sim_engine(port: int, profile: Path) -> ManagedProcess:
+    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
+           "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
+    return ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+
+
+@pytest.mark.slow
+async def test_requests_wait_for_the_first_engine_then_get_their_answer(tmp_path: Path) -> None:
+    port = free_port()
+    workers = [WorkerSpec(f"http://127.0.0.1:{port}")]
+    health = HealthConfig(interval_s=0.5, timeout_s=1.0)
+    body = {"prompt": "Hello there", "max_tokens": 8}
+    # No engine comes within the queue timeout: 503 with Retry-After once it passes, not before.
+    quick = RouterConfig(workers=workers, health=health, admission=AdmissionConfig(queue_timeout_s=1.5))
+    async with serving(Router(quick)) as client:
+        started = time.monotonic()
+        async with client.post("/v1/completions", json=body) as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+            assert (await resp.json())["error"]["code"] == "no_worker_available"
+        assert time.monotonic() - started >= 1.5
+    # The engine starts while requests wait: every one is answered, none is lost.
+    held = RouterConfig(workers=workers, health=health, admission=AdmissionConfig(queue_timeout_s=300))
+    engine: ManagedProcess | None = None
+    async with serving(Router(held)) as client:
+        try:
+            requests = [
+                asyncio.create_task(client.post("/v1/completions", json={**body, "stream": i % 2 == 0}))
+                for i in range(6)
+            ]
+            await asyncio.sleep(0.5)
+            assert client.router.admission.queued == 6 and not any(r.done() for r in requests)
+            engine = sim_engine(port, write_profile(tmp_path / "profile.json", 0.01))
+            for resp in await asyncio.gather(*requests):
+                assert resp.status == 200, await resp.text()
+                text = await resp.text()
+                assert "[DONE]" in text if resp.content_type == "text/event-stream" else "choices" in text
+        finally:
+            if engine is not None:
+                engine.stop()
