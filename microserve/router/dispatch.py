@@ -104,17 +104,8 @@ async def first_output(
     A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
     complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
     """
-    config = router.config.retry
-    last: WorkerFailure | None = None
-    for attempt in range(config.max_attempts):
-        if attempt:
-            if req.remaining_s() <= 0:
-                break
-            if not router.retry_budget.try_spend():
-                router.metrics.retry_budget_exhausted.inc()
-                break
-            router.metrics.retries.inc()
-            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+
+    async def attempt() -> tuple[AsyncIterator[bytes] | None, bytes]:
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -122,21 +113,21 @@ async def first_output(
             return None, b"".join([chunk async for chunk in gen])
         except StopAsyncIteration:
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
-        except UpstreamHTTPError as exc:
-            if not exc.retryable:
-                raise exc.response_error() from None
-            last = exc
-        except WorkerFailure as exc:
-            last = exc
-        except NoWorkerAvailable as exc:
-            if last is None:
-                raise no_worker_available(str(exc)) from None
-            break
-        # A generator that raised is finished already; this only matters for one that yielded nothing.
-        await gen.aclose()  # type: ignore[attr-defined]
-        req.excluded.add(last.worker.url)
-    assert last is not None
-    raise _final(last)
+        except (WorkerFailure, NoWorkerAvailable):
+            # A generator that raised is finished already; this only matters for one that yielded nothing.
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
+
+    try:
+        return await router.retry_loop.run(req, attempt)
+    except UpstreamHTTPError as exc:
+        raise exc.response_error() from None
+    except WorkerFailure as exc:
+        raise _final(exc) from None
+    except NoWorkerAvailable as exc:
+        raise no_worker_available(str(exc)) from None
 
 
 async def stream_out(

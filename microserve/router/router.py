@@ -15,6 +15,7 @@ import aiohttp
 
 from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
+from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
@@ -52,6 +53,13 @@ class Router:
         self.recent = RecentRequests()
         self.metrics = RouterMetrics(
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
+        )
+        self.retry_loop = RetryLoop(
+            config.retry,
+            self.retry_budget,
+            self.rng,
+            on_retry=self.metrics.retries.inc,
+            on_budget_exhausted=self.metrics.retry_budget_exhausted.inc,
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
         self._session: aiohttp.ClientSession | None = None

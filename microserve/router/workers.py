@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -232,9 +232,12 @@ class NoWorkerAvailable(LookupError):
 class WorkerPool:
     """The router's workers by URL, in the order they were added (policies rely on a stable order)."""
 
-    def __init__(self, breaker: BreakerConfig | None = None) -> None:
+    def __init__(
+        self, breaker: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._workers: dict[str, Worker] = {}
         self._breaker = breaker or BreakerConfig()
+        self._clock = clock  # the circuits' clock (virtual in the simulator)
 
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self._workers.values()))
@@ -254,7 +257,7 @@ class WorkerPool:
     def add(self, spec: WorkerSpec) -> Worker:
         if spec.url in self._workers:
             raise ValueError(f"worker {spec.url} is already in the pool")
-        worker = Worker(spec, CircuitBreaker(self._breaker))
+        worker = Worker(spec, CircuitBreaker(self._breaker, self._clock))
         self._workers[spec.url] = worker
         return worker
 
