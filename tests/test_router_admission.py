@@ -13,6 +13,7 @@ import pytest
 
 from microserve.processes import ManagedProcess, free_port
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
+from microserve.router.breaker import BreakerConfig
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
@@ -24,7 +25,8 @@ from tests.test_router_e2e import write_profile
 
 
 def test_capacity_is_the_ready_workers_batch_sizes() -> None:
-    pool = WorkerPool()
+    now = [0.0]
+    pool = WorkerPool(BreakerConfig(open_s=5.0), clock=lambda: now[0])
     a, b, c = (pool.add(WorkerSpec(f"http://e{i}:1")) for i in range(3))
     a.report_load(0, 0, 0.0, max_num_seqs=8)
     b.report_load(0, 0, 0.0)  # reports no batch size (another server): the per-worker default
@@ -33,7 +35,10 @@ def test_capacity_is_the_ready_workers_batch_sizes() -> None:
     c.healthy = False
     b.breaker.trip()
     assert pool_capacity(pool, per_worker=5) == 8
+    now[0] = 5.0  # its open time is over: half-open, one trial request at a time
+    assert pool_capacity(pool, per_worker=5) == 8 + 1
     a.draining = True
+    b.healthy = False
     assert pool_capacity(pool, per_worker=5) == 0
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from microserve.router.breaker import CircuitState
 from microserve.server.errors import APIError
 
 if TYPE_CHECKING:
@@ -64,10 +65,15 @@ def no_worker_ready(message: str, retry_after_s: int) -> APIError:
 
 def pool_capacity(workers: Iterable[Worker], per_worker: int) -> int:
     """Requests the available workers run at once: each engine's reported batch size (max_num_seqs),
-    `per_worker` for a worker that reports none; 0 when none is available."""
+    `per_worker` for a worker that reports none, the trial requests of a half-open circuit; 0 when none
+    is available."""
     total = 0
     for worker in workers:
         if worker.available:
+            breaker = worker.breaker
+            if breaker.state is CircuitState.HALF_OPEN:  # on trial: the rest wait for its verdict
+                total += breaker.config.half_open_trials
+                continue
             load = worker.load
             total += load.max_num_seqs if load is not None and load.max_num_seqs else per_worker
     return total
@@ -96,6 +102,10 @@ class AdmissionQueue:
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    @property
+    def _sized_by_workers(self) -> bool:
+        return self._capacity is not None and self.config.max_concurrent is None
 
     @property
     def limit(self) -> int:
@@ -134,6 +144,13 @@ class AdmissionQueue:
                 self.retry_after(),
             )
         wait = self.expected_wait_s(len(self._waiters))
+        if wait is None and self._sized_by_workers and 0 < limit <= len(self._waiters):
+            # No request has finished yet, so no drain rate: queue one batch's worth, no more (they
+            # start as the first requests finish), rather than a queue that cannot drain in its budget.
+            raise too_many_requests(
+                f"The router is at capacity ({limit} running, {len(self._waiters)} queued); retry later.",
+                self.retry_after(),
+            )
         if wait is not None and wait > cfg.max_queue_wait_s:
             raise too_many_requests(
                 f"The router is at capacity: a new request would wait about {wait:.1f} s to start, more "
