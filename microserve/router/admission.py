@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 # How often a waiter looks again on its own: a circuit turning half-open or a worker turning ready is
 # noticed within this even when nothing calls `wake`.
 POLL_S = 0.25
+# A request joins the queue only if it is expected to start within this share of its budget: the drain
+# rate wobbles, and one refused at entry is answered at once instead of after waiting its whole budget.
+QUEUE_MARGIN = 0.75
 # Weight of the newest request in the smoothed service time.
 SERVICE_ALPHA = 0.05
 
@@ -144,14 +147,15 @@ class AdmissionQueue:
                 self.retry_after(),
             )
         wait = self.expected_wait_s(len(self._waiters))
-        if wait is None and self._sized_by_workers and 0 < limit <= len(self._waiters):
-            # No request has finished yet, so no drain rate: queue one batch's worth, no more (they
-            # start as the first requests finish), rather than a queue that cannot drain in its budget.
+        if wait is None and self._sized_by_workers and limit > 0:
+            # Every engine slot is taken and no request has finished yet, so there is no drain rate to
+            # promise a start within the budget: refuse now rather than after the budget (the first
+            # requests to finish, seconds later, open the queue).
             raise too_many_requests(
                 f"The router is at capacity ({limit} running, {len(self._waiters)} queued); retry later.",
                 self.retry_after(),
             )
-        if wait is not None and wait > cfg.max_queue_wait_s:
+        if wait is not None and wait > QUEUE_MARGIN * cfg.max_queue_wait_s:
             raise too_many_requests(
                 f"The router is at capacity: a new request would wait about {wait:.1f} s to start, more "
                 f"than the {cfg.max_queue_wait_s:g} s allowed; retry later.",
