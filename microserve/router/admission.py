@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 # How often a waiter looks again on its own: a circuit turning half-open or a worker turning ready is
 # noticed within this even when nothing calls `wake`.
 POLL_S = 0.25
-# A request joins the queue only if it is expected to start within this share of its budget: the drain
-# rate wobbles, and one refused at entry is answered at once instead of after waiting its whole budget.
-QUEUE_MARGIN = 0.75
+# A request joins the queue only if it is expected to start within this share of its budget: slots free
+# in bursts (a batch's requests end together), and one refused at entry is answered at once instead of
+# after waiting its whole budget. A short queue still keeps every engine slot busy under overload.
+QUEUE_MARGIN = 0.5
 # Weight of the newest request in the smoothed service time.
 SERVICE_ALPHA = 0.05
 
