@@ -26,7 +26,7 @@ STATUS_CLIENT_CLOSED = 499
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
-    status, admitted = 500, False
+    status, granted = 500, None
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
@@ -34,8 +34,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
         req = router.parse(route, request.body, request.headers)
-        await router.admission.acquire()
-        admitted = True
+        # While no worker is ready this holds the request until one is (or its queue timeout passes).
+        granted = await router.admission.acquire(timeout_s=req.remaining_s())
+        router.resolve_model(req)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
         gen, first = await first_output(router, strategy, req)
@@ -59,8 +60,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if req is not None:
             for handle in req.handles:  # a strategy may pick a worker and never call it
                 handle.release()
-        if admitted:
-            router.admission.release()
+        if granted is not None:
+            router.admission.release(granted)
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
@@ -102,17 +103,8 @@ async def first_output(
     A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
     complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
     """
-    config = router.config.retry
-    last: WorkerFailure | None = None
-    for attempt in range(config.max_attempts):
-        if attempt:
-            if req.remaining_s() <= 0:
-                break
-            if not router.retry_budget.try_spend():
-                router.metrics.retry_budget_exhausted.inc()
-                break
-            router.metrics.retries.inc()
-            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+
+    async def attempt() -> tuple[AsyncIterator[bytes] | None, bytes]:
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -120,21 +112,21 @@ async def first_output(
             return None, b"".join([chunk async for chunk in gen])
         except StopAsyncIteration:
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
-        except UpstreamHTTPError as exc:
-            if not exc.retryable:
-                raise upstream_error(exc, req.id) from None
-            last = exc
-        except WorkerFailure as exc:
-            last = exc
-        except NoWorkerAvailable as exc:
-            if last is None:
-                raise no_worker_available(str(exc)) from None
-            break
-        # A generator that raised is finished already; this only matters for one that yielded nothing.
-        await gen.aclose()  # type: ignore[attr-defined]
-        req.excluded.add(last.worker.url)
-    assert last is not None
-    raise no_answer(last, req.id)
+        except (WorkerFailure, NoWorkerAvailable):
+            # A generator that raised is finished already; this only matters for one that yielded nothing.
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
+
+    try:
+        return await router.retry_loop.run(req, attempt)
+    except WorkerFailure as exc:
+        if isinstance(exc, UpstreamHTTPError) and not exc.retryable:
+            raise upstream_error(exc, req.id) from None
+        raise no_answer(exc, req.id) from None
+    except NoWorkerAvailable as exc:
+        raise no_worker_available(str(exc)) from None
 
 
 async def stream_out(
