@@ -19,6 +19,7 @@ from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
+from microserve.router.admin_keys import add_key_routes
 from microserve.router.config import RouterConfig
 from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
@@ -85,6 +86,7 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/metrics", functools.partial(metrics, router))
     table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
     add_admin_routes(table, router)
+    add_key_routes(table, router)
     add_dashboard_routes(table, router, started)
     return table
 

@@ -50,6 +50,7 @@ class RouterConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
+    api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -167,6 +168,12 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         "--max-body-size", type=parse_size, default=None, help="largest body of an OpenAI request (4MiB)"
     )
     add_connection_args(p)
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="PATH|redis://…",
+        help="require API keys on /v1 (keys and limits in a JSON file, or in Redis shared by replicas)",
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -228,6 +235,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["max_body_bytes"] = args.max_body_size
     if args.drain_timeout is not None:
         changes["drain_timeout_s"] = args.drain_timeout
+    if args.api_keys is not None:
+        changes["api_keys"] = args.api_keys
     if args.no_reuse_port:
         changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)

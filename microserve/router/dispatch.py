@@ -19,6 +19,8 @@ from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
 from microserve.server.errors import APIError, error_body
+from microserve.tenants.gateway import Ticket
+from microserve.tenants.usage import StreamMeter, usage_total
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_CLIENT_CLOSED = 499
@@ -31,10 +33,19 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
+    ticket: Ticket | None = None
+    used_tokens: int | None = None
+    meter: StreamMeter | None = None
     try:
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
+        key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
         req = router.parse(route, request.body, request.headers)
+        if key is not None and router.tenants is not None:
+            ticket = await router.tenants.admit(
+                key, req.model or "", request.headers, len(request.body), req.max_tokens
+            )
+        extra = ticket.headers if ticket is not None else {}
         await router.admission.acquire()
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
@@ -45,9 +56,14 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if gen is None:
             status = 200
             req.output_tokens, req.cached_tokens = usage_tokens(first)
-            return Response(first)
-        response = await request.stream(headers=SSE_HEADERS)
+            if ticket is not None:
+                used_tokens = usage_total(first)
+            return Response(first, headers=extra)
+        response = await request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
         status = 200
+        if ticket is not None:
+            meter = StreamMeter()
+            response.tap = meter.observe
         await stream_out(router, strategy, req, response, gen, first)
         return response
     except APIError as exc:
@@ -62,6 +78,11 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 handle.release()
         if admitted:
             router.admission.release()
+        if ticket is not None and router.tenants is not None:
+            if meter is not None:
+                used_tokens = meter.total(ticket.prompt_estimate)
+            # Nothing answered costs no tokens; a whole answer without usage keeps its reservation.
+            router.tenants.finish(ticket, 0 if used_tokens is None and status != 200 else used_tokens)
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)

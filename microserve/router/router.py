@@ -27,6 +27,7 @@ from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.server.errors import APIError, model_not_found
+from microserve.tenants.gateway import Gateway, open_store
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Router:
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
+        self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -93,6 +95,8 @@ class Router:
             await self._session.close()
         if self._http is not None:
             await self._http.close()
+        if self.tenants is not None:
+            await self.tenants.close()
 
     @property
     def upstream(self) -> Upstream:
