@@ -63,3 +63,35 @@ async def new_key(client: RouterClient, **spec: Any) -> str:
 
 def sdk(client: RouterClient, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key=key, max_retries=0)
+
+
+def start_redis() -> Iterator[str]:
+    """A real redis-server (Debian's) on a free loopback port, nothing saved to disk; yields its URL."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is missing: scripts/setup.sh --test installs it")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

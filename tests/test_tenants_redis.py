@@ -1,0 +1,95 @@
+"""Keys and limits shared through a real Redis: the store itself, then two router processes that count
+one key's requests together and both refuse a key revoked on either."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import aiohttp
+import openai
+import pytest
+
+from microserve.processes import ManagedProcess, free_port
+from microserve.tenants.keys import KeyRecord, digest
+from microserve.tenants.redis_store import RedisStore
+from tests.tenant_fleet import ADMIN, ADMIN_TOKEN, MODEL, start_engine, start_redis
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    yield from start_redis()
+
+
+async def test_redis_store_keys_and_counters(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix="unit:")
+    try:
+        record, secret = KeyRecord.create({"tenant": "acme", "models": ["m"], "rpm": 3})
+        await store.put_key(record)
+        assert await store.key_by_hash(digest(secret)) == record
+        assert await store.key_by_id(record.id) == record
+        assert [r.id for r in await store.keys()] == [record.id]
+        assert [await store.add("c", n, 60) for n in (2, 3, -1)] == [2, 5, 4]
+        assert await store.delete_key(record.id) and not await store.delete_key(record.id)
+        assert await store.key_by_hash(digest(secret)) is None
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="module")
+def routers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[list[ManagedProcess]]:
+    engine_gen = start_engine(tmp_path_factory.mktemp("redis-fleet"))
+    engine = next(engine_gen)
+    started: list[ManagedProcess] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
+                   "--port", str(port), "--worker", f"{engine.url},kind=microserve", "--api-keys", redis_url,
+                   "--admin-token", ADMIN_TOKEN]  # fmt: skip
+            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
+        for router in started:
+            router.wait_ready(timeout=60)
+        yield started
+    finally:
+        for router in started:
+            router.stop()
+        engine_gen.close()
+
+
+async def admin(method: str, url: str, json: dict | None = None) -> dict:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, json=json, headers=ADMIN) as r,
+    ):
+        assert r.status in (200, 201), await r.text()
+        return await r.json()
+
+
+@pytest.mark.slow
+async def test_two_routers_share_limits_and_revocation(routers: list[ManagedProcess]) -> None:
+    a, b = routers
+    made = await admin("POST", f"{a.url}/admin/keys", {"tenant": "acme", "rpm": 3})
+    clients = [
+        openai.AsyncOpenAI(base_url=f"{r.url}/v1", api_key=made["key"], max_retries=0) for r in routers
+    ]
+    try:
+        for client in (clients[0], clients[1], clients[0]):  # three requests, split over both replicas
+            await client.chat.completions.create(**CHAT)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await clients[1].chat.completions.create(**CHAT)
+        assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+        other = await admin("POST", f"{b.url}/admin/keys", {"tenant": "other"})
+        sdk = openai.AsyncOpenAI(base_url=f"{a.url}/v1", api_key=other["key"], max_retries=0)
+        await sdk.chat.completions.create(**CHAT)  # made on B, accepted on A
+        await admin("DELETE", f"{b.url}/admin/keys/{other['id']}")
+        with pytest.raises(openai.AuthenticationError):
+            await sdk.chat.completions.create(**CHAT)  # revoked on B, refused on A at once
+        await sdk.close()
+        assert {k["tenant"] for k in (await admin("GET", f"{a.url}/admin/keys"))["data"]} == {"acme"}
+    finally:
+        for client in clients:
+            await client.close()
