@@ -3,7 +3,9 @@ one key's requests together and both refuse a key revoked on either."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from collections.abc import Iterator
 
 import aiohttp
@@ -11,6 +13,7 @@ import openai
 import pytest
 
 from microserve.processes import ManagedProcess, free_port
+from microserve.tenants.cache import RedisCache
 from microserve.tenants.keys import KeyRecord, digest
 from microserve.tenants.redis_store import RedisStore
 from tests.tenant_fleet import ADMIN, ADMIN_TOKEN, MODEL, start_engine, start_redis
@@ -38,6 +41,19 @@ async def test_redis_store_keys_and_counters(redis_url: str) -> None:
         await store.close()
 
 
+async def test_redis_cache_entries_expire(redis_url: str) -> None:
+    cache = RedisCache(redis_url, ttl_s=0.2, prefix="unit-cache:")
+    try:
+        await cache.put("k", b"Janswer")
+        assert await cache.get("k") == b"Janswer"
+        deadline = time.monotonic() + 5
+        while await cache.get("k") is not None:
+            assert time.monotonic() < deadline, "the entry never expired"
+            await asyncio.sleep(0.05)
+    finally:
+        await cache.close()
+
+
 @pytest.fixture(scope="module")
 def routers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[list[ManagedProcess]]:
     engine_gen = start_engine(tmp_path_factory.mktemp("redis-fleet"))
@@ -48,6 +64,7 @@ def routers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
             port = free_port()
             cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
                    "--port", str(port), "--worker", f"{engine.url},kind=microserve", "--api-keys", redis_url,
+                   "--response-cache", redis_url,
                    "--admin-token", ADMIN_TOKEN]  # fmt: skip
             started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
         for router in started:
@@ -93,3 +110,17 @@ async def test_two_routers_share_limits_and_revocation(routers: list[ManagedProc
     finally:
         for client in clients:
             await client.close()
+
+
+@pytest.mark.slow
+async def test_two_routers_share_the_response_cache(routers: list[ManagedProcess]) -> None:
+    a, b = routers
+    key = (await admin("POST", f"{a.url}/admin/keys", {"tenant": "cached"}))["key"]
+    stranger = (await admin("POST", f"{a.url}/admin/keys", {"tenant": "stranger"}))["key"]
+    body = {**CHAT, "messages": [{"role": "user", "content": "shared cache"}]}
+    seen = []
+    for router, secret in ((a, key), (b, key), (b, stranger)):
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=secret, max_retries=0) as sdk:
+            raw = await sdk.chat.completions.with_raw_response.create(**body)
+            seen.append(raw.headers["x-microserve-cache"])
+    assert seen == ["miss", "hit", "miss"]

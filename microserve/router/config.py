@@ -51,6 +51,9 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
     api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
+    response_cache: str | None = None  # memory or redis://…: deterministic answers served again
+    response_cache_ttl_s: float = 3600.0
+    response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -59,6 +62,13 @@ class RouterConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.max_connections < 1 or self.max_continuations < 0:
             raise ValueError("need max_connections >= 1 and max_continuations >= 0")
+        if self.response_cache is not None and not (
+            self.response_cache == "memory"
+            or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
+            raise ValueError("the response cache needs a positive TTL and size")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -174,6 +184,18 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         metavar="PATH|redis://…",
         help="require API keys on /v1 (keys and limits in a JSON file, or in Redis shared by replicas)",
     )
+    p.add_argument(
+        "--response-cache",
+        default=None,
+        metavar="memory|redis://…",
+        help="answer repeated deterministic requests (temperature 0 or a seed) from a cache (default off)",
+    )
+    p.add_argument(
+        "--response-cache-ttl", type=float, default=None, help="seconds a cached answer lives (3600)"
+    )
+    p.add_argument(
+        "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -237,6 +259,12 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["drain_timeout_s"] = args.drain_timeout
     if args.api_keys is not None:
         changes["api_keys"] = args.api_keys
+    if args.response_cache is not None:
+        changes["response_cache"] = args.response_cache
+    if args.response_cache_ttl is not None:
+        changes["response_cache_ttl_s"] = args.response_cache_ttl
+    if args.response_cache_size is not None:
+        changes["response_cache_bytes"] = args.response_cache_size
     if args.no_reuse_port:
         changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)

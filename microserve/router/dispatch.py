@@ -4,6 +4,7 @@ the answer streamed out, and continuation on another engine when a stream breaks
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -19,6 +20,7 @@ from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
 from microserve.server.errors import APIError, error_body
+from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import Ticket
 from microserve.tenants.usage import StreamMeter, usage_total
 
@@ -45,7 +47,18 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             ticket = await router.tenants.admit(
                 key, req.model or "", request.headers, len(request.body), req.max_tokens
             )
-        extra = ticket.headers if ticket is not None else {}
+        extra = dict(ticket.headers) if ticket is not None else {}
+        cache_key: str | None = None
+        if router.response_cache is not None:
+            tenant = ticket.tenant if ticket is not None else ""
+            cache_key, stored = await router.response_cache.lookup(
+                tenant, route.value, req.body, request.headers
+            )
+            if stored is not None:  # no worker, no admission slot, no tokens
+                status, used_tokens = 200, 0
+                ttft = time.perf_counter() - start
+                return await replay(request, stored, extra)
+            extra[CACHE_HEADER] = "miss"
         await router.admission.acquire()
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
@@ -58,13 +71,19 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             req.output_tokens, req.cached_tokens = usage_tokens(first)
             if ticket is not None:
                 used_tokens = usage_total(first)
+            if cache_key is not None and router.response_cache is not None:
+                await router.response_cache.store(cache_key, False, first)
             return Response(first, headers=extra)
         response = await request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
         status = 200
+        sent: list[bytes] | None = [] if cache_key is not None else None
         if ticket is not None:
             meter = StreamMeter()
-            response.tap = meter.observe
+        if meter is not None or sent is not None:
+            response.tap = functools.partial(_tap, meter, sent)
         await stream_out(router, strategy, req, response, gen, first)
+        if cache_key is not None and sent is not None and router.response_cache is not None:
+            await router.response_cache.store(cache_key, True, b"".join(sent))
         return response
     except APIError as exc:
         status = exc.status
@@ -86,6 +105,24 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
+
+
+def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> None:
+    if meter is not None:
+        meter.observe(chunk)
+    if sent is not None:
+        sent.append(chunk)
+
+
+async def replay(request: Request, stored: bytes, headers: dict[str, str]) -> Response | Stream:
+    """A cached answer, whole or as the stream of events it was first sent as."""
+    headers = {**headers, CACHE_HEADER: "hit"}
+    if stored[:1] == WHOLE:
+        return Response(stored[1:], headers=headers)
+    response = await request.stream(headers={**SSE_HEADERS, **headers})
+    for event in stream_events(stored[1:]):
+        await response.write(event)
+    return response
 
 
 def record(

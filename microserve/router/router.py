@@ -27,6 +27,7 @@ from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.server.errors import APIError, model_not_found
+from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ class Router:
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
         self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
+        self.response_cache = (
+            ResponseCache.open(
+                config.response_cache, config.response_cache_ttl_s, config.response_cache_bytes
+            )
+            if config.response_cache
+            else None
+        )
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -97,6 +105,8 @@ class Router:
             await self._http.close()
         if self.tenants is not None:
             await self.tenants.close()
+        if self.response_cache is not None:
+            await self.response_cache.close()
 
     @property
     def upstream(self) -> Upstream:
