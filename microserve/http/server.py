@@ -16,6 +16,7 @@ import asyncio
 import enum
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -579,18 +580,30 @@ class HTTPServer:
         self._servers: list[asyncio.Server] = []
         self._sockets: list[socket.socket] = []
         self._stop_waiter: asyncio.Future[None] | None = None
+        self.tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen on `host:port`; with `tls`, every connection speaks HTTPS (`microserve.http.tls`)."""
         loop = asyncio.get_running_loop()
+        self.tls = tls
         self.table = ConnectionTable(*self.limits.caps())  # the descriptor limit in force now
         self._sockets = listen(host, port, backlog=self.backlog, reuse_port=reuse_port)
         try:
             for sock in self._sockets:
-                server = await loop.create_server(lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog)
+                server = await loop.create_server(
+                    lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog, ssl=tls
+                )
                 self._servers.append(server)
         except BaseException:
             for server in self._servers:

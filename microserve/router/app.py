@@ -17,6 +17,7 @@ from types import TracebackType
 
 from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
+from microserve.http.tls import server_context
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
 from microserve.router.admin_keys import add_key_routes
@@ -47,9 +48,11 @@ class RouterServer:
         return self.http.port
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = self.router.config
+        tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         await self.router.start()
         try:
-            await self.http.start(host, port, reuse_port=self.router.config.reuse_port)
+            await self.http.start(host, port, reuse_port=config.reuse_port, tls=tls)
         except BaseException:
             await self.router.close()
             raise
@@ -148,7 +151,8 @@ async def _serve(config: RouterConfig) -> None:
     server = RouterServer(Router(config))
     await server.start(config.host, config.port)
     tune_gc()
-    print(f"microserve router on http://{config.host}:{server.port}/v1", flush=True)
+    scheme = "https" if config.tls_cert else "http"
+    print(f"microserve router on {scheme}://{config.host}:{server.port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

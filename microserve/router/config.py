@@ -51,6 +51,8 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
     api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
+    tls_cert: str | None = None  # with tls_key: the router serves HTTPS
+    tls_key: str | None = None
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
@@ -67,6 +69,8 @@ class RouterConfig:
             or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
         if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
             raise ValueError("the response cache needs a positive TTL and size")
 
@@ -184,6 +188,8 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         metavar="PATH|redis://…",
         help="require API keys on /v1 (keys and limits in a JSON file, or in Redis shared by replicas)",
     )
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument(
         "--response-cache",
         default=None,
@@ -259,6 +265,10 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["drain_timeout_s"] = args.drain_timeout
     if args.api_keys is not None:
         changes["api_keys"] = args.api_keys
+    if args.tls_cert is not None:
+        changes["tls_cert"] = args.tls_cert
+    if args.tls_key is not None:
+        changes["tls_key"] = args.tls_key
     if args.response_cache is not None:
         changes["response_cache"] = args.response_cache
     if args.response_cache_ttl is not None:
