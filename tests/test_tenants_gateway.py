@@ -4,8 +4,10 @@ tokens settled on the real count (whole and streamed answers), the admin API, an
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -150,3 +152,45 @@ async def test_no_key_reaches_the_logs(engine: ManagedProcess, caplog: pytest.Lo
             with pytest.raises(openai.AuthenticationError) as refused:
                 await wrong.chat.completions.create(**CHAT, max_tokens=1)
     assert key not in caplog.text and key not in str(refused.value)
+
+
+async def test_priority_classes_order_the_queue(engine: ManagedProcess) -> None:
+    """One slot, held by a long stream: the waiting requests are answered high class first, a header
+    raising the class only where the key allows it, and the rest in arrival order."""
+    from microserve.router.admission import AdmissionConfig
+
+    async with gateway(engine, api_keys="memory", admission=AdmissionConfig(max_concurrent=1)) as client:
+        keys = {
+            "holder": await new_key(client, tenant="holder"),
+            "low": await new_key(client, tenant="l", priority="low"),
+            "ignored": await new_key(client, tenant="i", priority="low"),
+            "high": await new_key(client, tenant="h", priority="high"),
+            "header": await new_key(client, tenant="x", priority="low", priority_header=True),
+        }
+        apis = {name: sdk(client, key) for name, key in keys.items()}
+        done: list[str] = []
+
+        async def ask(name: str) -> None:
+            await apis[name].chat.completions.create(
+                **CHAT, max_tokens=2, extra_headers={"x-priority": "high"} if name != "low" else {}
+            )
+            done.append(name)
+
+        holder = await apis["holder"].chat.completions.create(**CHAT, max_tokens=2000, stream=True)
+        await anext(aiter(holder))  # the slot is taken
+        tasks = []
+        for position, name in enumerate(("low", "ignored", "high", "header"), start=1):
+            tasks.append(asyncio.create_task(ask(name)))
+            await wait_until(lambda n=position: client.router.admission.queued == n)
+        await holder.close()  # the client leaves: its slot goes to the queue's head
+        await asyncio.gather(*tasks)
+        for api in apis.values():
+            await api.close()
+    assert done == ["high", "header", "low", "ignored"]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)

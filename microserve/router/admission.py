@@ -4,10 +4,11 @@ the rest are refused at once with 429 and Retry-After, so overload sheds load in
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import deque
+import heapq
+import itertools
 from dataclasses import dataclass
 
+from microserve.router.fair_share import Order
 from microserve.server.errors import APIError
 
 
@@ -36,20 +37,22 @@ def too_many_requests(message: str, retry_after_s: int) -> APIError:
 
 
 class AdmissionQueue:
-    """FIFO slots; `acquire` returns once the request may run, or raises the 429 it should answer."""
+    """Slots; `acquire` returns once the request may run, or raises the 429 it should answer. Waiters
+    are served by `priority` (lower first: an `Order` from `fair_share.FairShare`), then by arrival."""
 
-    __slots__ = ("_waiters", "config", "running")
+    __slots__ = ("_seq", "_waiters", "config", "running")
 
     def __init__(self, config: AdmissionConfig | None = None) -> None:
         self.config = config or AdmissionConfig()
         self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: list[tuple[Order, int, asyncio.Future[None]]] = []  # a heap
+        self._seq = itertools.count()
 
     @property
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> None:
+    async def acquire(self, priority: Order = (0, 0.0)) -> None:
         cfg = self.config
         if self.running < cfg.max_concurrent and not self._waiters:
             self.running += 1  # the fast path: no allocation, no await
@@ -61,7 +64,7 @@ class AdmissionQueue:
                 cfg.retry_after_s,
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        heapq.heappush(self._waiters, (priority, next(self._seq), waiter))
         try:
             await asyncio.wait_for(asyncio.shield(waiter), cfg.queue_timeout_s)
         except TimeoutError:
@@ -80,13 +83,17 @@ class AdmissionQueue:
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         waiter.cancel()
-        with contextlib.suppress(ValueError):
-            self._waiters.remove(waiter)
+        for i, entry in enumerate(self._waiters):
+            if entry[2] is waiter:
+                self._waiters[i] = self._waiters[-1]
+                self._waiters.pop()
+                heapq.heapify(self._waiters)
+                return
 
     def release(self) -> None:
         # Hand the slot straight to the next live waiter, so `running` never dips and overtakes the queue.
         while self._waiters:
-            waiter = self._waiters.popleft()
+            _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
                 waiter.set_result(None)
                 return

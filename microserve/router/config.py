@@ -51,6 +51,7 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
     api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
+    fair_share: bool = True  # within a priority class, tenants share the admission queue fairly
     tls_cert: str | None = None  # with tls_key: the router serves HTTPS
     tls_key: str | None = None
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
@@ -188,6 +189,11 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         metavar="PATH|redis://…",
         help="require API keys on /v1 (keys and limits in a JSON file, or in Redis shared by replicas)",
     )
+    p.add_argument(
+        "--no-fair-share",
+        action="store_true",
+        help="admit waiting requests in arrival order within a priority class, whatever their tenant",
+    )
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     p.add_argument(
@@ -265,6 +271,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["drain_timeout_s"] = args.drain_timeout
     if args.api_keys is not None:
         changes["api_keys"] = args.api_keys
+    if args.no_fair_share:
+        changes["fair_share"] = False
     if args.tls_cert is not None:
         changes["tls_cert"] = args.tls_cert
     if args.tls_key is not None:

@@ -12,6 +12,7 @@ from contextlib import aclosing
 import orjson
 
 from microserve.http.server import Request, Response, Stream
+from microserve.router.fair_share import Order
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -21,7 +22,8 @@ from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFa
 from microserve.router.workers import NoWorkerAvailable
 from microserve.server.errors import APIError, error_body
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
-from microserve.tenants.gateway import Ticket
+from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
+from microserve.tenants.keys import PRIORITIES
 from microserve.tenants.usage import StreamMeter, usage_total
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -59,7 +61,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 ttft = time.perf_counter() - start
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
-        await router.admission.acquire()
+        order = admission_order(router, req, ticket, len(request.body))
+        await router.admission.acquire(order)
+        router.fair_share.admitted(order)
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
@@ -105,6 +109,14 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
+
+
+def admission_order(router: Router, req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> Order:
+    """Where the request queues: its key's priority class, then its tenant's fair share of tokens."""
+    if ticket is not None:
+        return router.fair_share.arrive(ticket.tenant, ticket.rank, ticket.grant.reserved)
+    cost = body_bytes // BYTES_PER_TOKEN + (req.max_tokens or DEFAULT_RESERVE_TOKENS)
+    return router.fair_share.arrive("", PRIORITIES["normal"], cost)
 
 
 def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> None:

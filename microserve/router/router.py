@@ -16,6 +16,7 @@ import aiohttp
 from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue
 from microserve.router.config import RouterConfig
+from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
@@ -48,6 +49,7 @@ class Router:
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.strategy.bind(self)
         self.admission = AdmissionQueue(config.admission)
+        self.fair_share = FairShare(enabled=config.fair_share)  # the admission queue's order
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()

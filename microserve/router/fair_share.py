@@ -1,0 +1,39 @@
+"""The order the admission queue serves waiters in: priority classes first (strictly), then, within a
+class, start-time fair queuing on tokens, so a tenant sending ten times its share cannot make another wait
+behind its backlog.
+
+Each request gets a start tag when it arrives: S = max(V, F[tenant]) and F[tenant] = S + cost / weight,
+where V is the start tag of the request admitted last and cost its tokens (prompt + max_tokens). Admitting
+by (class, S) serves every backlogged tenant's tokens at the same pace; a tenant that was idle starts at V
+(it banks no credit). With one tenant (or keys off) the tags grow with arrival: plain FIFO.
+
+Pure logic, no clock: the router and the simulator drive the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Admission order of one request: (priority rank, start tag); compared as a tuple, lower first.
+Order = tuple[int, float]
+
+
+@dataclass(slots=True)
+class FairShare:
+    enabled: bool = True  # False: every request counts as one tenant's (FIFO within a class)
+    virtual: float = 0.0  # V: the start tag of the request admitted last
+    _finish: dict[str, float] = field(default_factory=dict)  # F per tenant
+
+    def arrive(self, tenant: str, rank: int, cost: int, weight: float = 1.0) -> Order:
+        """The order of a request arriving now from `tenant` that may use `cost` tokens."""
+        if not self.enabled:
+            tenant = ""
+        start = max(self.virtual, self._finish.get(tenant, 0.0))
+        self._finish[tenant] = start + max(1, cost) / weight
+        if len(self._finish) > 10_000:  # tenants far behind V start at V anyway: forget them
+            self._finish = {t: f for t, f in self._finish.items() if f > self.virtual}
+        return rank, start
+
+    def admitted(self, order: Order) -> None:
+        """A request with this order got its slot: virtual time moves to its start tag."""
+        self.virtual = max(self.virtual, order[1])
