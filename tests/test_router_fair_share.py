@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from microserve.router.admission import AdmissionConfig, AdmissionQueue
 from microserve.router.fair_share import FairShare
+from microserve.server.errors import APIError
 
 
 def test_one_tenant_is_fifo() -> None:
@@ -66,3 +69,51 @@ async def test_the_admission_queue_grants_in_that_order() -> None:
     queue.release()
     await asyncio.gather(*tasks)
     assert granted == ["high", "quiet", "noisy0", "noisy1", "noisy2", "noisy3", "low"]
+
+
+def test_a_tenant_below_its_share_of_slots_overtakes() -> None:
+    fair = FairShare()
+    fair.running("noisy", 4)
+    fair.waiting("noisy", 3)
+    fair.waiting("quiet", 1)
+    assert fair.below_share("quiet", 4)  # holds 0 of its 2
+    assert not fair.below_share("noisy", 4)
+    fair.running("quiet", 2)
+    assert not fair.below_share("quiet", 4)
+    assert not fair.below_share("third", 2)  # 2 slots over 3 tenants: no share to overtake for
+    fifo = FairShare(enabled=False)
+    fifo.running("noisy", 4)
+    assert not fifo.below_share("quiet", 4)  # one tenant for FIFO: nobody overtakes
+
+
+async def test_over_the_limit_the_queue_refills_only_below_it() -> None:
+    queue = AdmissionQueue(AdmissionConfig(max_concurrent=2))
+    await queue.acquire()
+    await queue.acquire()
+    assert queue.admit_now(over=1) and not queue.admit_now(over=1)
+    waiter = asyncio.create_task(queue.acquire())
+    while not queue.queued:
+        await asyncio.sleep(0)
+    queue.release()  # 3 -> 2 running: not below the limit, the waiter stays
+    await asyncio.sleep(0)
+    assert not waiter.done() and queue.running == 2
+    queue.release()  # below the limit now: the slot goes to the waiter
+    await waiter
+    assert queue.running == 2
+
+
+async def test_a_full_queue_sheds_the_last_in_line_for_a_better_placed_request() -> None:
+    queue, fair = AdmissionQueue(AdmissionConfig(max_concurrent=1, max_queued=2)), FairShare()
+    await queue.acquire()
+    noisy = [asyncio.create_task(queue.acquire(fair.arrive("noisy", 1, 10))) for _ in range(2)]
+    while queue.queued < 2:
+        await asyncio.sleep(0)
+    with pytest.raises(APIError, match="at capacity"):
+        await queue.acquire(fair.arrive("noisy", 1, 10))  # last in line itself: refused
+    quiet = asyncio.create_task(queue.acquire(fair.arrive("quiet", 1, 10)))
+    with pytest.raises(APIError, match="last in line"):
+        await noisy[1]  # the noisy backlog's tail made room
+    queue.release()
+    await noisy[0]  # the same start tag as the quiet request's, and earlier
+    queue.release()
+    await quiet

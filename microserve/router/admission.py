@@ -57,7 +57,7 @@ class AdmissionQueue:
         if self.running < cfg.max_concurrent and not self._waiters:
             self.running += 1  # the fast path: no allocation, no await
             return
-        if len(self._waiters) >= cfg.max_queued:
+        if len(self._waiters) >= cfg.max_queued and not self._evict_after(priority):
             raise too_many_requests(
                 f"The router is at capacity ({cfg.max_concurrent} running, {cfg.max_queued} queued); "
                 "retry later.",
@@ -81,6 +81,37 @@ class AdmissionQueue:
                 self._forget(waiter)
             raise
 
+    def _evict_after(self, priority: Order) -> bool:
+        """Full: refuse the waiter that would be served last instead, if it comes after `priority` (a
+        noisy tenant's backlog is shed before a quiet tenant's request)."""
+        if not self._waiters:
+            return False
+        last = max(range(len(self._waiters)), key=lambda i: self._waiters[i][:2])
+        if self._waiters[last][0] <= priority:
+            return False
+        _, _, waiter = self._waiters[last]
+        self._waiters[last] = self._waiters[-1]
+        self._waiters.pop()
+        heapq.heapify(self._waiters)
+        cfg = self.config
+        if not waiter.done():
+            waiter.set_exception(
+                too_many_requests(
+                    f"The router is at capacity ({cfg.max_concurrent} running, {cfg.max_queued} queued) "
+                    "and this request was the last in line; retry later.",
+                    cfg.retry_after_s,
+                )
+            )
+        return True
+
+    def admit_now(self, over: int) -> bool:
+        """Take a slot at once if fewer than the limit + `over` run (a tenant below its fair share
+        overtakes the queue; see `fair_share`). The queue refills only below the limit."""
+        if self.running < self.config.max_concurrent + over:
+            self.running += 1
+            return True
+        return False
+
     def _forget(self, waiter: asyncio.Future[None]) -> None:
         waiter.cancel()
         for i, entry in enumerate(self._waiters):
@@ -91,8 +122,9 @@ class AdmissionQueue:
                 return
 
     def release(self) -> None:
-        # Hand the slot straight to the next live waiter, so `running` never dips and overtakes the queue.
-        while self._waiters:
+        # Hand the slot straight to the next live waiter, so `running` never dips and overtakes the queue;
+        # not while over the limit (after `admit_now`).
+        while self._waiters and self.running <= self.config.max_concurrent:
             _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
                 waiter.set_result(None)

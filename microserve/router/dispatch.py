@@ -61,9 +61,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 ttft = time.perf_counter() - start
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
-        order = admission_order(router, req, ticket, len(request.body))
-        await router.admission.acquire(order)
-        router.fair_share.admitted(order)
+        tenant = ticket.tenant if ticket is not None else ""
+        await admit(router, admission_order(router, req, ticket, len(request.body)), tenant)
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
@@ -101,6 +100,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 handle.release()
         if admitted:
             router.admission.release()
+            router.fair_share.running(tenant, -1)
         if ticket is not None and router.tenants is not None:
             if meter is not None:
                 used_tokens = meter.total(ticket.prompt_estimate)
@@ -109,6 +109,22 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
+
+
+async def admit(router: Router, order: Order, tenant: str) -> None:
+    """A slot for the request: at once for a tenant below its fair share of slots, else in `order`."""
+    fair, admission = router.fair_share, router.admission
+    fair.waiting(tenant, 1)
+    try:
+        limit = admission.config.max_concurrent
+        if fair.below_share(tenant, limit) and admission.admit_now(over=limit):
+            pass  # overtook the queue: virtual time stays with the queue's order
+        else:
+            await admission.acquire(order)
+            fair.admitted(order)
+    finally:
+        fair.waiting(tenant, -1)
+    fair.running(tenant, 1)
 
 
 def admission_order(router: Router, req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> Order:

@@ -7,11 +7,18 @@ where V is the start tag of the request admitted last and cost its tokens (promp
 by (class, S) serves every backlogged tenant's tokens at the same pace; a tenant that was idle starts at V
 (it banks no credit). With one tenant (or keys off) the tags grow with arrival: plain FIFO.
 
+Ordering alone cannot keep a quiet tenant's TTFT near what it is alone: its request would still wait for
+one of the slots the noisy tenant holds to free up. So a tenant holding fewer than its share of the slots
+(the limit over the tenants with requests running or waiting) is admitted at once, over the limit if need
+be (`AdmissionQueue.admit_now`); the queue refills only below the limit, so the other tenants' slots
+shrink until each holds its share.
+
 Pure logic, no clock: the router and the simulator drive the same object.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 # Admission order of one request: (priority rank, start tag); compared as a tuple, lower first.
@@ -23,11 +30,15 @@ class FairShare:
     enabled: bool = True  # False: every request counts as one tenant's (FIFO within a class)
     virtual: float = 0.0  # V: the start tag of the request admitted last
     _finish: dict[str, float] = field(default_factory=dict)  # F per tenant
+    _running: Counter[str] = field(default_factory=Counter)
+    _waiting: Counter[str] = field(default_factory=Counter)
+
+    def tenant(self, name: str) -> str:
+        return name if self.enabled else ""
 
     def arrive(self, tenant: str, rank: int, cost: int, weight: float = 1.0) -> Order:
         """The order of a request arriving now from `tenant` that may use `cost` tokens."""
-        if not self.enabled:
-            tenant = ""
+        tenant = self.tenant(tenant)
         start = max(self.virtual, self._finish.get(tenant, 0.0))
         self._finish[tenant] = start + max(1, cost) / weight
         if len(self._finish) > 10_000:  # tenants far behind V start at V anyway: forget them
@@ -37,3 +48,22 @@ class FairShare:
     def admitted(self, order: Order) -> None:
         """A request with this order got its slot: virtual time moves to its start tag."""
         self.virtual = max(self.virtual, order[1])
+
+    def below_share(self, tenant: str, slots: int) -> bool:
+        """Whether `tenant` (about to wait) holds fewer than its share of `slots`: the slots over the
+        tenants with requests running or waiting, itself included."""
+        tenant = self.tenant(tenant)
+        others = sum(1 for t in {*self._running, *self._waiting} if t != tenant)
+        return others > 0 and self._running[tenant] < slots // (others + 1)
+
+    def waiting(self, tenant: str, delta: int) -> None:
+        _count(self._waiting, self.tenant(tenant), delta)
+
+    def running(self, tenant: str, delta: int) -> None:
+        _count(self._running, self.tenant(tenant), delta)
+
+
+def _count(counter: Counter[str], tenant: str, delta: int) -> None:
+    counter[tenant] += delta
+    if counter[tenant] <= 0:
+        del counter[tenant]
