@@ -9,9 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import orjson
-
 from microserve.http.server import Request, Response, Stream
+from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
 from microserve.router.fair_share import Order
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
@@ -20,7 +19,7 @@ from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
-from microserve.server.errors import APIError, error_body
+from microserve.server.errors import APIError
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
 from microserve.tenants.keys import PRIORITIES
@@ -50,9 +49,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 key, req.model or "", request.headers, len(request.body), req.max_tokens
             )
         extra = dict(ticket.headers) if ticket is not None else {}
+        tenant = ticket.tenant if ticket is not None else ""
         cache_key: str | None = None
         if router.response_cache is not None:
-            tenant = ticket.tenant if ticket is not None else ""
             cache_key, stored = await router.response_cache.lookup(
                 tenant, route.value, req.body, request.headers
             )
@@ -61,7 +60,6 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 ttft = time.perf_counter() - start
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
-        tenant = ticket.tenant if ticket is not None else ""
         await admit(router, admission_order(router, req, ticket, len(request.body)), tenant)
         admitted = True
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
@@ -209,7 +207,7 @@ async def first_output(
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
         except UpstreamHTTPError as exc:
             if not exc.retryable:
-                raise exc.response_error() from None
+                raise upstream_error(exc, req.id) from None
             last = exc
         except WorkerFailure as exc:
             last = exc
@@ -221,7 +219,7 @@ async def first_output(
         await gen.aclose()  # type: ignore[attr-defined]
         req.excluded.add(last.worker.url)
     assert last is not None
-    raise _final(last)
+    raise no_answer(last, req.id)
 
 
 async def stream_out(
@@ -241,7 +239,7 @@ async def stream_out(
         except BrokenStream as exc:
             broken = exc
         except (WorkerFailure, NoWorkerAvailable) as exc:
-            await write_error(response, f"The answer failed mid-stream: {exc}")
+            await response.write(stream_error_event("The answer failed mid-stream", str(exc), req.id))
             return
     await continue_stream(router, strategy, req, response, broken)
 
@@ -255,11 +253,11 @@ async def continue_stream(
         progress = broken.progress
         req.excluded.add(broken.worker.url)
         if progress is None or not broken.resumable:
-            await write_error(response, f"The worker failed mid-stream: {broken.message}")
+            await write_error(response, req, "The worker failed mid-stream", broken)
             return
         if progress.continuations >= router.config.max_continuations or req.remaining_s() <= 0:
             outcome.labels("gave_up").inc()
-            await write_error(response, f"The stream could not be continued: {broken.message}")
+            await write_error(response, req, "The stream could not be continued", broken)
             return
         progress.continuations += 1
         try:
@@ -274,19 +272,15 @@ async def continue_stream(
             broken = BrokenStream(exc.worker, exc.message, progress)
         except NoWorkerAvailable as exc:
             outcome.labels("no_worker").inc()
-            await write_error(response, f"No engine left to continue the stream: {exc}")
+            await response.write(
+                stream_error_event("No engine left to continue the stream", str(exc), req.id)
+            )
             return
         delay = backoff_s(progress.continuations, router.config.retry, router.rng)
         await asyncio.sleep(min(delay, max(0.0, req.remaining_s())))
 
 
-async def write_error(response: Stream, message: str) -> None:
+async def write_error(response: Stream, req: RoutedRequest, what: str, broken: BrokenStream) -> None:
     # No [DONE] after it: the client must see that the stream did not complete.
-    body = error_body(message, "server_error", code="worker_failed")
-    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
-
-
-def _final(last: WorkerFailure) -> APIError:
-    if isinstance(last, UpstreamHTTPError):
-        return last.response_error()
-    return APIError(502, f"No worker could answer: {last.message}", code="upstream_failed")
+    detail = f"{broken.worker.url}: {broken.message}"
+    await response.write(stream_error_event(what, detail, req.id))
