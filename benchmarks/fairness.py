@@ -125,6 +125,13 @@ def _summary(values: list[float | None]) -> dict:
     return out
 
 
+def _finite(value: object) -> object:
+    """Infinity (unanswered in the window) as null: standard JSON has no infinity."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value == float("inf") else value
+
+
 def start_router(engine: str, keys: Path, fifo: bool) -> ManagedProcess:
     port = free_port()
     cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router", "--port", str(port),
@@ -180,8 +187,10 @@ def main() -> None:
         "quiet_ttft_p99_over_alone": {
             name: round(run["quiet"]["ttft_p99_ms"] / alone, 2) for name, run in runs.items()
         },
+        "note": "null: p50/p99 not reached because that share of requests was still unanswered when the "
+        "window (plus 10 s grace) ended",
     }
-    text = json.dumps(report, indent=2)
+    text = json.dumps(_finite(report), indent=2)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
