@@ -124,3 +124,33 @@ async def test_two_routers_share_the_response_cache(routers: list[ManagedProcess
             raw = await sdk.chat.completions.with_raw_response.create(**body)
             seen.append(raw.headers["x-microserve-cache"])
     assert seen == ["miss", "hit", "miss"]
+
+
+@pytest.mark.slow
+async def test_redis_down_fails_no_request_of_a_known_key(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Redis stops: a key seen before still works (limits counted locally), changing keys is a 503."""
+    from tests.tenant_fleet import gateway, new_key, sdk
+
+    redis_gen = start_redis()
+    url = next(redis_gen)
+    engine_gen = start_engine(tmp_path_factory.mktemp("redis-down"))
+    engine = next(engine_gen)
+    try:
+        async with gateway(engine, api_keys=url) as client:
+            key = await new_key(client, rpm=2)
+            async with sdk(client, key) as api:
+                await api.chat.completions.create(**CHAT)
+                redis_gen.close()  # redis-server stops
+                await api.chat.completions.create(**CHAT)  # served from this replica's copy of the key
+                await api.chat.completions.create(**CHAT)
+                with pytest.raises(openai.RateLimitError):
+                    await api.chat.completions.create(**CHAT)  # local counting: 2 a minute still holds
+                async with sdk(client, "sk-ms-never-seen") as stranger:
+                    with pytest.raises(openai.AuthenticationError):
+                        await stranger.chat.completions.create(**CHAT)
+            async with client.post("/admin/keys", json={"tenant": "x"}, headers=ADMIN) as resp:
+                assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+                assert (await resp.json())["error"]["code"] == "store_unavailable"
+    finally:
+        redis_gen.close()
+        engine_gen.close()

@@ -8,7 +8,7 @@ import functools
 from typing import Any
 
 from microserve.http.server import Request, Response, Routes
-from microserve.router.admin import _authorized
+from microserve.router.admin import AdminHandler, _authorized
 from microserve.router.router import Router
 from microserve.server.errors import APIError, bad_request
 from microserve.tenants.gateway import Gateway
@@ -18,6 +18,7 @@ KEYS = "/admin/keys"
 
 
 def add_key_routes(routes: Routes, router: Router) -> None:
+    """The key routes under the admin token; a shared store that is down answers 503."""
     for method, path, handler in (
         ("GET", KEYS, list_keys),
         ("POST", KEYS, create_key),
@@ -25,7 +26,19 @@ def add_key_routes(routes: Routes, router: Router) -> None:
         ("PATCH", KEYS + "/*", patch_key),
         ("DELETE", KEYS + "/*", delete_key),
     ):
-        routes.add(method, path, functools.partial(_authorized, handler, router))
+        routes.add(method, path, functools.partial(_authorized, _store_errors(handler), router))
+
+
+def _store_errors(handler: AdminHandler) -> AdminHandler:
+    @functools.wraps(handler)
+    async def wrapped(router: Router, request: Request) -> Response:
+        try:
+            return await handler(router, request)
+        except OSError as exc:  # StoreUnavailable, or a keys file that cannot be written
+            raise APIError(503, f"Keys cannot be changed now: {exc}", code="store_unavailable",
+                           headers={"Retry-After": "5"}) from None  # fmt: skip
+
+    return wrapped
 
 
 def _gateway(router: Router) -> Gateway:
