@@ -200,7 +200,10 @@ class AsyncEngine:
                 if core.reservations:
                     core.expire_reservations()
                 if core.has_work():
+                    started = time.perf_counter()
                     outputs = core.step()
+                    if outputs:  # a step that ran nothing says nothing of the step time
+                        core.record_step_time(time.perf_counter() - started)
                     if outputs:
                         self._call_loop(self._dispatch, outputs)
         except BaseException as exc:  # the loop is dead: fail every stream rather than hang it

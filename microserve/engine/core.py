@@ -22,6 +22,8 @@ from microserve.model.tokenizer import Tokenizer
 # Exported KV travels in pieces of at most this many tokens: bounded request bodies on the receiver,
 # and the first piece leaves while later ones are still being exported.
 TRANSFER_PIECE_TOKENS = 256
+# Weight of the newest step in the smoothed step time: about the last ten steps count.
+STEP_TIME_ALPHA = 0.1
 
 
 class Runner(Protocol):
@@ -82,6 +84,9 @@ class EngineCore:
         per_requester = max(share_blocks, self.kv.blocks_for(max_model_len))
         self.reservations = ReservationTable(reservation_ttl_s, per_requester)
         self.num_steps = 0
+        # The driver's measured (or modelled) seconds per step, smoothed: the router derives its
+        # first-byte and stall deadlines from it. 0 until the first step.
+        self.step_s = 0.0
         # Off in the simulator: nobody reads the text there, and decoding is per-token work on its hot
         # path. A request with stop strings is decoded anyway, since they are matched on its text.
         self.detokenize = detokenize
@@ -317,9 +322,18 @@ class EngineCore:
             cached_tokens=seq.num_cached_tokens,
         )
 
+    def record_step_time(self, seconds: float) -> None:
+        """The driver says how long the last step took (wall time, or the simulator's modelled time)."""
+        if self.step_s == 0.0:
+            self.step_s = seconds
+        else:
+            self.step_s += STEP_TIME_ALPHA * (seconds - self.step_s)
+
     def load(self) -> dict[str, float | int]:
         kv = self.kv
         return {
+            "step_s": round(self.step_s, 6),
+            "max_num_seqs": self.scheduler.config.max_num_seqs,
             "waiting": self.num_waiting,
             "running": self.num_running,
             "kv_usage": round(kv.usage, 6),

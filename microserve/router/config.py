@@ -14,6 +14,7 @@ from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
+from microserve.router.deadlines import DeadlineConfig
 from microserve.router.discovery import make_discovery
 from microserve.router.health import HealthConfig
 from microserve.router.retry import RetryConfig
@@ -49,6 +50,7 @@ class RouterConfig:
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # first byte and stalls per attempt
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
     api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
     fair_share: bool = True  # within a priority class, tenants share the admission queue fairly
@@ -90,6 +92,7 @@ class RouterConfig:
             "circuit_breaker": BreakerConfig,
             "health": HealthConfig,
             "admission": AdmissionConfig,
+            "deadlines": DeadlineConfig,
             "connections": ConnectionLimits,
         }
         kwargs: dict[str, Any] = {}
@@ -197,8 +200,37 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         "unset: open)",
     )
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (600)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="requests running at once (1024)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="requests running at once (default: the sum of the ready engines' batch sizes)",
+    )
     p.add_argument("--max-queued", type=int, default=None, help="requests waiting beyond those (1024)")
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=None,
+        help="seconds a request may expect to wait for a slot; beyond it, 429 at once (2)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        help="seconds a request is held while no worker is ready, then 503 (30)",
+    )
+    p.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=None,
+        help="least seconds an attempt waits for a stream's first byte (5; longer on slow engines)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        help="least seconds between two chunks of a stream before the attempt fails (2; more if slow)",
+    )
     p.add_argument("--max-attempts", type=int, default=None, help="attempts per request, first included (3)")
     p.add_argument("--health-interval", type=float, default=None, help="seconds between health checks (2)")
     p.add_argument(
@@ -282,12 +314,24 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
             changes[name] = token
     if args.request_timeout is not None:
         changes["request_timeout_s"] = args.request_timeout
-    if args.max_concurrent is not None or args.max_queued is not None:
+    admission_flags = (args.max_concurrent, args.max_queued, args.max_queue_wait, args.queue_timeout)
+    if any(flag is not None for flag in admission_flags):
         admission = config.admission
         changes["admission"] = replace(
             admission,
             max_concurrent=args.max_concurrent or admission.max_concurrent,
             max_queued=admission.max_queued if args.max_queued is None else args.max_queued,
+            max_queue_wait_s=admission.max_queue_wait_s
+            if args.max_queue_wait is None
+            else args.max_queue_wait,
+            queue_timeout_s=args.queue_timeout or admission.queue_timeout_s,
+        )
+    if args.first_byte_timeout is not None or args.stall_timeout is not None:
+        d = config.deadlines
+        changes["deadlines"] = replace(
+            d,
+            first_byte_floor_s=args.first_byte_timeout or d.first_byte_floor_s,
+            stall_floor_s=args.stall_timeout or d.stall_floor_s,
         )
     if args.max_attempts is not None:
         changes["retry"] = replace(config.retry, max_attempts=args.max_attempts)

@@ -32,7 +32,8 @@ STATUS_CLIENT_CLOSED = 499
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
-    status, admitted = 500, False
+    status = 500
+    granted: float | None = None
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
@@ -46,7 +47,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         req = router.parse(route, request.body, request.headers)
         if key is not None and router.tenants is not None:
             ticket = await router.tenants.admit(
-                key, req.model or "", request.headers, len(request.body), req.max_tokens
+                key, req.model, request.headers, len(request.body), req.max_tokens
             )
         extra = dict(ticket.headers) if ticket is not None else {}
         tenant = ticket.tenant if ticket is not None else ""
@@ -60,8 +61,12 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 ttft = time.perf_counter() - start
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
-        await admit(router, admission_order(router, req, ticket, len(request.body)), tenant)
-        admitted = True
+        # While no worker is ready this holds the request until one is (or its queue timeout passes).
+        order = admission_order(router, req, ticket, len(request.body))
+        granted = await admit(router, order, tenant, req.remaining_s())
+        router.resolve_model(req)
+        if key is not None and router.tenants is not None and req.model is not None:
+            router.tenants.check_model(key, req.model)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
         gen, first = await first_output(router, strategy, req)
@@ -96,8 +101,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if req is not None:
             for handle in req.handles:  # a strategy may pick a worker and never call it
                 handle.release()
-        if admitted:
-            router.admission.release()
+        if granted is not None:
+            router.admission.release(granted)
             router.fair_share.running(tenant, -1)
         if ticket is not None and router.tenants is not None:
             if meter is not None:
@@ -109,20 +114,20 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         record(router, route, req, strategy, status, ttft, e2e)
 
 
-async def admit(router: Router, order: Order, tenant: str) -> None:
-    """A slot for the request: at once for a tenant below its fair share of slots, else in `order`."""
+async def admit(router: Router, order: Order, tenant: str, timeout_s: float) -> float:
+    """A slot for the request (its grant time): at once for a tenant below its fair share of slots,
+    else in `order`."""
     fair, admission = router.fair_share, router.admission
     fair.waiting(tenant, 1)
     try:
-        limit = admission.config.max_concurrent
-        if fair.below_share(tenant, limit) and admission.admit_now(over=limit):
-            pass  # overtook the queue: virtual time stays with the queue's order
-        else:
-            await admission.acquire(order)
-            fair.admitted(order)
+        granted = admission.admit_now() if fair.below_share(tenant, admission.limit) else None
+        if granted is None:
+            granted = await admission.acquire(order, timeout_s=timeout_s)
+            fair.admitted(order)  # (one that overtook leaves virtual time with the queue's order)
     finally:
         fair.waiting(tenant, -1)
     fair.running(tenant, 1)
+    return granted
 
 
 def admission_order(router: Router, req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> Order:
@@ -187,17 +192,8 @@ async def first_output(
     A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
     complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
     """
-    config = router.config.retry
-    last: WorkerFailure | None = None
-    for attempt in range(config.max_attempts):
-        if attempt:
-            if req.remaining_s() <= 0:
-                break
-            if not router.retry_budget.try_spend():
-                router.metrics.retry_budget_exhausted.inc()
-                break
-            router.metrics.retries.inc()
-            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+
+    async def attempt() -> tuple[AsyncIterator[bytes] | None, bytes]:
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -205,21 +201,21 @@ async def first_output(
             return None, b"".join([chunk async for chunk in gen])
         except StopAsyncIteration:
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
-        except UpstreamHTTPError as exc:
-            if not exc.retryable:
-                raise upstream_error(exc, req.id) from None
-            last = exc
-        except WorkerFailure as exc:
-            last = exc
-        except NoWorkerAvailable as exc:
-            if last is None:
-                raise no_worker_available(str(exc)) from None
-            break
-        # A generator that raised is finished already; this only matters for one that yielded nothing.
-        await gen.aclose()  # type: ignore[attr-defined]
-        req.excluded.add(last.worker.url)
-    assert last is not None
-    raise no_answer(last, req.id)
+        except (WorkerFailure, NoWorkerAvailable):
+            # A generator that raised is finished already; this only matters for one that yielded nothing.
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
+
+    try:
+        return await router.retry_loop.run(req, attempt)
+    except WorkerFailure as exc:
+        if isinstance(exc, UpstreamHTTPError) and not exc.retryable:
+            raise upstream_error(exc, req.id) from None
+        raise no_answer(exc, req.id) from None
+    except NoWorkerAvailable as exc:
+        raise no_worker_available(str(exc)) from None
 
 
 async def stream_out(

@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 
 from microserve.http.client import HTTPClient
-from microserve.router.admission import AdmissionQueue
+from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
+from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
@@ -49,13 +50,21 @@ class Router:
         self.policy: Policy = make_policy(config.policy, config.policy_options)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.strategy.bind(self)
-        self.admission = AdmissionQueue(config.admission)
+        per_worker = config.admission.per_worker
+        self.admission = AdmissionQueue(config.admission, lambda: pool_capacity(self.pool, per_worker))
         self.fair_share = FairShare(enabled=config.fair_share)  # the admission queue's order
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()
         self.metrics = RouterMetrics(
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
+        )
+        self.retry_loop = RetryLoop(
+            config.retry,
+            self.retry_budget,
+            self.rng,
+            on_retry=self.metrics.retries.inc,
+            on_budget_exhausted=self.metrics.retry_budget_exhausted.inc,
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
         self._static = {spec.url for spec in config.workers}  # the rest came from the admin API or discovery
@@ -98,8 +107,11 @@ class Router:
             connect_timeout_s=self.config.connect_timeout_s,
             track_streams=self.config.stream_continuation,
             decoder=self._decoder,
+            deadlines=self.config.deadlines,
         )
-        self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
+        self._health = HealthChecker(
+            self.pool, self._upstream, self.config.health, self._wants_load, self.admission.wake
+        )
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
@@ -130,19 +142,29 @@ class Router:
     # -- requests -----------------------------------------------------------------------------------
 
     def parse(self, route: Route, raw: bytes, headers: Mapping[str, str]) -> RoutedRequest:
-        """The client's request, with its model resolved to a pool (404 if no worker serves it)."""
+        """The client's request, with its model resolved to a pool (404 if no worker serves it).
+
+        While no worker has told its models yet (all down since the start, a fleet scaled to zero) the
+        model stays unresolved: admission holds the request, then `resolve_model` runs again."""
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
+        if self.pool.default_model() is not None:
+            self.resolve_model(req)
+        return req
+
+    def resolve_model(self, req: RoutedRequest) -> None:
         if req.model is not None and self.pool.serves(req.model):
-            return req
+            return
         default = self.pool.default_model()
         if default is None:
-            raise no_worker_available("No worker is available: none has answered a health check yet.")
+            raise no_worker_ready(
+                "No worker is available: none has answered a health check yet.",
+                self.config.admission.retry_after_s,
+            )
         if req.model is not None:
             raise model_not_found(req.model)
         req.model = default
-        return req
 
     def pick(
         self,

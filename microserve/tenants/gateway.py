@@ -88,13 +88,14 @@ class Gateway:
     async def admit(
         self,
         record: KeyRecord,
-        model: str,
+        model: str | None,
         headers: Mapping[str, str],
         prompt_chars: int,
         max_tokens: int | None,
     ) -> Ticket:
-        if not record.allows(model):
-            raise model_not_allowed(model)
+        """Check the model (when named) and count the request against the key's limits."""
+        if model is not None:
+            self.check_model(record, model)
         requested = headers.get(PRIORITY_HEADER)
         if requested is not None and requested not in PRIORITIES:
             raise APIError(
@@ -107,6 +108,10 @@ class Gateway:
         reserve = prompt_estimate + (DEFAULT_RESERVE_TOKENS if max_tokens is None else max_tokens)
         grant = await self.limiter.admit(record, reserve)
         return Ticket(record, record.rank(requested), grant, prompt_estimate)
+
+    def check_model(self, record: KeyRecord, model: str) -> None:
+        if not record.allows(model):
+            raise model_not_allowed(model)
 
     def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
         """Settle in the background: the answer is not held up, and a cancelled request still settles."""
