@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from microserve.router.admission import AdmissionConfig, AdmissionQueue
-from microserve.router.fair_share import FairShare
+from microserve.router.fair_share import FairShare, admit
 from microserve.server.errors import APIError
 
 
@@ -119,3 +119,25 @@ async def test_a_full_queue_sheds_the_last_in_line_for_a_better_placed_request()
     await noisy[0]  # the same start tag as the quiet request's, and earlier
     queue.release()
     await quiet
+
+
+def test_a_refused_request_gives_its_tag_back() -> None:
+    fair = FairShare()
+    first = fair.arrive("t", 1, 10)
+    refused = fair.arrive("t", 1, 10)
+    fair.withdraw("t", refused, 10)
+    assert fair.arrive("t", 1, 10) == refused  # as if the refused one had never come
+    fair.withdraw("t", first, 10)  # not the latest: nothing to give back
+    assert fair.arrive("t", 1, 10) == (1, 20.0)
+
+
+async def test_admit_overtakes_below_the_share_and_withdraws_a_refusal() -> None:
+    queue, fair = AdmissionQueue(AdmissionConfig(max_concurrent=2, max_queued=0)), FairShare()
+    for _ in range(2):
+        await admit(fair, queue, "noisy", 1, 10, 5.0)
+    assert queue.running == 2
+    await admit(fair, queue, "quiet", 1, 10, 5.0)  # below its share of one slot: at once
+    assert queue.running == 3
+    with pytest.raises(APIError):
+        await admit(fair, queue, "noisy", 1, 10, 5.0)  # at its share, and nowhere to queue
+    assert fair.arrive("noisy", 1, 10) == (1, 20.0)  # the refusal took nothing

@@ -11,7 +11,7 @@ from contextlib import aclosing
 
 from microserve.http.server import Request, Response, Stream
 from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
-from microserve.router.fair_share import Order
+from microserve.router.fair_share import admit
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -62,8 +62,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
-        order = admission_order(router, req, ticket, len(request.body))
-        granted = await admit(router, order, tenant, req.remaining_s())
+        rank, cost = admission_cost(req, ticket, len(request.body))
+        granted = await admit(router.fair_share, router.admission, tenant, rank, cost, req.remaining_s())
         router.resolve_model(req)
         if key is not None and router.tenants is not None and req.model is not None:
             router.tenants.check_model(key, req.model)
@@ -114,28 +114,11 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         record(router, route, req, strategy, status, ttft, e2e)
 
 
-async def admit(router: Router, order: Order, tenant: str, timeout_s: float) -> float:
-    """A slot for the request (its grant time): at once for a tenant below its fair share of slots,
-    else in `order`."""
-    fair, admission = router.fair_share, router.admission
-    fair.waiting(tenant, 1)
-    try:
-        granted = admission.admit_now() if fair.below_share(tenant, admission.limit) else None
-        if granted is None:
-            granted = await admission.acquire(order, timeout_s=timeout_s)
-            fair.admitted(order)  # (one that overtook leaves virtual time with the queue's order)
-    finally:
-        fair.waiting(tenant, -1)
-    fair.running(tenant, 1)
-    return granted
-
-
-def admission_order(router: Router, req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> Order:
-    """Where the request queues: its key's priority class, then its tenant's fair share of tokens."""
+def admission_cost(req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> tuple[int, int]:
+    """(priority rank, tokens) the request queues with: its key's class and reservation."""
     if ticket is not None:
-        return router.fair_share.arrive(ticket.tenant, ticket.rank, ticket.grant.reserved)
-    cost = body_bytes // BYTES_PER_TOKEN + (req.max_tokens or DEFAULT_RESERVE_TOKENS)
-    return router.fair_share.arrive("", PRIORITIES["normal"], cost)
+        return ticket.rank, ticket.grant.reserved
+    return PRIORITIES["normal"], body_bytes // BYTES_PER_TOKEN + (req.max_tokens or DEFAULT_RESERVE_TOKENS)
 
 
 def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> None:

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microserve.router.admission import AdmissionQueue
 
 # Admission order of one request: (priority rank, start tag); compared as a tuple, lower first.
 Order = tuple[int, float]
@@ -45,6 +49,13 @@ class FairShare:
             self._finish = {t: f for t, f in self._finish.items() if f > self.virtual}
         return rank, start
 
+    def withdraw(self, tenant: str, order: Order, cost: int, weight: float = 1.0) -> None:
+        """A request refused before it ran: it was no service, so its tenant's tag goes back (when it
+        was the tenant's latest)."""
+        tenant = self.tenant(tenant)
+        if self._finish.get(tenant) == order[1] + max(1, cost) / weight:
+            self._finish[tenant] = order[1]
+
     def admitted(self, order: Order) -> None:
         """A request with this order got its slot: virtual time moves to its start tag."""
         self.virtual = max(self.virtual, order[1])
@@ -67,3 +78,25 @@ def _count(counter: Counter[str], tenant: str, delta: int) -> None:
     counter[tenant] += delta
     if counter[tenant] <= 0:
         del counter[tenant]
+
+
+async def admit(
+    fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int, timeout_s: float
+) -> float:
+    """A slot for a request (its grant time, for `AdmissionQueue.release`): at once for a tenant below
+    its share of the slots, else in its fair-share order; the admission queue's 429 or 503 otherwise.
+    The router and the simulator both admit through here."""
+    order = fair.arrive(tenant, rank, cost)
+    fair.waiting(tenant, 1)
+    try:
+        granted = admission.admit_now() if fair.below_share(tenant, admission.limit) else None
+        if granted is None:
+            granted = await admission.acquire(order, timeout_s=timeout_s)
+            fair.admitted(order)  # (one that overtook leaves virtual time with the queue's order)
+    except BaseException:
+        fair.withdraw(tenant, order, cost)
+        raise
+    finally:
+        fair.waiting(tenant, -1)
+    fair.running(tenant, 1)
+    return granted
