@@ -11,7 +11,7 @@ from typing import Protocol
 
 import orjson
 
-from microserve.tenants.keys import KeyRecord
+from microserve.tenants.keys import KeyRecord, digest
 
 
 class TenantStore(Protocol):
@@ -101,8 +101,6 @@ class MemoryStore:
 def load_keys_file(path: Path) -> list[KeyRecord]:
     """Keys from a JSON file `{"keys": [...]}`; an entry may give `key` (a secret, hashed now) for
     `key_hash`, so an operator can write a file by hand."""
-    from microserve.tenants.keys import digest
-
     try:
         data = orjson.loads(path.read_bytes())
         entries = data["keys"]
