@@ -82,6 +82,10 @@ async def test_hits_whole_and_streamed_replay_the_same_answer(engine: ManagedPro
                 assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
                 sent.append((resp.headers["x-microserve-cache"], await resp.read()))
         assert [s[0] for s in sent] == ["miss", "hit"]
+        async with client.get("/metrics") as resp:
+            text = await resp.text()
+        assert 'microserve_router_response_cache_lookups_total{result="hit"} 2.0' in text
+        assert 'microserve_router_response_cache_lookups_total{result="miss"} 3.0' in text
         assert sent[0][1] == sent[1][1] and sent[1][1].endswith(b"data: [DONE]\n\n")
 
 

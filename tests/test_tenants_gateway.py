@@ -70,6 +70,8 @@ async def test_requests_per_minute_with_openai_headers(engine: ManagedProcess) -
             await api.chat.completions.create(**CHAT, max_tokens=2)
             with pytest.raises(openai.RateLimitError) as refused:
                 await api.chat.completions.create(**CHAT, max_tokens=2)
+        async with client.get("/metrics") as resp:
+            assert 'microserve_router_tenant_refusals_total{reason="rpm"} 1.0' in await resp.text()
     err = refused.value
     assert err.code == "rate_limit_exceeded" and err.type == "rate_limit_error"
     assert err.response.headers["x-ratelimit-remaining-requests"] == "0"

@@ -60,8 +60,10 @@ async def test_tokens_are_reserved_then_settled_on_the_real_count() -> None:
 
 
 async def test_a_request_larger_than_the_limit_is_refused_with_why() -> None:
+    lim = limiter(Clock())
     with pytest.raises(APIError, match="Request too large"):
-        await limiter(Clock()).admit(key(tpm=100), 101)
+        await lim.admit(key(tpm=100, rpm=5), 101)
+    assert lim.refused == {"tpm": 1}
 
 
 async def test_daily_budget_and_a_refusal_that_counts_nothing() -> None:

@@ -32,6 +32,7 @@ from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKin
 from microserve.server.errors import APIError, model_not_found
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
+from microserve.tenants.metrics import TenantsCollector
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Router:
             if config.response_cache
             else None
         )
+        if self.tenants is not None or self.response_cache is not None:
+            self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from microserve.server.errors import APIError
@@ -72,16 +73,19 @@ class Gateway:
         self.store = store
         self.limiter = limiter or Limiter(store)
         self._settling: set[asyncio.Task[None]] = set()
+        self.refused: Counter[str] = Counter()  # invalid_api_key, model_not_allowed
 
     async def authenticate(self, headers: Mapping[str, str]) -> KeyRecord:
         given = headers.get("authorization", "")
         scheme, _, secret = given.partition(" ")
         secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
+            self.refused["invalid_api_key"] += 1
             raise invalid_api_key("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
         # Looked up by digest: the secret is never compared (nor stored, nor logged) as itself.
         record = await self.store.key_by_hash(digest(secret))
         if record is None:
+            self.refused["invalid_api_key"] += 1
             raise invalid_api_key("Incorrect API key provided (unknown or revoked).")
         return record
 
@@ -111,6 +115,7 @@ class Gateway:
 
     def check_model(self, record: KeyRecord, model: str) -> None:
         if not record.allows(model):
+            self.refused["model_not_allowed"] += 1
             raise model_not_allowed(model)
 
     def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
@@ -124,6 +129,11 @@ class Gateway:
             await self.limiter.settle(ticket.grant, used_tokens)
         except Exception:
             log.exception("tenants: settling a request of tenant %s failed", ticket.tenant)
+
+    def refusals(self) -> Iterator[tuple[str, int]]:
+        """(reason, count): a key refused, or one of its limits reached."""
+        yield from sorted(self.refused.items())
+        yield from sorted(self.limiter.refused.items())
 
     async def close(self) -> None:
         if self._settling:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,6 +60,7 @@ class Limiter:
     def __init__(self, store: TenantStore, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        self.refused: Counter[str] = Counter()  # by limit: rpm, tpm, daily_tokens, max_concurrent
 
     async def admit(self, record: KeyRecord, reserve_tokens: int) -> Grant:
         """Count the request against every limit of its key; raise the 429 of the first it would pass
@@ -68,6 +70,7 @@ class Limiter:
         reset_minute = (minute + 1) * MINUTE_S - now
         grant = Grant(record, reserve_tokens, minute, day, concurrent=False)
         undo: list[tuple[str, int, float]] = []
+        checking = "rpm"  # the limit being checked, for the refusal tally
         try:
             if record.rpm is not None:
                 name = f"rpm:{record.id}:{minute}"
@@ -82,6 +85,7 @@ class Limiter:
                         reset_minute,
                         grant.headers,
                     )
+            checking = "tpm"
             if record.tpm is not None:
                 name = f"tpm:{record.id}:{minute}"
                 if reserve_tokens > record.tpm:
@@ -102,6 +106,7 @@ class Limiter:
                         reset_minute,
                         grant.headers,
                     )
+            checking = "daily_tokens"
             if record.daily_tokens is not None:
                 name = f"day:{record.id}:{day}"
                 used = await self.store.add(name, reserve_tokens, 2 * DAY_S)
@@ -114,6 +119,7 @@ class Limiter:
                         reset_day,
                         grant.headers,
                     )
+            checking = "max_concurrent"
             if record.max_concurrent is not None:
                 name = f"conc:{record.id}"
                 running = await self.store.add(name, 1, CONCURRENCY_TTL_S)
@@ -127,6 +133,7 @@ class Limiter:
                     )
                 grant.concurrent = True
         except APIError:
+            self.refused[checking] += 1
             for name, amount, ttl in undo:
                 await self.store.add(name, amount, ttl)
             raise
