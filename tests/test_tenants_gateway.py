@@ -44,6 +44,10 @@ async def test_keys_missing_wrong_revoked_and_model_not_allowed(
             with pytest.raises(openai.NotFoundError) as not_allowed:
                 await other.chat.completions.create(**CHAT, max_tokens=3)
             assert not_allowed.value.code == "model_not_found"
+            assert [m.id async for m in good.models.list()] == [MODEL]
+            assert [m.id async for m in other.models.list()] == []  # only the models the key may use
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.models.list()
             async with client.post("/v1/chat/completions", json=CHAT) as resp:  # no key at all
                 assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
             key_id = next(k["id"] for k in await list_keys(client) if k["models"] == [MODEL])
