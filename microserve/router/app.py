@@ -24,6 +24,7 @@ from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ def tune_gc() -> None:
 
 async def _serve(config: RouterConfig) -> None:
     raise_descriptor_limit()
-    server = RouterServer(Router(config))
+    tracing = Tracing.from_env("microserve-router", f"http://{config.host}:{config.port}")
+    server = RouterServer(Router(config, tracing=tracing))
     await server.start(config.host, config.port)
     tune_gc()
     print(f"microserve router on http://{config.host}:{server.port}/v1", flush=True)

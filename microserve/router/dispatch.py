@@ -16,6 +16,7 @@ from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
 from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
+from microserve.router.tracing import RequestTrace
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
 from microserve.server.errors import APIError, error_body
@@ -31,12 +32,19 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
+    trace = None if router.tracing is None else RequestTrace(router.tracing, route, request.headers, start)
     try:
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
         req = router.parse(route, request.body, request.headers)
+        if trace is not None:
+            req.trace = trace
+            trace.parsed(req)
+            trace.admission_begins(router.admission.queued)
         await router.admission.acquire()
         admitted = True
+        if trace is not None:
+            trace.admitted()
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
         gen, first = await first_output(router, strategy, req)
@@ -65,6 +73,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
+        if trace is not None:
+            trace.finish(status, req)
 
 
 def record(
@@ -106,6 +116,7 @@ async def first_output(
     config = router.config.retry
     last: WorkerFailure | None = None
     for attempt in range(config.max_attempts):
+        delay = 0.0
         if attempt:
             if req.remaining_s() <= 0:
                 break
@@ -113,7 +124,10 @@ async def first_output(
                 router.metrics.retry_budget_exhausted.inc()
                 break
             router.metrics.retries.inc()
-            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+            delay = min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s()))
+            await asyncio.sleep(delay)
+        if req.trace is not None:
+            req.trace.attempt(attempt, strategy.name or type(strategy).__name__, delay)
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -134,6 +148,8 @@ async def first_output(
         # A generator that raised is finished already; this only matters for one that yielded nothing.
         await gen.aclose()  # type: ignore[attr-defined]
         req.excluded.add(last.worker.url)
+        if req.trace is not None:
+            req.trace.attempt_failed(last.worker, last.message)
     assert last is not None
     raise _final(last)
 
@@ -176,6 +192,8 @@ async def continue_stream(
             await write_error(response, f"The stream could not be continued: {broken.message}")
             return
         progress.continuations += 1
+        if req.trace is not None:
+            req.trace.continuation(progress.continuations, broken.worker, broken.message, progress.delivered)
         try:
             async with aclosing(strategy.resume(req, broken)) as rest:  # type: ignore[type-var]
                 async for chunk in rest:

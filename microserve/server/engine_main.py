@@ -18,16 +18,22 @@ from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
 from microserve.server.app import create_app
 from microserve.server.microserving import add_microserving_routes
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 
 def engine_app(
-    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
+    engine: AsyncEngine,
+    internal_token: str | None = None,
+    *,
+    own_thread: bool = True,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
-    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
-    app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
+    `tracing`, it sends spans, and flushes them as it stops."""
+    app = create_app(engine, tracing=tracing)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
 
     async def start(_: web.Application) -> None:
@@ -39,6 +45,12 @@ def engine_app(
     if own_thread:
         app.on_startup.append(start)
     app.on_cleanup.append(stop)
+    if tracing is not None:
+
+        async def flush(_: web.Application) -> None:
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush)
     return app
 
 
@@ -99,8 +111,10 @@ class ServerThread:
 
 
 def run_engine(config: EngineConfig, host: str, port: int, internal_token: str | None = None) -> int:
+    # Before the model loads, so that a bad setting fails fast.
+    tracing = Tracing.from_env("microserve-engine", f"http://{host}:{port}")
     engine = build_engine(config)
-    server = ServerThread(engine_app(engine, internal_token, own_thread=False), host, port)
+    server = ServerThread(engine_app(engine, internal_token, own_thread=False, tracing=tracing), host, port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
