@@ -161,10 +161,14 @@ class Tracing:
         return self._propagator.extract(carrier)
 
     def headers(self, span: Span) -> dict[str, str]:
-        """`traceparent` (and `tracestate`) naming `span` as the parent of what the callee does."""
-        carrier: dict[str, str] = {}
-        self._propagator.inject(carrier, context=self._set_span_in_context(span))
-        return carrier
+        """`traceparent` (and `tracestate`) naming `span` as the parent of what the callee does.
+
+        Written here rather than by the propagator, which costs several times more per call."""
+        ctx = span.get_span_context()
+        headers = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+        if ctx.trace_state:
+            headers["tracestate"] = ctx.trace_state.to_header()
+        return headers
 
     def shutdown(self) -> None:
         """Export what is buffered, then stop (the processes call it as they stop)."""

@@ -4,6 +4,7 @@ workers, and nothing sent (nor any span made) with tracing off."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
+from microserve.router.admission import AdmissionConfig
 from microserve.router.config import RouterConfig
 from microserve.router.retry import RetryConfig
 from microserve.router.router import Router
@@ -124,6 +126,24 @@ async def test_a_refused_request_ends_its_spans_as_errors() -> None:
     assert attempt.status.status_code is StatusCode.ERROR
     (unparsed,) = by_name["chat"]  # refused before its model was read
     assert unparsed.attributes["http.response.status_code"] == 400
+
+
+async def test_only_a_request_that_queued_has_an_admission_span() -> None:
+    admission = AdmissionConfig(max_concurrent=1, max_queued=4)
+    async with fakes(1) as servers, traced(servers, admission=admission) as (client, exporter):
+        servers[0].delay = 0.05
+        first = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        await servers[0].streaming.wait()  # it holds the only slot while it streams
+        second = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        assert (await first.read()).rstrip().endswith(b"[DONE]")
+        assert (await second).status == 200
+    by_name = spans(exporter)
+    (admission_span,) = by_name["router.admission"]
+    roots = {s.context.span_id: s for s in by_name["chat fake"]}
+    waited = roots[parent_of(admission_span)]
+    assert waited.attributes["microserve.stream"] is False  # the second request
+    assert admission_span.attributes["microserve.admission.waiting"] == 0
+    assert admission_span.end_time >= admission_span.start_time  # type: ignore[operator]
 
 
 @pytest.mark.parametrize("kind", [WorkerKind.OPENAI, WorkerKind.MICROSERVE])

@@ -49,6 +49,11 @@ class AdmissionQueue:
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def full(self) -> bool:
+        """Whether `acquire` would wait now (a request queued, or every slot taken)."""
+        return bool(self._waiters) or self.running >= self.config.max_concurrent
+
     async def acquire(self) -> None:
         cfg = self.config
         if self.running < cfg.max_concurrent and not self._waiters:

@@ -40,7 +40,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if trace is not None:
             req.trace = trace
             trace.parsed(req)
-            trace.admission_begins(router.admission.queued)
+            if router.admission.full:  # a span only for a request that will wait in the queue
+                trace.admission_begins(router.admission.queued)
         await router.admission.acquire()
         admitted = True
         if trace is not None:
