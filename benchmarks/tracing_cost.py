@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from microserve.machine import describe_machine
 from microserve.router.request import Route, RoutedRequest
@@ -33,11 +34,11 @@ class Drop(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def one_request(tracing: Tracing | None, worker: Worker) -> None:
+def one_request(tracing: Tracing | None, worker: Worker, headers: dict[str, str] = HEADERS) -> None:
     """The tracing hooks a data_parallel request passes through (dispatch, router.pick, upstream)."""
     started = time.perf_counter()
-    trace = None if tracing is None else RequestTrace(tracing, Route.CHAT, HEADERS, started)
-    req = RoutedRequest.parse(Route.CHAT, BODY, HEADERS)
+    trace = None if tracing is None else RequestTrace(tracing, Route.CHAT, headers, started)
+    req = RoutedRequest.parse(Route.CHAT, BODY, headers)
     if trace is not None:
         req.trace = trace
         trace.parsed(req)
@@ -68,17 +69,23 @@ def main() -> None:
     provider = TracerProvider()
     provider.add_span_processor(BatchSpanProcessor(Drop(), max_queue_size=65_536))
     tracing = Tracing(provider)
+    sampled = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.01)))
+    sampled.add_span_processor(BatchSpanProcessor(Drop(), max_queue_size=65_536))
     worker = WorkerPool().add(WorkerSpec("http://127.0.0.1:1"))
     parse = best_us(lambda: RoutedRequest.parse(Route.CHAT, BODY, HEADERS), args.number)
     off = best_us(lambda: one_request(None, worker), args.number)
     on = best_us(lambda: one_request(tracing, worker), args.number)
+    one_percent = best_us(lambda: one_request(Tracing(sampled), worker, {}), args.number)
     provider.shutdown()
+    sampled.shutdown()
     print(f"# tracing cost per request — {dt.date.today().isoformat()}, {describe_machine()}")
     print("| what | µs per request | vs parse |")
     print("|---|---|---|")
     print(f"| RoutedRequest.parse alone (peer) | {parse:.1f} | 1.00 |")
     print(f"| parse + the tracing hooks, tracing off | {off:.1f} | {off / parse:.2f} |")
     print(f"| parse + the spans, tracing on (5 spans, traceparent out) | {on:.1f} | {on / parse:.2f} |")
+    row = "the same, 1% of traces sampled (no client traceparent)"
+    print(f"| {row} | {one_percent:.1f} | {one_percent / parse:.2f} |")
 
 
 if __name__ == "__main__":

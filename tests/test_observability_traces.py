@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 @contextlib.contextmanager
-def traced_fleet(tmp: Path, receiver: OTLPReceiver, backend: str = "sim") -> Iterator[tuple[str, list[str]]]:
-    """Two engines and a router (strategy pd) exporting spans to `receiver`; yields (router, engines)."""
+def traced_fleet(
+    tmp: Path, receiver: OTLPReceiver, backend: str = "sim", engines: int = 2, strategy: str = "pd"
+) -> Iterator[tuple[str, list[str]]]:
+    """Engines and a router exporting spans to `receiver`; yields (router URL, engine URLs)."""
     env = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within 50 ms, not 5 s
@@ -33,8 +35,8 @@ def traced_fleet(tmp: Path, receiver: OTLPReceiver, backend: str = "sim") -> Ite
     os.environ.update(env)  # the processes inherit it (ManagedProcess passes os.environ on)
     try:
         with contextlib.ExitStack() as stack:
-            engines = []
-            for _ in range(2):
+            started = []
+            for _ in range(engines):
                 port = free_port()
                 cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine",
                        "--backend", backend, "--port", str(port), "--threads", "1"]  # fmt: skip
@@ -44,18 +46,18 @@ def traced_fleet(tmp: Path, receiver: OTLPReceiver, backend: str = "sim") -> Ite
                     cmd += ["--max-model-len", "256", "--kv-cache-memory", "64MiB"]
                 engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
                 stack.callback(engine.stop)
-                engines.append(engine)
-            for engine in engines:
+                started.append(engine)
+            for engine in started:
                 engine.wait_ready(timeout=300)
             port = free_port()
             cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
-                   "--port", str(port), "--strategy", "pd", "--admin-token", ADMIN_TOKEN]  # fmt: skip
-            for engine in engines:
+                   "--port", str(port), "--strategy", strategy, "--admin-token", ADMIN_TOKEN]  # fmt: skip
+            for engine in started:
                 cmd += ["--worker", engine.url]
             router = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
             stack.callback(router.stop)
             router.wait_ready(timeout=120)
-            yield router.url, [e.url for e in engines]
+            yield router.url, [e.url for e in started]
     finally:
         for key, value in saved.items():
             if value is None:
@@ -65,7 +67,7 @@ def traced_fleet(tmp: Path, receiver: OTLPReceiver, backend: str = "sim") -> Ite
 
 
 def send(url: str, traceparent: str, *, stream: bool, chat: bool) -> None:
-    body: dict = {"model": MODEL, "max_tokens": 6, "stream": stream}
+    body: dict = {"model": MODEL, "max_tokens": 6, "stream": stream, "ignore_eos": True}
     words = "Tell me about the history of printing presses in Europe, briefly. " * 3
     if chat:
         body["messages"] = [{"role": "user", "content": words}]
@@ -244,3 +246,15 @@ def test_one_trace_through_router_and_sim_engines(tmp_path: Path) -> None:
         check_pd(receiver, url, engines)
         check_data_parallel(receiver, url, engines)
         check_without_traceparent(receiver, url)
+
+
+def test_one_trace_through_router_and_a_torch_engine(tmp_path: Path) -> None:
+    """The same under data_parallel with the real model: the torch engine's phases are real compute."""
+    with (
+        OTLPReceiver() as receiver,
+        traced_fleet(tmp_path, receiver, backend="torch", engines=1, strategy="data_parallel") as (
+            url,
+            engines,
+        ),
+    ):
+        check_data_parallel(receiver, url, engines)

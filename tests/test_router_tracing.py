@@ -158,3 +158,14 @@ async def test_tracing_off_sends_no_trace_context(kind: WorkerKind) -> None:
             await resp.read()
         headers = {k.lower() for k in servers[0].calls[0][2]}
         assert "traceparent" not in headers
+
+
+async def test_an_unsampled_trace_makes_no_span_and_passes_the_decision_on() -> None:
+    async with fakes(1) as servers, traced(servers) as (client, exporter):
+        unsampled = f"00-{TRACE_ID}-{CLIENT_SPAN}-00"
+        resp = await client.post("/v1/chat/completions", json=CHAT, headers={"traceparent": unsampled})
+        assert resp.status == 200
+    assert exporter.get_finished_spans() == ()
+    # The worker hears the client's trace, not sampled, so that it records nothing either.
+    sent = sent_traceparent(servers[0])
+    assert sent.startswith(f"00-{TRACE_ID}-") and sent.endswith("-00")

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from microserve.engine.core import EngineCore
-from microserve.engine.outputs import PrefillProgress, RequestOutput
+from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.server.tracing import GenerationSpan, SendSpan
 from microserve.tracing import Tracing
@@ -119,3 +119,14 @@ def test_an_abandoned_generation_is_marked_and_has_no_phases() -> None:
     (root,) = exporter.get_finished_spans()
     assert root.attributes["microserve.aborted"] is True
     assert root.status.description == "ConnectionResetError: client left"
+
+
+def test_an_unsampled_caller_gets_no_engine_spans() -> None:
+    tracing, exporter = in_memory()
+    unsampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
+    span = SendSpan(tracing, unsampled, "engine.remote_send")
+    assert not span.recording
+    with span.push(KVPiece(0, 16, b"kv"), "http://127.0.0.1:1/microserving/kv/x") as push:
+        assert push.headers["traceparent"].endswith("-00")
+    span.end()
+    assert exporter.get_finished_spans() == ()

@@ -22,9 +22,12 @@ _ENDED_EARLY = (GeneratorExit,)  # a stream closed by its consumer: not a failur
 
 
 class RequestTrace:
-    """Spans for one request. `parent` is the open attempt (or continuation) that calls hang under."""
+    """Spans for one request. `parent` is the open attempt (or continuation) that calls hang under.
 
-    __slots__ = ("_admission", "parent", "root", "tracing")
+    A request the sampler leaves out makes no span but its root: its calls still send the root's
+    `traceparent` (flag "not sampled"), so the engines leave it out too, at almost no cost."""
+
+    __slots__ = ("_admission", "parent", "recording", "root", "tracing")
 
     def __init__(self, tracing: Tracing, route: Route, headers: Mapping[str, str], started: float) -> None:
         """`started`: the request's `time.perf_counter()` on arrival, so the span covers its parsing."""
@@ -44,8 +47,11 @@ class RequestTrace:
         )
         self.parent: Span | None = None
         self._admission: Span | None = None
+        self.recording = self.root.is_recording()
 
     def parsed(self, req: RoutedRequest) -> None:
+        if not self.recording:
+            return
         model = req.model or ""
         self.root.update_name(f"{OPERATIONS[req.route]} {model}".strip())
         attributes: Attributes = {"gen_ai.request.model": model, "microserve.stream": req.stream}
@@ -61,6 +67,8 @@ class RequestTrace:
     # -- admission ----------------------------------------------------------------------------------
 
     def admission_begins(self, waiting: int) -> None:
+        if not self.recording:
+            return
         self._admission = self.tracing.start(
             "router.admission", self.root, attributes={"microserve.admission.waiting": waiting}
         )
@@ -74,6 +82,8 @@ class RequestTrace:
 
     def attempt(self, number: int, strategy: str, backoff_s: float = 0.0) -> None:
         """A new attempt of the strategy (number 0 is the first, later ones are retries)."""
+        if not self.recording:
+            return
         self._close_parent()
         attributes: Attributes = {"microserve.attempt": number, "microserve.strategy": strategy}
         if number:
@@ -89,6 +99,8 @@ class RequestTrace:
 
     def continuation(self, number: int, worker: Worker, message: str, delivered_tokens: int) -> None:
         """The stream broke on `worker`: what follows continues it elsewhere, under a span of its own."""
+        if not self.recording:
+            return
         if self.parent is not None:
             self.parent.set_attribute("microserve.failed_worker", worker.url)
             self.tracing.fail(self.parent, f"the stream broke: {message}")
@@ -112,6 +124,8 @@ class RequestTrace:
     # -- picks and calls ----------------------------------------------------------------------------
 
     def pick(self, role: str, worker: Worker, reason: str, candidates: int) -> None:
+        if not self.recording:
+            return
         span = self.tracing.start(
             "router.pick",
             self.parent or self.root,
@@ -127,7 +141,9 @@ class RequestTrace:
         span.end()
 
     def call(self, verb: str, worker: Worker, **attributes: Any) -> Span:
-        """A client span for one call to `worker`; send `headers(span)` with it."""
+        """A client span for one call to `worker` (the root, if not recording); send `headers(span)`."""
+        if not self.recording:
+            return self.root
         attrs: Attributes = {
             "microserve.verb": verb,
             "microserve.worker": worker.url,
@@ -143,6 +159,9 @@ class RequestTrace:
 
     def finish(self, status: int, req: RoutedRequest | None) -> None:
         """End every open span with the request's HTTP status."""
+        if not self.recording:
+            self.root.end()
+            return
         if self._admission is not None:
             self.tracing.fail(self._admission, f"not admitted (HTTP {status})")
             self.admitted()
@@ -184,11 +203,12 @@ class CallSpan:
                 self.span.set_attribute(key.replace("__", "."), value)
 
     def fail(self, error: BaseException) -> None:
-        if not isinstance(error, _ENDED_EARLY):
+        if self.trace.recording and not isinstance(error, _ENDED_EARLY):
             self.trace.tracing.fail(self.span, f"{type(error).__name__}: {error}")
 
     def end(self) -> None:
-        self.span.end()
+        if self.trace.recording:
+            self.span.end()
 
 
 class _NoCall:

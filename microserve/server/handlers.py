@@ -193,7 +193,7 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
         return await _serve(request, state, prepared)
     span: GenerationSpan = generation_span(state.tracing, request.headers, prepared)
     try:
-        response = await _serve(request, state, prepared, span.watch)
+        response = await _serve(request, state, prepared, span.watch if span.recording else None)
     except BaseException as exc:
         span.end(exc)
         raise

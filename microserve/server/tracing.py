@@ -25,13 +25,14 @@ Watch = Callable[[Outputs], Outputs]
 class EngineSpan:
     """One engine call as a server span; `end` records its outcome and closes it."""
 
-    __slots__ = ("span", "tracing")
+    __slots__ = ("recording", "span", "tracing")
 
     def __init__(
         self, tracing: Tracing, headers: Mapping[str, str], name: str, attributes: Attributes | None = None
     ) -> None:
         self.tracing = tracing
         self.span: Span = tracing.start(name, tracing.extract(headers), kind="server", attributes=attributes)
+        self.recording = self.span.is_recording()  # False: the caller's trace is not sampled
 
     def set(self, **attributes: Any) -> None:
         for key, value in attributes.items():
@@ -79,7 +80,7 @@ class GenerationSpan(EngineSpan):
 
     def end(self, error: BaseException | None = None) -> None:
         last = self.last
-        if last is not None:
+        if last is not None and self.recording:
             self.set(
                 gen_ai__usage__input_tokens=last.prompt_tokens,
                 gen_ai__usage__output_tokens=last.completion_tokens,
@@ -155,6 +156,8 @@ class SendSpan(EngineSpan):
     __slots__ = ()
 
     def exported(self, progress: PrefillProgress) -> None:
+        if not self.recording:
+            return
         if progress.payloads:
             start = epoch_ns(progress.exported_at)
             tracing = self.tracing
@@ -182,6 +185,9 @@ class PushSpan:
 
     def __init__(self, send: SendSpan, piece: KVPiece, url: str) -> None:
         self._send = send
+        if not send.recording:  # pass the unsampled context on, make no span
+            self.span = send.span
+            return
         self.span = send.tracing.start(
             "engine.kv_push",
             send.span,
@@ -203,6 +209,8 @@ class PushSpan:
         return self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if not self._send.recording:
+            return
         if exc is not None:
             self._send.tracing.fail(self.span, f"{type(exc).__name__}: {exc}")
         self.span.end()
