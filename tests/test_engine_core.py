@@ -10,7 +10,7 @@ from microserve.engine.core import EngineCore
 from microserve.engine.errors import EngineOverloaded
 from microserve.engine.kv_storage import KVPayloadError
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
-from microserve.engine.reservations import ReservationError
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
 from tests.conftest import make_core
@@ -135,3 +135,21 @@ def test_prep_recv_beyond_the_free_blocks_is_refused_and_holds_nothing() -> None
         core.prep_recv("more", [6] * (3 * BLOCK), end=3 * BLOCK)
     assert "more" not in core.reservations and core.kv.num_free_blocks == 2
     assert core.release("big") and core.kv.num_free_blocks == NUM_BLOCKS
+
+
+def test_one_requester_holds_at_most_its_share_of_the_cache() -> None:
+    # Half of 10 blocks (a whole 4-block context is less): 5 blocks in reservations per requester.
+    core = make_core(
+        backend="sim",
+        cache=CacheConfig(block_size=BLOCK, num_blocks=NUM_BLOCKS),
+        max_model_len=4 * BLOCK,
+        reservation_share=0.5,
+    )
+    assert core.prep_recv("a", [7] * (3 * BLOCK), end=3 * BLOCK, requester="10.0.0.1") == 0
+    with pytest.raises(ReservationQuotaExceeded, match="limit of 5"):
+        core.prep_recv("b", [8] * (3 * BLOCK), end=3 * BLOCK, requester="10.0.0.1")
+    assert "b" not in core.reservations and core.kv.num_free_blocks == NUM_BLOCKS - 3  # b took nothing
+    assert core.prep_recv("c", [9] * (3 * BLOCK), end=3 * BLOCK, requester="10.0.0.2") == 0
+    assert core.release("a") and core.reservations.held_by("10.0.0.1") == 0
+    assert core.prep_recv("b", [8] * (3 * BLOCK), end=3 * BLOCK, requester="10.0.0.1") == 0
+    assert core.release("b") and core.release("c") and core.kv.num_free_blocks == NUM_BLOCKS

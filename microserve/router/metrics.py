@@ -121,8 +121,8 @@ class PoolCollector:
             ("max_queued_requests", "Requests that may wait (--max-queued).", config.max_queued),
             (
                 "max_concurrent_requests",
-                "Requests that may run at once (--max-concurrent).",
-                config.max_concurrent,
+                "Requests that may run at once now (--max-concurrent, or the workers' batch sizes).",
+                self._admission.limit,
             ),
         ):
             family = GaugeMetricFamily(PREFIX + name, doc)

@@ -80,15 +80,15 @@ class RequestTrace:
 
     # -- attempts and continuations -----------------------------------------------------------------
 
-    def attempt(self, number: int, strategy: str, backoff_s: float = 0.0) -> None:
-        """A new attempt of the strategy (number 0 is the first, later ones are retries)."""
+    def attempt(self, number: int, strategy: str) -> None:
+        """A new attempt of the strategy (number 0 is the first, later ones are retries, whose backoff
+        is the gap since the attempt before)."""
         if not self.recording:
             return
         self._close_parent()
         attributes: Attributes = {"microserve.attempt": number, "microserve.strategy": strategy}
         if number:
             attributes["microserve.retry"] = True
-            attributes["microserve.backoff_s"] = round(backoff_s, 6)
         self.parent = self.tracing.start("router.attempt", self.root, attributes=attributes)
 
     def attempt_failed(self, worker: Worker, message: str) -> None:
