@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import subprocess
 import sys
@@ -56,13 +55,7 @@ def answers(url: str) -> bool:
 def process(
     cmd: list[str], url: str, timeout: float = 60.0, env: dict[str, str] | None = None
 ) -> Iterator[str]:
-    saved = dict(os.environ)
-    os.environ.update(env or {})  # the child takes a copy as it starts
-    try:
-        proc = ManagedProcess(cmd, url)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    proc = ManagedProcess(cmd, url, env)
     try:
         deadline = time.monotonic() + timeout
         while not answers(url):

@@ -5,7 +5,6 @@ right parent/child order, under the PD strategy (KV pushed engine to engine) and
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from microserve.processes import ManagedProcess, free_port
-from tests.observed_fleet import ADMIN, ADMIN_TOKEN, MODEL, wait_until, write_profile
+from tests.observed_fleet import ADMIN, ADMIN_TOKEN, INTERNAL_ENV, MODEL, wait_until, write_profile
 from tests.otlp_receiver import OTLPReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.slow
@@ -27,43 +26,35 @@ def traced_fleet(
 ) -> Iterator[tuple[str, list[str]]]:
     """Engines and a router exporting spans to `receiver`; yields (router URL, engine URLs)."""
     env = {
+        **INTERNAL_ENV,  # KV moves engine to engine only between engines that share the internal token
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
         "OTEL_BSP_SCHEDULE_DELAY": "50",  # export within 50 ms, not 5 s
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the processes inherit it (ManagedProcess passes os.environ on)
-    try:
-        with contextlib.ExitStack() as stack:
-            started = []
-            for _ in range(engines):
-                port = free_port()
-                cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine",
-                       "--backend", backend, "--port", str(port), "--threads", "1"]  # fmt: skip
-                if backend == "sim":
-                    cmd += ["--sim-profile", str(write_profile(tmp / "profile.json", 0.002))]
-                else:
-                    cmd += ["--max-model-len", "256", "--kv-cache-memory", "64MiB"]
-                engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
-                stack.callback(engine.stop)
-                started.append(engine)
-            for engine in started:
-                engine.wait_ready(timeout=300)
+    with contextlib.ExitStack() as stack:
+        started = []
+        for _ in range(engines):
             port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
-                   "--port", str(port), "--strategy", strategy, "--admin-token", ADMIN_TOKEN]  # fmt: skip
-            for engine in started:
-                cmd += ["--worker", engine.url]
-            router = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
-            stack.callback(router.stop)
-            router.wait_ready(timeout=120)
-            yield router.url, [e.url for e in started]
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
+            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine",
+                   "--backend", backend, "--port", str(port), "--threads", "1"]  # fmt: skip
+            if backend == "sim":
+                cmd += ["--sim-profile", str(write_profile(tmp / "profile.json", 0.002))]
             else:
-                os.environ[key] = value
+                cmd += ["--max-model-len", "256", "--kv-cache-memory", "64MiB"]
+            engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
+            stack.callback(engine.stop)
+            started.append(engine)
+        for engine in started:
+            engine.wait_ready(timeout=300)
+        port = free_port()
+        cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
+               "--port", str(port), "--strategy", strategy, "--admin-token", ADMIN_TOKEN]  # fmt: skip
+        for engine in started:
+            cmd += ["--worker", engine.url]
+        router = ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
+        stack.callback(router.stop)
+        router.wait_ready(timeout=120)
+        yield router.url, [e.url for e in started]
 
 
 def send(url: str, traceparent: str, *, stream: bool, chat: bool) -> None:
