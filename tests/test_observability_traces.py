@@ -22,9 +22,14 @@ pytestmark = pytest.mark.slow
 
 @contextlib.contextmanager
 def traced_fleet(
-    tmp: Path, receiver: OTLPReceiver, backend: str = "sim", engines: int = 2, strategy: str = "pd"
-) -> Iterator[tuple[str, list[str]]]:
-    """Engines and a router exporting spans to `receiver`; yields (router URL, engine URLs)."""
+    tmp: Path,
+    receiver: OTLPReceiver,
+    backend: str = "sim",
+    engines: int = 2,
+    strategy: str = "pd",
+    step_s: float = 0.002,
+) -> Iterator[tuple[str, list[ManagedProcess]]]:
+    """Engines and a router exporting spans to `receiver`; yields (router URL, engine processes)."""
     env = {
         **INTERNAL_ENV,  # KV moves engine to engine only between engines that share the internal token
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -38,7 +43,7 @@ def traced_fleet(
             cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine",
                    "--backend", backend, "--port", str(port), "--threads", "1"]  # fmt: skip
             if backend == "sim":
-                cmd += ["--sim-profile", str(write_profile(tmp / "profile.json", 0.002))]
+                cmd += ["--sim-profile", str(write_profile(tmp / "profile.json", step_s))]
             else:
                 cmd += ["--max-model-len", "256", "--kv-cache-memory", "64MiB"]
             engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
@@ -54,7 +59,7 @@ def traced_fleet(
         router = ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
         stack.callback(router.stop)
         router.wait_ready(timeout=120)
-        yield router.url, [e.url for e in started]
+        yield router.url, started
 
 
 def send(url: str, traceparent: str, *, stream: bool, chat: bool) -> None:
@@ -234,8 +239,9 @@ def check_without_traceparent(receiver: OTLPReceiver, url: str) -> None:
 
 def test_one_trace_through_router_and_sim_engines(tmp_path: Path) -> None:
     with OTLPReceiver() as receiver, traced_fleet(tmp_path, receiver) as (url, engines):
-        check_pd(receiver, url, engines)
-        check_data_parallel(receiver, url, engines)
+        urls = [e.url for e in engines]
+        check_pd(receiver, url, urls)
+        check_data_parallel(receiver, url, urls)
         check_without_traceparent(receiver, url)
 
 
@@ -248,4 +254,45 @@ def test_one_trace_through_router_and_a_torch_engine(tmp_path: Path) -> None:
             engines,
         ),
     ):
-        check_data_parallel(receiver, url, engines)
+        check_data_parallel(receiver, url, [e.url for e in engines])
+
+
+def test_a_stream_continued_after_its_engine_died_stays_one_trace(tmp_path: Path) -> None:
+    """The engine streaming a request is killed: the broken attempt, the continuation and the other
+    engine's generation are all in the client's trace."""
+    with (
+        OTLPReceiver() as receiver,
+        traced_fleet(tmp_path, receiver, strategy="data_parallel", step_s=0.02) as (url, engines),
+    ):
+        trace_id, client_span, traceparent = client_context()
+        body = {"model": MODEL, "prompt": "Once upon a time, in a land far away,", "max_tokens": 150,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        with httpx.stream(
+            "POST", url + "/v1/completions", json=body, headers={"traceparent": traceparent}, timeout=120
+        ) as resp:
+            chunks = resp.iter_bytes()
+            next(chunks)  # it streams: find the engine serving it and kill that one
+
+            def serving() -> ManagedProcess | None:
+                busy = [e for e in engines if httpx.get(e.url + "/load", timeout=10).json()["running"]]
+                return busy[0] if busy else None
+
+            victim = wait_until(serving, "the engine serving the stream")
+            victim.kill()
+            rest = b"".join(chunks)
+        assert rest.rstrip().endswith(b"data: [DONE]")
+        survivor = next(e.url for e in engines if e is not victim)
+        names = {"router.attempt", "router.continuation", "router.resume", "engine.generate"}
+        trace = collected(receiver, trace_id, names)
+        root = trace.one(f"text_completion {MODEL}")
+        assert root.parent_id == client_span and not root.error
+        attempt, continuation = trace.one("router.attempt"), trace.one("router.continuation")
+        assert trace.parent(attempt) is root and trace.parent(continuation) is root
+        assert attempt.error and attempt.attributes["microserve.failed_worker"] == victim.url
+        assert continuation.attributes["microserve.broken_worker"] == victim.url
+        assert continuation.attributes["microserve.delivered_tokens"] >= 1
+        resume = trace.child(continuation, "router.resume")
+        assert resume.attributes["microserve.worker"] == survivor
+        served = trace.child(resume, "engine.generate")
+        assert served.instance == survivor
+        assert served.attributes["gen_ai.usage.output_tokens"] < 150  # only the rest of the answer
