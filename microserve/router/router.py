@@ -29,6 +29,7 @@ from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.server.errors import APIError, model_not_found
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,12 @@ def no_worker_available(message: str) -> APIError:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: RouterConfig, *, rng: random.Random | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
         self.rng = rng or random.Random()
+        self.tracing = tracing  # spans (OTEL_* variables, Tracing.from_env); shut down by `close`
         self.pool = WorkerPool(config.circuit_breaker)
         for spec in config.workers:
             self.pool.add(spec)
@@ -113,6 +117,8 @@ class Router:
             await self._session.close()
         if self._http is not None:
             await self._http.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     @property
     def upstream(self) -> Upstream:
@@ -176,6 +182,10 @@ class Router:
         )
         handle = WorkerHandle(worker, self.upstream)
         req.handles.append(handle)
+        if req.trace is not None:
+            reason = "least_busy" if least_busy else self.policy.name
+            candidates = len(self.pool.candidates(req.model, role, kind, req.excluded))
+            req.trace.pick(str(role), worker, reason, candidates)
         return handle
 
     async def refresh_loads(self, max_age_s: float) -> None:
