@@ -51,7 +51,7 @@ class KVPiece:
 
     begin: int
     end: int
-    data: bytes
+    data: memoryview  # a view of the payload, not a copy
 
     @property
     def num_tokens(self) -> int:
