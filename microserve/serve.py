@@ -195,7 +195,8 @@ async def serve(args: argparse.Namespace) -> int:
         tune_gc()
         supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
         urls = ", ".join(e.url for e in engines)
-        print(f"microserve: serving on http://{host}:{port}/v1  (engines: {urls})")
+        scheme = "https" if config.tls_cert else "http"
+        print(f"microserve: serving on {scheme}://{host}:{port}/v1  (engines: {urls})")
         print("microserve: press Ctrl-C to stop", flush=True)
         await stop.wait()
         print("microserve: stopping (finishing requests in flight)…", flush=True)
