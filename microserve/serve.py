@@ -22,6 +22,7 @@ from microserve.router.config import config_from_args
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ async def serve(args: argparse.Namespace) -> int:
         await starting  # raises if an engine died or timed out
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-        starting_server = RouterServer(Router(replace(config, workers=workers)))
+        tracing = Tracing.from_env("microserve-router")
+        starting_server = RouterServer(Router(replace(config, workers=workers), tracing=tracing))
         await starting_server.start(host, port)  # cleans up after itself if it fails
         server = starting_server
         tune_gc()

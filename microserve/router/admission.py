@@ -110,6 +110,11 @@ class AdmissionQueue:
         return len(self._waiters)
 
     @property
+    def full(self) -> bool:
+        """Whether `acquire` would wait now (a request queued, or every slot taken)."""
+        return bool(self._waiters) or self.running >= self.limit
+
+    @property
     def _sized_by_workers(self) -> bool:
         return self._capacity is not None and self.config.max_concurrent is None
 

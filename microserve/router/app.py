@@ -28,6 +28,7 @@ from microserve.router.request import Route
 from microserve.router.router import Router
 from microserve.server.errors import APIError
 from microserve.tokens import bearer_matches
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def tune_gc() -> None:
 
 async def _serve(config: RouterConfig) -> None:
     raise_descriptor_limit()
-    server = RouterServer(Router(config))
+    tracing = Tracing.from_env("microserve-router", f"http://{config.host}:{config.port}")
+    server = RouterServer(Router(config, tracing=tracing))
     await server.start(config.host, config.port)
     tune_gc()
     scheme = "https" if config.tls_cert else "http"

@@ -17,6 +17,7 @@ from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
 from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
+from microserve.router.tracing import RequestTrace
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
 from microserve.server.errors import APIError
@@ -37,6 +38,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
+    trace = None if router.tracing is None else RequestTrace(router.tracing, route, request.headers, start)
     ticket: Ticket | None = None
     used_tokens: int | None = None
     meter: StreamMeter | None = None
@@ -45,6 +47,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         # HTTP server): those requests were sent before the client could know; nothing new connects.
         key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
         req = router.parse(route, request.body, request.headers)
+        if trace is not None:
+            req.trace = trace
         if key is not None and router.tenants is not None:
             ticket = await router.tenants.admit(
                 key, req.model, request.headers, len(request.body), req.max_tokens
@@ -61,10 +65,15 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 ttft = time.perf_counter() - start
                 return await replay(request, stored, extra)
             extra[CACHE_HEADER] = "miss"
+        if trace is not None and router.admission.full:  # a span only for a request that will wait
+            trace.admission_begins(router.admission.queued)
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
         rank, cost = admission_cost(req, ticket, len(request.body))
         granted = await admit(router.fair_share, router.admission, tenant, rank, cost, req.remaining_s())
         router.resolve_model(req)
+        if trace is not None:
+            trace.admitted()
+            trace.parsed(req)
         if key is not None and router.tenants is not None and req.model is not None:
             router.tenants.check_model(key, req.model)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
@@ -112,6 +121,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
+        if trace is not None:
+            trace.finish(status, req)
 
 
 def admission_cost(req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> tuple[int, int]:
@@ -175,8 +186,14 @@ async def first_output(
     A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
     complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
     """
+    attempts = 0
+    name = strategy.name or type(strategy).__name__
 
     async def attempt() -> tuple[AsyncIterator[bytes] | None, bytes]:
+        nonlocal attempts
+        if req.trace is not None:
+            req.trace.attempt(attempts, name)
+        attempts += 1
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -184,11 +201,13 @@ async def first_output(
             return None, b"".join([chunk async for chunk in gen])
         except StopAsyncIteration:
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
-        except (WorkerFailure, NoWorkerAvailable):
+        except (WorkerFailure, NoWorkerAvailable) as exc:
             # A generator that raised is finished already; this only matters for one that yielded nothing.
             aclose = getattr(gen, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if req.trace is not None and isinstance(exc, WorkerFailure):
+                req.trace.attempt_failed(exc.worker, exc.message)
             raise
 
     try:
@@ -239,6 +258,8 @@ async def continue_stream(
             await write_error(response, req, "The stream could not be continued", broken)
             return
         progress.continuations += 1
+        if req.trace is not None:
+            req.trace.continuation(progress.continuations, broken.worker, broken.message, progress.delivered)
         try:
             async with aclosing(strategy.resume(req, broken)) as rest:  # type: ignore[type-var]
                 async for chunk in rest:

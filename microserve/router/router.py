@@ -33,6 +33,7 @@ from microserve.server.errors import APIError, model_not_found
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ def no_worker_available(message: str) -> APIError:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: RouterConfig, *, rng: random.Random | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
         self.rng = rng or random.Random()
+        self.tracing = tracing  # spans (OTEL_* variables, Tracing.from_env); shut down by `close`
         self.pool = WorkerPool(config.circuit_breaker)
         for spec in config.workers:
             self.pool.add(spec)
@@ -132,6 +136,8 @@ class Router:
             await self.tenants.close()
         if self.response_cache is not None:
             await self.response_cache.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     @property
     def upstream(self) -> Upstream:
@@ -195,6 +201,10 @@ class Router:
         )
         handle = WorkerHandle(worker, self.upstream)
         req.handles.append(handle)
+        if req.trace is not None:
+            reason = "least_busy" if least_busy else self.policy.name
+            candidates = len(self.pool.candidates(req.model, role, kind, req.excluded))
+            req.trace.pick(str(role), worker, reason, candidates)
         return handle
 
     async def refresh_loads(self, max_age_s: float) -> None:
