@@ -200,3 +200,27 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+async def test_the_priority_class_reaches_microserve_engines_only() -> None:
+    """A microserve engine is sent the key's class as `priority` (its scheduler's order); an
+    OpenAI-compatible server is sent the client's body untouched (vLLM refuses a priority it does not use)."""
+    from microserve.router.config import RouterConfig
+    from microserve.router.router import Router
+    from microserve.router.workers import WorkerKind, WorkerSpec
+    from tests.router_fakes import fakes, serving
+
+    async with fakes(2) as (engine, other):
+        workers = [WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE, models=("fake",)),
+                   WorkerSpec(other.url, kind=WorkerKind.OPENAI, models=("fake",))]  # fmt: skip
+        router = Router(RouterConfig(workers=workers, admin_token="admin-secret", api_keys="memory"))
+        async with serving(router) as client:
+            for priority in ("high", "low"):
+                key = await new_key(client, priority=priority)
+                async with sdk(client, key) as api:
+                    for _ in range(2):  # round robin: once on each worker
+                        await api.chat.completions.create(
+                            model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                        )
+    assert [body.get("priority") for body in engine.generate_calls] == [-1, 1]
+    assert all("priority" not in body for body in other.generate_calls)
