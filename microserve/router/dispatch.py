@@ -54,6 +54,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 key, req.model, request.headers, len(request.body), req.max_tokens
             )
         extra = dict(ticket.headers) if ticket is not None else {}
+        if ticket is not None:  # the engines' scheduler order: high -1, normal 0, low 1
+            req.priority = ticket.rank - PRIORITIES["normal"]
         tenant = ticket.tenant if ticket is not None else ""
         cache_key: str | None = None
         if router.response_cache is not None:
