@@ -36,6 +36,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         req = router.parse(route, request.body, request.headers)
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
         granted = await router.admission.acquire(timeout_s=req.remaining_s())
+        router.metrics.queue_wait.observe(time.perf_counter() - start)
         router.resolve_model(req)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
