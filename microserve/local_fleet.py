@@ -10,15 +10,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microserve.router.autoscaler import Autoscaler, PoolSignals
+from microserve.router.autoscaler import Autoscaler, idlest, pool_signals
 from microserve.router.router import Router
-from microserve.router.workers import Role, Worker, WorkerKind, WorkerSpec
+from microserve.router.workers import Role, WorkerKind, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -37,33 +37,6 @@ class EngineLike(Protocol):  # the part of serve.EngineProcess used here
 
 # Makes serve's next EngineProcess on a port not in the set; serve imports this module, not the reverse.
 EngineFactory = Callable[[set[int]], EngineLike]
-
-
-def pool_signals(router: Router, starting: int) -> PoolSignals:
-    """The pool as the autoscaler sees it: engines up and not draining plus those starting; the load is
-    what the router holds plus, per engine, the larger of its in-flight count and its last load report."""
-    serving = [w for w in router.pool if not w.draining]
-    waiting = running = 0
-    kv = 0.0
-    for w in serving:
-        load = w.load
-        if load is not None and load.waiting + load.running >= w.in_flight:
-            waiting += load.waiting
-            running += load.running
-        else:
-            running += w.in_flight
-        kv = max(kv, load.kv_usage if load is not None else 0.0)
-    return PoolSignals(len(serving) + starting, router.admission.queued, waiting, running, kv)
-
-
-def idlest(workers: Iterable[Worker]) -> Worker | None:
-    """The worker with the least in flight (then the least recent load), the one to drain first."""
-
-    def busy(w: Worker) -> tuple[int, int]:
-        reported = 0 if w.load is None else w.load.waiting + w.load.running
-        return (w.in_flight, reported)
-
-    return min(workers, key=busy, default=None)
 
 
 class DesiredReplicasCollector(Collector):
@@ -133,7 +106,7 @@ class LocalFleet:
             await asyncio.sleep(self.interval_s)
 
     def tick(self) -> None:
-        signals = pool_signals(self.router, len(self.starting))
+        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting))
         desired = self.scaler.decide(self.clock(), signals)
         current = signals.replicas
         for _ in range(desired - current):

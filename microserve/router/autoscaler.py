@@ -7,8 +7,10 @@ virtual clock; an actuator (local processes, a desired-replicas metric) turns de
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from microserve.router.workers import Worker
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,3 +119,30 @@ class PoolAutoscaler:
 
     def desired(self) -> dict[str, int | None]:
         return {role: scaler.desired for role, scaler in self.scalers.items()}
+
+
+def pool_signals(workers: Iterable[Worker], queued: int, starting: int) -> PoolSignals:
+    """The pool as the autoscaler sees it: engines up and not draining plus those starting; the load is
+    what the router holds plus, per engine, the larger of its in-flight count and its last load report."""
+    serving = [w for w in workers if not w.draining]
+    waiting = running = 0
+    kv = 0.0
+    for w in serving:
+        load = w.load
+        if load is not None and load.waiting + load.running >= w.in_flight:
+            waiting += load.waiting
+            running += load.running
+        else:
+            running += w.in_flight
+        kv = max(kv, load.kv_usage if load is not None else 0.0)
+    return PoolSignals(len(serving) + starting, queued, waiting, running, kv)
+
+
+def idlest(workers: Iterable[Worker]) -> Worker | None:
+    """The worker with the least in flight (then the least recent load), the one to drain first."""
+
+    def busy(w: Worker) -> tuple[int, int]:
+        reported = 0 if w.load is None else w.load.waiting + w.load.running
+        return (w.in_flight, reported)
+
+    return min(workers, key=busy, default=None)
