@@ -117,6 +117,5 @@ def test_scale_to_zero_wake_on_a_request_grow_and_shrink_without_failing(tmp_pat
         # Idle again: back to zero engines, every engine process gone.
         wait_for(lambda: workers(url) == [], "zero engines")
         assert not engine_up(surviving_url)
-        assert "autoscale" in serve.output() or True
     finally:
         serve.stop()
