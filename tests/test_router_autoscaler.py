@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from microserve.router.autoscaler import Autoscaler, AutoscalerConfig, PoolAutoscaler, PoolSignals
+from microserve.router.autoscaler import (
+    Autoscaler,
+    AutoscalerConfig,
+    PoolAutoscaler,
+    PoolSignals,
+    idlest,
+    pool_signals,
+)
 
 
 def scaler(**kw: float) -> Autoscaler:
@@ -104,3 +111,17 @@ def test_pools_per_role_decide_apart() -> None:
     )
     assert got == {"prefill": 3, "decode": 1}
     assert pools.desired() == {"prefill": 3, "decode": 1}
+
+
+def test_pool_signals_count_the_queue_in_flight_or_reported_load_and_skip_draining() -> None:
+    from microserve.router.workers import Worker, WorkerSpec
+
+    a, b, c = (Worker(WorkerSpec(f"http://e{i}:1")) for i in range(3))
+    a.in_flight = 3  # no report yet: what the router sent counts
+    b.in_flight = 1
+    b.report_load(waiting=2, running=4, kv_usage=0.5, at=0.0)  # the engine knows more (other routers)
+    c.draining = True
+    c.in_flight = 9
+    s = pool_signals([a, b, c], queued=2, starting=1)
+    assert (s.replicas, s.queued, s.waiting, s.running, s.kv_usage) == (3, 2, 2, 7, 0.5)
+    assert idlest([a, b]) is b
