@@ -71,7 +71,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             trace.admission_begins(router.admission.queued)
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
         rank, cost = admission_cost(req, ticket, len(request.body))
+        queued_at = time.perf_counter()
         granted = await admit(router.fair_share, router.admission, tenant, rank, cost, req.remaining_s())
+        router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
         router.resolve_model(req)
         if trace is not None:
             trace.admitted()

@@ -176,6 +176,12 @@ class RouterMetrics:
             buckets=E2E_BUCKETS,
             registry=reg,
         )
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Seconds a request waited for admission (held while no engine was ready: a scale from zero).",
+            buckets=E2E_BUCKETS,
+            registry=reg,
+        )
         self.retries = Counter(PREFIX + "retries", "Attempts retried on another worker.", registry=reg)
         self.continuations = Counter(
             PREFIX + "stream_continuations",
