@@ -27,7 +27,7 @@ STATUS_CLIENT_CLOSED = 499
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
-    status, granted = 500, None
+    status, ticket = 500, None
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
@@ -36,7 +36,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         # HTTP server): those requests were sent before the client could know; nothing new connects.
         req = router.parse(route, request.body, request.headers)
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
-        granted = await router.admission.acquire(timeout_s=req.remaining_s())
+        ticket = await router.admission.acquire(timeout_s=req.remaining_s())
         router.resolve_model(req)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
@@ -61,8 +61,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if req is not None:
             for handle in req.handles:  # a strategy may pick a worker and never call it
                 handle.release()
-        if granted is not None:
-            router.admission.release(granted)
+        if ticket is not None:
+            router.admission.release(ticket)
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)

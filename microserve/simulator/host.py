@@ -183,11 +183,11 @@ class SimRouter:
         byte; the request's record says how it went (its `error` stays None on success)."""
         record = req.answer.record
         admission = self.admission
-        granted: float | None = None
+        ticket: int | None = None
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
-                    granted = await admission.acquire(timeout_s=req.remaining_s())
+                    ticket = await admission.acquire(timeout_s=req.remaining_s())
                 self.retry_budget.on_request()
                 await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
@@ -197,8 +197,8 @@ class SimRouter:
         except APIError as exc:  # refused by admission (429, or 503 while no replica is ready)
             record.error = f"{exc.status}: {exc.message}"
         finally:
-            if admission is not None and granted is not None:
-                admission.release(granted)
+            if admission is not None and ticket is not None:
+                admission.release(ticket)
 
     async def _attempt(self, req: SimRequest) -> None:
         try:
