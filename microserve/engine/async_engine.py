@@ -103,8 +103,8 @@ class AsyncEngine:
         """Compute `prompt_ids`' KV for another engine; yields the exported payloads from `begin` on."""
         return self._stream(request_id, lambda core: core.add_prefill(request_id, prompt_ids, begin))
 
-    async def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
-        return await self._call(lambda core: core.prep_recv(request_id, prompt_ids, end))
+    async def prep_recv(self, request_id: str, prompt_ids: list[int], end: int, requester: str = "") -> int:
+        return await self._call(lambda core: core.prep_recv(request_id, prompt_ids, end, requester))
 
     async def import_kv(self, request_id: str, payload: bytes) -> tuple[int, int]:
         return await self._call(lambda core: core.import_kv(request_id, payload))

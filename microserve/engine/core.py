@@ -12,7 +12,7 @@ from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
-from microserve.engine.reservations import ReservationError, ReservationTable
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
@@ -68,6 +68,7 @@ class EngineCore:
         max_model_len: int,
         reservation_ttl_s: float = 30.0,
         detokenize: bool = True,
+        reservation_share: float = 0.5,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -77,7 +78,11 @@ class EngineCore:
         self.eos_token_ids = tokenizer.eos_token_ids
         self.requests: dict[str, _Request] = {}
         self.prefills: dict[str, _Prefill] = {}
-        self.reservations = ReservationTable(reservation_ttl_s)
+        # One requester may hold this share of the cache in reservations, and at least one whole
+        # context: so a caller that reserves and never sends cannot starve the engine (issue 20, fault 5).
+        share_blocks = int(self.kv.num_blocks * reservation_share)
+        per_requester = max(share_blocks, self.kv.blocks_for(max_model_len))
+        self.reservations = ReservationTable(reservation_ttl_s, per_requester)
         self.num_steps = 0
         # The driver's measured (or modelled) seconds per step, smoothed: the router derives its
         # first-byte and stall deadlines from it. 0 until the first step.
@@ -123,8 +128,9 @@ class EngineCore:
 
     # -- microserving: the engine's KV verbs --------------------------------------------------------
 
-    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
-        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here."""
+    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int, requester: str = "") -> int:
+        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here.
+        `requester` (the caller's address) is charged the blocks, up to its share of the cache."""
         self._check_new_id(request_id)
         if not 0 < end <= len(prompt_ids) or end > self.max_model_len:
             raise ValueError(f"end={end} must be in [1, {min(len(prompt_ids), self.max_model_len)}]")
@@ -133,7 +139,13 @@ class EngineCore:
         matched = len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, end - matched, cached):
             raise EngineOverloaded(f"no free KV blocks to receive {end - matched} tokens; retry later")
-        self.reservations.add(seq, end, matched)
+        blocks = len(seq.block_table)
+        try:  # after the cache's own check: a full cache is the answer that says more
+            self.reservations.check_quota(requester, blocks)
+        except ReservationQuotaExceeded:
+            self.kv.free(seq)
+            raise
+        self.reservations.add(seq, end, matched, requester=requester, blocks=blocks)
         return matched
 
     def import_kv(self, request_id: str, payload: bytes | memoryview) -> tuple[int, int]:

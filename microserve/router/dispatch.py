@@ -8,9 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import orjson
-
 from microserve.http.server import Request, Response, Stream
+from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -18,7 +17,7 @@ from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
-from microserve.server.errors import APIError, error_body
+from microserve.server.errors import APIError
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STATUS_CLIENT_CLOSED = 499
@@ -122,10 +121,10 @@ async def first_output(
 
     try:
         return await router.retry_loop.run(req, attempt)
-    except UpstreamHTTPError as exc:
-        raise exc.response_error() from None
     except WorkerFailure as exc:
-        raise _final(exc) from None
+        if isinstance(exc, UpstreamHTTPError) and not exc.retryable:
+            raise upstream_error(exc, req.id) from None
+        raise no_answer(exc, req.id) from None
     except NoWorkerAvailable as exc:
         raise no_worker_available(str(exc)) from None
 
@@ -147,7 +146,7 @@ async def stream_out(
         except BrokenStream as exc:
             broken = exc
         except (WorkerFailure, NoWorkerAvailable) as exc:
-            await write_error(response, f"The answer failed mid-stream: {exc}")
+            await response.write(stream_error_event("The answer failed mid-stream", str(exc), req.id))
             return
     await continue_stream(router, strategy, req, response, broken)
 
@@ -161,11 +160,11 @@ async def continue_stream(
         progress = broken.progress
         req.excluded.add(broken.worker.url)
         if progress is None or not broken.resumable:
-            await write_error(response, f"The worker failed mid-stream: {broken.message}")
+            await write_error(response, req, "The worker failed mid-stream", broken)
             return
         if progress.continuations >= router.config.max_continuations or req.remaining_s() <= 0:
             outcome.labels("gave_up").inc()
-            await write_error(response, f"The stream could not be continued: {broken.message}")
+            await write_error(response, req, "The stream could not be continued", broken)
             return
         progress.continuations += 1
         try:
@@ -180,19 +179,15 @@ async def continue_stream(
             broken = BrokenStream(exc.worker, exc.message, progress)
         except NoWorkerAvailable as exc:
             outcome.labels("no_worker").inc()
-            await write_error(response, f"No engine left to continue the stream: {exc}")
+            await response.write(
+                stream_error_event("No engine left to continue the stream", str(exc), req.id)
+            )
             return
         delay = backoff_s(progress.continuations, router.config.retry, router.rng)
         await asyncio.sleep(min(delay, max(0.0, req.remaining_s())))
 
 
-async def write_error(response: Stream, message: str) -> None:
+async def write_error(response: Stream, req: RoutedRequest, what: str, broken: BrokenStream) -> None:
     # No [DONE] after it: the client must see that the stream did not complete.
-    body = error_body(message, "server_error", code="worker_failed")
-    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
-
-
-def _final(last: WorkerFailure) -> APIError:
-    if isinstance(last, UpstreamHTTPError):
-        return last.response_error()
-    return APIError(502, f"No worker could answer: {last.message}", code="upstream_failed")
+    detail = f"{broken.worker.url}: {broken.message}"
+    await response.write(stream_error_event(what, detail, req.id))

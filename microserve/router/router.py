@@ -17,6 +17,7 @@ from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
+from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
@@ -62,6 +63,11 @@ class Router:
             on_budget_exhausted=self.metrics.retry_budget_exhausted.inc,
         )
         self.tokenizers = TokenizerCache(config.tokenizers)
+        self._static = {spec.url for spec in config.workers}  # the rest came from the admin API or discovery
+        sources = [make_discovery(url) for url in config.discovery]
+        self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
+        if self.discovery:
+            self.metrics.registry.register(DiscoveryCollector(self.discovery))
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -95,10 +101,12 @@ class Router:
             self.pool, self._upstream, self.config.health, self._wants_load, self.admission.wake
         )
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
+        await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
         await self._preload_tokenizers(self.strategy, self.policy)
 
     async def close(self) -> None:
+        await self.discovery.stop()
         if self._health is not None:
             await self._health.stop()
         if self._session is not None:
@@ -211,12 +219,17 @@ class Router:
 
     async def add_worker(self, spec: WorkerSpec) -> Worker:
         worker = self.pool.add(spec)
+        self._static.discard(spec.url)
         if self._health is not None:
             await self._health.first_check(worker)
         return worker
 
     def remove_worker(self, url: str) -> Worker:
         return self.pool.remove(url)
+
+    def source_of(self, url: str) -> str:
+        """Where a worker in the pool came from: `static` (flags, YAML), `admin`, or a discovery URL."""
+        return self.discovery.source_of(url) or ("static" if url in self._static else "admin")
 
     def drain_worker(self, url: str, draining: bool = True) -> Worker:
         worker = self.pool.get(url)

@@ -7,6 +7,7 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import aiohttp
 import orjson
 
 from microserve.engine_client import EngineClient, EngineError, KVAddress
-from microserve.http.client import HTTPClient, Response
+from microserve.http.client import ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -39,6 +40,11 @@ class WorkerFailure(Exception):
         self.message = message
 
 
+class WorkerUnreachable(WorkerFailure):
+    """No connection to the worker could be made: it is down, so it leaves the pool until a health
+    check passes again (/ready says so at once, and the client hears 503 with Retry-After)."""
+
+
 class UpstreamHTTPError(WorkerFailure):
     """The worker answered with an error status before any byte of an answer."""
 
@@ -60,18 +66,6 @@ class UpstreamHTTPError(WorkerFailure):
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
 
-    def response_error(self) -> APIError:
-        """The worker's own error, for the client: its status, message and Retry-After."""
-        try:
-            err = orjson.loads(self.body)["error"]
-            message, code = str(err.get("message", "")), err.get("code")
-            type_, param = err.get("type"), err.get("param")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            message = self.body.decode(errors="replace")[:500] or f"the worker answered HTTP {self.status}"
-            code = type_ = param = None
-        headers = {k: v for k, v in self.headers.items() if k.lower() == "retry-after"}
-        return APIError(self.status, message, type=type_, param=param, code=code, headers=headers)
-
 
 class BrokenStream(WorkerFailure):
     """A stream died after it started; `progress` (tracked streams only) says how to continue it."""
@@ -88,6 +82,22 @@ class BrokenStream(WorkerFailure):
 # A worker that is there but busy or starting says so with these; it is not unwell.
 _NOT_A_FAILURE = {429, 503}
 _NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+
+
+def _peer_down(exc: BaseException) -> bool:
+    """A connection refused or its host unreachable (not this process out of descriptors)."""
+    if isinstance(exc, ConnectFailed):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in _PEER_DOWN
+
+
+def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
+    """The failure to raise for a network error on `worker` (already recorded as a connect failure)."""
+    if _peer_down(exc):
+        worker.mark_unreachable()
+        return WorkerUnreachable(worker, f"cannot connect to the worker: {exc!r}")
+    return WorkerFailure(worker, f"cannot reach the worker: {exc!r}")
 
 
 @dataclass(slots=True)
@@ -227,7 +237,7 @@ class WorkerHandle(PickedWorker):
             raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
 
     # -- building blocks for strategies -------------------------------------------------------------
 
@@ -302,7 +312,7 @@ class WorkerHandle(PickedWorker):
             raise self._stalled(clock.first_byte_message(), None) from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
         if resp.status != 200:
             try:
                 data = await resp.read()

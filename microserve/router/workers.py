@@ -208,6 +208,11 @@ class Worker:
     def record_success(self) -> None:
         self.breaker.on_success()
 
+    def mark_unreachable(self) -> None:
+        """A connection to it was refused: out of the pool now, not after the next failed health
+        checks (back in once one passes)."""
+        self.healthy = False
+
     def describe(self) -> dict[str, Any]:
         load = self.load
         return {
