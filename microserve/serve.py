@@ -22,6 +22,7 @@ from microserve.router.config import config_from_args
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -187,13 +188,15 @@ async def serve(args: argparse.Namespace) -> int:
         await starting  # raises if an engine died or timed out
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-        starting_server = RouterServer(Router(replace(config, workers=workers)))
+        tracing = Tracing.from_env("microserve-router")
+        starting_server = RouterServer(Router(replace(config, workers=workers), tracing=tracing))
         await starting_server.start(host, port)  # cleans up after itself if it fails
         server = starting_server
         tune_gc()
         supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
         urls = ", ".join(e.url for e in engines)
-        print(f"microserve: serving on http://{host}:{port}/v1  (engines: {urls})")
+        scheme = "https" if config.tls_cert else "http"
+        print(f"microserve: serving on {scheme}://{host}:{port}/v1  (engines: {urls})")
         print("microserve: press Ctrl-C to stop", flush=True)
         await stop.wait()
         print("microserve: stopping (finishing requests in flight)…", flush=True)

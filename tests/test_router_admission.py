@@ -83,11 +83,12 @@ def test_waiters_go_by_priority_then_arrival() -> None:
         granted = await queue.acquire()
         order: list[str] = []
 
-        async def wait(name: str, priority: float) -> None:
+        async def wait(name: str, priority: tuple[int, float]) -> None:
             queue.release(await queue.acquire(priority))
             order.append(name)
 
-        tasks = [asyncio.create_task(wait(n, p)) for n, p in (("late", 1), ("a", 0), ("b", 0))]
+        orders = (("late", (1, 0.0)), ("a", (0, 0.0)), ("b", (0, 0.0)))
+        tasks = [asyncio.create_task(wait(n, p)) for n, p in orders]
         await asyncio.sleep(0)
         queue.release(granted)
         await asyncio.gather(*tasks)

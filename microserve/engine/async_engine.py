@@ -25,7 +25,7 @@ from microserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_Command = Callable[[EngineCore], None]
+_Command = Callable[[EngineCore], object]  # run on the engine thread; what it returns is dropped
 T = TypeVar("T")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from microserve.router.breaker import CircuitState
+from microserve.router.fair_share import Order
 from microserve.server.errors import APIError
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def pool_capacity(workers: Iterable[Worker], per_worker: int) -> int:
 
 class AdmissionQueue:
     """`acquire` returns once the request may run (a ticket, for `release`), or raises the 429 or 503 it
-    should answer. Waiters are served by `priority` (lower first), then in arrival order."""
+    should answer. Waiters are served by `priority` (lower first: an `Order` from
+    `fair_share.FairShare`, priority class then fair-share start tag), then in arrival order."""
 
     __slots__ = (
         "_capacity",
@@ -110,7 +112,7 @@ class AdmissionQueue:
         self._clock = clock
         self.running = 0
         self.service_s: float | None = None  # smoothed seconds a request holds its slot
-        self._waiters: list[tuple[float, int, asyncio.Future[int]]] = []  # a heap
+        self._waiters: list[tuple[Order, int, asyncio.Future[int]]] = []  # a heap
         self._seq = itertools.count()
         # Running requests' grant times by ticket, oldest first (grants come in time order).
         self._granted: dict[int, float] = {}
@@ -119,6 +121,11 @@ class AdmissionQueue:
     @property
     def queued(self) -> int:
         return len(self._waiters)
+
+    @property
+    def full(self) -> bool:
+        """Whether `acquire` would wait now (a request queued, or every slot taken)."""
+        return bool(self._waiters) or self.running >= self.limit
 
     @property
     def _sized_by_workers(self) -> bool:
@@ -156,18 +163,18 @@ class AdmissionQueue:
         wait = self.expected_wait_s(len(self._waiters))
         return self.config.retry_after_s if wait is None else max(1, math.ceil(wait))
 
-    async def acquire(self, priority: float = 0.0, timeout_s: float | None = None) -> int:
+    async def acquire(self, priority: Order = (0, 0.0), timeout_s: float | None = None) -> int:
         """Wait for a slot; `timeout_s` (the request's own deadline) shortens the hold if sooner."""
         cfg = self.config
         limit = self.limit
         if self.running < limit and not self._waiters:
             return self._take()  # the fast path: no await
-        if len(self._waiters) >= cfg.max_queued:
+        if len(self._waiters) >= cfg.max_queued and not self._evict_after(priority):
             raise too_many_requests(
                 f"The router is at capacity ({limit} running, {len(self._waiters)} queued); retry later.",
                 self.retry_after(),
             )
-        wait = self.expected_wait_s(len(self._waiters))
+        wait = self.expected_wait_s(self._ahead_of(priority))
         if wait is None and self._sized_by_workers and limit > 0:
             # Every engine slot is taken and no request has finished yet, so there is no drain rate to
             # promise a start within the budget: refuse now rather than after the budget (the first
@@ -191,7 +198,7 @@ class AdmissionQueue:
         self._granted[ticket] = self._clock()
         return ticket
 
-    async def _wait(self, priority: float, timeout_s: float | None) -> int:
+    async def _wait(self, priority: Order, timeout_s: float | None) -> int:
         cfg = self.config
         start = self._clock()
         hold = cfg.queue_timeout_s if timeout_s is None else min(cfg.queue_timeout_s, max(0.0, timeout_s))
@@ -223,7 +230,7 @@ class AdmissionQueue:
                     if waiter.done():
                         return waiter.result()
         except BaseException:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.release(waiter.result())  # granted, but the client left: pass the slot on
             else:
                 waiter.cancel()
@@ -238,6 +245,42 @@ class AdmissionQueue:
         return too_many_requests(
             f"The request waited {waited:.3g} s for a slot; retry later.", self.retry_after()
         )
+
+    def _ahead_of(self, priority: Order) -> int:
+        """Waiters that would start before a request of `priority`: all of them, unless fair sharing
+        puts it ahead of some."""
+        return sum(1 for entry in self._waiters if entry[0] <= priority)
+
+    def _evict_after(self, priority: Order) -> bool:
+        """Full: refuse the waiter that would be served last instead, if it comes after `priority` (a
+        noisy tenant's backlog is shed before a quiet tenant's request)."""
+        if not self._waiters:
+            return False
+        last = max(range(len(self._waiters)), key=lambda i: self._waiters[i][:2])
+        if self._waiters[last][0] <= priority:
+            return False
+        _, _, waiter = self._waiters[last]
+        self._waiters[last] = self._waiters[-1]
+        self._waiters.pop()
+        heapq.heapify(self._waiters)
+        if not waiter.done():
+            waiter.set_exception(
+                too_many_requests(
+                    f"The router is at capacity ({self.limit} running, {len(self._waiters)} queued) and "
+                    "this request was the last in line; retry later.",
+                    self.retry_after(),
+                )
+            )
+        return True
+
+    def admit_now(self) -> int | None:
+        """A slot at once, over the limit (up to twice it), for a tenant below its fair share of the
+        slots (`fair_share`); its ticket, or None. `_grant` refills only below the limit, so the
+        other tenants' slots shrink back. Never while no worker is ready."""
+        limit = self.limit
+        if limit > 0 and self.running < 2 * limit:
+            return self._take()
+        return None
 
     def _forget(self, waiter: asyncio.Future[int]) -> None:
         for i, entry in enumerate(self._waiters):

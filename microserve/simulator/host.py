@@ -18,6 +18,7 @@ from typing import Any
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
+from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
 from microserve.router.retry import RetryBudget, RetryConfig
 from microserve.router.router import select_worker
@@ -128,6 +129,7 @@ class SimRouter:
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
         self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
         self.admission: AdmissionQueue | None = None
+        self.fair_share = FairShare()  # one tenant here: the admission queue in arrival order
         if fleet.admission is not None:
             per_worker = fleet.admission.per_worker
             capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
@@ -183,11 +185,12 @@ class SimRouter:
         byte; the request's record says how it went (its `error` stays None on success)."""
         record = req.answer.record
         admission = self.admission
-        ticket: int | None = None
+        granted: int | None = None  # the admission ticket
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
-                    ticket = await admission.acquire(timeout_s=req.remaining_s())
+                    cost = len(req.prompt_ids) + req.params.max_tokens
+                    granted = await admit(self.fair_share, admission, "", 1, cost, req.remaining_s())
                 self.retry_budget.on_request()
                 await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
@@ -197,8 +200,9 @@ class SimRouter:
         except APIError as exc:  # refused by admission (429, or 503 while no replica is ready)
             record.error = f"{exc.status}: {exc.message}"
         finally:
-            if admission is not None and ticket is not None:
-                admission.release(ticket)
+            if admission is not None and granted is not None:
+                admission.release(granted)
+                self.fair_share.running("", -1)
 
     async def _attempt(self, req: SimRequest) -> None:
         try:

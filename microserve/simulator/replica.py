@@ -169,7 +169,7 @@ class SimReplica:
     def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
         return self.core.prep_recv(request_id, prompt_ids, end)
 
-    def import_kv(self, request_id: str, payload: bytes) -> None:
+    def import_kv(self, request_id: str, payload: bytes | memoryview) -> None:
         self.core.import_kv(request_id, payload)
 
     def release(self, request_id: str) -> bool:
@@ -184,14 +184,16 @@ class SimReplica:
         each after its modelled transfer time. Returns the tokens sent.
         """
         send_id = f"{request_id}/send"  # this engine may hold the receiving reservation under request_id
-        progress: asyncio.Queue[PrefillProgress] = asyncio.Queue()
+        progress: asyncio.Queue[RequestOutput | PrefillProgress] = asyncio.Queue()
         self.core.add_prefill(send_id, prompt_ids, begin)
-        self._sinks[send_id] = lambda out, now: progress.put_nowait(out)  # type: ignore[arg-type]
+        self._sinks[send_id] = lambda out, now: progress.put_nowait(out)
         self._kick()
         sent = 0
         try:
             while True:
                 step = await progress.get()
+                if not isinstance(step, PrefillProgress):  # the engine core gives a prefill nothing else
+                    raise RuntimeError(f"{send_id}: a request's output came for a prefill")
                 for piece in step.payloads:
                     await asyncio.sleep(self.runner.transfer_time(piece.num_tokens))
                     dst.import_kv(request_id, piece.data)
