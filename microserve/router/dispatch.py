@@ -34,7 +34,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
     status = 500
-    granted: float | None = None
+    granted: int | None = None  # the admission ticket
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None

@@ -203,7 +203,7 @@ class SimRouter:
         byte; the request's record says how it went (its `error` stays None on success)."""
         record = req.answer.record
         admission = self.admission
-        granted: float | None = None
+        granted: int | None = None  # the admission ticket
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
