@@ -121,6 +121,12 @@ class EngineCore:
         self.requests[request_id] = _Request(seq, detok)
         self.scheduler.add(seq)
 
+    def check_room(self, max_waiting: int, pending: int = 0) -> None:
+        """Refuse a new request (EngineOverloaded, HTTP 503) once `max_waiting` wait, `pending` not yet added
+        counted: the engine's queue bound, for the engine process and the simulator's replicas alike."""
+        if self.num_waiting + pending >= max_waiting:
+            raise EngineOverloaded(f"{max_waiting} requests are already waiting; retry later")
+
     def _check_new_id(self, request_id: str, reserved_ok: bool = False) -> None:
         if request_id in self.requests or request_id in self.prefills:
             raise ValueError(f"request id {request_id!r} is already in flight")
