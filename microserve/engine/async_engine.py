@@ -120,8 +120,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDead(f"the engine loop has stopped: {self._dead}")
         pending = self._adds_submitted - self._adds_taken
-        if self.core.num_waiting + pending >= self.max_waiting:
-            raise EngineOverloaded(f"{self.max_waiting} requests are already waiting; retry later")
+        self.core.check_room(self.max_waiting, pending)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
         stream: asyncio.Queue[Any] = asyncio.Queue()

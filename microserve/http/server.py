@@ -16,6 +16,7 @@ import asyncio
 import enum
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -129,16 +130,19 @@ class Response:
 class Stream:
     """A streamed answer being written: `write` waits while the client reads slower than we write."""
 
-    __slots__ = ("_chunked", "_conn", "ended")
+    __slots__ = ("_chunked", "_conn", "ended", "tap")
 
     def __init__(self, conn: HTTPProtocol, chunked: bool) -> None:
         self._conn = conn
         self._chunked = chunked
         self.ended = False
+        self.tap: Callable[[bytes], None] | None = None  # sees each chunk written (token metering, caching)
 
     async def write(self, data: bytes) -> None:
         if not data:
             return
+        if self.tap is not None:
+            self.tap(data)
         conn = self._conn
         if conn.transport is None or conn.transport.is_closing():
             raise ConnectionResetError("the client went away")
@@ -163,8 +167,18 @@ class Routes:
     def __init__(self) -> None:
         self._by_path: dict[str, dict[str, Handler]] = {}
         self._max_body: dict[tuple[str, str], int] = {}
+        self._prefixes: list[tuple[str, dict[str, Handler]]] = []  # `/a/b/` answers `/a/b/<anything>`
 
     def add(self, method: str, path: str, handler: Handler, *, max_body: int | None = None) -> None:
+        """`path` is exact, or a prefix when it ends with `/*` (the handler reads the rest of the path)."""
+        if path.endswith("/*"):
+            prefix = path[:-1]
+            for known, methods in self._prefixes:
+                if known == prefix:
+                    methods[method.upper()] = handler
+                    return
+            self._prefixes.append((prefix, {method.upper(): handler}))
+            return
         self._by_path.setdefault(path, {})[method.upper()] = handler
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
@@ -175,6 +189,8 @@ class Routes:
 
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._by_path.get(path)
+        if methods is None:
+            methods = next((m for prefix, m in self._prefixes if path.startswith(prefix)), None)
         if methods is None:
             raise APIError(404, f"Not Found: {method} {path}")
         handler = methods.get(method)
@@ -564,18 +580,30 @@ class HTTPServer:
         self._servers: list[asyncio.Server] = []
         self._sockets: list[socket.socket] = []
         self._stop_waiter: asyncio.Future[None] | None = None
+        self.tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen on `host:port`; with `tls`, every connection speaks HTTPS (`microserve.http.tls`)."""
         loop = asyncio.get_running_loop()
+        self.tls = tls
         self.table = ConnectionTable(*self.limits.caps())  # the descriptor limit in force now
         self._sockets = listen(host, port, backlog=self.backlog, reuse_port=reuse_port)
         try:
             for sock in self._sockets:
-                server = await loop.create_server(lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog)
+                server = await loop.create_server(
+                    lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog, ssl=tls
+                )
                 self._servers.append(server)
         except BaseException:
             for server in self._servers:

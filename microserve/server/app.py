@@ -19,6 +19,7 @@ from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
 from microserve.server.metrics import ServerMetrics
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def create_app(
     *,
     served_model_names: list[str] | None = None,
     max_waiting: int | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """An app serving `engine`; `max_waiting` answers 503 once that many requests wait in the engine.
 
@@ -52,6 +54,7 @@ def create_app(
         served_model_names=names,
         metrics=ServerMetrics(engine.load, names[0]),
         max_waiting=max_waiting,
+        tracing=tracing,
     )
     app[STARTED] = int(time.time())
     app.on_shutdown.append(_start_draining)

@@ -26,6 +26,7 @@ from microserve.server.app import create_app
 from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
 from microserve.tokens import bearer_matches
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ def engine_app(
     *,
     own_thread: bool = True,
     metrics_token: str | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
     otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
-    `metrics_token`, /metrics answers only requests that carry it."""
-    app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
+    `metrics_token`, /metrics answers only requests that carry it. With `tracing`, it sends spans, and
+    flushes them as it stops."""
+    app = create_app(engine, tracing=tracing)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
     if metrics_token:
         app.middlewares.append(_metrics_token(metrics_token))
@@ -54,6 +57,12 @@ def engine_app(
     if own_thread:
         app.on_startup.append(start)
     app.on_cleanup.append(stop)
+    if tracing is not None:
+
+        async def flush(_: web.Application) -> None:
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush)
     return app
 
 
@@ -131,8 +140,10 @@ def run_engine(
     metrics_token: str | None = None,
     register: RegisterOptions | None = None,
 ) -> int:
+    # Before the model loads, so that a bad setting fails fast.
+    tracing = Tracing.from_env("microserve-engine", f"http://{host}:{port}")
     engine = build_engine(config)
-    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token)
+    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token, tracing=tracing)
     if register is not None:
         add_registration(app, registrar(engine, config, register), engine.is_ready)
     server = ServerThread(app, host, port)

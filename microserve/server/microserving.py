@@ -10,6 +10,7 @@ prep_recv charges its blocks to the caller's address, up to its share of the cac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 from contextlib import aclosing
@@ -30,6 +31,7 @@ from microserve.server.app import STATE, read_json
 from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.handlers import Prepared, serve
 from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
+from microserve.server.tracing import EngineSpan, SendSpan
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +139,40 @@ async def _engine_call(coro: Any) -> Any:
         raise bad_request(str(exc)) from None
 
 
+def _span(request: web.Request, name: str) -> EngineSpan | contextlib.nullcontext[None]:
+    """The verb's server span when tracing is on (its attributes set by the handler)."""
+    tracing = request.app[STATE].tracing
+    return contextlib.nullcontext() if tracing is None else EngineSpan(tracing, request.headers, name)
+
+
 async def prep_recv(request: web.Request) -> web.Response:
+    with _span(request, "engine.prep_recv") as span:
+        return await _prep_recv(request, span)
+
+
+async def _prep_recv(request: web.Request, span: EngineSpan | None) -> web.Response:
     engine = request.app[ENGINE]
     req = parse_request(PrepRecvRequest, (await read_json(request))[0])
     ids = _prompt_ids(engine, req.prompt)
     end = normalize_index(req.end, len(ids), len(ids))
     matched = await _engine_call(engine.prep_recv(req.request_id, ids, end, request.remote or ""))
+    if span is not None:
+        span.set(
+            microserve__request_id=req.request_id, microserve__end=end, microserve__matched_tokens=matched
+        )
     info = {"request_id": req.request_id, "begin": matched, "end": end, "layout": asdict(engine.kv_layout)}
     return json_response({"kv_addr_info": info, "matched_len": matched})
 
 
 async def remote_send(request: web.Request) -> web.Response:
+    tracing = request.app[STATE].tracing
+    if tracing is None:
+        return await _remote_send(request, None)
+    with SendSpan(tracing, request.headers, "engine.remote_send") as span:
+        return await _remote_send(request, span)
+
+
+async def _remote_send(request: web.Request, span: SendSpan | None) -> web.Response:
     engine = request.app[ENGINE]
     req = parse_request(RemoteSendRequest, (await read_json(request))[0])
     ids = _prompt_ids(engine, req.prompt)
@@ -169,9 +194,15 @@ async def remote_send(request: web.Request) -> web.Response:
         try:
             progress = await _engine_call(anext(prefill))
             while True:
+                if span is not None:
+                    span.exported(progress)
                 for piece in progress.payloads:
                     await asyncio.sleep(engine.transfer_time(piece.num_tokens))  # the sim backend's model
-                    await _push(request.app[SESSION], url, piece.data, headers)
+                    if span is None:
+                        await _push(request.app[SESSION], url, piece.data, headers)
+                    else:
+                        with span.push(piece, url) as push:
+                            await _push(request.app[SESSION], url, piece.data, {**headers, **push.headers})
                     sent += piece.num_tokens
                     size += len(piece.data)
                 if progress.finished:
@@ -179,6 +210,15 @@ async def remote_send(request: web.Request) -> web.Response:
                 progress = await _engine_call(anext(prefill))
         except StopAsyncIteration:
             raise errors.internal_error() from None
+    if span is not None:
+        span.set(
+            microserve__request_id=req.request_id,
+            microserve__kv__begin=begin,
+            microserve__kv__end=end,
+            microserve__kv__sent_tokens=sent,
+            microserve__kv__bytes=size,
+            server__address=req.dst_url,
+        )
     return json_response({"sent_tokens": sent, "bytes": size})
 
 
@@ -220,10 +260,18 @@ async def peer_proof(request: web.Request) -> web.Response:
 
 
 async def receive_kv(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    payload = await request.read()
-    begin, end = await _engine_call(engine.import_kv(request.match_info["request_id"], payload))
-    return json_response({"begin": begin, "end": end})
+    with _span(request, "engine.kv_import") as span:
+        engine = request.app[ENGINE]
+        payload = await request.read()
+        begin, end = await _engine_call(engine.import_kv(request.match_info["request_id"], payload))
+        if span is not None:
+            span.set(
+                microserve__request_id=request.match_info["request_id"],
+                microserve__kv__begin=begin,
+                microserve__kv__end=end,
+                microserve__kv__bytes=len(payload),
+            )
+        return json_response({"begin": begin, "end": end})
 
 
 async def start_generate(request: web.Request) -> web.StreamResponse:
