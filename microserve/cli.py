@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from microserve.args import parse_size, resolve_device
+from microserve.args import add_connection_args, connection_limits, parse_size, resolve_device
 from microserve.bench.cli import add_arguments as add_bench_args
+from microserve.http.limits import ConnectionLimits
 from microserve.router.config import add_router_args, config_from_args
 from microserve.serve import add_serve_args
 from microserve.simulator.cli import add_arguments as add_simulate_args
@@ -90,6 +91,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--internal-token",
         default=os.environ.get("MICROSERVE_INTERNAL_TOKEN"),
         help="required as 'Authorization: Bearer' on /microserving/* (default: $MICROSERVE_INTERNAL_TOKEN)",
+    )
+    _add_engine_server_args(p)
+
+
+def _add_engine_server_args(p: argparse.ArgumentParser) -> None:
+    """The engine's HTTP server: the router's connection limits, drain and port hand-over."""
+    add_connection_args(p)
+    p.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        default=None,
+        help="largest body of a request with a prompt (default: 1MiB + 16 bytes a token of the context)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on stop (30)")
+    p.add_argument(
+        "--no-reuse-port",
+        action="store_true",
+        help="listen without SO_REUSEPORT (a second engine on the port fails instead of taking it over)",
     )
 
 
@@ -190,7 +209,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from microserve.server.engine_main import run_engine
 
             return run_engine(
-                engine_config(args), host=args.host, port=args.port, internal_token=args.internal_token
+                engine_config(args),
+                host=args.host,
+                port=args.port,
+                internal_token=args.internal_token,
+                limits=connection_limits(args, ConnectionLimits()),
+                max_body_bytes=args.max_body_size,
+                drain_timeout_s=args.drain_timeout,
+                reuse_port=not args.no_reuse_port,
             )
     except KeyboardInterrupt:
         return 130

@@ -97,6 +97,11 @@ class Request:
         """Start a streamed answer (chunked); the handler writes to it and returns it."""
         return await self._conn.start_stream(status, headers or {})
 
+    def disconnected(self) -> bool:
+        """The client has gone (the handler is cancelled too, but may poll between awaits)."""
+        transport = self._conn.transport
+        return transport is None or transport.is_closing()
+
 
 class Response:
     """A whole answer."""
@@ -158,23 +163,40 @@ Handler = Callable[[Request], Awaitable["Response | Stream"]]
 
 class Routes:
     """Exact paths to handlers by method; unknown paths are 404, known ones with another method 405.
-    A route may declare the largest body it takes; the others take the server's `max_body_bytes`."""
+    A route may declare the largest body it takes; the others take the server's `max_body_bytes`.
+    A prefix route (`prefix=True`, path ending in "/") takes every path below it that has no exact
+    route; its handler reads the rest of the path from `request.path`."""
 
     def __init__(self) -> None:
         self._by_path: dict[str, dict[str, Handler]] = {}
         self._max_body: dict[tuple[str, str], int] = {}
+        self._prefixes: list[str] = []
 
-    def add(self, method: str, path: str, handler: Handler, *, max_body: int | None = None) -> None:
+    def add(
+        self, method: str, path: str, handler: Handler, *, max_body: int | None = None, prefix: bool = False
+    ) -> None:
+        if prefix and not path.endswith("/"):
+            raise ValueError(f"a prefix route ends with '/': {path}")
+        if prefix and path not in self._prefixes:
+            self._prefixes.append(path)
         self._by_path.setdefault(path, {})[method.upper()] = handler
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
 
+    def _route_path(self, path: str) -> str:
+        if path in self._by_path or not self._prefixes:
+            return path
+        for prefix in self._prefixes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return prefix
+        return path
+
     def max_body(self, method: str, path: str, default: int) -> int:
         """The largest body `method path` takes: known before a byte of the body is read."""
-        return self._max_body.get((method, path), default)
+        return self._max_body.get((method, self._route_path(path)), default)
 
     def resolve(self, method: str, path: str) -> Handler:
-        methods = self._by_path.get(path)
+        methods = self._by_path.get(self._route_path(path))
         if methods is None:
             raise APIError(404, f"Not Found: {method} {path}")
         handler = methods.get(method)

@@ -11,43 +11,54 @@ import logging
 import signal
 import threading
 
-from aiohttp import web
-
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
-from microserve.server.app import create_app
+from microserve.http.limits import ConnectionLimits, raise_descriptor_limit
+from microserve.server.app import EngineApp, create_app
 from microserve.server.microserving import add_microserving_routes
 
 log = logging.getLogger(__name__)
 
 
 def engine_app(
-    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
-) -> web.Application:
+    engine: AsyncEngine,
+    internal_token: str | None = None,
+    *,
+    own_thread: bool = True,
+    limits: ConnectionLimits | None = None,
+    max_body_bytes: int | None = None,
+) -> EngineApp:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
     otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
-    app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
+    # The engine itself refuses work beyond its max_waiting.
+    app = create_app(engine, limits=limits, max_body_bytes=max_body_bytes)
     add_microserving_routes(app, engine, internal_token)
 
-    async def start(_: web.Application) -> None:
+    async def start() -> None:
         engine.start()
-
-    async def stop(_: web.Application) -> None:
-        await engine.stop()
 
     if own_thread:
         app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+    app.on_cleanup.append(engine.stop)
     return app
 
 
 class ServerThread:
-    """An aiohttp app served from an event loop on a background thread."""
+    """An engine app served from an event loop on a background thread."""
 
-    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: EngineApp,
+        host: str,
+        port: int,
+        shutdown_timeout: float = 30.0,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.loop = _new_loop()
         self._app, self._host, self._port, self._timeout = app, host, port, shutdown_timeout
+        self._reuse_port = reuse_port
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -77,30 +88,32 @@ class ServerThread:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        runner = web.AppRunner(
-            self._app,
-            handle_signals=False,
-            handler_cancellation=True,
-            shutdown_timeout=self._timeout,
-            # One log line per request costs more than serving it; keep them for debugging only.
-            access_log=logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None,
-        )
         try:
-            await runner.setup()
-            await web.TCPSite(runner, self._host, self._port).start()
+            await self._app.start(self._host, self._port, reuse_port=self._reuse_port)
         except BaseException as exc:
             self._error = exc
             self._started.set()
-            await runner.cleanup()
             return
         self._started.set()
         await self._stop.wait()
-        await runner.cleanup()  # on_shutdown (drain) then on_cleanup (stops the engine)
+        await self._app.stop(self._timeout)  # drain, then the cleanup hooks (which stop the engine)
 
 
-def run_engine(config: EngineConfig, host: str, port: int, internal_token: str | None = None) -> int:
+def run_engine(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    internal_token: str | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
+    max_body_bytes: int | None = None,
+    drain_timeout_s: float = 30.0,
+    reuse_port: bool = False,
+) -> int:
+    raise_descriptor_limit()
     engine = build_engine(config)
-    server = ServerThread(engine_app(engine, internal_token, own_thread=False), host, port)
+    app = engine_app(engine, internal_token, own_thread=False, limits=limits, max_body_bytes=max_body_bytes)
+    server = ServerThread(app, host, port, drain_timeout_s, reuse_port=reuse_port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
