@@ -37,13 +37,24 @@ CASES = {
 }
 
 
+def write_profile(path: Path, step_s: float) -> Path:
+    """A sim cost model where a step costs `step_s` whatever it holds: the server's work shows."""
+    coefficients = dict.fromkeys(
+        ("per_token_s", "per_attention_pair_s", "per_kv_gather_token_s", "per_sample_s"), 0.0
+    )
+    model = {"format": "microserve-cost-model", "version": 1,
+             "coefficients": {"step_overhead_s": step_s, **coefficients}}  # fmt: skip
+    path.write_text(json.dumps(model))
+    return path
+
+
 @contextlib.contextmanager
-def engine(tree: Path, timeout: float = 300.0) -> Iterator[str]:
+def engine(tree: Path, profile: Path, timeout: float = 300.0) -> Iterator[str]:
     """A sim engine from `tree` (PYTHONPATH and cwd, as `python -m` puts cwd first on the path)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-           "--port", str(port), "--max-num-seqs", "256"]  # fmt: skip
+           "--sim-profile", str(profile), "--port", str(port), "--max-num-seqs", "256"]  # fmt: skip
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed when the engine is)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -74,7 +85,7 @@ def wrk(url: str, body: str, duration: float, connections: int) -> dict[str, flo
         f.write(script)
         f.flush()
         out = subprocess.run(
-            ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", f.name,
+            ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "-s", f.name,
              f"{url}/v1/completions"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
@@ -82,8 +93,8 @@ def wrk(url: str, body: str, duration: float, connections: int) -> dict[str, flo
         raise RuntimeError(f"wrk saw failures:\n{out}")
     return {
         "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
-        "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
-        "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),  # type: ignore[union-attr]
+        "p50_ms": _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
+        "p99_ms": _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1)),  # type: ignore[union-attr]
     }
 
 
@@ -99,12 +110,14 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=8.0, help="seconds of load per case and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--step-ms", type=float, default=0.2, help="the sim engine's modelled step time")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    profile = write_profile(Path(tempfile.mkdtemp()) / "profile.json", args.step_ms / 1000)
     trees = {"microserve (lean server)": ROOT, args.peer_name: args.peer.resolve()}
     runs: dict[str, dict[str, list[dict[str, float]]]] = {t: {c: [] for c in CASES} for t in trees}
     with contextlib.ExitStack() as stack:
-        urls = {name: stack.enter_context(engine(tree)) for name, tree in trees.items()}
+        urls = {name: stack.enter_context(engine(tree, profile)) for name, tree in trees.items()}
         for url in urls.values():  # warm up: first requests compile, allocate, fill caches
             wrk(url, CASES["whole, 1 token"], 2, args.connections)
         for _ in range(args.rounds):
@@ -136,6 +149,7 @@ def main() -> int:
             "connections": args.connections,
             "duration_s": args.duration,
             "rounds": args.rounds,
+            "step_ms": args.step_ms,
             "peer": str(args.peer),
             "summary": summary,
             "runs": runs,

@@ -19,6 +19,7 @@ import pytest
 from microserve.http.server import Request
 from microserve.server.app import create_app
 from microserve.server.handlers import ClientDisconnected, prepare, serve
+from microserve.server.prompt_limits import prompt_body_limit
 from microserve.server.protocol import CompletionRequest, parse_request
 from tests.engine_serving import client_of
 from tests.fake_engine import BOS, FakeEngine
@@ -515,6 +516,43 @@ async def test_shutdown_drains_ready_and_new_requests(engine: FakeEngine) -> Non
         resp = await client.post("/v1/completions", json={"prompt": "hi"})
         assert resp.status == 503
         assert "shutting down" in (await resp.json())["error"]["message"]
+
+
+async def test_a_body_over_the_context_sized_limit_is_413_before_it_is_read(engine: FakeEngine) -> None:
+    app = create_app(engine)
+    assert app.max_body_bytes == prompt_body_limit(engine.max_model_len)
+    big = orjson.dumps({"prompt": "x" * app.max_body_bytes})
+    async with client_of(app) as client:
+        resp = await client.post("/v1/completions", data=big, headers={"Content-Type": "application/json"})
+        assert resp.status == 413
+        error = (await resp.json())["error"]
+        assert error["type"] == "invalid_request_error"
+        assert f"exceeds {app.max_body_bytes} bytes" in error["message"]
+    assert engine.calls == []
+    async with client_of(create_app(engine)) as client:  # the connection closed; the server goes on
+        assert (await client.post("/v1/completions", json={"prompt": "hi"})).status == 200
+
+
+async def test_a_prompt_longer_than_the_context_can_hold_is_not_tokenized(engine: FakeEngine) -> None:
+    calls: list[int] = []
+    encode = engine.tokenizer.encode
+
+    def counting_encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        calls.append(len(text))
+        return encode(text, add_special_tokens)
+
+    engine.tokenizer.encode = counting_encode  # type: ignore[method-assign]
+    async with serving(engine) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x" * 100_000})
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+        chat = {"messages": [{"role": "user", "content": "x" * 100_000}]}
+        resp = await client.post("/v1/chat/completions", json=chat)
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "messages"
+        assert calls == []
+        assert (await client.post("/v1/completions", json={"prompt": "hi"})).status == 200
+    assert calls == [2]
 
 
 async def test_large_prompt_is_prepared_off_the_event_loop() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from microserve.http.limits import ConnectionLimits
 from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
+from microserve.server.heap import HeapTrimmer
 from microserve.server.metrics import ServerMetrics
 from microserve.server.prompt_limits import prompt_body_limit
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
@@ -58,6 +59,7 @@ class EngineApp:
         self.routes.add("GET", "/ready", self.ready)
         self.routes.add("GET", "/load", self.load)
         self.routes.add("GET", "/metrics", self.metrics)
+        self.heap = HeapTrimmer()
         self.on_startup: list[Hook] = []
         self.on_cleanup: list[Hook] = []
         self.http = HTTPServer(self.routes, limits)
@@ -110,12 +112,18 @@ class EngineApp:
     # -- routes -------------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response | Stream:
-        req = parse_request(CompletionRequest, request.json())
-        return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        try:
+            req = parse_request(CompletionRequest, request.json())
+            return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        finally:
+            self.heap.request_done(len(request.body))
 
     async def chat_completions(self, request: Request) -> Response | Stream:
-        req = parse_request(ChatCompletionRequest, request.json())
-        return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        try:
+            req = parse_request(ChatCompletionRequest, request.json())
+            return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        finally:
+            self.heap.request_done(len(request.body))
 
     async def models(self, request: Request) -> Response:
         engine = self.state.engine
