@@ -106,7 +106,7 @@ async def run_benchmark(
     slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
     # At rate inf there is no schedule to keep: take a slot before issuing, so a --duration run stays a
     # closed loop of max_concurrency requests instead of queueing without end.
-    closed_loop = math.isinf(config.request_rate) and slots is not None
+    closed_loop = slots if math.isinf(config.request_rate) else None  # its slots, where it is one
     records: list[RequestRecord] = []
     tasks: set[asyncio.Task[None]] = set()
     answered = asyncio.Event()
@@ -114,14 +114,14 @@ async def run_benchmark(
     async def one(request: BenchRequest, arrival: float, session: aiohttp.ClientSession) -> None:
         record = RequestRecord(request, arrival=arrival)
         try:
-            if slots is None or closed_loop:
+            if slots is None or closed_loop is not None:
                 await send(session, target, record)
             else:
                 async with slots:
                     await send(session, target, record)
         finally:
-            if closed_loop:
-                slots.release()  # type: ignore[union-attr]
+            if closed_loop is not None:
+                closed_loop.release()
         source.complete(request, record.text if record.success else None)
         records.append(record)
         answered.set()
@@ -139,16 +139,16 @@ async def run_benchmark(
                 await asyncio.wait_for(answered.wait(), timeout=None if math.isinf(deadline) else timeout)
         return request
 
-    async def ticker(start: float) -> None:
+    async def ticker(observer: RunObserver, start: float) -> None:
         while True:
-            observer.tick(time.perf_counter() - start)  # type: ignore[union-attr]
+            observer.tick(time.perf_counter() - start)
             await asyncio.sleep(0.25)
 
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
     async with aiohttp.ClientSession(connector=connector) as session:
         start = time.perf_counter()
         deadline = start + config.duration_s if config.duration_s else math.inf
-        tick_task = asyncio.create_task(ticker(start)) if observer else None
+        tick_task = asyncio.create_task(ticker(observer, start)) if observer else None
         next_at = start
         try:
             for gap in gaps:
@@ -156,12 +156,12 @@ async def run_benchmark(
                 if next_at >= deadline:
                     break
                 await _sleep_until(next_at)
-                if closed_loop:
-                    await slots.acquire()  # type: ignore[union-attr]
+                if closed_loop is not None:
+                    await closed_loop.acquire()
                 request = await next_request(deadline)
                 if request is None or time.perf_counter() >= deadline:
-                    if closed_loop:
-                        slots.release()  # type: ignore[union-attr]
+                    if closed_loop is not None:
+                        closed_loop.release()
                     break
                 task = asyncio.create_task(one(request, time.perf_counter(), session))
                 tasks.add(task)
@@ -215,11 +215,13 @@ class LiveProgress:
         self.progress.stop()
 
     def _refresh(self) -> None:
-        fields = {"in_flight": self.in_flight, "failed": self.failed, "count": f"{self.done} done"}
-        if self._by_time:
-            self.progress.update(self.task, **fields)
-        else:
-            self.progress.update(self.task, completed=self.done, **fields)
+        self.progress.update(
+            self.task,
+            completed=None if self._by_time else self.done,  # None: rich leaves it as it is
+            in_flight=self.in_flight,
+            failed=self.failed,
+            count=f"{self.done} done",
+        )
 
     def sent(self, request: BenchRequest) -> None:
         self.in_flight += 1

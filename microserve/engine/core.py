@@ -5,14 +5,15 @@ The same core runs behind the torch runner, the sim runner and (later) the simul
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
-from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
-from microserve.engine.reservations import ReservationError, ReservationTable
+from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput, Timeline
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
@@ -22,6 +23,8 @@ from microserve.model.tokenizer import Tokenizer
 # Exported KV travels in pieces of at most this many tokens: bounded request bodies on the receiver,
 # and the first piece leaves while later ones are still being exported.
 TRANSFER_PIECE_TOKENS = 256
+# Weight of the newest step in the smoothed step time: about the last ten steps count.
+STEP_TIME_ALPHA = 0.1
 
 
 class Runner(Protocol):
@@ -66,6 +69,7 @@ class EngineCore:
         max_model_len: int,
         reservation_ttl_s: float = 30.0,
         detokenize: bool = True,
+        reservation_share: float = 0.5,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -75,8 +79,15 @@ class EngineCore:
         self.eos_token_ids = tokenizer.eos_token_ids
         self.requests: dict[str, _Request] = {}
         self.prefills: dict[str, _Prefill] = {}
-        self.reservations = ReservationTable(reservation_ttl_s)
+        # One requester may hold this share of the cache in reservations, and at least one whole
+        # context: so a caller that reserves and never sends cannot starve the engine (issue 20, fault 5).
+        share_blocks = int(self.kv.num_blocks * reservation_share)
+        per_requester = max(share_blocks, self.kv.blocks_for(max_model_len))
+        self.reservations = ReservationTable(reservation_ttl_s, per_requester)
         self.num_steps = 0
+        # The driver's measured (or modelled) seconds per step, smoothed: the router derives its
+        # first-byte and stall deadlines from it. 0 until the first step.
+        self.step_s = 0.0
         # Off in the simulator: nobody reads the text there, and decoding is per-token work on its hot
         # path. A request with stop strings is decoded anyway, since they are matched on its text.
         self.detokenize = detokenize
@@ -118,8 +129,9 @@ class EngineCore:
 
     # -- microserving: the engine's KV verbs --------------------------------------------------------
 
-    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
-        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here."""
+    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int, requester: str = "") -> int:
+        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here.
+        `requester` (the caller's address) is charged the blocks, up to its share of the cache."""
         self._check_new_id(request_id)
         if not 0 < end <= len(prompt_ids) or end > self.max_model_len:
             raise ValueError(f"end={end} must be in [1, {min(len(prompt_ids), self.max_model_len)}]")
@@ -128,7 +140,13 @@ class EngineCore:
         matched = len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, end - matched, cached):
             raise EngineOverloaded(f"no free KV blocks to receive {end - matched} tokens; retry later")
-        self.reservations.add(seq, end, matched)
+        blocks = len(seq.block_table)
+        try:  # after the cache's own check: a full cache is the answer that says more
+            self.reservations.check_quota(requester, blocks)
+        except ReservationQuotaExceeded:
+            self.kv.free(seq)
+            raise
+        self.reservations.add(seq, end, matched, requester=requester, blocks=blocks)
         return matched
 
     def import_kv(self, request_id: str, payload: bytes | memoryview) -> tuple[int, int]:
@@ -190,6 +208,7 @@ class EngineCore:
         seq.num_prompt_tokens = len(prompt_ids)
         seq.params = params
         seq.num_cached_tokens = start
+        seq.arrival_time = time.monotonic()  # its queue wait starts now, not at prep_recv
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -221,10 +240,16 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        started = time.monotonic()
         sampled = self.runner.execute(batch)
+        done = time.monotonic()
         self.num_steps += 1
         outputs: list[RequestOutput | PrefillProgress] = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # a chunk of prompt (for traces)
+                seq.num_prefill_chunks += 1
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = started
             self.kv.append(seq, n)
             if seq.prefill_only:
                 outputs.append(self._prefill_progress(seq))
@@ -233,6 +258,8 @@ class EngineCore:
                 continue  # a chunk of a longer prefill: nothing to emit yet
             req = self.requests[seq.request_id]
             seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = done
             status = self._check_stop(req, token)
             if status is not None:
                 self._finish(req, status)
@@ -244,15 +271,19 @@ class EngineCore:
         prefill = self.prefills[seq.request_id]
         upto = seq.num_computed_tokens
         pieces = []
+        exported_at = time.monotonic()
         for begin in range(prefill.exported_upto, upto, TRANSFER_PIECE_TOKENS):
             end = min(begin + TRANSFER_PIECE_TOKENS, upto)
             pieces.append(KVPiece(begin, end, self.kv.export_kv(seq, begin, end)))
+        export_s = time.monotonic() - exported_at
         prefill.exported_upto = max(prefill.exported_upto, upto)
         finished = upto == seq.num_tokens
+        timeline = None
         if finished:
             del self.prefills[seq.request_id]
             self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)  # its full blocks stay cached
-        return PrefillProgress(seq.request_id, pieces, finished)
+            timeline = _timeline(seq)
+        return PrefillProgress(seq.request_id, pieces, finished, exported_at, export_s, timeline)
 
     def _check_stop(self, req: _Request, token: int) -> SequenceStatus | None:
         seq, p = req.seq, req.seq.params
@@ -303,11 +334,21 @@ class EngineCore:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_completion_tokens,
             cached_tokens=seq.num_cached_tokens,
+            timeline=_timeline(seq) if finished else None,
         )
+
+    def record_step_time(self, seconds: float) -> None:
+        """The driver says how long the last step took (wall time, or the simulator's modelled time)."""
+        if self.step_s == 0.0:
+            self.step_s = seconds
+        else:
+            self.step_s += STEP_TIME_ALPHA * (seconds - self.step_s)
 
     def load(self) -> dict[str, float | int]:
         kv = self.kv
         return {
+            "step_s": round(self.step_s, 6),
+            "max_num_seqs": self.scheduler.config.max_num_seqs,
             "waiting": self.num_waiting,
             "running": self.num_running,
             "kv_usage": round(kv.usage, 6),
@@ -320,3 +361,15 @@ class EngineCore:
             "kv_reservations": len(self.reservations),
             "kv_reservations_received_tokens": self.reservations.received_tokens(),
         }
+
+
+def _timeline(seq: Sequence) -> Timeline:
+    return Timeline(
+        arrival=seq.arrival_time,
+        scheduled=seq.scheduled_time,
+        first_token=seq.first_token_time,
+        finished=time.monotonic(),
+        prefill_chunks=seq.num_prefill_chunks,
+        cached_tokens=seq.num_cached_tokens,
+        preemptions=seq.num_preemptions,
+    )

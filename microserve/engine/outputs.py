@@ -12,6 +12,20 @@ class FinishReason(StrEnum):
     ABORT = "abort"  # cancelled by the client or the server
 
 
+@dataclass(slots=True, frozen=True)
+class Timeline:
+    """When a request's phases happened in the engine (`time.monotonic()`), handed out with its last
+    output so that traces can show queue wait, prefill and decode without a hook in the step loop."""
+
+    arrival: float
+    scheduled: float | None  # its first prefill chunk ran; None if it never ran
+    first_token: float | None
+    finished: float
+    prefill_chunks: int  # chunks of prompt computed, recomputes after preemption included
+    cached_tokens: int
+    preemptions: int
+
+
 @dataclass(slots=True)
 class RequestOutput:
     """One increment of a request's generation.
@@ -28,6 +42,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    timeline: Timeline | None = None  # on the finished output only
 
 
 @dataclass(slots=True)
@@ -36,7 +51,7 @@ class KVPiece:
 
     begin: int
     end: int
-    data: bytes
+    data: memoryview  # a view of the payload, not a copy
 
     @property
     def num_tokens(self) -> int:
@@ -50,3 +65,6 @@ class PrefillProgress:
     request_id: str
     payloads: list[KVPiece]
     finished: bool
+    exported_at: float = 0.0  # time.monotonic() when exporting `payloads` began
+    export_s: float = 0.0  # and how long it took
+    timeline: Timeline | None = None  # on the finished progress only

@@ -51,6 +51,10 @@ class Sequence:
     num_preemptions: int = 0
     prefill_only: bool = False  # compute KV for another engine: never sample
     arrival_time: float = field(default_factory=time.monotonic)
+    # For traces: when its prefill first ran, when its first token came, how many chunks the prefill took.
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_prefill_chunks: int = 0
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

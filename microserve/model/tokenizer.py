@@ -144,6 +144,8 @@ class Tokenizer:
             if not eos_ids:
                 raise ValueError(f"{path} names no eos token in tokenizer_config.json or config files")
             eos = backend.id_to_token(eos_ids[0])
+            if eos is None:
+                raise ValueError(f"{path}: eos token id {eos_ids[0]} is not in the tokenizer's vocabulary")
         return cls(
             backend,
             eos_token=eos,
@@ -239,6 +241,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    """A GGUF merge, "left right", as the pair tokenizers' BPE takes."""
+    left, space, right = merge.partition(" ")
+    if not space:
+        raise ValueError(f"BPE merge {merge!r} is not two tokens separated by a space")
+    return left, right
+
+
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> tokenizers.Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -247,7 +257,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> to
         (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
         for i, t in enumerate(tokens)
     }
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [_merge_pair(m) for m in merges]
     backend = tokenizers.Tokenizer(
         BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )

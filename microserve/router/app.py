@@ -17,13 +17,18 @@ from types import TracebackType
 
 from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
+from microserve.http.tls import server_context
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
+from microserve.router.admin_keys import add_key_routes
 from microserve.router.config import RouterConfig
 from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
+from microserve.server.errors import APIError
+from microserve.tokens import bearer_matches
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +51,11 @@ class RouterServer:
         return self.http.port
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = self.router.config
+        tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         await self.router.start()
         try:
-            await self.http.start(host, port, reuse_port=self.router.config.reuse_port)
+            await self.http.start(host, port, reuse_port=config.reuse_port, tls=tls)
         except BaseException:
             await self.router.close()
             raise
@@ -85,6 +92,7 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/metrics", functools.partial(metrics, router))
     table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
     add_admin_routes(table, router)
+    add_key_routes(table, router)
     add_dashboard_routes(table, router, started)
     return table
 
@@ -104,18 +112,30 @@ async def health(request: Request) -> Response:
 async def ready(router: Router, request: Request) -> Response:
     """Ready when at least one worker can take a request and the router is not shutting down."""
     available = 0 if router.draining else sum(1 for w in router.pool if w.available and w.models)
-    return Response.json(
-        {"ready": available > 0, "workers_available": available}, status=200 if available else 503
-    )
+    body: dict[str, object] = {"ready": available > 0, "workers_available": available}
+    if router.discovery:  # a registry that blinked: still ready on the last membership, and says so
+        body["discovery"] = router.discovery.describe()
+    return Response.json(body, status=200 if available else 503)
 
 
 async def metrics(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     body, content_type = router.metrics.render(request.headers.get("accept"))
     return Response(body, content_type=content_type)
 
 
 async def prometheus_targets(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     return Response.json(scrape_targets(router.pool))
+
+
+def _check_metrics_token(router: Router, request: Request) -> None:
+    """Both name the engines' addresses: behind `--metrics-token-file` when one is given."""
+    token = router.config.metrics_token
+    if token and not bearer_matches(request.headers.get("authorization"), token):
+        raise APIError(
+            401, "This route needs the metrics token: 'Authorization: Bearer <token>'.", code="unauthorized"
+        )
 
 
 def run_router(config: RouterConfig) -> int:
@@ -143,10 +163,12 @@ def tune_gc() -> None:
 
 async def _serve(config: RouterConfig) -> None:
     raise_descriptor_limit()
-    server = RouterServer(Router(config))
+    tracing = Tracing.from_env("microserve-router", f"http://{config.host}:{config.port}")
+    server = RouterServer(Router(config, tracing=tracing))
     await server.start(config.host, config.port)
     tune_gc()
-    print(f"microserve router on http://{config.host}:{server.port}/v1", flush=True)
+    scheme = "https" if config.tls_cert else "http"
+    print(f"microserve router on {scheme}://{config.host}:{server.port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,6 +34,7 @@ class RoutedRequest:
     """A validated client request; policies and strategies read it, the proxy forwards `raw` or a variant."""
 
     __slots__ = (
+        "_clock",
         "_id",
         "_prefix",
         "_prompt_ids",
@@ -50,6 +51,7 @@ class RoutedRequest:
         "route",
         "session_key",
         "stream",
+        "trace",
         "wants_token_ids",
     )
 
@@ -62,6 +64,7 @@ class RoutedRequest:
         session_key: str | None = None,
         timeout_s: float = 600.0,
         tokenize: PromptTokenizer = _no_tokenizer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.route = route
         self.body = body
@@ -71,13 +74,15 @@ class RoutedRequest:
         self.session_key = session_key
         self.wants_token_ids = bool(body.get("return_token_ids"))
         self._id: str | None = None
-        self.deadline = time.monotonic() + timeout_s
+        self._clock = clock  # the simulator's requests run on its virtual clock
+        self.deadline = clock() + timeout_s
         self.excluded: set[str] = set()  # workers that failed this request: retries go elsewhere
         self.handles: list[Any] = []  # every worker picked for it, released when it ends
         # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
         self.hops: list[Hop] = []
         self.output_tokens: int | None = None
         self.cached_tokens: int | None = None
+        self.trace: Any = None  # a RequestTrace (router/tracing.py) when tracing is on
         self._tokenize = tokenize
         self._prompt_ids: list[int] | None = None
         self._prefix: str | list[int] | None = None
@@ -124,8 +129,18 @@ class RoutedRequest:
         """Record a call a strategy made for this request (shown on /dashboard, counted in /metrics)."""
         self.hops.append(Hop(verb, worker, tokens, nbytes))
 
+    @property
+    def known_prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens if it was tokenized (a strategy or policy asked), else None."""
+        return None if self._prompt_ids is None else len(self._prompt_ids)
+
+    @property
+    def known_id(self) -> str | None:
+        """The request's id if one was made (microserving verbs use it), else None."""
+        return self._id
+
     def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - self._clock()
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -7,15 +7,16 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
 
 from microserve.engine_client import EngineClient, EngineError, KVAddress
-from microserve.http.client import HTTPClient, Response
+from microserve.http.client import ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -24,7 +25,9 @@ from microserve.router.continuation import (
     split_frames,
     whole_as_client,
 )
+from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import RoutedRequest
+from microserve.router.tracing import call_span
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
 from microserve.server.errors import APIError
 
@@ -36,6 +39,11 @@ class WorkerFailure(Exception):
         super().__init__(f"{worker.url}: {message}")
         self.worker = worker
         self.message = message
+
+
+class WorkerUnreachable(WorkerFailure):
+    """No connection to the worker could be made: it is down, so it leaves the pool until a health
+    check passes again (/ready says so at once, and the client hears 503 with Retry-After)."""
 
 
 class UpstreamHTTPError(WorkerFailure):
@@ -59,18 +67,6 @@ class UpstreamHTTPError(WorkerFailure):
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
 
-    def response_error(self) -> APIError:
-        """The worker's own error, for the client: its status, message and Retry-After."""
-        try:
-            err = orjson.loads(self.body)["error"]
-            message, code = str(err.get("message", "")), err.get("code")
-            type_, param = err.get("type"), err.get("param")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            message = self.body.decode(errors="replace")[:500] or f"the worker answered HTTP {self.status}"
-            code = type_ = param = None
-        headers = {k: v for k, v in self.headers.items() if k.lower() == "retry-after"}
-        return APIError(self.status, message, type=type_, param=param, code=code, headers=headers)
-
 
 class BrokenStream(WorkerFailure):
     """A stream died after it started; `progress` (tracked streams only) says how to continue it."""
@@ -87,6 +83,22 @@ class BrokenStream(WorkerFailure):
 # A worker that is there but busy or starting says so with these; it is not unwell.
 _NOT_A_FAILURE = {429, 503}
 _NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+
+
+def _peer_down(exc: BaseException) -> bool:
+    """A connection refused or its host unreachable (not this process out of descriptors)."""
+    if isinstance(exc, ConnectFailed):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in _PEER_DOWN
+
+
+def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
+    """The failure to raise for a network error on `worker` (already recorded as a connect failure)."""
+    if _peer_down(exc):
+        worker.mark_unreachable()
+        return WorkerUnreachable(worker, f"cannot connect to the worker: {exc!r}")
+    return WorkerFailure(worker, f"cannot reach the worker: {exc!r}")
 
 
 @dataclass(slots=True)
@@ -103,6 +115,7 @@ class Upstream:
     connect_timeout_s: float = 5.0
     track_streams: bool = True
     decoder: Callable[[str | None], Any] | None = None  # async: model -> decode(ids) or None
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # per stream attempt
 
     def headers_for(self, worker: Worker) -> dict[str, str]:
         token = self.internal_token if worker.kind is WorkerKind.MICROSERVE else worker.spec.api_key
@@ -111,8 +124,8 @@ class Upstream:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def engine_client(self, worker: Worker) -> EngineClient:
-        return EngineClient(worker.url, self.session, self.internal_token)
+    def engine_client(self, worker: Worker, headers: dict[str, str] | None = None) -> EngineClient:
+        return EngineClient(worker.url, self.session, self.internal_token, headers)
 
 
 class WorkerHandle(PickedWorker):
@@ -130,9 +143,13 @@ class WorkerHandle(PickedWorker):
 
     @property
     def engine(self) -> EngineClient:
+        return self.engine_with()
+
+    def engine_with(self, headers: dict[str, str] | None = None) -> EngineClient:
+        """The engine's client, sending `headers` (a trace context) with every call."""
         if self.worker.kind is not WorkerKind.MICROSERVE:
             raise TypeError(f"{self.url} is not a microserve engine; it has no microserving verbs")
-        return self._up.engine_client(self.worker)
+        return self._up.engine_client(self.worker, headers)
 
     # -- whole requests -----------------------------------------------------------------------------
 
@@ -141,23 +158,29 @@ class WorkerHandle(PickedWorker):
         req.note("generate", self.url)
         track = req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE
         body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
+        deadlines = self.deadlines() if req.stream else None
+        call = call_span(req, "generate", self.worker, microserve__stream=req.stream)
         try:
-            resp = await self._post(req.route, body, req)
+            resp = await self._post(req.route, body, req, deadlines, trace_headers=call.headers)
             try:
                 if not req.stream:
                     yield await self._read_whole(resp)
                 elif track:
                     progress = StreamProgress.for_request(req)
-                    async for data in self._relay_tracked(resp, progress):
+                    async for data in self._relay_tracked(resp, progress, deadlines):
                         yield data
                     progress.count_into(req)
                 else:
-                    async for data in self._relay(resp):
+                    async for data in self._relay(resp, deadlines):
                         yield data
             finally:
                 resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
         """Continue a broken stream here: prompt + generated ids on /v1/completions, as the client's shape."""
@@ -170,14 +193,24 @@ class WorkerHandle(PickedWorker):
             for frame in progress.closing_frames():
                 yield frame
             return
-        async for data in self.completion_stream(req, "/v1/completions", body, progress):
+        async for data in self.completion_stream(req, "/v1/completions", body, progress, verb="resume"):
             yield data
 
     # -- microserving verbs (microserve engines) --------------------------------------------------
 
     async def prep_recv(self, req: RoutedRequest, end: int) -> KVAddress:
         """Reserve blocks here for the prompt's KV up to `end`; `.matched` is the prefix already held."""
-        addr: KVAddress = await self._verb(self.engine.prep_recv(req.id, req.prompt_ids, end))
+        call = call_span(req, "prep_recv", self.worker, microserve__end=end)
+        try:
+            addr: KVAddress = await self._verb(
+                self.engine_with(call.headers).prep_recv(req.id, req.prompt_ids, end)
+            )
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            call.end()
+        call.set(microserve__matched_tokens=addr.matched)
         req.note("prep_recv", self.url, addr.matched)
         return addr
 
@@ -186,14 +219,25 @@ class WorkerHandle(PickedWorker):
     ) -> dict[str, int]:
         """Compute the prompt's KV up to `end` here and push [begin, end) to `dst`; this worker's part of
         the request ends with it."""
+        call = call_span(
+            req, "remote_send", self.worker, microserve__kv__begin=begin, microserve__kv__end=end,
+            microserve__kv__destination=dst.url,
+        )  # fmt: skip
         try:
             sent: dict[str, int] = await self._verb(
-                self.engine.remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
+                self.engine_with(call.headers).remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
+            )
+            call.set(
+                microserve__kv__sent_tokens=sent.get("sent_tokens"), microserve__kv__bytes=sent.get("bytes")
             )
             req.note("remote_send", self.url, sent.get("sent_tokens"), sent.get("bytes"))
             return sent
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     async def start_generate(self, req: RoutedRequest, begin: int) -> AsyncIterator[bytes]:
         """Generate here on top of the KV received for `req`, answering in the client's shape."""
@@ -224,59 +268,114 @@ class WorkerHandle(PickedWorker):
             raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
 
     # -- building blocks for strategies -------------------------------------------------------------
 
     async def completion_stream(
-        self, req: RoutedRequest, path: str, body: dict[str, Any], progress: StreamProgress
+        self,
+        req: RoutedRequest,
+        path: str,
+        body: dict[str, Any],
+        progress: StreamProgress,
+        verb: str | None = None,
     ) -> AsyncIterator[bytes]:
         """POST `body` (a streamed completion, e.g. /microserving/start_generate) to `path` here and yield
         it as the client's stream (chat chunks for a chat request), tracked in `progress` so that it can
-        continue elsewhere if this worker dies. Releases this worker when it ends."""
+        continue elsewhere if this worker dies. Releases this worker when it ends. `verb` names the call
+        in traces (default: the path's last part)."""
+        deadlines = self.deadlines()
+        call = call_span(req, verb or path.rsplit("/", 1)[-1], self.worker, microserve__stream=True)
         try:
             resp = await self._post(
-                path, orjson.dumps({**body, "stream": True, "return_token_ids": True}), req
+                path,
+                orjson.dumps({**body, "stream": True, "return_token_ids": True}),
+                req,
+                deadlines,
+                trace_headers=call.headers,
             )
             try:
-                async for data in self._frames(resp, progress, progress.reshape):
+                async for data in self._frames(resp, progress, progress.reshape, deadlines):
                     yield data
                 progress.count_into(req)
             finally:
                 resp.close()
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
-    async def completion_whole(self, req: RoutedRequest, path: str, body: dict[str, Any]) -> bytes:
+    async def completion_whole(
+        self, req: RoutedRequest, path: str, body: dict[str, Any], verb: str | None = None
+    ) -> bytes:
         """POST `body` (a non-streamed completion) to `path` here; the answer in the client's shape."""
+        call = call_span(req, verb or path.rsplit("/", 1)[-1], self.worker, microserve__stream=False)
         try:
-            resp = await self._post(path, orjson.dumps({**body, "stream": False}), req)
+            resp = await self._post(
+                path, orjson.dumps({**body, "stream": False}), req, trace_headers=call.headers
+            )
             try:
                 return whole_as_client(req, await self._read_whole(resp))
             finally:
                 resp.close()
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     # -- plumbing -----------------------------------------------------------------------------------
 
-    async def _post(self, path: str, body: bytes, req: RoutedRequest) -> Response:
+    def deadlines(self) -> _StreamClock:
+        """This attempt's stream deadlines, from the worker's last load report; the first-byte clock runs
+        from now."""
+        deadlines = attempt_deadlines(self.worker.load, self._up.deadlines)
+        return _StreamClock(deadlines, asyncio.get_running_loop().time() + deadlines.first_byte_s)
+
+    def _stalled(self, what: str, progress: StreamProgress | None) -> BrokenStream:
+        # A frozen engine: open its circuit at once, so no new request waits on it.
+        self.worker.record_failure("stalled")
+        self.worker.breaker.trip()
+        return BrokenStream(self.worker, what, progress)
+
+    async def _post(
+        self,
+        path: str,
+        body: bytes,
+        req: RoutedRequest,
+        clock: _StreamClock | None = None,
+        trace_headers: dict[str, str] | None = None,
+    ) -> Response:
         remaining = req.remaining_s()
         if remaining <= 0:
             raise APIError(504, "The request ran out of time before a worker answered.", code="timeout")
+        headers = self._up.headers_for(self.worker)
+        if trace_headers is not None:
+            headers.update(trace_headers)
         try:
-            resp = await self._up.http.request(
-                "POST",
-                self.url,
-                path,
-                body=body,
-                headers=self._up.headers_for(self.worker),
-                timeout_s=remaining,
-                connect_timeout_s=self._up.connect_timeout_s,
-            )
+            # A stream's head must come by its first-byte deadline too: a stopped engine's kernel still
+            # accepts the connection and the request, and then nothing comes.
+            async with asyncio.timeout_at(None if clock is None else clock.first_byte_by):
+                resp = await self._up.http.request(
+                    "POST",
+                    self.url,
+                    path,
+                    body=body,
+                    headers=headers,
+                    timeout_s=remaining,
+                    connect_timeout_s=self._up.connect_timeout_s,
+                )
+        except TimeoutError as exc:
+            if clock is None or asyncio.get_running_loop().time() < clock.first_byte_by:
+                self.worker.record_failure("connect")
+                raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise self._stalled(clock.first_byte_message(), None) from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
         if resp.status != 200:
             try:
                 data = await resp.read()
@@ -301,19 +400,43 @@ class WorkerHandle(PickedWorker):
         self.worker.record_success()
         return data
 
-    async def _chunks(self, resp: Response, progress: StreamProgress | None) -> AsyncIterator[bytes]:
-        """The response body as it arrives; a cut connection is a BrokenStream carrying `progress`."""
-        try:
-            async for data in resp.iter_chunks():
-                yield data
-        except _NETWORK_ERRORS as exc:
-            self.worker.record_failure("broken")
-            raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+    async def _chunks(
+        self, resp: Response, progress: StreamProgress | None, clock: _StreamClock | None = None
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives; a cut connection, or a stream that misses its first-byte or
+        stall deadline (`clock`), is a BrokenStream carrying `progress`."""
+        chunks = resp.iter_chunks()
+        if clock is None:
+            try:
+                async for data in chunks:
+                    yield data
+            except _NETWORK_ERRORS as exc:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+            return
+        by = clock.first_byte_by
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout_at(by):
+                    data = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                first = by == clock.first_byte_by
+                what = clock.first_byte_message() if first else clock.stall_message()
+                raise self._stalled(what, progress) from None
+            except _NETWORK_ERRORS as exc:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+            yield data
+            # The stall clock runs only while waiting on the worker, never while the client reads.
+            by = loop.time() + clock.deadlines.stall_s
 
-    async def _relay(self, resp: Response) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: Response, clock: _StreamClock | None = None) -> AsyncIterator[bytes]:
         # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
         tail = b""
-        async for data in self._chunks(resp, None):
+        async for data in self._chunks(resp, None, clock):
             tail = (tail + data)[-32:]
             yield data
         if b"[DONE]" not in tail:
@@ -321,8 +444,10 @@ class WorkerHandle(PickedWorker):
             raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
         self.worker.record_success()
 
-    async def _relay_tracked(self, resp: Response, progress: StreamProgress) -> AsyncIterator[bytes]:
-        async for data in self._frames(resp, progress, progress.track):
+    async def _relay_tracked(
+        self, resp: Response, progress: StreamProgress, clock: _StreamClock | None = None
+    ) -> AsyncIterator[bytes]:
+        async for data in self._frames(resp, progress, progress.track, clock):
             yield data
 
     async def _frames(
@@ -330,10 +455,11 @@ class WorkerHandle(PickedWorker):
         resp: Response,
         progress: StreamProgress,
         convert: Callable[[bytes], bytes | None],
+        clock: _StreamClock | None = None,
     ) -> AsyncIterator[bytes]:
         """Each read's complete SSE frames, converted, as one write; ends well only after [DONE]."""
         buffer = bytearray()
-        async for data in self._chunks(resp, progress):
+        async for data in self._chunks(resp, progress, clock):
             if progress.done:
                 continue  # read on to the end of the body, so the connection goes back to the pool
             out: list[bytes] = []
@@ -355,3 +481,18 @@ class WorkerHandle(PickedWorker):
             self.worker.record_failure("broken")
             raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
         self.worker.record_success()
+
+
+@dataclass(slots=True, frozen=True)
+class _StreamClock:
+    """One stream attempt's deadlines: the first byte by `first_byte_by` (loop time), then a chunk at
+    least every `deadlines.stall_s`."""
+
+    deadlines: AttemptDeadlines
+    first_byte_by: float
+
+    def first_byte_message(self) -> str:
+        return f"no first byte within {self.deadlines.first_byte_s:.3g} s (the worker is stalled)"
+
+    def stall_message(self) -> str:
+        return f"the stream stalled for {self.deadlines.stall_s:.3g} s (the worker is stalled)"

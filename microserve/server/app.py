@@ -20,6 +20,7 @@ from microserve.server.heap import HeapTrimmer
 from microserve.server.metrics import ServerMetrics
 from microserve.server.prompt_limits import prompt_body_limit
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class EngineApp:
         max_waiting: int | None = None,
         limits: ConnectionLimits | None = None,
         max_body_bytes: int | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         names = list(served_model_names or [engine.model_name])
         self.state = ServerState(
@@ -47,6 +49,7 @@ class EngineApp:
             served_model_names=names,
             metrics=ServerMetrics(engine.load, names[0]),
             max_waiting=max_waiting,
+            tracing=tracing,
         )
         self.started = int(time.time())
         # A prompt body is sized to the context: a huge one is refused from its Content-Length.
@@ -61,6 +64,7 @@ class EngineApp:
         self.routes.add("GET", "/metrics", self.metrics)
         self.heap = HeapTrimmer()
         self.on_startup: list[Hook] = []
+        self.on_shutdown: list[Hook] = []  # first thing on a stop, before draining
         self.on_cleanup: list[Hook] = []
         self.http = HTTPServer(self.routes, limits)
 
@@ -87,6 +91,11 @@ class EngineApp:
         self.state.draining = True
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        for hook in self.on_shutdown:
+            try:
+                await hook()
+            except Exception:
+                log.exception("an engine server shutdown hook failed")
         self.start_draining()
         try:
             await self.http.stop(drain_timeout_s)

@@ -10,13 +10,22 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from microserve.engine.async_engine import AsyncEngine
-from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
+from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import build_engine
 from microserve.http.limits import ConnectionLimits, raise_descriptor_limit
+from microserve.http.server import Handler, Request, Response, Stream
+from microserve.registry.args import RegisterOptions
+from microserve.registry.record import Registration
+from microserve.registry.register import Registrar
 from microserve.server.app import EngineApp, create_app
+from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
+from microserve.tokens import bearer_matches
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +35,20 @@ def engine_app(
     internal_token: str | None = None,
     *,
     own_thread: bool = True,
+    metrics_token: str | None = None,
+    tracing: Tracing | None = None,
     limits: ConnectionLimits | None = None,
     max_body_bytes: int | None = None,
 ) -> EngineApp:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
-    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
+    `metrics_token`, /metrics answers only requests that carry it. With `tracing`, it sends spans, and
+    flushes them as it stops."""
     # The engine itself refuses work beyond its max_waiting.
-    app = create_app(engine, limits=limits, max_body_bytes=max_body_bytes)
+    app = create_app(engine, limits=limits, max_body_bytes=max_body_bytes, tracing=tracing)
     add_microserving_routes(app, engine, internal_token)
+    if metrics_token:
+        app.routes.add("GET", "/metrics", _metrics_token(metrics_token, app.metrics))
 
     async def start() -> None:
         engine.start()
@@ -41,7 +56,22 @@ def engine_app(
     if own_thread:
         app.on_startup.append(start)
     app.on_cleanup.append(engine.stop)
+    if tracing is not None:
+
+        async def flush() -> None:
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush)
     return app
+
+
+def _metrics_token(token: str, metrics: Handler) -> Handler:
+    async def require(request: Request) -> Response | Stream:
+        if not bearer_matches(request.headers.get("authorization"), token):
+            raise APIError(401, "/metrics needs the metrics token.", code="unauthorized")
+        return await metrics(request)
+
+    return require
 
 
 class ServerThread:
@@ -104,15 +134,29 @@ def run_engine(
     host: str,
     port: int,
     internal_token: str | None = None,
+    metrics_token: str | None = None,
+    register: RegisterOptions | None = None,
     *,
     limits: ConnectionLimits | None = None,
     max_body_bytes: int | None = None,
     drain_timeout_s: float = 30.0,
     reuse_port: bool = False,
 ) -> int:
+    # Before the model loads, so that a bad setting fails fast.
+    tracing = Tracing.from_env("microserve-engine", f"http://{host}:{port}")
     raise_descriptor_limit()
     engine = build_engine(config)
-    app = engine_app(engine, internal_token, own_thread=False, limits=limits, max_body_bytes=max_body_bytes)
+    app = engine_app(
+        engine,
+        internal_token,
+        own_thread=False,
+        metrics_token=metrics_token,
+        tracing=tracing,
+        limits=limits,
+        max_body_bytes=max_body_bytes,
+    )
+    if register is not None:
+        add_registration(app, registrar(engine, config, register), engine.is_ready)
     server = ServerThread(app, host, port, drain_timeout_s, reuse_port=reuse_port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -121,6 +165,37 @@ def run_engine(
     engine.run_blocking(server.loop)  # returns once the server's cleanup stopped the engine
     server.join()
     return 0
+
+
+def registrar(engine: AsyncEngine, config: EngineConfig, options: RegisterOptions) -> Registrar:
+    """This engine's record: what the flags say, plus the model it serves and its capacity."""
+    load = engine.load()
+    scheduler = config.scheduler or SchedulerConfig()
+    record = Registration(
+        url=options.url,
+        models=(engine.model_name,),
+        role=options.role,
+        labels=options.labels,
+        capacity={
+            "max_num_seqs": scheduler.max_num_seqs,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "max_model_len": engine.max_model_len,
+            "kv_blocks_total": int(load["kv_blocks_total"]),
+            "block_size": int(load["block_size"]),
+        },
+    )
+    return Registrar(options.target, record, options.ttl_s)
+
+
+def add_registration(app: EngineApp, registrar: Registrar, ready: Callable[[], bool]) -> None:
+    """Register once the engine is ready (it listens and steps); withdraw first thing on a graceful stop,
+    before draining, so routers stop sending new requests while those in flight finish here."""
+
+    async def start() -> None:
+        registrar.start(when=ready)
+
+    app.on_startup.append(start)
+    app.on_shutdown.insert(0, registrar.withdraw)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

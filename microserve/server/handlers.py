@@ -31,6 +31,8 @@ from microserve.server.protocol import (
     CompletionShape,
     ResponseShape,
 )
+from microserve.server.tracing import GenerationSpan, Watch, generation_span
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class ServerState:
     metrics: ServerMetrics
     max_waiting: int | None = None
     draining: bool = False
+    tracing: Tracing | None = None  # None: no OTEL_* endpoint set, no spans
 
     def resolve_model(self, requested: str | None) -> str:
         """The served name to answer with; a missing `model` means the default (first) one, as in vLLM."""
@@ -189,10 +192,27 @@ def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
 
 async def serve(request: Request, state: ServerState, prepared: Prepared) -> Response | Stream:
     """Run one request on the engine and answer it as JSON or as SSE; the engine request ends with it."""
+    if state.tracing is None:
+        return await _serve(request, state, prepared)
+    span: GenerationSpan = generation_span(state.tracing, request.headers, prepared)
+    try:
+        response = await _serve(request, state, prepared, span.watch if span.recording else None)
+    except BaseException as exc:
+        span.end(exc)
+        raise
+    span.end()
+    return response
+
+
+async def _serve(
+    request: Request, state: ServerState, prepared: Prepared, watch: Watch | None = None
+) -> Response | Stream:
     state.admit()
     request_id = prepared.request_id or prepared.shape.id
     timer = state.metrics.start_request()
     gen = state.engine.generate(request_id, prepared.prompt_ids, prepared.params, prepared.begin)
+    if watch is not None:
+        gen = watch(gen)
     # aclosing: whatever way this returns — done, client gone, handler cancelled — the engine aborts
     # the request and frees its KV blocks at once.
     async with aclosing(gen):

@@ -2,12 +2,15 @@
 
 prep_recv reserves blocks, remote_send computes KV and pushes it engine to engine (never through the
 router), start_generate decodes on top of received KV, release frees a reservation. KV arrives at the
-internal route /microserving/kv/{request_id}. All of them require the internal token when one is set.
+internal route /microserving/kv/{request_id}. All of them require the internal token when one is set;
+remote_send pushes only to a peer that proved it holds that token (`microserve.peer_auth`), and
+prep_recv charges its blocks to the caller's address, up to its share of the cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
@@ -23,14 +26,16 @@ from pydantic import Field
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
-from microserve.engine.reservations import ReservationError
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded
 from microserve.http.server import Request, Response, Stream
+from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_challenge
 from microserve.server import errors
 from microserve.server.app import EngineApp
 from microserve.server.errors import APIError, bad_request
 from microserve.server.handlers import Prepared, serve
 from microserve.server.prompt_limits import check_prompt_chars, kv_body_limit, max_token_chars
 from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
+from microserve.server.tracing import EngineSpan, SendSpan
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +50,20 @@ Verb = Callable[["Microserving", Request], Awaitable[Response | Stream]]
 
 @dataclass
 class Microserving:
-    """What the verbs share: the engine, the app (its state and metrics), the internal token and the
-    client session that pushes KV to other engines (open while the server runs)."""
+    """What the verbs share: the engine, the app (its state and metrics), the internal token, and the
+    client session that pushes KV to other engines with the verifier of those peers (both open while
+    the server runs)."""
 
     engine: AsyncEngine
     app: EngineApp
     token: str = ""
     session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    peers: PeerVerifier | None = field(default=None, repr=False)
+
+    def span(self, request: Request, name: str) -> EngineSpan | contextlib.nullcontext[None]:
+        """The verb's server span when tracing is on (its attributes set by the handler)."""
+        tracing = self.app.state.tracing
+        return contextlib.nullcontext() if tracing is None else EngineSpan(tracing, request.headers, name)
 
 
 class PrepRecvRequest(RequestModel):
@@ -99,10 +111,14 @@ def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token:
         app.routes.add("POST", path, _guarded(ms, verb), max_body=body)
     # The largest KV transfer is a whole context's K and V.
     kv_body = kv_body_limit(engine.kv_layout.bytes_per_token, engine.max_model_len)
-    app.routes.add("POST", KV_ROUTE, _guarded(ms, receive_kv), max_body=kv_body, prefix=True)
+    app.routes.add("POST", KV_ROUTE + "*", _guarded(ms, receive_kv), max_body=kv_body)
+    # The peer challenge proves the token by HMAC instead: a sender must not hand its token to a
+    # destination before that destination proved it is a peer.
+    app.routes.add("POST", PROOF_PATH, functools.partial(peer_proof, ms))
 
     async def open_session() -> None:
         ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT)
+        ms.peers = PeerVerifier(ms.token or None, ms.session)
 
     async def close_session() -> None:
         if ms.session is not None:
@@ -148,6 +164,8 @@ async def _engine_call(coro: Any) -> Any:
         return await coro
     except ReservationError as exc:
         raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
+    except ReservationQuotaExceeded as exc:
+        raise APIError(429, str(exc), code="reservation_limit", headers={"Retry-After": "1"}) from None
     except KVPayloadError as exc:
         raise bad_request(str(exc), code="bad_kv_payload") from None
     except EngineOverloaded as exc:
@@ -159,27 +177,48 @@ async def _engine_call(coro: Any) -> Any:
 
 
 async def prep_recv(ms: Microserving, request: Request) -> Response:
+    with ms.span(request, "engine.prep_recv") as span:
+        return await _prep_recv(ms, request, span)
+
+
+async def _prep_recv(ms: Microserving, request: Request, span: EngineSpan | None) -> Response:
     engine = ms.engine
     req = parse_request(PrepRecvRequest, request.json())
     ids = await _prompt_ids(engine, req.prompt)
     end = normalize_index(req.end, len(ids), len(ids))
-    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end))
+    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end, request.remote))
+    if span is not None:
+        span.set(
+            microserve__request_id=req.request_id, microserve__end=end, microserve__matched_tokens=matched
+        )
     info = {"request_id": req.request_id, "begin": matched, "end": end, "layout": asdict(engine.kv_layout)}
     return Response.json({"kv_addr_info": info, "matched_len": matched})
 
 
 async def remote_send(ms: Microserving, request: Request) -> Response:
+    tracing = ms.app.state.tracing
+    if tracing is None:
+        return await _remote_send(ms, request, None)
+    with SendSpan(tracing, request.headers, "engine.remote_send") as span:
+        return await _remote_send(ms, request, span)
+
+
+async def _remote_send(ms: Microserving, request: Request, span: SendSpan | None) -> Response:
     engine = ms.engine
     req = parse_request(RemoteSendRequest, request.json())
     ids = await _prompt_ids(engine, req.prompt)
     begin = normalize_index(req.begin, len(ids), 0)
     end = normalize_index(req.end, len(ids), len(ids))
     _check_compatible(engine.kv_layout, req.kv_addr_info)
+    assert ms.session is not None and ms.peers is not None, "the server has not started"
+    try:
+        dst = await ms.peers.verify(req.dst_url)
+    except PeerRefused as exc:
+        raise APIError(403, str(exc), param="dst_url", code="peer_not_authenticated") from None
     if begin >= end:
         return Response.json({"sent_tokens": 0, "bytes": 0})
-    url = f"{req.dst_url.rstrip('/')}{KV_ROUTE}{req.kv_addr_info.get('request_id', req.request_id)}"
+    url = f"{dst}{KV_ROUTE}{req.kv_addr_info.get('request_id', req.request_id)}"
     headers = {"Authorization": f"Bearer {ms.token}"} if ms.token else {}
-    assert ms.session is not None, "the server has not started"
     sent = size = 0
     # A private id: this engine may also hold the receiving side's reservation under request_id.
     prefill = engine.prefill(f"{req.request_id}/send", ids[:end], begin)
@@ -187,9 +226,15 @@ async def remote_send(ms: Microserving, request: Request) -> Response:
         try:
             progress = await _engine_call(anext(prefill))
             while True:
+                if span is not None:
+                    span.exported(progress)
                 for piece in progress.payloads:
                     await asyncio.sleep(engine.transfer_time(piece.num_tokens))  # the sim backend's model
-                    await _push(ms.session, url, piece.data, headers)
+                    if span is None:
+                        await _push(ms.session, url, piece.data, headers)
+                    else:
+                        with span.push(piece, url) as push:
+                            await _push(ms.session, url, piece.data, {**headers, **push.headers})
                     sent += piece.num_tokens
                     size += len(piece.data)
                 if progress.finished:
@@ -197,12 +242,21 @@ async def remote_send(ms: Microserving, request: Request) -> Response:
                 progress = await _engine_call(anext(prefill))
         except StopAsyncIteration:
             raise errors.internal_error() from None
+    if span is not None:
+        span.set(
+            microserve__request_id=req.request_id,
+            microserve__kv__begin=begin,
+            microserve__kv__end=end,
+            microserve__kv__sent_tokens=sent,
+            microserve__kv__bytes=size,
+            server__address=req.dst_url,
+        )
     return Response.json({"sent_tokens": sent, "bytes": size})
 
 
 async def _push(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]) -> None:
     try:
-        async with session.post(url, data=data, headers=headers) as r:
+        async with session.post(url, data=data, headers=headers, allow_redirects=False) as r:
             if r.status != 200:
                 detail = await r.text()
                 raise APIError(
@@ -227,10 +281,27 @@ def _check_compatible(mine: KVLayout, kv_addr_info: dict[str, Any]) -> None:
         )
 
 
+async def peer_proof(ms: Microserving, request: Request) -> Response:
+    if not ms.token:
+        raise APIError(403, "This engine has no internal token to prove.", code="no_internal_token")
+    try:
+        return Response.json(answer_challenge(ms.token, request.json()))
+    except ValueError as exc:
+        raise APIError(401, str(exc), code="unauthorized") from None
+
+
 async def receive_kv(ms: Microserving, request: Request) -> Response:
     request_id = unquote(request.path.removeprefix(KV_ROUTE))
-    begin, end = await _engine_call(ms.engine.import_kv(request_id, request.body))
-    return Response.json({"begin": begin, "end": end})
+    with ms.span(request, "engine.kv_import") as span:
+        begin, end = await _engine_call(ms.engine.import_kv(request_id, request.body))
+        if span is not None:
+            span.set(
+                microserve__request_id=request_id,
+                microserve__kv__begin=begin,
+                microserve__kv__end=end,
+                microserve__kv__bytes=len(request.body),
+            )
+        return Response.json({"begin": begin, "end": end})
 
 
 async def start_generate(ms: Microserving, request: Request) -> Response | Stream:

@@ -81,7 +81,9 @@ class Simulator:
         )
         params = SamplingParams(max_tokens=bench.expected_output_len, ignore_eos=True)
         answer = Answer(record, [] if keep_tokens else None)
-        return SimRequest(f"sim-{bench.index}", route, body, ids, answer, params)
+        return SimRequest(
+            f"sim-{bench.index}", route, body, ids, answer, params, self.fleet.request_timeout_s
+        )
 
     async def _run(
         self, workload: Workload, config: RunConfig
@@ -105,7 +107,7 @@ class Simulator:
         keep_tokens = isinstance(source, ConversationSource)  # only multi-turn reads the answers
         gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
         slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-        closed_loop = math.isinf(config.request_rate) and slots is not None
+        closed_loop = slots if math.isinf(config.request_rate) else None  # its slots, where it is one
         records: list[RequestRecord] = []
         tasks: set[asyncio.Task[None]] = set()
         answered = asyncio.Event()
@@ -113,14 +115,14 @@ class Simulator:
         async def one(request: BenchRequest, arrival: float) -> None:
             record = RequestRecord(request, arrival=arrival)
             try:
-                if slots is not None and not closed_loop:
+                if slots is not None and closed_loop is None:
                     async with slots:
                         req = await send(request, record)
                 else:
                     req = await send(request, record)
             finally:
-                if closed_loop:
-                    slots.release()  # type: ignore[union-attr]
+                if closed_loop is not None:
+                    closed_loop.release()
             answer = None
             if record.success and req is not None:
                 answer = self.tokenizer.decode(req.answer.token_ids or []) if keep_tokens else ""
@@ -159,12 +161,12 @@ class Simulator:
                 break
             if next_at > loop.time():
                 await asyncio.sleep(next_at - loop.time())
-            if closed_loop:
-                await slots.acquire()  # type: ignore[union-attr]
+            if closed_loop is not None:
+                await closed_loop.acquire()
             request = await next_request(deadline)
             if request is None or loop.time() >= deadline:
-                if closed_loop:
-                    slots.release()  # type: ignore[union-attr]
+                if closed_loop is not None:
+                    closed_loop.release()
                 break
             task = asyncio.create_task(one(request, loop.time()))
             tasks.add(task)
