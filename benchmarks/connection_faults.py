@@ -270,9 +270,11 @@ async def post_prompt(url: str, chars: int, limit_s: float) -> tuple[str, float]
     return status, round(time.monotonic() - started, 2)
 
 
-async def engine_huge_prompts(tree: Path, limit_s: float = 20.0) -> dict[str, object]:
-    """The audit's 8 MB and 60 MB prompts sent to an engine while /health is probed every 50 ms (each
-    probe on a new connection, 5 s limit); the engine's memory before and 5 s after."""
+async def engine_huge_prompts(
+    tree: Path, sizes_mb: tuple[int, ...] = (8, 60), limit_s: float = 20.0
+) -> dict[str, object]:
+    """The audit's 8 MB and 60 MB prompts (`sizes_mb`) sent to an engine while /health is probed every
+    50 ms (each probe on a new connection, 5 s limit); the engine's memory before and 5 s after."""
     with engine_of(tree) as e:
         async with aiohttp.ClientSession() as s:
             for _ in range(5):
@@ -297,7 +299,7 @@ async def engine_huge_prompts(tree: Path, limit_s: float = 20.0) -> dict[str, ob
                     await asyncio.sleep(0.05)
 
         task = asyncio.create_task(probe())
-        answers = {f"{mb} MB": await post_prompt(e.url, mb * 1_000_000, limit_s) for mb in (8, 60)}
+        answers = {f"{mb} MB": await post_prompt(e.url, mb * 1_000_000, limit_s) for mb in sizes_mb}
         stop.set()
         await task
         await asyncio.sleep(5.0)
@@ -347,7 +349,7 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url} not ready")
 
 
-async def measure(tree: Path, engine: str, parts: str) -> dict[str, object]:
+async def measure(tree: Path, engine: str, parts: str, sizes_mb: tuple[int, ...]) -> dict[str, object]:
     results: dict[str, object] = {}
     if parts in ("all", "router"):
         results["slowloris"] = await slowloris(tree, engine)
@@ -355,7 +357,7 @@ async def measure(tree: Path, engine: str, parts: str) -> dict[str, object]:
         results["chunked_64MiB"] = await chunked_body(tree, engine)
         results["restart"] = await restart(tree, engine)
     if parts in ("all", "engine"):
-        results["engine_huge_prompts"] = await engine_huge_prompts(tree)
+        results["engine_huge_prompts"] = await engine_huge_prompts(tree, sizes_mb)
         results["engine_slowloris"] = await engine_slowloris(tree)
     return results
 
@@ -367,7 +369,14 @@ def main() -> None:
     ap.add_argument(
         "--parts", choices=["all", "router", "engine"], default="all", help="which scenarios (all)"
     )
+    ap.add_argument(
+        "--prompt-mb",
+        default="8,60",
+        help="prompt sizes sent to the engines (8,60; the code before the fix needs ~100 MB of memory "
+        "a prompt MB and a second a MB to answer one)",
+    )
     args = ap.parse_args()
+    sizes_mb = tuple(int(x) for x in args.prompt_mb.split(","))
     port = free_port()
     engine = ManagedProcess(
         [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
@@ -376,8 +385,8 @@ def main() -> None:
     try:
         wait_ready(engine.url)
         results = {
-            "this tree": asyncio.run(measure(ROOT, engine.url, args.parts)),
-            "peer": asyncio.run(measure(args.peer.resolve(), engine.url, args.parts)),
+            "this tree": asyncio.run(measure(ROOT, engine.url, args.parts, sizes_mb)),
+            "peer": asyncio.run(measure(args.peer.resolve(), engine.url, args.parts, sizes_mb)),
         }
     finally:
         engine.stop()
