@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from microserve.args import add_connection_args, connection_limits, parse_size, resolve_device
+from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.bench.cli import add_arguments as add_bench_args
 from microserve.http.limits import ConnectionLimits
+from microserve.machine import resolve_device
 from microserve.registry.args import add_register_args, registration_from_args
 from microserve.router.config import add_router_args, config_from_args
 from microserve.serve import add_serve_args

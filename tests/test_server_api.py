@@ -155,6 +155,7 @@ async def test_sampling_fields_reach_the_engine(engine: FakeEngine) -> None:
         "stop_token_ids": [5, 6],
         "ignore_eos": True,
         "min_tokens": 2,
+        "priority": -1,
         "presence_penalty": 0,
         "frequency_penalty": 0.0,
         "user": "u1",
@@ -166,7 +167,8 @@ async def test_sampling_fields_reach_the_engine(engine: FakeEngine) -> None:
     params = engine.calls[0][2]
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (7, 0.0, 0.5, 20)
     assert (params.seed, params.stop, params.stop_token_ids) == (42, ["\n"], [5, 6])
-    assert (params.ignore_eos, params.min_tokens) == (True, 2)
+    assert (params.ignore_eos, params.min_tokens, params.priority) == (True, 2, -1)
+    assert engine.calls[1][2].priority == 0
     assert (engine.calls[1][2].stop, engine.calls[1][2].top_k) == (["a", "b"], 0)
 
 

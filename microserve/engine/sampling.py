@@ -20,6 +20,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     min_tokens: int = 0
+    priority: int = 0  # the scheduler admits lower values first, FCFS within one (vLLM's convention)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -98,9 +98,12 @@ def routes(router: Router, started: int) -> Routes:
 
 
 async def models(router: Router, created: int, request: Request) -> Response:
+    """The served models; with keys on, only to a valid key, and only those it may use."""
+    key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
     data = [
         {"id": model, "object": "model", "created": created, "owned_by": "microserve"}
         for model in router.pool.models()
+        if key is None or key.allows(model)
     ]
     return Response.json({"object": "list", "data": data})
 

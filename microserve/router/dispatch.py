@@ -34,7 +34,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
     status = 500
-    granted: float | None = None
+    granted: int | None = None  # the admission ticket
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
@@ -54,6 +54,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
                 key, req.model, request.headers, len(request.body), req.max_tokens
             )
         extra = dict(ticket.headers) if ticket is not None else {}
+        if ticket is not None:  # the engines' scheduler order: high -1, normal 0, low 1
+            req.priority = ticket.rank - PRIORITIES["normal"]
         tenant = ticket.tenant if ticket is not None else ""
         cache_key: str | None = None
         if router.response_cache is not None:
@@ -69,7 +71,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             trace.admission_begins(router.admission.queued)
         # While no worker is ready this holds the request until one is (or its queue timeout passes).
         rank, cost = admission_cost(req, ticket, len(request.body))
+        queued_at = time.perf_counter()
         granted = await admit(router.fair_share, router.admission, tenant, rank, cost, req.remaining_s())
+        router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
         router.resolve_model(req)
         if trace is not None:
             trace.admitted()

@@ -47,6 +47,7 @@ class RoutedRequest:
         "hops",
         "model",
         "output_tokens",
+        "priority",
         "raw",
         "route",
         "session_key",
@@ -81,6 +82,8 @@ class RoutedRequest:
         # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
         self.hops: list[Hop] = []
         self.output_tokens: int | None = None
+        # Sent to microserve engines (their scheduler's order) when set: the tenant's priority class.
+        self.priority: int | None = None
         self.cached_tokens: int | None = None
         self.trace: Any = None  # a RequestTrace (router/tracing.py) when tracing is on
         self._tokenize = tokenize

@@ -156,8 +156,14 @@ class WorkerHandle(PickedWorker):
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
-        track = req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE
-        body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
+        microserve = self.kind is WorkerKind.MICROSERVE
+        track = req.stream and self._up.track_streams and microserve
+        overrides: dict[str, Any] = {}
+        if track and not req.wants_token_ids:
+            overrides["return_token_ids"] = True
+        if microserve and req.priority is not None:  # other servers may refuse the field (vLLM does)
+            overrides["priority"] = req.priority
+        body = req.upstream_body(**overrides) if overrides else req.raw
         deadlines = self.deadlines() if req.stream else None
         call = call_span(req, "generate", self.worker, microserve__stream=req.stream)
         try:

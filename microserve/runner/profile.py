@@ -378,7 +378,7 @@ def profile_model(
 def run_profile_command(args: argparse.Namespace) -> int:
     """`microserve engine profile`: measure this machine and write the sim backend's cost model."""
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
-    from microserve.args import resolve_device
+    from microserve.machine import resolve_device
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -52,6 +52,8 @@ class _GenerationRequest(RequestModel):
     # vLLM's extension: answer with the prompt's token ids and each choice's new token ids. The router
     # uses it to continue a stream on another engine when one dies mid-stream.
     return_token_ids: bool = False
+    # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
+    priority: int = 0
 
     def check_supported(self) -> None:
         """Reject what the engine cannot honour, instead of silently ignoring it."""
@@ -80,6 +82,7 @@ class _GenerationRequest(RequestModel):
                 stop_token_ids=list(self.stop_token_ids or []),
                 ignore_eos=self.ignore_eos,
                 min_tokens=self.min_tokens,
+                priority=self.priority,
             )
         except InvalidParams as exc:
             raise bad_request(str(exc)) from None

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from microserve.simulator.clock import run_virtual
 from microserve.simulator.handle import Answer, SimRequest
 from microserve.simulator.host import MODEL, FleetConfig, SimRouter
 from microserve.simulator.replica import SimReplica
+from microserve.simulator.scaling import SimScaler
 
 
 @dataclass(slots=True)
@@ -56,14 +58,17 @@ class Simulator:
         config: RunConfig,
         percentiles: tuple[float, ...] = (90.0, 99.0),
         slos: dict[str, float] | None = None,
+        gaps: Iterable[float] | None = None,
     ) -> SimRun:
-        """One run on a fresh fleet (empty caches), to completion of every request."""
+        """One run on a fresh fleet (empty caches), to completion of every request. `gaps` (seconds between
+        arrivals, e.g. a diurnal trace's) replace the config's arrival process."""
         workload.check_endpoint(self.endpoint)
         wall = time.perf_counter()
-        result, replicas, retries = run_virtual(self._run(workload, config))
+        extra: dict[str, Any] = {}
+        result, replicas, retries = run_virtual(self._run(workload, config, gaps, extra))
         wall_s = time.perf_counter() - wall
         summary = summarize(result.records, result.duration_s, percentiles, slos or {}, result.skipped)
-        return SimRun(result, summary, replicas, wall_s, retries)
+        return SimRun(result, summary, replicas, wall_s, retries, extra)
 
     def request(self, bench: BenchRequest, record: RequestRecord, keep_tokens: bool) -> SimRequest:
         """The routed request the router would see for `bench`, with the engine's prompt ids."""
@@ -85,27 +90,49 @@ class Simulator:
             f"sim-{bench.index}", route, body, ids, answer, params, self.fleet.request_timeout_s
         )
 
+    def _replica(self, name: str) -> SimReplica:
+        return SimReplica(name, self.fleet.replica, self.tokenizer, self.vocab_words)
+
     async def _run(
-        self, workload: Workload, config: RunConfig
+        self, workload: Workload, config: RunConfig, gaps: Iterable[float] | None, extra: dict[str, Any]
     ) -> tuple[RunResult, list[dict[str, Any]], int]:
-        replicas = [
-            SimReplica(f"replica-{i}", self.fleet.replica, self.tokenizer, self.vocab_words)
-            for i in range(len(self.fleet.roles))
-        ]
+        loop = asyncio.get_running_loop()
+        replicas = [self._replica(f"replica-{i}") for i in range(len(self.fleet.roles))]
         router = SimRouter(self.fleet, replicas, seed=config.seed)
         router.start()
+        scaler: SimScaler | None = None
+        scaling: asyncio.Task[None] | None = None
+        if self.fleet.autoscale is not None:
+            scaler = SimScaler(router, self.fleet.autoscale, set(self.fleet.roles), self._replica)
+            for url in router.replicas:
+                scaler.adopt(url, loop.time())
+            scaling = asyncio.create_task(scaler.run())
+        start = loop.time()
         try:
-            result = await self._drive(router, workload, config)
+            result = await self._drive(router, workload, config, gaps)
         finally:
+            if scaling is not None and scaler is not None:
+                scaling.cancel()
+                await asyncio.gather(scaling, return_exceptions=True)
+                await scaler.stop()
             await router.stop()
+        end = loop.time()
+        if scaler is not None:
+            extra["engine_seconds"] = scaler.engine_seconds(end)
+            extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+        else:
+            extra["engine_seconds"] = len(replicas) * (end - start)
         return result, router.replica_stats(), router.retries
 
-    async def _drive(self, router: SimRouter, workload: Workload, config: RunConfig) -> RunResult:
+    async def _drive(
+        self, router: SimRouter, workload: Workload, config: RunConfig, gaps: Iterable[float] | None = None
+    ) -> RunResult:
         """bench's `run_benchmark`, on the virtual clock and with the simulated router as the target."""
         loop = asyncio.get_running_loop()
         source = workload.source(config.num_requests)
         keep_tokens = isinstance(source, ConversationSource)  # only multi-turn reads the answers
-        gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
+        if gaps is None:
+            gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
         slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         closed_loop = slots if math.isinf(config.request_rate) else None  # its slots, where it is one
         records: list[RequestRecord] = []
