@@ -358,6 +358,7 @@ async def measure(tree: Path, engine: str, parts: str, sizes_mb: tuple[int, ...]
         results["restart"] = await restart(tree, engine)
     if parts in ("all", "engine"):
         results["engine_huge_prompts"] = await engine_huge_prompts(tree, sizes_mb)
+        print(f"{tree}: engine_huge_prompts {results['engine_huge_prompts']}", file=sys.stderr, flush=True)
         results["engine_slowloris"] = await engine_slowloris(tree)
     return results
 
