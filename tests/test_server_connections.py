@@ -31,8 +31,6 @@ pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 8192
 MiB = 1 << 20
-
-
 GROWTH_MIB = 64  # what a large refused request may leave in the engine's RSS
 
 
