@@ -27,9 +27,9 @@ from urllib.parse import parse_qsl
 import httptools
 import orjson
 
+from microserve.api.errors import APIError, bad_request, internal_error
 from microserve.http.limits import ConnectionLimits, ConnectionTable
 from microserve.http.listener import accept_queue_length, listen, other_listeners
-from microserve.server.errors import APIError, bad_request, internal_error
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass
 
-from microserve.server.errors import APIError
+from microserve.api.errors import APIError
 
 
 @dataclass(slots=True, frozen=True)

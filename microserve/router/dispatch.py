@@ -10,6 +10,8 @@ from contextlib import aclosing
 
 import orjson
 
+from microserve.api.errors import APIError, error_body
+from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
@@ -18,10 +20,6 @@ from microserve.router.router import Router, no_worker_available
 from microserve.router.strategies import Strategy
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
-from microserve.server.errors import APIError, error_body
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STATUS_CLIENT_CLOSED = 499
 
 
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
+from microserve.api.errors import bad_request
 from microserve.router.recent import Hop
-from microserve.server.errors import bad_request
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
 

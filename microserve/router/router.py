@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from microserve.api.errors import APIError, model_not_found
 from microserve.http.client import HTTPClient
 from microserve.router.admission import AdmissionQueue
 from microserve.router.config import RouterConfig
@@ -26,7 +27,6 @@ from microserve.router.retry import RetryBudget
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
-from microserve.server.errors import APIError, model_not_found
 
 log = logging.getLogger(__name__)
 

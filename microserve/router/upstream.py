@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from microserve.api.errors import APIError
 from microserve.engine_client import EngineClient, EngineError, KVAddress
 from microserve.http.client import HTTPClient, Response
 from microserve.router.continuation import (
@@ -26,7 +27,6 @@ from microserve.router.continuation import (
 )
 from microserve.router.request import RoutedRequest
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
-from microserve.server.errors import APIError
 
 
 class WorkerFailure(Exception):

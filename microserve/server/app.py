@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from microserve.api.sse import STATUS_CLIENT_CLOSED
 from microserve.server import errors
 from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
@@ -27,9 +28,6 @@ STARTED = web.AppKey("started", int)
 
 # aiohttp's 1 MiB default is too small for long-context prompts, above all as JSON lists of token ids.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-
-# nginx's "client closed request": shows in the access log that the answer was never delivered.
-STATUS_CLIENT_CLOSED = 499
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -135,7 +133,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except APIError as exc:
-        return exc.response()
+        return errors.error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -144,12 +142,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {
             k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
         }
-        return APIError(exc.status, message, headers=headers).response()
+        return errors.error_response(APIError(exc.status, message, headers=headers))
     except ConnectionResetError:
         return web.Response(status=STATUS_CLIENT_CLOSED)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return errors.internal_error().response()
+        return errors.error_response(errors.internal_error())
 
 
 async def _start_draining(app: web.Application) -> None:

@@ -18,6 +18,8 @@ import aiohttp
 from aiohttp import web
 from pydantic import Field
 
+from microserve.api.prompt import text_prompt_ids
+from microserve.api.protocol import CompletionRequest, RequestModel, parse_request
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
@@ -25,8 +27,7 @@ from microserve.engine.reservations import ReservationError
 from microserve.server import errors
 from microserve.server.app import STATE, read_json
 from microserve.server.errors import APIError, bad_request, json_response
-from microserve.server.handlers import Prepared, serve
-from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
+from microserve.server.handlers import prepare_completion, serve
 
 log = logging.getLogger(__name__)
 
@@ -95,19 +96,16 @@ async def _require_internal_token(request: web.Request, handler: Any) -> web.Str
     if token and request.path.startswith("/microserving/"):
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return APIError(
-                401, "The microserving routes need the internal token.", code="unauthorized"
-            ).response()
+            return errors.error_response(
+                APIError(401, "The microserving routes need the internal token.", code="unauthorized")
+            )
     return await handler(request)
 
 
 def _prompt_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
-    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = text_prompt_ids(engine.tokenizer, prompt)
     if not ids:
         raise bad_request("prompt must not be empty.", param="prompt")
-    vocab = engine.tokenizer.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise bad_request(f"prompt token ids must be in [0, {vocab}).", param="prompt")
     return ids
 
 
@@ -203,26 +201,15 @@ async def receive_kv(request: web.Request) -> web.Response:
 
 
 async def start_generate(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
     state = request.app[STATE]
     req = parse_request(StartGenerateRequest, (await read_json(request))[0])
-    ids = _prompt_ids(engine, req.prompt)
-    model = state.resolve_model(req.model)
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, engine.max_model_len - len(ids))
-    prepared = Prepared(
-        prompt_ids=ids,
-        params=req.sampling_params(max_tokens),
-        shape=CompletionShape(
-            model=model,
-            include_usage=req.include_usage,
-            # The router asks for the ids to count the answer and to continue it if this engine dies.
-            prompt_token_ids=ids if req.return_token_ids else None,
-        ),
-        stream=req.stream,
-        prompt_param="prompt",
-        request_id=req.request_id,
-        begin=normalize_index(req.begin, len(ids), 0),
-    )
+    if len(req.prompts) != 1:
+        raise bad_request("start_generate takes one prompt.", param="prompt")
+    # The router asks for the ids (return_token_ids) to count the answer and to continue it if this
+    # engine dies.
+    prepared = prepare_completion(state, req)
+    prepared.request_id = req.request_id
+    prepared.begin = normalize_index(req.begin, len(prepared.prompts[0]), 0)
     return await serve(request, state, prepared)
 
 
