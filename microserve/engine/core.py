@@ -343,7 +343,7 @@ class EngineCore:
         if seq.params.logprobs is not None:
             logprobs = seq.logprobs[req.sent_tokens : seq.num_completion_tokens]
         prompt_logprobs = None
-        if seq.params.prompt_logprobs is not None and req.sent_tokens == 0 and not req.sent:
+        if seq.params.prompt_logprobs is not None and req.sent_tokens == 0:
             prompt_logprobs = seq.prompt_logprobs
         req.sent_tokens = seq.num_completion_tokens
         return RequestOutput(

@@ -93,6 +93,12 @@ class SimRunner:
             favoured = sorted((-b, t) for t, b in p.logit_bias.items() if b > 0)
             ranked = [t for _, t in favoured] + [t for t in ranked if p.logit_bias.get(t, 0.0) == 0.0]
         token = ranked[0]
+        if p.prompt_logprobs is not None and not seq.prompt_logprobs:
+            # Made up too: each prompt token as likely as the sim's own first choice.
+            seq.prompt_logprobs = [None] + [
+                TokenLogprobs(t, -0.5, [(t, -0.5)][: p.prompt_logprobs])
+                for t in seq.token_ids[1 : seq.num_prompt_tokens]
+            ]
         if p.logprobs is not None:
             top = [(t, -0.5 * (rank + 1)) for rank, t in enumerate(ranked[: p.logprobs])]
             seq.logprobs.append(TokenLogprobs(token, -0.5, top))
