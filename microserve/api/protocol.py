@@ -87,6 +87,9 @@ class _GenerationRequest(RequestModel):
     # vLLM's extension: answer with the prompt's token ids and each choice's new token ids. The router
     # uses it to continue a stream on another engine when one dies mid-stream.
     return_token_ids: bool = False
+    # microserve's, set by the router on a continued stream: the prompt's last tokens that an earlier
+    # engine generated, which the penalties count as output.
+    prior_output_tokens: NonNegativeInt = 0
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -95,9 +98,19 @@ class _GenerationRequest(RequestModel):
         if not 1 <= self.n <= 128:
             raise bad_request(f"n must be between 1 and 128, got {self.n}.", param="n")
 
+    def check_ranges(self) -> None:
+        """Build the sampling parameters once to check their ranges (a 400 naming the field): the router
+        runs this same check, so a request it forwards never fails later for what it could have seen."""
+        requested = self.requested_max_tokens
+        self.sampling_params(max_tokens=requested if requested is not None else max(1, self.min_tokens))
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and bool(self.stream_options.include_usage)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return getattr(self, "max_tokens", None)
 
     @property
     def max_tokens_param(self) -> str:
@@ -131,6 +144,7 @@ class _GenerationRequest(RequestModel):
                 prompt_logprobs=self.prompt_logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
+                num_prior_output_tokens=self.prior_output_tokens,
             )
         except InvalidParams as exc:
             if exc.param == "max_tokens":
@@ -267,6 +281,8 @@ def parse_request(cls: type[RequestT], body: Any) -> RequestT:
     except ValidationError as exc:
         raise validation_error(exc) from None
     request.check_supported()
+    if isinstance(request, _GenerationRequest):
+        request.check_ranges()
     return request
 
 

@@ -86,6 +86,23 @@ def completion_logprobs(
     }
 
 
+def chat_logprobs_from_completion(logprobs: dict[str, Any]) -> dict[str, Any]:
+    """A completions `logprobs` object in chat's form (the router answers a chat client from an engine's
+    completion stream). Top entries whose texts collide were merged by the completions form already."""
+
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    tops = logprobs.get("top_logprobs") or []
+    content = []
+    for i, (text, logprob) in enumerate(
+        zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], strict=False)
+    ):
+        top = tops[i] if i < len(tops) and tops[i] else {}
+        content.append({**one(text, logprob), "top_logprobs": [one(t, lp) for t, lp in top.items()]})
+    return {"content": content}
+
+
 def _finite(logprob: float) -> float:
     # JSON has no -inf; vLLM reports -9999.0 for an impossible token.
     return max(logprob, -9999.0)

@@ -94,6 +94,8 @@ class EngineCore:
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.num_prior_output_tokens > len(prompt_ids):
+            raise InvalidParams("prior_output_tokens exceeds the prompt's length", "prior_output_tokens")
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidParams(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:

@@ -163,11 +163,20 @@ class Routes:
     def __init__(self) -> None:
         self._by_path: dict[str, dict[str, Handler]] = {}
         self._max_body: dict[tuple[str, str], int] = {}
+        self._prefixes: list[tuple[str, dict[str, Handler]]] = []  # "/v1/models/" for /v1/models/{id}
 
     def add(self, method: str, path: str, handler: Handler, *, max_body: int | None = None) -> None:
         self._by_path.setdefault(path, {})[method.upper()] = handler
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
+
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """A handler for every path under `prefix` that has no exact route (it reads the rest itself)."""
+        for known, methods in self._prefixes:
+            if known == prefix:
+                methods[method.upper()] = handler
+                return
+        self._prefixes.append((prefix, {method.upper(): handler}))
 
     def max_body(self, method: str, path: str, default: int) -> int:
         """The largest body `method path` takes: known before a byte of the body is read."""
@@ -175,6 +184,8 @@ class Routes:
 
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._by_path.get(path)
+        if methods is None:
+            methods = next((m for p, m in self._prefixes if path.startswith(p) and len(path) > len(p)), None)
         if methods is None:
             raise APIError(404, f"Not Found: {method} {path}")
         handler = methods.get(method)

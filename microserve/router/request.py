@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from microserve.api.errors import bad_request
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.router.recent import Hop
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
@@ -101,7 +102,8 @@ class RoutedRequest:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
-        _check(body, route)
+        # The engine's own request model: what the engine would refuse, the router refuses the same way.
+        parse_request(ChatCompletionRequest if route is Route.CHAT else CompletionRequest, body)
         session = headers.get(SESSION_HEADER) if headers is not None else None
         user = body.get("user")
         return cls(
@@ -152,6 +154,18 @@ class RoutedRequest:
         return orjson.dumps({**self.body, **overrides})
 
     @property
+    def batched(self) -> bool:
+        """A completion request with several prompts (served whole by one worker)."""
+        prompt = self.body.get("prompt")
+        return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list)
+
+    @property
+    def choices(self) -> int:
+        """How many choices the answer has (n, for each prompt of a batch)."""
+        n = self.body.get("n") or 1
+        return n * len(self.body["prompt"]) if self.batched else n
+
+    @property
     def max_tokens(self) -> int | None:
         if self.route is Route.CHAT:
             value = self.body.get("max_completion_tokens")
@@ -162,30 +176,6 @@ class RoutedRequest:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(body: dict[str, Any], route: Route) -> None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string.", param="model")
-    if not isinstance(body.get("stream", False), bool | None):
-        raise bad_request("stream must be a boolean.", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
-        value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 0):
-            raise bad_request(f"{name} must be a non-negative integer.", param=name)
-    if route is Route.CHAT:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("messages must be a non-empty list of messages.", param="messages")
-        if not all(isinstance(m, dict) for m in messages):
-            raise bad_request("each message must be an object with a role and content.", param="messages")
-    else:
-        prompt = body.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            raise bad_request("prompt must be a non-empty string or list of token ids.", param="prompt")
-        if not isinstance(prompt, str | list):
-            raise bad_request("prompt must be a string or a list.", param="prompt")
 
 
 def _prefix_of(route: Route, body: Mapping[str, Any]) -> str | list[int]:

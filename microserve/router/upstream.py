@@ -139,7 +139,10 @@ class WorkerHandle(PickedWorker):
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
-        track = req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE
+        # A stream of several choices is relayed as it comes and never continued (see docs/api.md).
+        track = (
+            req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE and req.choices == 1
+        )
         body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
         try:
             resp = await self._post(req.route, body, req)

@@ -6,6 +6,7 @@ Handlers only parse, call one function and shape the answer; the work lives in `
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,12 +15,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from microserve.api import tokenize as api_tokenize
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.api.sse import STATUS_CLIENT_CLOSED
+from microserve.api.tokenize import DetokenizeRequest, TokenizeRequest
 from microserve.server import errors
 from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
 from microserve.server.metrics import ServerMetrics
-from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,10 @@ def create_app(
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model_card)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/load", load)
@@ -77,21 +84,51 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await serve(request, state, await prepare(state, req, size))
 
 
-async def models(request: web.Request) -> web.Response:
+def _card(request: web.Request, name: str) -> dict[str, Any]:
     state = request.app[STATE]
-    created = request.app[STARTED]
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "microserve",
-            "root": state.engine.model_name,
-            "max_model_len": state.engine.max_model_len,
-        }
-        for name in state.served_model_names
-    ]
+    return {
+        "id": name,
+        "object": "model",
+        "created": request.app[STARTED],
+        "owned_by": "microserve",
+        "root": state.engine.model_name,
+        "max_model_len": state.engine.max_model_len,
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    data = [_card(request, name) for name in request.app[STATE].served_model_names]
     return json_response({"object": "list", "data": data})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    return json_response(_card(request, request.app[STATE].resolve_model(name)))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req = parse_request(TokenizeRequest, (await read_json(request))[0])
+    state.resolve_model(req.model)
+    tokenizer = state.engine.tokenizer
+    text = functools.partial(_token_text, tokenizer)
+    return json_response(api_tokenize.tokenize(tokenizer, req, state.engine.max_model_len, text))
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req = parse_request(DetokenizeRequest, (await read_json(request))[0])
+    state.resolve_model(req.model)
+    tokenizer = state.engine.tokenizer
+    return json_response(api_tokenize.detokenize(tokenizer.decode, req, tokenizer.vocab_size))
+
+
+async def version(request: web.Request) -> web.Response:
+    return json_response(api_tokenize.server_version())
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id], skip_special_tokens=False))
 
 
 async def health(request: web.Request) -> web.Response:
