@@ -371,6 +371,9 @@ def whole_as_client(req: RoutedRequest, data: bytes) -> bytes:
         body["object"] = "chat.completion"
         for choice in choices:
             choice["message"] = {"role": "assistant", "content": choice.pop("text", "")}
+            prompt_ids = choice.pop("prompt_token_ids", None)
+            if prompt_ids is not None:  # chat has them at the top
+                body["prompt_token_ids"] = prompt_ids
             if choice.get("logprobs"):
                 choice["logprobs"] = chat_logprobs_from_completion(choice["logprobs"])
     return orjson.dumps(body)

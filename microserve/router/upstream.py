@@ -253,7 +253,8 @@ class WorkerHandle(PickedWorker):
     async def completion_whole(self, req: RoutedRequest, path: str, body: dict[str, Any]) -> bytes:
         """POST `body` (a non-streamed completion) to `path` here; the answer in the client's shape."""
         try:
-            resp = await self._post(path, orjson.dumps({**body, "stream": False}), req)
+            whole = {**body, "stream": False, "return_token_ids": req.wants_token_ids}
+            resp = await self._post(path, orjson.dumps(whole), req)
             try:
                 return whole_as_client(req, await self._read_whole(resp))
             finally:
