@@ -115,6 +115,14 @@ async def test_n_choices_and_batched_prompts(engines: list[ManagedProcess], stra
             "Once upon a time"
         )
         assert batch.choices[0].text == batch.choices[1].text != batch.choices[2].text
+        scored = await sdk.completions.create(prompt=PROMPT, extra_body={"prompt_logprobs": 1}, **GREEDY)
+        entries = scored.choices[0].model_extra["prompt_logprobs"]  # type: ignore[index]
+        assert entries[0] is None and len(entries) == scored.usage.prompt_tokens  # type: ignore[union-attr]
+        assert all(1 <= len(e) <= 2 and all(v["rank"] >= 1 for v in e.values()) for e in entries[1:])
+        chat_scored = await sdk.chat.completions.create(
+            messages=CHAT, extra_body={"prompt_logprobs": 0}, **GREEDY
+        )
+        assert len(chat_scored.model_extra["prompt_logprobs"]) == chat_scored.usage.prompt_tokens  # type: ignore[index,union-attr]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

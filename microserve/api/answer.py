@@ -25,6 +25,7 @@ class Answer:
     num_choices: int
     n: int = 1
     echo: list[str] | None = None
+    prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs (not only echo's)
     choices: dict[int, Choice] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     _prompts_counted: set[int] = field(default_factory=set)
@@ -45,6 +46,8 @@ class Answer:
         choice = self.choices.get(index)
         if choice is None:
             choice = self.choices[index] = Choice(index, logprobs=[] if out.logprobs is not None else None)
+            if self.prompt_logprobs:
+                choice.prompt_logprobs = out.prompt_logprobs
             if self.echo is not None:
                 choice.text = self.echo[prompt]
                 if choice.logprobs is not None and out.prompt_logprobs is not None:

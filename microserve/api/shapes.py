@@ -46,6 +46,7 @@ class Choice:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # vLLM's, when asked
 
 
 def chat_logprobs(entries: list[TokenLogprobs], token_text: TokenText) -> dict[str, Any]:
@@ -84,6 +85,26 @@ def completion_logprobs(
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
     }
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprobs | None], token_text: TokenText) -> list[Any]:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) its own and the top entries,
+    `{token_id: {logprob, rank, decoded_token}}`."""
+    out: list[Any] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        ranked = {e.token_id: (e.logprob, e.rank)}
+        for rank, (t, lp) in enumerate(e.top, start=1):
+            ranked.setdefault(t, (lp, rank))
+        out.append(
+            {
+                str(t): {"logprob": _finite(lp), "rank": rank, "decoded_token": token_text(t)}
+                for t, (lp, rank) in ranked.items()
+            }
+        )
+    return out
 
 
 def chat_logprobs_from_completion(logprobs: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +200,9 @@ class CompletionShape:
                 for c in choices
             ]
         )
+        for c, choice in zip(choices, body["choices"], strict=True):
+            if c.prompt_logprobs is not None and self.token_text is not None:
+                choice["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.token_text)
         body["usage"] = usage.body()
         return body
 
@@ -272,6 +296,8 @@ class ChatShape:
         body = self._envelope("chat.completion", out)
         if self.prompt_token_ids is not None:
             body["prompt_token_ids"] = self.prompt_token_ids
+        if choices and choices[0].prompt_logprobs is not None and self.token_text is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.token_text)
         body["usage"] = usage.body()
         return body
 

@@ -19,6 +19,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens were more likely
 
 
 @dataclass(slots=True)

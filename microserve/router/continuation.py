@@ -374,6 +374,9 @@ def whole_as_client(req: RoutedRequest, data: bytes) -> bytes:
             prompt_ids = choice.pop("prompt_token_ids", None)
             if prompt_ids is not None:  # chat has them at the top
                 body["prompt_token_ids"] = prompt_ids
+            prompt_logprobs = choice.pop("prompt_logprobs", None)
+            if prompt_logprobs is not None:  # so has vLLM's chat its prompt_logprobs
+                body["prompt_logprobs"] = prompt_logprobs
             if choice.get("logprobs"):
                 choice["logprobs"] = chat_logprobs_from_completion(choice["logprobs"])
     return orjson.dumps(body)

@@ -118,4 +118,5 @@ def token_logprobs(row: torch.Tensor, token: int, k: int) -> TokenLogprobs:
     if k:
         values, ids = row.topk(k)
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprobs(token, float(row[token]), top)
+    logprob = row[token]
+    return TokenLogprobs(token, float(logprob), top, int((row > logprob).sum()) + 1)

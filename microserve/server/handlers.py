@@ -99,10 +99,15 @@ class Prepared:
     begin: int | None = None  # start from KV received under `request_id` (microserving)
     echo: list[str] | None = None  # completions' echo: each prompt's text, before its choices'
     max_tokens_param: str = "max_tokens"  # which field asked for max_tokens (for chat, maybe the newer)
+    asked_prompt_logprobs: bool = False  # vLLM's prompt_logprobs in the answer (not only echo's)
 
     def answer(self) -> Answer:
         n = self.params.n
-        return Answer(self.shape, n * len(self.prompts), n, self.echo)
+        return Answer(self.shape, n * len(self.prompts), n, self.echo, self.asked_prompt_logprobs)
+
+
+def logprobs_asked(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 def _token_text(tokenizer: ServingTokenizer) -> TokenText:
@@ -123,6 +128,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     longest = max(prompts, key=len)
     max_tokens = req.max_tokens if req.max_tokens is not None else _room(state, longest)
     params = _check_vocab(req.sampling_params(max_tokens), tokenizer)
+    asked = params.prompt_logprobs is not None
     echo = None
     if req.echo:
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts]
@@ -135,11 +141,12 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
             model=model,
             include_usage=req.include_usage,
             prompt_token_ids=prompts[0] if req.return_token_ids else None,
-            token_text=_token_text(tokenizer) if params.logprobs is not None else None,
+            token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
         ),
         stream=req.stream,
         prompt_param="prompt",
         echo=echo,
+        asked_prompt_logprobs=asked,
     )
 
 
@@ -157,10 +164,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
             model=model,
             include_usage=req.include_usage,
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
-            token_text=_token_text(tokenizer) if params.logprobs is not None else None,
+            token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
         ),
         stream=req.stream,
         prompt_param="messages",
+        asked_prompt_logprobs=params.prompt_logprobs is not None,
         max_tokens_param=req.max_tokens_param,
     )
 
