@@ -160,6 +160,15 @@ class RoutedRequest:
         return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list)
 
     @property
+    def served_whole(self) -> bool:
+        """Served by one worker whatever the strategy: a batch of prompts, or one that asks for the
+        prompt's logprobs (a decode engine that received the prompt's KV never saw its logits)."""
+        prompt_logprobs = self.body.get("prompt_logprobs") is not None or (
+            self.body.get("echo") and self.body.get("logprobs") is not None
+        )
+        return self.batched or bool(prompt_logprobs)
+
+    @property
     def choices(self) -> int:
         """How many choices the answer has (n, for each prompt of a batch)."""
         n = self.body.get("n") or 1
