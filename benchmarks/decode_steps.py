@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from microserve.engine.builder import build_core
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import build_core
 from microserve.machine import describe_machine
 from microserve.model import quant
 

@@ -16,10 +16,10 @@ import time
 import torch
 from decode_steps import step_times
 
-from microserve.engine.builder import build_core
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
 from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import build_core
 from microserve.machine import describe_machine
 from microserve.model.quant import Int4Linear
 

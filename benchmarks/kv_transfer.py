@@ -25,6 +25,7 @@ import torch
 from microserve.engine_client import EngineClient
 from microserve.machine import cpu_name
 from microserve.processes import engine_process
+from microserve.tokens import INTERNAL_TOKEN_ENV, generate_token
 
 
 def ids(rng: random.Random, n: int) -> list[int]:
@@ -89,8 +90,16 @@ async def run(args: argparse.Namespace) -> dict:
         "--kv-cache-memory",
         "1GiB",
     )
-    with engine_process(*common, threads=1) as a_url, engine_process(*common, threads=1) as b_url:
-        async with EngineClient(a_url) as a, EngineClient(b_url) as b:
+    token = generate_token()  # KV moves only between engines that share it
+    env = {INTERNAL_TOKEN_ENV: token}
+    with (
+        engine_process(*common, threads=1, env=env) as a_url,
+        engine_process(*common, threads=1, env=env) as b_url,
+    ):
+        async with (
+            EngineClient(a_url, internal_token=token) as a,
+            EngineClient(b_url, internal_token=token) as b,
+        ):
             return await measure(a, b, args.tokens, args.reps)
 
 

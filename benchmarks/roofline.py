@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from microserve.engine.builder import build_core
 from microserve.engine.config import EngineConfig
 from microserve.engine.sampling import SamplingParams
+from microserve.engine_builder import build_core
 from microserve.machine import cpu_name
 from microserve.model.config import ModelConfig
 from microserve.model.loader import load_config, resolve_model

@@ -35,6 +35,9 @@ from microserve.runner.cost_model import CostModel
 from microserve.simulator.host import FleetConfig, parse_roles
 from microserve.simulator.replica import ReplicaConfig
 from microserve.simulator.run import Simulator
+from microserve.tokens import INTERNAL_TOKEN_ENV, generate_token
+
+TOKEN = generate_token()  # the engines' internal token: KV moves only between engines that share it
 
 MODEL = "smollm2-135m"
 
@@ -50,6 +53,7 @@ async def measure(
             strategy_options=json.loads(args.strategy_options),
             policy=args.policy,
             policy_options=json.loads(args.policy_options),
+            internal_token=TOKEN,
         )
     )
     server = RouterServer(router)
@@ -127,7 +131,8 @@ def main() -> None:
         for _ in roles:  # started side by side: one at a time would take N times as long
             port = free_port()
             cmd = [sys.executable, "-m", "microserve", "engine", "--port", str(port), "--threads", "1"]
-            engines.append(ManagedProcess([*cmd, *engine_args], f"http://127.0.0.1:{port}"))
+            url = f"http://127.0.0.1:{port}"
+            engines.append(ManagedProcess([*cmd, *engine_args], url, {INTERNAL_TOKEN_ENV: TOKEN}))
         for engine in engines:
             engine.wait_ready(timeout=300)
         real = asyncio.run(measure(engines, roles, args, config))

@@ -53,6 +53,7 @@ from microserve.runner.cost_model import CostModel
 from microserve.simulator.host import FleetConfig
 from microserve.simulator.replica import ReplicaConfig
 from microserve.simulator.run import Simulator
+from microserve.tokens import INTERNAL_TOKEN_ENV, generate_token
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "docs/profiles/smollm2-135m-fp32-2threads.json"
@@ -63,6 +64,7 @@ SIM_REPLICAS = 32
 REAL_ENGINES = 8
 TORCH_ENGINES = 2
 PERCENTILES = (50.0, 90.0, 99.0)
+TOKEN = generate_token()  # the engines' internal token: KV moves only between engines that share it
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +301,7 @@ async def measure(
             strategy_options=contender.options,
             policy=scenario.policy,
             policy_options=scenario.policy_options,
+            internal_token=TOKEN,
         )
     )
     server = RouterServer(router)
@@ -359,7 +362,7 @@ def real_point(
 
 
 def run_real(plan: RealPlan, tokenizer: Tokenizer) -> list[Point]:
-    with engine_fleet(plan.engines, *plan.engine_args, timeout=600) as urls:
+    with engine_fleet(plan.engines, *plan.engine_args, timeout=600, env={INTERNAL_TOKEN_ENV: TOKEN}) as urls:
         return [
             real_point(plan, urls, sc, c, i, tokenizer)
             for sc in plan.scenarios

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from microserve.args import parse_size, resolve_device
 from microserve.bench.cli import add_arguments as add_bench_args
+from microserve.registry.args import add_register_args, registration_from_args
 from microserve.router.config import add_router_args, config_from_args
 from microserve.serve import add_serve_args
 from microserve.simulator.cli import add_arguments as add_simulate_args
@@ -87,10 +87,25 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="seconds a KV reservation (prep_recv) waits for start_generate before it is freed",
     )
     p.add_argument(
-        "--internal-token",
-        default=os.environ.get("MICROSERVE_INTERNAL_TOKEN"),
-        help="required as 'Authorization: Bearer' on /microserving/* (default: $MICROSERVE_INTERNAL_TOKEN)",
+        "--max-reservation-share",
+        type=float,
+        default=0.5,
+        help="share of the KV cache one caller may hold in prep_recv reservations (0.5; at least one "
+        "whole context)",
     )
+    p.add_argument(
+        "--internal-token",
+        default=None,
+        help="required as 'Authorization: Bearer' on /microserving/*; shows in ps: prefer "
+        "--internal-token-file or $MICROSERVE_INTERNAL_TOKEN",
+    )
+    p.add_argument("--internal-token-file", default=None, help="a file holding the internal token")
+    p.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help="/metrics then needs this bearer token (default: $MICROSERVE_METRICS_TOKEN; unset: open)",
+    )
+    add_register_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +167,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         sim_profile=args.sim_profile,
         served_model_name=args.served_model_name,
         reservation_ttl_s=args.reservation_ttl,
+        reservation_share=args.max_reservation_share,
     )
 
 
@@ -188,9 +204,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_simulate(args)
         if args.command == "engine":
             from microserve.server.engine_main import run_engine
+            from microserve.tokens import (
+                INTERNAL_TOKEN_ENV,
+                METRICS_TOKEN_ENV,
+                require_internal_token,
+                resolve_token,
+            )
 
+            token = resolve_token(
+                "internal-token", args.internal_token, args.internal_token_file, INTERNAL_TOKEN_ENV
+            )
+            require_internal_token(args.host, token)  # before the model loads: fail in a second
+            metrics_token = resolve_token("metrics-token", None, args.metrics_token_file, METRICS_TOKEN_ENV)
             return run_engine(
-                engine_config(args), host=args.host, port=args.port, internal_token=args.internal_token
+                engine_config(args),
+                host=args.host,
+                port=args.port,
+                internal_token=token,
+                metrics_token=metrics_token,
+                register=registration_from_args(args),
             )
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -24,10 +24,11 @@ def free_port() -> int:
 class ManagedProcess:
     """A child process with its output in a log file (a pipe nobody reads would block it)."""
 
-    def __init__(self, cmd: list[str], url: str) -> None:
+    def __init__(self, cmd: list[str], url: str, env: Mapping[str, str] | None = None) -> None:
+        """`env` adds to this process's environment (a token travels there, not in argv)."""
         self.url = url
         self._log = tempfile.NamedTemporaryFile(prefix="microserve-", suffix=".log", delete=False)  # noqa: SIM115
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
@@ -69,7 +70,9 @@ class ManagedProcess:
             self.log_path.unlink()
 
 
-def _launch_engine(args: tuple[str, ...], threads: int) -> ManagedProcess:
+def _launch_engine(
+    args: tuple[str, ...], threads: int, env: Mapping[str, str] | None = None
+) -> ManagedProcess:
     """A `microserve engine` starting on a free loopback port (not waited for)."""
     port = free_port()
     cmd = [
@@ -83,12 +86,12 @@ def _launch_engine(args: tuple[str, ...], threads: int) -> ManagedProcess:
         str(threads),
         *args,
     ]
-    return ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    return ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
 
 
-def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
+def start_engine(*args: str, threads: int = 1, env: Mapping[str, str] | None = None) -> ManagedProcess:
     """Start a `microserve engine` on a free loopback port and wait until it is ready."""
-    engine = _launch_engine(args, threads)
+    engine = _launch_engine(args, threads, env)
     try:
         engine.wait_ready()
     except BaseException:
@@ -98,9 +101,9 @@ def start_engine(*args: str, threads: int = 1) -> ManagedProcess:
 
 
 @contextlib.contextmanager
-def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
+def engine_process(*args: str, threads: int = 1, env: Mapping[str, str] | None = None) -> Iterator[str]:
     """A `microserve engine` on a free loopback port; yields its base URL and stops it afterwards."""
-    engine = start_engine(*args, threads=threads)
+    engine = start_engine(*args, threads=threads, env=env)
     try:
         yield engine.url
     finally:
@@ -108,13 +111,19 @@ def engine_process(*args: str, threads: int = 1) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def engine_fleet(count: int, *args: str, threads: int = 1, timeout: float = 300.0) -> Iterator[list[str]]:
+def engine_fleet(
+    count: int,
+    *args: str,
+    threads: int = 1,
+    timeout: float = 300.0,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[list[str]]:
     """`count` engines started side by side (one after another takes `count` times as long); yields their
     URLs once all are ready and stops them afterwards."""
     engines: list[ManagedProcess] = []
     try:
         for _ in range(count):
-            engines.append(_launch_engine(args, threads))
+            engines.append(_launch_engine(args, threads, env))
         for engine in engines:
             engine.wait_ready(timeout=timeout)
         yield [e.url for e in engines]

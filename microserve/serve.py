@@ -18,9 +18,10 @@ import aiohttp
 
 from microserve.http.limits import raise_descriptor_limit
 from microserve.router.app import RouterServer, tune_gc
-from microserve.router.config import INTERNAL_TOKEN_ENV, config_from_args
+from microserve.router.config import config_from_args
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,16 @@ class EngineProcess:
             await proc.wait()
 
 
+def engine_env(internal_token: str | None) -> dict[str, str]:
+    """The engines' environment: the internal token travels here, never in argv (`ps` shows argv);
+    the metrics token of the router is not theirs."""
+    env = {k: v for k, v in os.environ.items() if k not in (INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV)}
+    env["PYTHONUNBUFFERED"] = "1"
+    if internal_token:
+        env[INTERNAL_TOKEN_ENV] = internal_token
+    return env
+
+
 def engine_argv(args: argparse.Namespace, port: int, threads: int) -> list[str]:
     level = "debug" if args.log_level == "debug" else "warning"  # engines log every request at info
     argv = [sys.executable, "-m", "microserve", "--log-level", level, "engine"]
@@ -156,9 +167,9 @@ async def serve(args: argparse.Namespace) -> int:
     count = args.engines
     threads = args.threads or max(1, cores() // count)
     ports = engine_ports("127.0.0.1", args.engine_port or port + 1, count, {port})
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.internal_token:
-        env[INTERNAL_TOKEN_ENV] = args.internal_token  # in the environment, not in `ps` output
+    if config.internal_token is None:  # the engines' KV verbs are never open, even on loopback
+        config = replace(config, internal_token=generate_token())
+    env = engine_env(config.internal_token)
     engines = [EngineProcess(i, p, engine_argv(args, p, threads), env) for i, p in enumerate(ports)]
     supervisors: list[asyncio.Task[None]] = []
     server: RouterServer | None = None

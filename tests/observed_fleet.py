@@ -25,6 +25,8 @@ MODEL = "smollm2-135m"
 ADMIN_TOKEN = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DEADLINE_S = 60.0
+# The pd strategy moves KV engine to engine: only between engines that share the internal token.
+INTERNAL_ENV = {"MICROSERVE_INTERNAL_TOKEN": "internal-secret"}
 
 
 def write_profile(path: Path, step_s: float) -> Path:
@@ -110,7 +112,7 @@ def observed_fleet(tmp: Path, step_s: float = 0.005) -> Iterator[Fleet]:
             port = free_port()
             cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
                    "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-            engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+            engine = ManagedProcess(cmd, f"http://127.0.0.1:{port}", INTERNAL_ENV)
             stack.callback(engine.stop)
             engines.append(engine)
         for engine in engines:
@@ -121,7 +123,7 @@ def observed_fleet(tmp: Path, step_s: float = 0.005) -> Iterator[Fleet]:
                "--health-interval", "0.5"]  # fmt: skip
         for engine in engines:
             cmd += ["--worker", engine.url]
-        router = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+        router = ManagedProcess(cmd, f"http://127.0.0.1:{port}", INTERNAL_ENV)
         stack.callback(router.stop)
         router.wait_ready(timeout=120)
         yield Fleet(router, engines, failing)

@@ -62,6 +62,26 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tens
     return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bf16 values lie between a and b, element by element (their bit patterns, ordered)."""
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        bits = t.contiguous().view(torch.int16).int()
+        return torch.where(bits < 0, -32768 - bits, bits)
+
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_same_bf16_up_to_sum_order(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The norm's float32 sum of squares runs in the kernel's order (16 lanes with AVX-512, one by one
+    without) and in torch's: the two differ in the last float bit now and then, which moves a result across
+    a bf16 rounding boundary. So: the same bits almost everywhere, one bf16 step (two after the weight's own
+    rounding) in the rare element that crossed, never more."""
+    ulps = bf16_ulps(got, want)
+    assert int(ulps.max()) <= 2, f"{int(ulps.max())} bf16 steps apart"
+    assert float((ulps > 0).float().mean()) <= 0.01, f"{int((ulps > 0).sum())} of {ulps.numel()} differ"
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("rows", "dim"), [(1, 576), (32, 576), (300, 576), (5, 40)])
@@ -74,9 +94,9 @@ def test_add_rms_norm_and_silu_mul_round_as_the_eager_ops(dtype, rows, dim):
     x_in_place = x.clone()
     normed = ops.add_rms_norm(x_in_place, delta, w, 1e-5)
     assert torch.equal(x_in_place, x + delta)  # the residual lands in x, rounded as `x + delta` is
-    if dtype == torch.bfloat16:  # float32 sums in another order, rounded to bf16: the same bits
-        assert torch.equal(normed, _rms_norm(x + delta, w))
-        assert torch.equal(ops.add_rms_norm(x, None, w, 1e-5), _rms_norm(x, w))
+    if dtype == torch.bfloat16:
+        assert_same_bf16_up_to_sum_order(normed, _rms_norm(x + delta, w))
+        assert_same_bf16_up_to_sum_order(ops.add_rms_norm(x, None, w, 1e-5), _rms_norm(x, w))
         assert torch.equal(ops.silu_mul(gate_up), F.silu(gate) * up)
     else:
         torch.testing.assert_close(normed, _rms_norm(x + delta, w), atol=1e-5, rtol=1e-5)

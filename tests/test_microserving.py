@@ -26,11 +26,14 @@ COMMON = (
     "--reservation-ttl",
     "3",
 )
+# KV moves only between engines that share the internal token (remote_send authenticates its receiver).
+TOKEN = "test-internal-token"
+ENV = {"MICROSERVE_INTERNAL_TOKEN": TOKEN}
 
 
 @pytest.fixture(scope="module")
 def urls():
-    with engine_process(*COMMON) as a, engine_process(*COMMON) as b:
+    with engine_process(*COMMON, env=ENV) as a, engine_process(*COMMON, env=ENV) as b:
         yield a, b
 
 
@@ -56,7 +59,7 @@ async def idle(*clients: EngineClient, timeout: float = 10.0) -> None:
 
 @contextlib.asynccontextmanager
 async def clients(*urls: str):
-    cs = [EngineClient(u) for u in urls]
+    cs = [EngineClient(u, internal_token=TOKEN) for u in urls]
     try:
         yield cs
     finally:
@@ -152,7 +155,8 @@ async def test_fault_receiver_unreachable(urls):
         addr = await b.prep_recv("f-unreach", ids, end=100)
         with pytest.raises(EngineError) as err:
             await a.remote_send("f-unreach", ids, addr, f"http://127.0.0.1:{free_port()}", end=100)
-        assert err.value.status == 502 and "unreachable" in err.value.message
+        # Nobody there to prove it is a peer: refused before any prefill or KV is sent.
+        assert err.value.status == 403 and err.value.code == "peer_not_authenticated"
         assert await b.release("f-unreach")
         await idle(a, b)
 
@@ -202,7 +206,10 @@ async def test_fault_corrupt_payload_rejected_by_receiver(urls):
 
         payload = bytearray(storage.export(torch.arange(32), 0, 32, ids[:32]))
         payload[-3] ^= 0x55
-        async with b.session.post(f"{b.url}/microserving/kv/f-corrupt", data=bytes(payload)) as r:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with b.session.post(
+            f"{b.url}/microserving/kv/f-corrupt", data=bytes(payload), headers=auth
+        ) as r:
             assert r.status == 400
             assert "checksum" in (await r.json())["error"]["message"]
         assert await b.release("f-corrupt")
@@ -213,7 +220,7 @@ async def test_fault_incompatible_model_and_sender_killed(urls):
     _, b_url = urls
     # A bf16 engine's KV cannot be imported into an fp32 engine.
     with engine_process(
-        "--dtype", "bfloat16", "--max-model-len", "4096", "--kv-cache-memory", "256MiB"
+        "--dtype", "bfloat16", "--max-model-len", "4096", "--kv-cache-memory", "256MiB", env=ENV
     ) as c_url:
         async with clients(b_url, c_url) as (b, c):
             ids = prompt_ids(8, 64)
@@ -224,7 +231,7 @@ async def test_fault_incompatible_model_and_sender_killed(urls):
             assert await b.release("f-incompat")
             await idle(b, c)
     # The sender dies in the middle of a long transfer: the receiver refuses to start and frees everything.
-    sender = start_engine(*COMMON)
+    sender = start_engine(*COMMON, env=ENV)
     try:
         async with clients(b_url, sender.url) as (b, c):
             ids = prompt_ids(9, 3000)
@@ -269,7 +276,7 @@ async def test_sim_backend_implements_the_verbs_with_modelled_transfer_time():
     from microserve.runner.cost_model import CostModel
 
     sim = ("--backend", "sim", "--max-model-len", "4096", "--kv-cache-memory", "256MiB")
-    with engine_process(*sim) as a_url, engine_process(*sim) as b_url:
+    with engine_process(*sim, env=ENV) as a_url, engine_process(*sim, env=ENV) as b_url:
         async with clients(a_url, b_url) as (a, b):
             ids = prompt_ids(10, 2000)
             want = (await a.completions(prompt=ids, **greedy(8)))["choices"][0]["text"]

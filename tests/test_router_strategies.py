@@ -33,11 +33,12 @@ CHAT = [
     {"role": "user", "content": "Why is the sky blue?"},
 ]
 PROMPT = "The history of the printing press begins"
+TOKEN = "test-internal-token"  # the engines authenticate each other with it before KV moves
 
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[ManagedProcess]]:
-    started = [start_engine(*ENGINE_ARGS) for _ in range(2)]
+    started = [start_engine(*ENGINE_ARGS, env={"MICROSERVE_INTERNAL_TOKEN": TOKEN}) for _ in range(2)]
     try:
         yield started
     finally:
@@ -48,7 +49,8 @@ def engines() -> Iterator[list[ManagedProcess]]:
 @asynccontextmanager
 async def routed(engines: list[ManagedProcess], strategy: str, options: dict[str, Any]):
     workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-    router = Router(RouterConfig(workers=workers, strategy=strategy, strategy_options=options))
+    config = RouterConfig(workers=workers, strategy=strategy, strategy_options=options, internal_token=TOKEN)
+    router = Router(config)
     async with RouterServer(router) as server:
         sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         try:

@@ -65,3 +65,17 @@ def test_bad_flags_fail_in_one_line_with_exit_2(flags: list[str], message: str, 
     assert simulate(*flags, "--num-requests", "1") == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_simulate_runs_the_routers_admission_and_deadlines(tmp_path: Path) -> None:
+    out = tmp_path / "sim.json"
+    flags = shlex.split(
+        "--replicas 2 --num-kv-blocks 1024 --max-model-len 4096 --max-num-seqs 8 --endpoint completions "
+        "--prompt-format token-ids --input-len 64 --output-len 32 --request-rate 200 --num-requests 200 "
+        "--admission --max-queue-wait 1 --deadlines"
+    )
+    assert main(["simulate", *flags, "--out", str(out)]) == 0
+    [run] = orjson.loads(out.read_bytes())["runs"]
+    # Far over what two replicas of 8 serve: most are refused at once, the admitted start within budget.
+    assert run["failed"] > run["completed"] > 0
+    assert max(t for t in run["requests"]["ttfts"] if t is not None) < 1.0 + 1.0

@@ -106,8 +106,8 @@ class AsyncEngine:
         """Compute `prompt_ids`' KV for another engine; yields the exported payloads from `begin` on."""
         return self._stream(request_id, lambda core: core.add_prefill(request_id, prompt_ids, begin))
 
-    async def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
-        return await self._call(lambda core: core.prep_recv(request_id, prompt_ids, end))
+    async def prep_recv(self, request_id: str, prompt_ids: list[int], end: int, requester: str = "") -> int:
+        return await self._call(lambda core: core.prep_recv(request_id, prompt_ids, end, requester))
 
     async def import_kv(self, request_id: str, payload: bytes) -> tuple[int, int]:
         return await self._call(lambda core: core.import_kv(request_id, payload))
@@ -205,7 +205,10 @@ class AsyncEngine:
                 if core.reservations:
                     core.expire_reservations()
                 if core.has_work():
+                    started = time.perf_counter()
                     outputs = core.step()
+                    if outputs:  # a step that ran nothing says nothing of the step time
+                        core.record_step_time(time.perf_counter() - started)
                     if outputs:
                         self._call_loop(self._dispatch, outputs)
         except BaseException as exc:  # the loop is dead: fail every stream rather than hang it

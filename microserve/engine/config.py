@@ -38,6 +38,7 @@ class EngineConfig:
     sim_profile: str | None = None  # cost model JSON for the sim backend
     served_model_name: str | None = None
     reservation_ttl_s: float = 30.0  # a KV reservation with no start_generate is freed after this
+    reservation_share: float = 0.5  # of the KV cache one requester may hold in reservations
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "sim"):
@@ -48,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"quantization must be auto, none or int4, got {self.quantization!r}")
         if self.reservation_ttl_s <= 0:
             raise ValueError(f"reservation TTL must be positive, got {self.reservation_ttl_s}")
+        if not 0 < self.reservation_share <= 1:
+            raise ValueError(f"reservation share must be in (0, 1], got {self.reservation_share}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be positive, got {self.threads}")
         self.cache = self.cache or CacheConfig()

@@ -12,7 +12,7 @@ from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
-from microserve.engine.reservations import ReservationError, ReservationTable
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
 from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
@@ -22,6 +22,8 @@ from microserve.model.tokenizer import Tokenizer
 # Exported KV travels in pieces of at most this many tokens: bounded request bodies on the receiver,
 # and the first piece leaves while later ones are still being exported.
 TRANSFER_PIECE_TOKENS = 256
+# Weight of the newest step in the smoothed step time: about the last ten steps count.
+STEP_TIME_ALPHA = 0.1
 
 
 class Runner(Protocol):
@@ -68,6 +70,7 @@ class EngineCore:
         max_model_len: int,
         reservation_ttl_s: float = 30.0,
         detokenize: bool = True,
+        reservation_share: float = 0.5,
     ) -> None:
         self.scheduler = scheduler
         self.kv: KVCacheManager = scheduler.kv
@@ -79,8 +82,15 @@ class EngineCore:
         self.prefills: dict[str, _Prefill] = {}
         self.groups: dict[str, list[str]] = {}  # request id -> its choices' sequence ids (n > 1)
         self._forks: dict[str, list[Sequence]] = {}  # first choice's id -> choices forked after its prefill
-        self.reservations = ReservationTable(reservation_ttl_s)
+        # One requester may hold this share of the cache in reservations, and at least one whole
+        # context: so a caller that reserves and never sends cannot starve the engine (issue 20, fault 5).
+        share_blocks = int(self.kv.num_blocks * reservation_share)
+        per_requester = max(share_blocks, self.kv.blocks_for(max_model_len))
+        self.reservations = ReservationTable(reservation_ttl_s, per_requester)
         self.num_steps = 0
+        # The driver's measured (or modelled) seconds per step, smoothed: the router derives its
+        # first-byte and stall deadlines from it. 0 until the first step.
+        self.step_s = 0.0
         # Off in the simulator: nobody reads the text there, and decoding is per-token work on its hot
         # path. A request with stop strings is decoded anyway, since they are matched on its text.
         self.detokenize = detokenize
@@ -154,8 +164,9 @@ class EngineCore:
 
     # -- microserving: the engine's KV verbs --------------------------------------------------------
 
-    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int) -> int:
-        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here."""
+    def prep_recv(self, request_id: str, prompt_ids: list[int], end: int, requester: str = "") -> int:
+        """Reserve blocks to receive KV for prompt[matched:end]; returns `matched`, the prefix held here.
+        `requester` (the caller's address) is charged the blocks, up to its share of the cache."""
         self._check_new_id(request_id)
         if not 0 < end <= len(prompt_ids) or end > self.max_model_len:
             raise ValueError(f"end={end} must be in [1, {min(len(prompt_ids), self.max_model_len)}]")
@@ -164,7 +175,13 @@ class EngineCore:
         matched = len(cached) * self.kv.block_size
         if not self.kv.allocate(seq, end - matched, cached):
             raise EngineOverloaded(f"no free KV blocks to receive {end - matched} tokens; retry later")
-        self.reservations.add(seq, end, matched)
+        blocks = len(seq.block_table)
+        try:  # after the cache's own check: a full cache is the answer that says more
+            self.reservations.check_quota(requester, blocks)
+        except ReservationQuotaExceeded:
+            self.kv.free(seq)
+            raise
+        self.reservations.add(seq, end, matched, requester=requester, blocks=blocks)
         return matched
 
     def import_kv(self, request_id: str, payload: bytes | memoryview) -> tuple[int, int]:
@@ -363,9 +380,18 @@ class EngineCore:
             stop_reason=req.stop_reason if finished else None,
         )
 
+    def record_step_time(self, seconds: float) -> None:
+        """The driver says how long the last step took (wall time, or the simulator's modelled time)."""
+        if self.step_s == 0.0:
+            self.step_s = seconds
+        else:
+            self.step_s += STEP_TIME_ALPHA * (seconds - self.step_s)
+
     def load(self) -> dict[str, float | int]:
         kv = self.kv
         return {
+            "step_s": round(self.step_s, 6),
+            "max_num_seqs": self.scheduler.config.max_num_seqs,
             "waiting": self.num_waiting,
             "running": self.num_running,
             "kv_usage": round(kv.usage, 6),

@@ -11,6 +11,7 @@ with backpressure, and connections kept for reuse when the server allows.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 import time
 from collections import deque
@@ -26,6 +27,13 @@ HIGH_WATER = 1 << 20
 
 class ClientError(ConnectionError):
     """The request failed on the network: the connection could not be made, or it broke."""
+
+
+class ConnectFailed(ClientError):
+    """No connection could be made: nothing listens there (refused), or the host cannot be reached."""
+
+
+_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
 
 
 class RequestTimeout(TimeoutError):
@@ -357,7 +365,9 @@ class HTTPClient:
         except TimeoutError:
             raise RequestTimeout(f"connecting to {origin.host}:{origin.port} timed out") from None
         except OSError as exc:
-            raise ClientError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
+            # Only the peer's side: this process out of descriptors or ports says nothing about it.
+            kind = ConnectFailed if exc.errno in _PEER_DOWN else ClientError
+            raise kind(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
         self._all.add(conn)
         return conn
 

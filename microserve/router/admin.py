@@ -65,7 +65,8 @@ def _worker_not_found(url: str) -> APIError:
 
 
 async def list_workers(router: Router, request: Request) -> Response:
-    return Response.json({"workers": [w.describe() for w in router.pool]})
+    workers = [{**w.describe(), "source": router.source_of(w.url)} for w in router.pool]
+    return Response.json({"workers": workers})
 
 
 async def add_worker(router: Router, request: Request) -> Response:

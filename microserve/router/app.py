@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import unquote
 
-from microserve.api.errors import model_not_found
+from microserve.api.errors import APIError, model_not_found
 from microserve.api.tokenize import server_version
 from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
@@ -28,6 +28,7 @@ from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
+from microserve.tokens import bearer_matches
 
 log = logging.getLogger(__name__)
 
@@ -135,18 +136,30 @@ async def health(request: Request) -> Response:
 async def ready(router: Router, request: Request) -> Response:
     """Ready when at least one worker can take a request and the router is not shutting down."""
     available = 0 if router.draining else sum(1 for w in router.pool if w.available and w.models)
-    return Response.json(
-        {"ready": available > 0, "workers_available": available}, status=200 if available else 503
-    )
+    body: dict[str, object] = {"ready": available > 0, "workers_available": available}
+    if router.discovery:  # a registry that blinked: still ready on the last membership, and says so
+        body["discovery"] = router.discovery.describe()
+    return Response.json(body, status=200 if available else 503)
 
 
 async def metrics(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     body, content_type = router.metrics.render(request.headers.get("accept"))
     return Response(body, content_type=content_type)
 
 
 async def prometheus_targets(router: Router, request: Request) -> Response:
+    _check_metrics_token(router, request)
     return Response.json(scrape_targets(router.pool))
+
+
+def _check_metrics_token(router: Router, request: Request) -> None:
+    """Both name the engines' addresses: behind `--metrics-token-file` when one is given."""
+    token = router.config.metrics_token
+    if token and not bearer_matches(request.headers.get("authorization"), token):
+        raise APIError(
+            401, "This route needs the metrics token: 'Authorization: Bearer <token>'.", code="unauthorized"
+        )
 
 
 def run_router(config: RouterConfig) -> int:

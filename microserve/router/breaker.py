@@ -84,6 +84,13 @@ class CircuitBreaker:
             if self.failures >= self.config.failure_threshold:
                 self._open(self.config.open_s)
 
+    def trip(self) -> None:
+        """Open now, whatever the count: the worker missed a deadline (it is hung, not merely failing)."""
+        if self.state is CircuitState.OPEN:
+            return
+        half_open = self._state is CircuitState.HALF_OPEN
+        self._open(min(self._open_for * 2, self.config.max_open_s) if half_open else self.config.open_s)
+
     def _open(self, seconds: float) -> None:
         self._state = CircuitState.OPEN
         self._opened_at = self._clock()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,12 @@ from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
+from microserve.router.deadlines import DeadlineConfig
+from microserve.router.discovery import make_discovery
 from microserve.router.health import HealthConfig
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
-
-ADMIN_TOKEN_ENV = "MICROSERVE_ADMIN_TOKEN"
-INTERNAL_TOKEN_ENV = "MICROSERVE_INTERNAL_TOKEN"
+from microserve.tokens import ADMIN_TOKEN_ENV, INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, resolve_token
 
 
 @dataclass(slots=True)
@@ -28,12 +27,14 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: list[WorkerSpec] = field(default_factory=list)
+    discovery: list[str] = field(default_factory=list)  # etcd://HOST:PORT[/prefix], file:///path
     strategy: str = "data_parallel"  # a built-in name or path/to/file.py:ClassName
     strategy_options: dict[str, Any] = field(default_factory=dict)
     policy: str = "round_robin"
     policy_options: dict[str, Any] = field(default_factory=dict)
     admin_token: str | None = None  # None: the admin API answers 403
     internal_token: str | None = None  # sent to microserve engines as `Authorization: Bearer`
+    metrics_token: str | None = None  # None: /metrics and /prometheus/targets are open
     request_timeout_s: float = 600.0  # one deadline per request: queueing, retries and the answer
     connect_timeout_s: float = 5.0
     max_connections: int = 4096  # the shared connection pool to all workers
@@ -49,6 +50,7 @@ class RouterConfig:
     circuit_breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # first byte and stalls per attempt
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
 
     def __post_init__(self) -> None:
@@ -58,6 +60,10 @@ class RouterConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.max_connections < 1 or self.max_continuations < 0:
             raise ValueError("need max_connections >= 1 and max_continuations >= 0")
+        if isinstance(self.discovery, str):
+            self.discovery = [self.discovery]
+        for url in self.discovery:
+            make_discovery(url)  # a bad URL fails here, before anything starts
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -70,6 +76,7 @@ class RouterConfig:
             "circuit_breaker": BreakerConfig,
             "health": HealthConfig,
             "admission": AdmissionConfig,
+            "deadlines": DeadlineConfig,
             "connections": ConnectionLimits,
         }
         kwargs: dict[str, Any] = {}
@@ -144,23 +151,70 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
             help="a worker: URL plus kind=microserve|openai, role=prefill|decode|both, weight=N, "
             "model=NAME (repeatable), label.KEY=VALUE, api_key=KEY (repeatable flag)",
         )
+    p.add_argument(
+        "--discovery",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="follow workers registered in etcd://HOST:PORT[/prefix] or listed in file:///path.yaml "
+        "(repeatable; docs/discovery.md)",
+    )
     p.add_argument("--strategy", default=None, help="data_parallel (default) or path/to/file.py:ClassName")
     p.add_argument("--strategy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
     p.add_argument("--policy", default=None, help="round_robin (default), least_connections, …")
     p.add_argument("--policy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--admin-token",
-        default=os.environ.get(ADMIN_TOKEN_ENV),
-        help=f"bearer token of the admin API (default: ${ADMIN_TOKEN_ENV}; unset: admin API off)",
+        default=None,
+        help=f"bearer token of the admin API (default: ${ADMIN_TOKEN_ENV}; unset: admin API off); "
+        "shows in ps: prefer --admin-token-file",
     )
+    p.add_argument("--admin-token-file", default=None, help="a file holding the admin token")
     p.add_argument(
         "--internal-token",
-        default=os.environ.get(INTERNAL_TOKEN_ENV),
-        help=f"bearer token the router sends to microserve engines (default: ${INTERNAL_TOKEN_ENV})",
+        default=None,
+        help=f"bearer token the router sends to microserve engines (default: ${INTERNAL_TOKEN_ENV}); "
+        "shows in ps: prefer --internal-token-file",
+    )
+    p.add_argument("--internal-token-file", default=None, help="a file holding the internal token")
+    p.add_argument(
+        "--metrics-token-file",
+        default=None,
+        help=f"/metrics and /prometheus/targets then need this bearer token (default: ${METRICS_TOKEN_ENV}; "
+        "unset: open)",
     )
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (600)")
-    p.add_argument("--max-concurrent", type=int, default=None, help="requests running at once (1024)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="requests running at once (default: the sum of the ready engines' batch sizes)",
+    )
     p.add_argument("--max-queued", type=int, default=None, help="requests waiting beyond those (1024)")
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=None,
+        help="seconds a request may expect to wait for a slot; beyond it, 429 at once (2)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        help="seconds a request is held while no worker is ready, then 503 (30)",
+    )
+    p.add_argument(
+        "--first-byte-timeout",
+        type=float,
+        default=None,
+        help="least seconds an attempt waits for a stream's first byte (5; longer on slow engines)",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        help="least seconds between two chunks of a stream before the attempt fails (2; more if slow)",
+    )
     p.add_argument("--max-attempts", type=int, default=None, help="attempts per request, first included (3)")
     p.add_argument("--health-interval", type=float, default=None, help="seconds between health checks (2)")
     p.add_argument(
@@ -194,6 +248,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
     changes: dict[str, Any] = {}
     if getattr(args, "worker", None):
         changes["workers"] = [*config.workers, *args.worker]
+    if getattr(args, "discovery", None):
+        changes["discovery"] = [*config.discovery, *args.discovery]
     if args.strategy is not None:
         changes["strategy"] = args.strategy
         changes["strategy_options"] = {}
@@ -206,17 +262,35 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
     if args.policy_opt:
         changes["policy_options"] = {**changes.get("policy_options", config.policy_options)}
         changes["policy_options"].update(args.policy_opt)
-    for flag, name in (("admin_token", "admin_token"), ("internal_token", "internal_token")):
-        if getattr(args, flag) is not None:
-            changes[name] = getattr(args, flag)
+    for name, env in (
+        ("admin_token", ADMIN_TOKEN_ENV),
+        ("internal_token", INTERNAL_TOKEN_ENV),
+        ("metrics_token", METRICS_TOKEN_ENV),
+    ):
+        flag = name.replace("_", "-")
+        token = resolve_token(flag, getattr(args, name, None), getattr(args, f"{name}_file"), env)
+        if token is not None:
+            changes[name] = token
     if args.request_timeout is not None:
         changes["request_timeout_s"] = args.request_timeout
-    if args.max_concurrent is not None or args.max_queued is not None:
+    admission_flags = (args.max_concurrent, args.max_queued, args.max_queue_wait, args.queue_timeout)
+    if any(flag is not None for flag in admission_flags):
         admission = config.admission
         changes["admission"] = replace(
             admission,
             max_concurrent=args.max_concurrent or admission.max_concurrent,
             max_queued=admission.max_queued if args.max_queued is None else args.max_queued,
+            max_queue_wait_s=admission.max_queue_wait_s
+            if args.max_queue_wait is None
+            else args.max_queue_wait,
+            queue_timeout_s=args.queue_timeout or admission.queue_timeout_s,
+        )
+    if args.first_byte_timeout is not None or args.stall_timeout is not None:
+        d = config.deadlines
+        changes["deadlines"] = replace(
+            d,
+            first_byte_floor_s=args.first_byte_timeout or d.first_byte_floor_s,
+            stall_floor_s=args.stall_timeout or d.stall_floor_s,
         )
     if args.max_attempts is not None:
         changes["retry"] = replace(config.retry, max_attempts=args.max_attempts)

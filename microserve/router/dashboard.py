@@ -67,7 +67,7 @@ def fleet_state(router: Router, started: float, window_s: float = WINDOW_S, now:
         "admission": {
             "running": admission.running,
             "waiting": admission.queued,
-            "max_concurrent": admission.config.max_concurrent,
+            "max_concurrent": admission.limit,
             "max_queued": admission.config.max_queued,
         },
         "workers": [_worker(w) for w in router.pool],

@@ -8,11 +8,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-import orjson
-
-from microserve.api.errors import APIError, error_body
+from microserve.api.errors import APIError
 from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
+from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
 from microserve.router.recent import usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -25,7 +24,7 @@ from microserve.router.workers import NoWorkerAvailable
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
     """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
     start = time.perf_counter()
-    status, admitted = 500, False
+    status, granted = 500, None
     ttft: float | None = None
     req: RoutedRequest | None = None
     strategy: Strategy | None = None
@@ -33,8 +32,9 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
         req = router.parse(route, request.body, request.headers)
-        await router.admission.acquire()
-        admitted = True
+        # While no worker is ready this holds the request until one is (or its queue timeout passes).
+        granted = await router.admission.acquire(timeout_s=req.remaining_s())
+        router.resolve_model(req)
         strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
         router.retry_budget.on_request()
         gen, first = await first_output(router, strategy, req)
@@ -58,8 +58,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if req is not None:
             for handle in req.handles:  # a strategy may pick a worker and never call it
                 handle.release()
-        if admitted:
-            router.admission.release()
+        if granted is not None:
+            router.admission.release(granted)
         e2e = time.perf_counter() - start
         router.metrics.request_done(route, status, e2e if ttft is not None else None)
         record(router, route, req, strategy, status, ttft, e2e)
@@ -101,17 +101,8 @@ async def first_output(
     A non-streamed answer is collected whole inside the retry loop (nothing is sent before it is
     complete), so it is retried even when a worker dies half-way. Returns (rest of stream | None, bytes).
     """
-    config = router.config.retry
-    last: WorkerFailure | None = None
-    for attempt in range(config.max_attempts):
-        if attempt:
-            if req.remaining_s() <= 0:
-                break
-            if not router.retry_budget.try_spend():
-                router.metrics.retry_budget_exhausted.inc()
-                break
-            router.metrics.retries.inc()
-            await asyncio.sleep(min(backoff_s(attempt, config, router.rng), max(0.0, req.remaining_s())))
+
+    async def attempt() -> tuple[AsyncIterator[bytes] | None, bytes]:
         gen = strategy.serve(req)
         try:
             if req.stream:
@@ -119,21 +110,21 @@ async def first_output(
             return None, b"".join([chunk async for chunk in gen])
         except StopAsyncIteration:
             raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
-        except UpstreamHTTPError as exc:
-            if not exc.retryable:
-                raise exc.response_error() from None
-            last = exc
-        except WorkerFailure as exc:
-            last = exc
-        except NoWorkerAvailable as exc:
-            if last is None:
-                raise no_worker_available(str(exc)) from None
-            break
-        # A generator that raised is finished already; this only matters for one that yielded nothing.
-        await gen.aclose()  # type: ignore[attr-defined]
-        req.excluded.add(last.worker.url)
-    assert last is not None
-    raise _final(last)
+        except (WorkerFailure, NoWorkerAvailable):
+            # A generator that raised is finished already; this only matters for one that yielded nothing.
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
+
+    try:
+        return await router.retry_loop.run(req, attempt)
+    except WorkerFailure as exc:
+        if isinstance(exc, UpstreamHTTPError) and not exc.retryable:
+            raise upstream_error(exc, req.id) from None
+        raise no_answer(exc, req.id) from None
+    except NoWorkerAvailable as exc:
+        raise no_worker_available(str(exc)) from None
 
 
 async def stream_out(
@@ -153,7 +144,7 @@ async def stream_out(
         except BrokenStream as exc:
             broken = exc
         except (WorkerFailure, NoWorkerAvailable) as exc:
-            await write_error(response, f"The answer failed mid-stream: {exc}")
+            await response.write(stream_error_event("The answer failed mid-stream", str(exc), req.id))
             return
     await continue_stream(router, strategy, req, response, broken)
 
@@ -167,11 +158,11 @@ async def continue_stream(
         progress = broken.progress
         req.excluded.add(broken.worker.url)
         if progress is None or not broken.resumable:
-            await write_error(response, f"The worker failed mid-stream: {broken.message}")
+            await write_error(response, req, "The worker failed mid-stream", broken)
             return
         if progress.continuations >= router.config.max_continuations or req.remaining_s() <= 0:
             outcome.labels("gave_up").inc()
-            await write_error(response, f"The stream could not be continued: {broken.message}")
+            await write_error(response, req, "The stream could not be continued", broken)
             return
         progress.continuations += 1
         try:
@@ -186,19 +177,15 @@ async def continue_stream(
             broken = BrokenStream(exc.worker, exc.message, progress)
         except NoWorkerAvailable as exc:
             outcome.labels("no_worker").inc()
-            await write_error(response, f"No engine left to continue the stream: {exc}")
+            await response.write(
+                stream_error_event("No engine left to continue the stream", str(exc), req.id)
+            )
             return
         delay = backoff_s(progress.continuations, router.config.retry, router.rng)
         await asyncio.sleep(min(delay, max(0.0, req.remaining_s())))
 
 
-async def write_error(response: Stream, message: str) -> None:
+async def write_error(response: Stream, req: RoutedRequest, what: str, broken: BrokenStream) -> None:
     # No [DONE] after it: the client must see that the stream did not complete.
-    body = error_body(message, "server_error", code="worker_failed")
-    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
-
-
-def _final(last: WorkerFailure) -> APIError:
-    if isinstance(last, UpstreamHTTPError):
-        return last.response_error()
-    return APIError(502, f"No worker could answer: {last.message}", code="upstream_failed")
+    detail = f"{broken.worker.url}: {broken.message}"
+    await response.write(stream_error_event(what, detail, req.id))

@@ -76,8 +76,10 @@ class HealthChecker:
         upstream: Upstream,
         config: HealthConfig,
         wants_load: Callable[[], bool],
+        on_checked: Callable[[], None] | None = None,
     ) -> None:
         self.pool = pool
+        self.on_checked = on_checked  # after each round of checks (admission re-reads its capacity)
         self.upstream = upstream
         self.config = config
         self.wants_load = wants_load
@@ -110,11 +112,21 @@ class HealthChecker:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.probe(w) for w in self.pool))
+        if not self.wants_load():
+            # Engines' step times and batch sizes (deadlines, admission) are needed by every policy:
+            # without the policy's faster polling, they are read once per health check.
+            await asyncio.gather(
+                *(self.poll_load(w) for w in self.pool if w.healthy and w.kind is WorkerKind.MICROSERVE)
+            )
+        if self.on_checked is not None:
+            self.on_checked()
 
     async def first_check(self, worker: Worker) -> bool:
         """A new worker is healthy once it passes one check; one that fails it starts out unhealthy."""
         ok = await self.probe(worker)
         worker.healthy = ok
+        if ok and worker.kind is WorkerKind.MICROSERVE:
+            await self.poll_load(worker)  # its step time and batch size, before the first request
         return ok
 
     async def probe(self, worker: Worker) -> bool:
@@ -168,12 +180,15 @@ class HealthChecker:
                 status, body = await self._get(worker, "/load")
                 if status == 200:
                     load = orjson.loads(body)
-                    hit_rate = load.get("prefix_hit_rate")
+                    hit_rate, step_s = load.get("prefix_hit_rate"), load.get("step_s")
+                    seqs = load.get("max_num_seqs")
                     worker.report_load(
                         int(load["waiting"]),
                         int(load["running"]),
                         float(load["kv_usage"]),
                         prefix_hit_rate=None if hit_rate is None else float(hit_rate),
+                        step_s=None if step_s is None else float(step_s),
+                        max_num_seqs=None if seqs is None else int(seqs),
                     )
                 return
             status, body = await self._get(worker, "/metrics")

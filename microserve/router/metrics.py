@@ -14,10 +14,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from microserve.router.admission import AdmissionQueue
 from microserve.router.breaker import CircuitState
 from microserve.router.recent import RecentRequests
+from microserve.router.request import Route
 from microserve.router.workers import WorkerPool
 from microserve.server.metrics import E2E_BUCKETS, TTFT_BUCKETS, render_text
 
 PREFIX = "microserve_router_"
+# The statuses the alert rules and dashboards take ratios of, exported at 0 before the first request.
+INITIAL_STATUSES = ("200", "429", "500", "502", "503", "504")
 
 
 class PoolCollector:
@@ -118,8 +121,8 @@ class PoolCollector:
             ("max_queued_requests", "Requests that may wait (--max-queued).", config.max_queued),
             (
                 "max_concurrent_requests",
-                "Requests that may run at once (--max-concurrent).",
-                config.max_concurrent,
+                "Requests that may run at once now (--max-concurrent, or the workers' batch sizes).",
+                self._admission.limit,
             ),
         ):
             family = GaugeMetricFamily(PREFIX + name, doc)
@@ -154,6 +157,11 @@ class RouterMetrics:
         self._requests = Counter(
             PREFIX + "requests", "Requests answered, by route and status.", ["route", "status"], registry=reg
         )
+        # Present at 0 from the start: a series born at its first failure with a count already above 0 has
+        # no increase for rate() to see, so the error-ratio alert would miss a burst shorter than a scrape.
+        for route in Route:
+            for status in INITIAL_STATUSES:
+                self._requests.labels(route.value, status)
         self._ttft = Histogram(
             PREFIX + "time_to_first_byte_seconds",
             "Seconds from arrival to the first byte of the answer (first token when streaming).",

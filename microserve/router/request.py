@@ -35,6 +35,7 @@ class RoutedRequest:
     """A validated client request; policies and strategies read it, the proxy forwards `raw` or a variant."""
 
     __slots__ = (
+        "_clock",
         "_id",
         "_prefix",
         "_prompt_ids",
@@ -63,6 +64,7 @@ class RoutedRequest:
         session_key: str | None = None,
         timeout_s: float = 600.0,
         tokenize: PromptTokenizer = _no_tokenizer,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.route = route
         self.body = body
@@ -72,7 +74,8 @@ class RoutedRequest:
         self.session_key = session_key
         self.wants_token_ids = bool(body.get("return_token_ids"))
         self._id: str | None = None
-        self.deadline = time.monotonic() + timeout_s
+        self._clock = clock  # the simulator's requests run on its virtual clock
+        self.deadline = clock() + timeout_s
         self.excluded: set[str] = set()  # workers that failed this request: retries go elsewhere
         self.handles: list[Any] = []  # every worker picked for it, released when it ends
         # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
@@ -127,7 +130,7 @@ class RoutedRequest:
         self.hops.append(Hop(verb, worker, tokens, nbytes))
 
     def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - self._clock()
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -16,8 +16,10 @@ import orjson
 
 from microserve.api.errors import APIError, bad_request, model_not_found
 from microserve.http.client import HTTPClient
-from microserve.router.admission import AdmissionQueue
+from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
+from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
+from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
@@ -46,14 +48,27 @@ class Router:
         self.policy: Policy = make_policy(config.policy, config.policy_options)
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.strategy.bind(self)
-        self.admission = AdmissionQueue(config.admission)
+        per_worker = config.admission.per_worker
+        self.admission = AdmissionQueue(config.admission, lambda: pool_capacity(self.pool, per_worker))
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()
         self.metrics = RouterMetrics(
             lambda: self.pool, self.admission, self.decisions, self.recent, self._names
         )
+        self.retry_loop = RetryLoop(
+            config.retry,
+            self.retry_budget,
+            self.rng,
+            on_retry=self.metrics.retries.inc,
+            on_budget_exhausted=self.metrics.retry_budget_exhausted.inc,
+        )
         self.tokenizers = TokenizerCache(config.tokenizers)
+        self._static = {spec.url for spec in config.workers}  # the rest came from the admin API or discovery
+        sources = [make_discovery(url) for url in config.discovery]
+        self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
+        if self.discovery:
+            self.metrics.registry.register(DiscoveryCollector(self.discovery))
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -81,13 +96,18 @@ class Router:
             connect_timeout_s=self.config.connect_timeout_s,
             track_streams=self.config.stream_continuation,
             decoder=self._decoder,
+            deadlines=self.config.deadlines,
         )
-        self._health = HealthChecker(self.pool, self._upstream, self.config.health, self._wants_load)
+        self._health = HealthChecker(
+            self.pool, self._upstream, self.config.health, self._wants_load, self.admission.wake
+        )
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
+        await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
         await self._preload_tokenizers(self.strategy, self.policy)
 
     async def close(self) -> None:
+        await self.discovery.stop()
         if self._health is not None:
             await self._health.stop()
         if self._session is not None:
@@ -107,19 +127,29 @@ class Router:
     # -- requests -----------------------------------------------------------------------------------
 
     def parse(self, route: Route, raw: bytes, headers: Mapping[str, str]) -> RoutedRequest:
-        """The client's request, with its model resolved to a pool (404 if no worker serves it)."""
+        """The client's request, with its model resolved to a pool (404 if no worker serves it).
+
+        While no worker has told its models yet (all down since the start, a fleet scaled to zero) the
+        model stays unresolved: admission holds the request, then `resolve_model` runs again."""
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
+        if self.pool.default_model() is not None:
+            self.resolve_model(req)
+        return req
+
+    def resolve_model(self, req: RoutedRequest) -> None:
         if req.model is not None and self.pool.serves(req.model):
-            return req
+            return
         default = self.pool.default_model()
         if default is None:
-            raise no_worker_available("No worker is available: none has answered a health check yet.")
+            raise no_worker_ready(
+                "No worker is available: none has answered a health check yet.",
+                self.config.admission.retry_after_s,
+            )
         if req.model is not None:
             raise model_not_found(req.model)
         req.model = default
-        return req
 
     async def forward_to_engine(self, path: str, body: bytes) -> tuple[int, bytes]:
         """POST `body` to `path` on a microserve engine serving its model (/tokenize, /detokenize):
@@ -216,12 +246,17 @@ class Router:
 
     async def add_worker(self, spec: WorkerSpec) -> Worker:
         worker = self.pool.add(spec)
+        self._static.discard(spec.url)
         if self._health is not None:
             await self._health.first_check(worker)
         return worker
 
     def remove_worker(self, url: str) -> Worker:
         return self.pool.remove(url)
+
+    def source_of(self, url: str) -> str:
+        """Where a worker in the pool came from: `static` (flags, YAML), `admin`, or a discovery URL."""
+        return self.discovery.source_of(url) or ("static" if url in self._static else "admin")
 
     def drain_worker(self, url: str, draining: bool = True) -> Worker:
         worker = self.pool.get(url)

@@ -7,8 +7,9 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -16,7 +17,7 @@ import orjson
 
 from microserve.api.errors import APIError
 from microserve.engine_client import EngineClient, EngineError, KVAddress
-from microserve.http.client import HTTPClient, Response
+from microserve.http.client import ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -25,6 +26,7 @@ from microserve.router.continuation import (
     split_frames,
     whole_as_client,
 )
+from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import RoutedRequest
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
 
@@ -36,6 +38,11 @@ class WorkerFailure(Exception):
         super().__init__(f"{worker.url}: {message}")
         self.worker = worker
         self.message = message
+
+
+class WorkerUnreachable(WorkerFailure):
+    """No connection to the worker could be made: it is down, so it leaves the pool until a health
+    check passes again (/ready says so at once, and the client hears 503 with Retry-After)."""
 
 
 class UpstreamHTTPError(WorkerFailure):
@@ -59,18 +66,6 @@ class UpstreamHTTPError(WorkerFailure):
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
 
-    def response_error(self) -> APIError:
-        """The worker's own error, for the client: its status, message and Retry-After."""
-        try:
-            err = orjson.loads(self.body)["error"]
-            message, code = str(err.get("message", "")), err.get("code")
-            type_, param = err.get("type"), err.get("param")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            message = self.body.decode(errors="replace")[:500] or f"the worker answered HTTP {self.status}"
-            code = type_ = param = None
-        headers = {k: v for k, v in self.headers.items() if k.lower() == "retry-after"}
-        return APIError(self.status, message, type=type_, param=param, code=code, headers=headers)
-
 
 class BrokenStream(WorkerFailure):
     """A stream died after it started; `progress` (tracked streams only) says how to continue it."""
@@ -87,6 +82,22 @@ class BrokenStream(WorkerFailure):
 # A worker that is there but busy or starting says so with these; it is not unwell.
 _NOT_A_FAILURE = {429, 503}
 _NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
+
+
+def _peer_down(exc: BaseException) -> bool:
+    """A connection refused or its host unreachable (not this process out of descriptors)."""
+    if isinstance(exc, ConnectFailed):
+        return True
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in _PEER_DOWN
+
+
+def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
+    """The failure to raise for a network error on `worker` (already recorded as a connect failure)."""
+    if _peer_down(exc):
+        worker.mark_unreachable()
+        return WorkerUnreachable(worker, f"cannot connect to the worker: {exc!r}")
+    return WorkerFailure(worker, f"cannot reach the worker: {exc!r}")
 
 
 @dataclass(slots=True)
@@ -103,6 +114,7 @@ class Upstream:
     connect_timeout_s: float = 5.0
     track_streams: bool = True
     decoder: Callable[[str | None], Any] | None = None  # async: model -> decode(ids) or None
+    deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # per stream attempt
 
     def headers_for(self, worker: Worker) -> dict[str, str]:
         token = self.internal_token if worker.kind is WorkerKind.MICROSERVE else worker.spec.api_key
@@ -144,18 +156,19 @@ class WorkerHandle(PickedWorker):
             req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE and req.choices == 1
         )
         body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
+        deadlines = self.deadlines() if req.stream else None
         try:
-            resp = await self._post(req.route, body, req)
+            resp = await self._post(req.route, body, req, deadlines)
             try:
                 if not req.stream:
                     yield await self._read_whole(resp)
                 elif track:
                     progress = StreamProgress.for_request(req)
-                    async for data in self._relay_tracked(resp, progress):
+                    async for data in self._relay_tracked(resp, progress, deadlines):
                         yield data
                     progress.count_into(req)
                 else:
-                    async for data in self._relay(resp):
+                    async for data in self._relay(resp, deadlines):
                         yield data
             finally:
                 resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
@@ -227,7 +240,7 @@ class WorkerHandle(PickedWorker):
             raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
 
     # -- building blocks for strategies -------------------------------------------------------------
 
@@ -237,12 +250,13 @@ class WorkerHandle(PickedWorker):
         """POST `body` (a streamed completion, e.g. /microserving/start_generate) to `path` here and yield
         it as the client's stream (chat chunks for a chat request), tracked in `progress` so that it can
         continue elsewhere if this worker dies. Releases this worker when it ends."""
+        deadlines = self.deadlines()
         try:
             resp = await self._post(
-                path, orjson.dumps({**body, "stream": True, "return_token_ids": True}), req
+                path, orjson.dumps({**body, "stream": True, "return_token_ids": True}), req, deadlines
             )
             try:
-                async for data in self._frames(resp, progress, progress.reshape):
+                async for data in self._frames(resp, progress, progress.reshape, deadlines):
                     yield data
                 progress.count_into(req)
             finally:
@@ -264,23 +278,45 @@ class WorkerHandle(PickedWorker):
 
     # -- plumbing -----------------------------------------------------------------------------------
 
-    async def _post(self, path: str, body: bytes, req: RoutedRequest) -> Response:
+    def deadlines(self) -> _StreamClock:
+        """This attempt's stream deadlines, from the worker's last load report; the first-byte clock runs
+        from now."""
+        deadlines = attempt_deadlines(self.worker.load, self._up.deadlines)
+        return _StreamClock(deadlines, asyncio.get_running_loop().time() + deadlines.first_byte_s)
+
+    def _stalled(self, what: str, progress: StreamProgress | None) -> BrokenStream:
+        # A frozen engine: open its circuit at once, so no new request waits on it.
+        self.worker.record_failure("stalled")
+        self.worker.breaker.trip()
+        return BrokenStream(self.worker, what, progress)
+
+    async def _post(
+        self, path: str, body: bytes, req: RoutedRequest, clock: _StreamClock | None = None
+    ) -> Response:
         remaining = req.remaining_s()
         if remaining <= 0:
             raise APIError(504, "The request ran out of time before a worker answered.", code="timeout")
         try:
-            resp = await self._up.http.request(
-                "POST",
-                self.url,
-                path,
-                body=body,
-                headers=self._up.headers_for(self.worker),
-                timeout_s=remaining,
-                connect_timeout_s=self._up.connect_timeout_s,
-            )
+            # A stream's head must come by its first-byte deadline too: a stopped engine's kernel still
+            # accepts the connection and the request, and then nothing comes.
+            async with asyncio.timeout_at(None if clock is None else clock.first_byte_by):
+                resp = await self._up.http.request(
+                    "POST",
+                    self.url,
+                    path,
+                    body=body,
+                    headers=self._up.headers_for(self.worker),
+                    timeout_s=remaining,
+                    connect_timeout_s=self._up.connect_timeout_s,
+                )
+        except TimeoutError as exc:
+            if clock is None or asyncio.get_running_loop().time() < clock.first_byte_by:
+                self.worker.record_failure("connect")
+                raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise self._stalled(clock.first_byte_message(), None) from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
-            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
+            raise _unreachable(self.worker, exc) from None
         if resp.status != 200:
             try:
                 data = await resp.read()
@@ -305,19 +341,43 @@ class WorkerHandle(PickedWorker):
         self.worker.record_success()
         return data
 
-    async def _chunks(self, resp: Response, progress: StreamProgress | None) -> AsyncIterator[bytes]:
-        """The response body as it arrives; a cut connection is a BrokenStream carrying `progress`."""
-        try:
-            async for data in resp.iter_chunks():
-                yield data
-        except _NETWORK_ERRORS as exc:
-            self.worker.record_failure("broken")
-            raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+    async def _chunks(
+        self, resp: Response, progress: StreamProgress | None, clock: _StreamClock | None = None
+    ) -> AsyncIterator[bytes]:
+        """The response body as it arrives; a cut connection, or a stream that misses its first-byte or
+        stall deadline (`clock`), is a BrokenStream carrying `progress`."""
+        chunks = resp.iter_chunks()
+        if clock is None:
+            try:
+                async for data in chunks:
+                    yield data
+            except _NETWORK_ERRORS as exc:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+            return
+        by = clock.first_byte_by
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout_at(by):
+                    data = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                first = by == clock.first_byte_by
+                what = clock.first_byte_message() if first else clock.stall_message()
+                raise self._stalled(what, progress) from None
+            except _NETWORK_ERRORS as exc:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+            yield data
+            # The stall clock runs only while waiting on the worker, never while the client reads.
+            by = loop.time() + clock.deadlines.stall_s
 
-    async def _relay(self, resp: Response) -> AsyncIterator[bytes]:
+    async def _relay(self, resp: Response, clock: _StreamClock | None = None) -> AsyncIterator[bytes]:
         # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
         tail = b""
-        async for data in self._chunks(resp, None):
+        async for data in self._chunks(resp, None, clock):
             tail = (tail + data)[-32:]
             yield data
         if b"[DONE]" not in tail:
@@ -325,8 +385,10 @@ class WorkerHandle(PickedWorker):
             raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
         self.worker.record_success()
 
-    async def _relay_tracked(self, resp: Response, progress: StreamProgress) -> AsyncIterator[bytes]:
-        async for data in self._frames(resp, progress, progress.track):
+    async def _relay_tracked(
+        self, resp: Response, progress: StreamProgress, clock: _StreamClock | None = None
+    ) -> AsyncIterator[bytes]:
+        async for data in self._frames(resp, progress, progress.track, clock):
             yield data
 
     async def _frames(
@@ -334,10 +396,11 @@ class WorkerHandle(PickedWorker):
         resp: Response,
         progress: StreamProgress,
         convert: Callable[[bytes], bytes | None],
+        clock: _StreamClock | None = None,
     ) -> AsyncIterator[bytes]:
         """Each read's complete SSE frames, converted, as one write; ends well only after [DONE]."""
         buffer = bytearray()
-        async for data in self._chunks(resp, progress):
+        async for data in self._chunks(resp, progress, clock):
             if progress.done:
                 continue  # read on to the end of the body, so the connection goes back to the pool
             out: list[bytes] = []
@@ -359,3 +422,18 @@ class WorkerHandle(PickedWorker):
             self.worker.record_failure("broken")
             raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
         self.worker.record_success()
+
+
+@dataclass(slots=True, frozen=True)
+class _StreamClock:
+    """One stream attempt's deadlines: the first byte by `first_byte_by` (loop time), then a chunk at
+    least every `deadlines.stall_s`."""
+
+    deadlines: AttemptDeadlines
+    first_byte_by: float
+
+    def first_byte_message(self) -> str:
+        return f"no first byte within {self.deadlines.first_byte_s:.3g} s (the worker is stalled)"
+
+    def stall_message(self) -> str:
+        return f"the stream stalled for {self.deadlines.stall_s:.3g} s (the worker is stalled)"

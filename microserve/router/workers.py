@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -123,6 +123,8 @@ class LoadReport:
     kv_usage: float
     at: float
     prefix_hit_rate: float | None = None  # microserve engines report it; other servers do not
+    step_s: float | None = None  # the engine's smoothed step time (microserve engines), for deadlines
+    max_num_seqs: int | None = None  # how many requests the engine runs at once, for admission
 
 
 class Worker:
@@ -193,9 +195,11 @@ class Worker:
         kv_usage: float,
         at: float | None = None,
         prefix_hit_rate: float | None = None,
+        step_s: float | None = None,
+        max_num_seqs: int | None = None,
     ) -> None:
         at = time.monotonic() if at is None else at
-        self.load = LoadReport(waiting, running, kv_usage, at, prefix_hit_rate)
+        self.load = LoadReport(waiting, running, kv_usage, at, prefix_hit_rate, step_s, max_num_seqs)
         self.sent_since_report = 0
 
     def record_failure(self, kind: str) -> None:
@@ -205,6 +209,11 @@ class Worker:
 
     def record_success(self) -> None:
         self.breaker.on_success()
+
+    def mark_unreachable(self) -> None:
+        """A connection to it was refused: out of the pool now, not after the next failed health
+        checks (back in once one passes)."""
+        self.healthy = False
 
     def describe(self) -> dict[str, Any]:
         load = self.load
@@ -230,9 +239,12 @@ class NoWorkerAvailable(LookupError):
 class WorkerPool:
     """The router's workers by URL, in the order they were added (policies rely on a stable order)."""
 
-    def __init__(self, breaker: BreakerConfig | None = None) -> None:
+    def __init__(
+        self, breaker: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._workers: dict[str, Worker] = {}
         self._breaker = breaker or BreakerConfig()
+        self._clock = clock  # the circuits' clock (virtual in the simulator)
 
     def __iter__(self) -> Iterator[Worker]:
         return iter(list(self._workers.values()))
@@ -252,7 +264,7 @@ class WorkerPool:
     def add(self, spec: WorkerSpec) -> Worker:
         if spec.url in self._workers:
             raise ValueError(f"worker {spec.url} is already in the pool")
-        worker = Worker(spec, CircuitBreaker(self._breaker))
+        worker = Worker(spec, CircuitBreaker(self._breaker, self._clock))
         self._workers[spec.url] = worker
         return worker
 

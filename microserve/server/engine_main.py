@@ -10,25 +10,40 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
 from microserve.engine.async_engine import AsyncEngine
-from microserve.engine.builder import build_engine
 from microserve.engine.config import EngineConfig
+from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import build_engine
+from microserve.registry.args import RegisterOptions
+from microserve.registry.record import Registration
+from microserve.registry.register import Registrar
 from microserve.server.app import create_app
+from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
+from microserve.tokens import bearer_matches
 
 log = logging.getLogger(__name__)
 
 
 def engine_app(
-    engine: AsyncEngine, internal_token: str | None = None, *, own_thread: bool = True
+    engine: AsyncEngine,
+    internal_token: str | None = None,
+    *,
+    own_thread: bool = True,
+    metrics_token: str | None = None,
 ) -> web.Application:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
-    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it."""
+    otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
+    `metrics_token`, /metrics answers only requests that carry it."""
     app = create_app(engine)  # the engine itself refuses work beyond its max_waiting
     add_microserving_routes(app, engine, internal_token)
+    if metrics_token:
+        app.middlewares.append(_metrics_token(metrics_token))
 
     async def start(_: web.Application) -> None:
         engine.start()
@@ -40,6 +55,16 @@ def engine_app(
         app.on_startup.append(start)
     app.on_cleanup.append(stop)
     return app
+
+
+def _metrics_token(token: str):  # type: ignore[no-untyped-def]
+    @web.middleware
+    async def require(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/metrics" and not bearer_matches(request.headers.get("Authorization"), token):
+            return APIError(401, "/metrics needs the metrics token.", code="unauthorized").response()
+        return await handler(request)
+
+    return require
 
 
 class ServerThread:
@@ -98,9 +123,19 @@ class ServerThread:
         await runner.cleanup()  # on_shutdown (drain) then on_cleanup (stops the engine)
 
 
-def run_engine(config: EngineConfig, host: str, port: int, internal_token: str | None = None) -> int:
+def run_engine(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    internal_token: str | None = None,
+    metrics_token: str | None = None,
+    register: RegisterOptions | None = None,
+) -> int:
     engine = build_engine(config)
-    server = ServerThread(engine_app(engine, internal_token, own_thread=False), host, port)
+    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token)
+    if register is not None:
+        add_registration(app, registrar(engine, config, register), engine.is_ready)
+    server = ServerThread(app, host, port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
@@ -108,6 +143,40 @@ def run_engine(config: EngineConfig, host: str, port: int, internal_token: str |
     engine.run_blocking(server.loop)  # returns once the server's cleanup stopped the engine
     server.join()
     return 0
+
+
+def registrar(engine: AsyncEngine, config: EngineConfig, options: RegisterOptions) -> Registrar:
+    """This engine's record: what the flags say, plus the model it serves and its capacity."""
+    load = engine.load()
+    scheduler = config.scheduler or SchedulerConfig()
+    record = Registration(
+        url=options.url,
+        models=(engine.model_name,),
+        role=options.role,
+        labels=options.labels,
+        capacity={
+            "max_num_seqs": scheduler.max_num_seqs,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "max_model_len": engine.max_model_len,
+            "kv_blocks_total": int(load["kv_blocks_total"]),
+            "block_size": int(load["block_size"]),
+        },
+    )
+    return Registrar(options.target, record, options.ttl_s)
+
+
+def add_registration(app: web.Application, registrar: Registrar, ready: Callable[[], bool]) -> None:
+    """Register once the engine is ready (it listens and steps); withdraw first thing on a graceful stop,
+    before draining, so routers stop sending new requests while those in flight finish here."""
+
+    async def start(_: web.Application) -> None:
+        registrar.start(when=ready)
+
+    async def withdraw(_: web.Application) -> None:
+        await registrar.withdraw()
+
+    app.on_startup.append(start)
+    app.on_shutdown.insert(0, withdraw)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -2,7 +2,9 @@
 
 prep_recv reserves blocks, remote_send computes KV and pushes it engine to engine (never through the
 router), start_generate decodes on top of received KV, release frees a reservation. KV arrives at the
-internal route /microserving/kv/{request_id}. All of them require the internal token when one is set.
+internal route /microserving/kv/{request_id}. All of them require the internal token when one is set;
+remote_send pushes only to a peer that proved it holds that token (`microserve.peer_auth`), and
+prep_recv charges its blocks to the caller's address, up to its share of the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from microserve.api.protocol import CompletionRequest, RequestModel, parse_reque
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
-from microserve.engine.reservations import ReservationError
+from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded
+from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_challenge
 from microserve.server import errors
 from microserve.server.app import STATE, read_json
 from microserve.server.errors import APIError, bad_request, json_response
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 SESSION = web.AppKey("microserving_session", aiohttp.ClientSession)
 ENGINE = web.AppKey("microserving_engine", AsyncEngine)
 TOKEN = web.AppKey("internal_token", str)
+PEERS = web.AppKey("microserving_peers", PeerVerifier)
 
 # No total limit: a transfer takes as long as the prefill behind it; a stalled socket still fails.
 TRANSFER_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=120)
@@ -81,19 +85,23 @@ def add_microserving_routes(app: web.Application, engine: AsyncEngine, internal_
     app.router.add_post("/microserving/start_generate", start_generate)
     app.router.add_post("/microserving/release", release)
     app.router.add_post("/microserving/kv/{request_id}", receive_kv)
+    app.router.add_post(PROOF_PATH, peer_proof)
     app.cleanup_ctx.append(_client_session)
 
 
 async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
     async with aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT) as session:
         app[SESSION] = session
+        app[PEERS] = PeerVerifier(app[TOKEN] or None, session)
         yield
 
 
 @web.middleware
 async def _require_internal_token(request: web.Request, handler: Any) -> web.StreamResponse:
     token = request.app[TOKEN]
-    if token and request.path.startswith("/microserving/"):
+    # The peer challenge proves the token by HMAC instead: a sender must not hand its token to a
+    # destination before that destination proved it is a peer.
+    if token and request.path.startswith("/microserving/") and request.path != PROOF_PATH:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             return errors.error_response(
@@ -115,6 +123,8 @@ async def _engine_call(coro: Any) -> Any:
         return await coro
     except ReservationError as exc:
         raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
+    except ReservationQuotaExceeded as exc:
+        raise APIError(429, str(exc), code="reservation_limit", headers={"Retry-After": "1"}) from None
     except KVPayloadError as exc:
         raise bad_request(str(exc), code="bad_kv_payload") from None
     except EngineOverloaded as exc:
@@ -130,7 +140,7 @@ async def prep_recv(request: web.Request) -> web.Response:
     req = parse_request(PrepRecvRequest, (await read_json(request))[0])
     ids = _prompt_ids(engine, req.prompt)
     end = normalize_index(req.end, len(ids), len(ids))
-    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end))
+    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end, request.remote or ""))
     info = {"request_id": req.request_id, "begin": matched, "end": end, "layout": asdict(engine.kv_layout)}
     return json_response({"kv_addr_info": info, "matched_len": matched})
 
@@ -142,9 +152,13 @@ async def remote_send(request: web.Request) -> web.Response:
     begin = normalize_index(req.begin, len(ids), 0)
     end = normalize_index(req.end, len(ids), len(ids))
     _check_compatible(engine.kv_layout, req.kv_addr_info)
+    try:
+        dst = await request.app[PEERS].verify(req.dst_url)
+    except PeerRefused as exc:
+        raise APIError(403, str(exc), param="dst_url", code="peer_not_authenticated") from None
     if begin >= end:
         return json_response({"sent_tokens": 0, "bytes": 0})
-    url = f"{req.dst_url.rstrip('/')}/microserving/kv/{req.kv_addr_info.get('request_id', req.request_id)}"
+    url = f"{dst}/microserving/kv/{req.kv_addr_info.get('request_id', req.request_id)}"
     headers = {"Authorization": f"Bearer {request.app[TOKEN]}"} if request.app[TOKEN] else {}
     sent = size = 0
     # A private id: this engine may also hold the receiving side's reservation under request_id.
@@ -168,7 +182,7 @@ async def remote_send(request: web.Request) -> web.Response:
 
 async def _push(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]) -> None:
     try:
-        async with session.post(url, data=data, headers=headers) as r:
+        async with session.post(url, data=data, headers=headers, allow_redirects=False) as r:
             if r.status != 200:
                 detail = await r.text()
                 raise APIError(
@@ -191,6 +205,16 @@ def _check_compatible(mine: KVLayout, kv_addr_info: dict[str, Any]) -> None:
             param="kv_addr_info",
             code="incompatible_kv",
         )
+
+
+async def peer_proof(request: web.Request) -> web.Response:
+    token = request.app[TOKEN]
+    if not token:
+        raise APIError(403, "This engine has no internal token to prove.", code="no_internal_token")
+    try:
+        return json_response(answer_challenge(token, (await read_json(request))[0]))
+    except ValueError as exc:
+        raise APIError(401, str(exc), code="unauthorized") from None
 
 
 async def receive_kv(request: web.Request) -> web.Response:

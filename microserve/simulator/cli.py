@@ -66,6 +66,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--transfer-bandwidth", type=parse_size, default=None, help="KV bytes/s between replicas, e.g. 25GiB"
     )
     fleet.add_argument("--load-interval", type=float, default=0.5, help="seconds between load polls")
+    fleet.add_argument(
+        "--admission",
+        action="store_true",
+        help="run the router's admission queue (sized by the replicas, --max-queue-wait budget)",
+    )
+    fleet.add_argument("--max-queue-wait", type=float, default=2.0, help="with --admission: seconds (2)")
+    fleet.add_argument(
+        "--deadlines",
+        action="store_true",
+        help="run the router's first-byte and stall deadlines per attempt (default floors 5 s and 2 s)",
+    )
     fleet.add_argument("--model", default="smollm2-135m", help="whose tokenizer makes the prompt ids")
 
     load = p.add_argument_group("load (as microserve bench)")
@@ -105,6 +116,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     from microserve.bench.report import RunReport, results_dict, summary_table, write_json, write_plots
     from microserve.model.loader import resolve_model
     from microserve.model.tokenizer import Tokenizer
+    from microserve.router.admission import AdmissionConfig
+    from microserve.router.deadlines import DeadlineConfig
     from microserve.runner.cost_model import CostModel
     from microserve.simulator.host import FleetConfig, parse_roles
     from microserve.simulator.replica import ReplicaConfig
@@ -137,6 +150,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         policy_options=args.policy_options,
         load_interval_s=args.load_interval,
         request_timeout_s=args.request_timeout,
+        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait) if args.admission else None,
+        deadlines=DeadlineConfig() if args.deadlines else None,
     )
     configs = run_configs(args, workload)
     percentiles = parse_percentiles(args.percentiles)

@@ -15,6 +15,7 @@ from microserve.engine.errors import EngineOverloaded
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine_client import KVAddress
+from microserve.router.deadlines import DeadlineConfig, attempt_deadlines
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.upstream import WorkerFailure
 from microserve.router.workers import PickedWorker, Worker
@@ -61,8 +62,9 @@ class SimRequest(RoutedRequest):
         prompt_ids: list[int],
         answer: Answer,
         params: SamplingParams,
+        timeout_s: float = 600.0,
     ) -> None:
-        super().__init__(route, body, b"")
+        super().__init__(route, body, b"", timeout_s=timeout_s, clock=asyncio.get_running_loop().time)
         self._id = request_id
         self.prompt_ids = prompt_ids
         self.answer = answer
@@ -72,11 +74,12 @@ class SimRequest(RoutedRequest):
 class SimWorkerHandle(PickedWorker):
     """A picked replica, in flight from the pick until `release` (as `WorkerHandle`)."""
 
-    __slots__ = ("replica",)
+    __slots__ = ("deadlines", "replica")
 
-    def __init__(self, worker: Worker, replica: SimReplica) -> None:
+    def __init__(self, worker: Worker, replica: SimReplica, deadlines: DeadlineConfig | None = None) -> None:
         super().__init__(worker)
         self.replica = replica
+        self.deadlines = deadlines  # None: no first-byte or stall deadline (the simulator's default)
 
     # -- whole requests -----------------------------------------------------------------------------
 
@@ -129,10 +132,37 @@ class SimWorkerHandle(PickedWorker):
                 self.replica.release(req.id)
             raise WorkerFailure(self.worker, f"microserving call failed: {exc}") from None
         try:
-            await answer.done
+            await self._answer(answer)
         except asyncio.CancelledError:
             self.replica.abort(req.id)  # as the engine does when its client leaves
             raise
+        except WorkerFailure:
+            self.replica.abort(req.id)  # the router closed the connection: the engine aborts
+            raise
+
+    async def _answer(self, answer: Answer) -> None:
+        """Wait for the answer, under the router's first-byte and stall deadlines (`upstream.py`)."""
+        if self.deadlines is None:
+            await answer.done
+            return
+        deadlines = attempt_deadlines(self.worker.load, self.deadlines)
+        loop = asyncio.get_running_loop()
+        chunks = answer.record.chunk_times
+        seen = len(chunks)
+        by = loop.time() + deadlines.first_byte_s
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(answer.done), max(0.0, by - loop.time()))
+                return
+            except TimeoutError:
+                if len(chunks) > seen:  # tokens came since: the stall clock runs from the latest one
+                    seen = len(chunks)
+                    by = chunks[-1] + deadlines.stall_s
+                    continue
+            self.worker.record_failure("stalled")
+            self.worker.breaker.trip()
+            what = "no first byte" if seen == 0 else "the stream stalled"
+            raise WorkerFailure(self.worker, f"{what} within its deadline (the worker is stalled)")
 
     def _verb(self, call: Callable[[], T]) -> T:
         # The engine's refusals become WorkerFailure, so the host retries elsewhere as the router does.

@@ -1,7 +1,8 @@
 """The simulated router: real `Worker`s in a real `WorkerPool`, the real policy and strategy, sim handles.
 
-`pick` is the router's (pool candidates, then the policy); `serve` retries as the router does before the
-first byte, and a load poll on the virtual clock feeds `least_loaded` and `power_of_two`.
+`pick` is the router's (pool candidates, then the policy); `serve` runs the router's own retry loop and,
+when configured, its admission queue and per-attempt deadlines, all on the virtual clock; a load poll
+feeds `least_loaded`, `power_of_two`, the deadlines and admission's capacity.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from microserve.api.errors import APIError
+from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
+from microserve.router.attempts import RetryLoop
+from microserve.router.deadlines import DeadlineConfig
 from microserve.router.policies import POLICIES, Policy, make_policy
-from microserve.router.retry import RetryBudget, RetryConfig, backoff_s
+from microserve.router.retry import RetryBudget, RetryConfig
 from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import WorkerFailure
@@ -62,6 +67,10 @@ class FleetConfig:
     load_interval_s: float = 0.5  # the router's /load poll, for the policies that read load
     request_timeout_s: float = 600.0
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # The router's admission queue and per-attempt deadlines; off unless given, so that a simulation
+    # measures the engines' own queueing as before.
+    admission: AdmissionConfig | None = None
+    deadlines: DeadlineConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -107,7 +116,7 @@ class SimRouter:
         loop = asyncio.get_running_loop()
         self.fleet = fleet
         self.rng = random.Random(seed)
-        self.pool = WorkerPool()
+        self.pool = WorkerPool(clock=loop.time)
         self.replicas: dict[str, SimReplica] = {}
         for replica, role in zip(replicas, fleet.roles, strict=True):
             url = f"http://{replica.name}.sim"
@@ -117,6 +126,12 @@ class SimRouter:
         self.strategy: Strategy = make_strategy(fleet.strategy, fleet.strategy_options)
         self.strategy.bind(self)  # type: ignore[arg-type]
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
+        self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
+        self.admission: AdmissionQueue | None = None
+        if fleet.admission is not None:
+            per_worker = fleet.admission.per_worker
+            capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
+            self.admission = AdmissionQueue(fleet.admission, capacity, loop.time)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.retries = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -125,7 +140,7 @@ class SimRouter:
         loop = asyncio.get_running_loop()
         for replica in self.replicas.values():
             replica.start(loop)
-        if self.policy.needs_load:
+        if self.policy.needs_load or self.admission is not None or self.fleet.deadlines is not None:
             self._tasks.append(asyncio.create_task(self._poll_loads()))
 
     async def stop(self) -> None:
@@ -157,7 +172,7 @@ class SimRouter:
             exclude_picked=exclude_picked,
             least_busy=least_busy,
         )
-        handle = SimWorkerHandle(worker, self.replicas[worker.url])
+        handle = SimWorkerHandle(worker, self.replicas[worker.url], self.fleet.deadlines)
         req.handles.append(handle)
         return handle
 
@@ -167,49 +182,53 @@ class SimRouter:
         """Run the strategy for `req`, retrying elsewhere on a refusal as the router does before the first
         byte; the request's record says how it went (its `error` stays None on success)."""
         record = req.answer.record
+        admission = self.admission
+        granted: float | None = None
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
-                await self._attempts(req)
+                if admission is not None:
+                    granted = await admission.acquire(timeout_s=req.remaining_s())
+                self.retry_budget.on_request()
+                await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
             record.error = f"timeout after {self.fleet.request_timeout_s:g} s"
         except (WorkerFailure, NoWorkerAvailable) as exc:
             record.error = str(exc)
+        except APIError as exc:  # refused by admission (429, or 503 while no replica is ready)
+            record.error = f"{exc.status}: {exc.message}"
+        finally:
+            if admission is not None and granted is not None:
+                admission.release(granted)
 
-    async def _attempts(self, req: SimRequest) -> None:
-        config = self.fleet.retry
-        self.retry_budget.on_request()
-        last: WorkerFailure | None = None
-        for attempt in range(config.max_attempts):
-            if attempt:
-                if not self.retry_budget.try_spend():
-                    break
-                self.retries += 1
-                await asyncio.sleep(backoff_s(attempt, config, self.rng))
-            try:
-                async for _ in self.strategy.serve(req):
-                    pass
-                return
-            except WorkerFailure as exc:
-                last = exc
-                req.excluded.add(exc.worker.url)
-            except NoWorkerAvailable:
-                if last is None:
-                    raise
-                break
-            finally:
-                for handle in req.handles:
-                    handle.release()
-                req.handles.clear()
-        assert last is not None
-        raise last
+    async def _attempt(self, req: SimRequest) -> None:
+        try:
+            async for _ in self.strategy.serve(req):
+                pass
+        finally:
+            for handle in req.handles:
+                handle.release()
+            req.handles.clear()
+
+    def _count_retry(self) -> None:
+        self.retries += 1
 
     async def _poll_loads(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
             for worker in self.pool:
-                waiting, running, kv_usage = self.replicas[worker.url].load()
-                worker.report_load(waiting, running, kv_usage, at=now)
+                replica = self.replicas[worker.url]
+                if replica.frozen:
+                    continue  # a hung engine answers no poll: its last report goes stale
+                waiting, running, kv_usage = replica.load()
+                worker.report_load(
+                    waiting,
+                    running,
+                    kv_usage,
+                    at=now,
+                    step_s=replica.core.step_s or None,
+                    max_num_seqs=replica.config.max_num_seqs,
+                )
             await asyncio.sleep(self.fleet.load_interval_s)
 
     def replica_stats(self) -> list[dict[str, Any]]:

@@ -79,6 +79,7 @@ class SimReplica:
         self._stepping = False  # a step is running or about to: new work joins the next one
         self._timer: asyncio.Handle | None = None
         self.busy_s = 0.0  # virtual seconds spent in steps
+        self.frozen_until = 0.0  # a hung engine (SIGSTOP) steps and answers nothing before this time
 
     def _record(self, seconds: float) -> None:
         # The sim runner's clock: note the step's modelled time instead of sleeping through it.
@@ -90,6 +91,15 @@ class SimReplica:
         """Step on `loop` from now on whenever there is work."""
         self._loop = loop
         self._kick()
+
+    def freeze(self, seconds: float) -> None:
+        """Hang for `seconds` from now, as a SIGSTOPped engine does: no step, no output, no load report."""
+        assert self._loop is not None
+        self.frozen_until = self._loop.time() + seconds
+
+    @property
+    def frozen(self) -> bool:
+        return self._loop is not None and self._loop.time() < self.frozen_until
 
     def stop(self) -> None:
         self._loop = None
@@ -120,11 +130,15 @@ class SimReplica:
             self._stepping = False
             return
         self.busy_s += self._step_s
+        core.record_step_time(self._step_s)
         self._timer = self._loop.call_later(self._step_s, self._step_done, outputs)
 
     def _step_done(self, outputs: list[RequestOutput | PrefillProgress]) -> None:
         assert self._loop is not None
         now = self._loop.time()
+        if now < self.frozen_until:  # the step's outputs leave when the engine thaws
+            self._timer = self._loop.call_at(self.frozen_until, self._step_done, outputs)
+            return
         sinks = self._sinks
         for out in outputs:
             sink = sinks.get(out.request_id)

@@ -81,7 +81,9 @@ class Simulator:
         )
         params = SamplingParams(max_tokens=bench.expected_output_len, ignore_eos=True)
         answer = Answer(record, [] if keep_tokens else None)
-        return SimRequest(f"sim-{bench.index}", route, body, ids, answer, params)
+        return SimRequest(
+            f"sim-{bench.index}", route, body, ids, answer, params, self.fleet.request_timeout_s
+        )
 
     async def _run(
         self, workload: Workload, config: RunConfig

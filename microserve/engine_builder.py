@@ -61,7 +61,14 @@ def build_core(config: EngineConfig) -> EngineCore:
         cache.block_size,
         max_model_len,
     )
-    return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer, max_model_len, config.reservation_ttl_s)
+    return EngineCore(
+        Scheduler(sched_cfg, kv),
+        runner,
+        tokenizer,
+        max_model_len,
+        config.reservation_ttl_s,
+        reservation_share=config.reservation_share,
+    )
 
 
 def build_engine(config: EngineConfig) -> AsyncEngine:
