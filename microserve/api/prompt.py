@@ -53,7 +53,9 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
         parsed = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
     except ValidationError as exc:
         raise validation_error(exc) from None
-    return [m.model_dump(exclude_none=True) for m in parsed]
+    for i, m in enumerate(parsed):
+        m.check(f"messages.{i}.content")
+    return [m.for_template() for m in parsed]
 
 
 def body_prompt_ids(tokenizer: PromptTokenizer, chat: bool, body: Mapping[str, Any]) -> list[int]:

@@ -34,8 +34,8 @@ class RequestModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
+        if not isinstance(data, dict) or None not in data.values():
+            return data  # the common case, on the router's hot path
         fields = cls.model_fields
         return {
             k: v
@@ -207,30 +207,34 @@ class CompletionRequest(_GenerationRequest):
 class ChatMessage(BaseModel):
     """One message; `content` text parts are joined, other fields (name, tool_calls…) reach the template.
 
-    Null content (an assistant turn that only calls tools) is rendered as "", as vLLM does."""
+    Null content (an assistant turn that only calls tools) is rendered as "", as vLLM does. No Python
+    validator runs per message (the router validates every request): parts are joined by `check`."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | None = None
+    content: str | list[Any] | None = None
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_only(cls, value: Any) -> str:
-        if value is None:
-            return ""
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise ValueError("content must be a string or a list of text parts")
+    def check(self, where: str) -> None:
+        """Join text parts into one string (a 400 naming `where` for any other part)."""
+        if not isinstance(self.content, list):
+            return
         texts = []
-        for part in value:
+        for part in self.content:
             if isinstance(part, dict) and part.get("type", "text") != "text":
-                raise ValueError(f"content part type {part['type']!r} is not supported; only 'text' is")
+                message = f"content part type {part['type']!r} is not supported; only 'text' is"
+                raise bad_request(f"Invalid request: {where}: {message}", param=where)
             if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-                raise ValueError('each content part must be an object {"type": "text", "text": "..."}')
+                message = 'each content part must be an object {"type": "text", "text": "..."}'
+                raise bad_request(f"Invalid request: {where}: {message}", param=where)
             texts.append(part["text"])
-        return "\n".join(texts)
+        self.content = "\n".join(texts)
+
+    def for_template(self) -> dict[str, Any]:
+        message = self.model_dump(exclude_none=True)
+        if self.content is None and "content" in self.model_fields_set:
+            message["content"] = ""  # sent as null: "" (left out, the template says what is missing)
+        return message
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -246,6 +250,8 @@ class ChatCompletionRequest(_GenerationRequest):
         super().check_supported()
         if not self.messages:
             raise bad_request("messages must contain at least one message.", param="messages")
+        for i, message in enumerate(self.messages):
+            message.check(f"messages.{i}.content")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true.", param="top_logprobs")
@@ -266,14 +272,17 @@ class ChatCompletionRequest(_GenerationRequest):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def template_messages(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        return [m.for_template() for m in self.messages]
 
 
 RequestT = TypeVar("RequestT", bound=RequestModel)
 
 
-def parse_request(cls: type[RequestT], body: Any) -> RequestT:
-    """Validate a decoded JSON body into `cls`, turning every failure into a 400 that names the field."""
+def parse_request(cls: type[RequestT], body: Any, *, ranges: bool = True) -> RequestT:
+    """Validate a decoded JSON body into `cls`, turning every failure into a 400 that names the field.
+
+    `ranges=False` (the router) leaves the sampling ranges to the engine, which answers the same 400
+    (relayed unchanged): building the parameters costs more than the rest of the check."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     try:
@@ -281,7 +290,7 @@ def parse_request(cls: type[RequestT], body: Any) -> RequestT:
     except ValidationError as exc:
         raise validation_error(exc) from None
     request.check_supported()
-    if isinstance(request, _GenerationRequest):
+    if ranges and isinstance(request, _GenerationRequest):
         request.check_ranges()
     return request
 

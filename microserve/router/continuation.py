@@ -313,7 +313,7 @@ class StreamProgress:
     def _usage_frame(self, completion_tokens: int, cached: int) -> bytes:
         prompt_tokens = len(self.prompt_ids or [])
         obj = "chat.completion.chunk" if self.route is Route.CHAT else "text_completion"
-        body = {
+        body: dict[str, Any] = {
             "id": self.id,
             "object": obj,
             "created": self.created,

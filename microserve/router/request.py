@@ -105,8 +105,9 @@ class RoutedRequest:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
-        # The engine's own request model: what the engine would refuse, the router refuses the same way.
-        parse_request(ChatCompletionRequest if route is Route.CHAT else CompletionRequest, body)
+        # The engine's own request model: what the engine would refuse, the router refuses the same way
+        # (sampling ranges excepted: the engine's 400 for those comes back to the client unchanged).
+        parse_request(ChatCompletionRequest if route is Route.CHAT else CompletionRequest, body, ranges=False)
         session = headers.get(SESSION_HEADER) if headers is not None else None
         user = body.get("user")
         return cls(
