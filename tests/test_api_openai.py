@@ -25,11 +25,12 @@ ENGINE_ARGS = ("--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memo
 CHAT = [{"role": "user", "content": "List three colors."}]
 PROMPT = "The three primary colors are"
 GREEDY: dict[str, Any] = {"model": MODEL, "temperature": 0, "max_tokens": 6}
+TOKEN = "test-internal-token"  # the engines authenticate each other with it before KV moves (pd)
 
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[ManagedProcess]]:
-    started = [start_engine(*ENGINE_ARGS) for _ in range(2)]
+    started = [start_engine(*ENGINE_ARGS, env={"MICROSERVE_INTERNAL_TOKEN": TOKEN}) for _ in range(2)]
     try:
         yield started
     finally:
@@ -42,7 +43,7 @@ async def routed(
     engines: list[ManagedProcess], strategy: str
 ) -> AsyncIterator[tuple[openai.AsyncOpenAI, str]]:
     workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-    router = Router(RouterConfig(workers=workers, strategy=strategy))
+    router = Router(RouterConfig(workers=workers, strategy=strategy, internal_token=TOKEN))
     async with RouterServer(router) as server:
         sdk = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         try:
