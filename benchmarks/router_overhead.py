@@ -3,6 +3,12 @@ same two workers, one run, round robin, at concurrency 1 and 64: requests/s and 
 router adds over calling a worker directly. The load comes from wrk (C), the lightest client there is.
 
 Setup: benchmarks/setup_peers.sh. Usage: python benchmarks/router_overhead.py [--duration 10] [--out F]
+
+Router names besides the peers: `microserve+otel` is this tree's router with tracing on (every request
+sampled, exported over OTLP/HTTP to a sink in this process that decodes nothing and answers 200), and
+`microserve+otel1%` the same with 1% of the traces sampled (`traceidratio`);
+`microserve@PATH` is the router of another source tree (e.g. a `git worktree` of the code before a change),
+for a before/after in one run.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from microserve.machine import describe_machine
@@ -44,8 +52,10 @@ def answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], url: str, timeout: float = 60.0) -> Iterator[str]:
-    proc = ManagedProcess(cmd, url)
+def process(
+    cmd: list[str], url: str, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    proc = ManagedProcess(cmd, url, env)
     try:
         deadline = time.monotonic() + timeout
         while not answers(url):
@@ -57,7 +67,49 @@ def process(cmd: list[str], url: str, timeout: float = 60.0) -> Iterator[str]:
         proc.stop(timeout=10)
 
 
+class _Sink(BaseHTTPRequestHandler):
+    """An OTLP/HTTP endpoint that reads each export and answers 200: the cost measured is the router's."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def router_env(name: str, sink: str) -> dict[str, str]:
+    """What a router variant needs in its environment: tracing on, or another tree's code."""
+    if name == "microserve+otel":
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": sink, "OTEL_TRACES_SAMPLER": "always_on"}
+    if name == "microserve+otel1%":
+        return {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
+            "OTEL_TRACES_SAMPLER": "traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.01",
+        }
+    if name.startswith("microserve@"):
+        return {"PYTHONPATH": str(Path(name.partition("@")[2]).resolve())}
+    return {}
+
+
 def router_cmd(name: str, port: int, workers: list[str]) -> list[str]:
+    if name.startswith(("microserve+otel", "microserve@")):
+        name = "microserve"
     if name == "microserve":
         cmd = [
             sys.executable,
@@ -130,6 +182,7 @@ def main() -> None:
     ports = [free_port(), free_port()]
     worker_urls = [f"http://127.0.0.1:{p}" for p in ports]
     with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(otlp_sink())
         for p, url in zip(ports, worker_urls, strict=True):
             stack.enter_context(
                 process([sys.executable, str(ROOT / "benchmarks" / "mock_worker.py"), str(p)], url)
@@ -137,7 +190,8 @@ def main() -> None:
         results["direct"] = {c: wrk(worker_urls[0], c, args.duration) for c in levels}
         for name in args.routers.split(","):
             port = free_port()
-            with process(router_cmd(name, port, worker_urls), f"http://127.0.0.1:{port}") as url:
+            cmd, env = router_cmd(name, port, worker_urls), router_env(name, sink)
+            with process(cmd, f"http://127.0.0.1:{port}", env=env) as url:
                 wrk(url, 8, 2)  # warm-up
                 results[name] = {c: wrk(url, c, args.duration) for c in levels}
 

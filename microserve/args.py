@@ -20,18 +20,6 @@ def parse_size(text: str) -> int:
     return int(value * 1024 ** " kmgt".index(unit or " "))
 
 
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu' (asked only when an engine starts: importing
-    torch costs a second and a few hundred thousand objects that the router and bench never need)."""
-    if device != "auto":
-        return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     """Flags for `ConnectionLimits`, for any command that serves HTTP on microserve's server."""
     p.add_argument("--header-timeout", type=float, default=None, help="seconds for a request's headers (10)")

@@ -35,11 +35,15 @@ class EngineClient:
         url: str,
         session: aiohttp.ClientSession | None = None,
         internal_token: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        """`headers` go with every call (the router's trace context, for one request's verbs)."""
         self.url = url.rstrip("/")
         self._session = session
         self._own_session = session is None
         self._headers = {"Authorization": f"Bearer {internal_token}"} if internal_token else {}
+        if headers:
+            self._headers.update(headers)
 
     @property
     def session(self) -> aiohttp.ClientSession:

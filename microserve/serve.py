@@ -17,11 +17,14 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from microserve.http.limits import raise_descriptor_limit
+from microserve.local_fleet import LocalFleet
 from microserve.router.app import RouterServer, tune_gc
+from microserve.router.autoscaler import Autoscaler, AutoscalerConfig
 from microserve.router.config import config_from_args
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,10 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     config = config_from_args(args, host=host, port=port)  # a bad flag fails before engines start
     raise_descriptor_limit()
-    count = args.engines
-    threads = args.threads or max(1, cores() // count)
+    scaling = autoscaler_config(args)
+    count = args.engines if scaling is None else scaling.min_replicas
+    most = args.engines if scaling is None else scaling.max_replicas
+    threads = args.threads or max(1, cores() // most)
     ports = engine_ports("127.0.0.1", args.engine_port or port + 1, count, {port})
     if config.internal_token is None:  # the engines' KV verbs are never open, even on loopback
         config = replace(config, internal_token=generate_token())
@@ -173,6 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
     engines = [EngineProcess(i, p, engine_argv(args, p, threads), env) for i, p in enumerate(ports)]
     supervisors: list[asyncio.Task[None]] = []
     server: RouterServer | None = None
+    fleet: LocalFleet | None = None
     try:
         each = f"{threads} thread{'s' if threads > 1 else ''} each"
         print(f"microserve: starting {count} {args.backend} engines of {args.model} ({each})")
@@ -187,13 +193,22 @@ async def serve(args: argparse.Namespace) -> int:
         await starting  # raises if an engine died or timed out
 
         workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
-        starting_server = RouterServer(Router(replace(config, workers=workers)))
+        tracing = Tracing.from_env("microserve-router")
+        starting_server = RouterServer(Router(replace(config, workers=workers), tracing=tracing))
         await starting_server.start(host, port)  # cleans up after itself if it fails
         server = starting_server
         tune_gc()
-        supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
+        if scaling is not None:
+            fleet = start_fleet(args, starting_server.router, Autoscaler(scaling), threads, env, {port})
+            for e in engines:
+                fleet.adopt(e)
+            engines = []  # the fleet's now
+            supervisors = [asyncio.create_task(fleet.run(), name="autoscaler")]
+        else:
+            supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
         urls = ", ".join(e.url for e in engines)
-        print(f"microserve: serving on http://{host}:{port}/v1  (engines: {urls})")
+        scheme = "https" if config.tls_cert else "http"
+        print(f"microserve: serving on {scheme}://{host}:{port}/v1  (engines: {urls})")
         print("microserve: press Ctrl-C to stop", flush=True)
         await stop.wait()
         print("microserve: stopping (finishing requests in flight)…", flush=True)
@@ -207,8 +222,45 @@ async def serve(args: argparse.Namespace) -> int:
         for task in supervisors:
             task.cancel()
         await asyncio.gather(*supervisors, return_exceptions=True)
+        if fleet is not None:
+            await fleet.stop()
         await asyncio.gather(*(e.stop() for e in engines))
         print("microserve: stopped", flush=True)
+
+
+def autoscaler_config(args: argparse.Namespace) -> AutoscalerConfig | None:
+    """The autoscaler `serve` runs, or None for a fixed fleet of --engines (the default)."""
+    low = args.engines if args.min_engines is None else args.min_engines
+    high = max(args.engines, low) if args.max_engines is None else args.max_engines
+    if low == high == args.engines and args.scale_down_after is None:
+        return None
+    return AutoscalerConfig(
+        min_replicas=low,
+        max_replicas=high,
+        target_load=args.scale_target,
+        scale_down_after_s=60.0 if args.scale_down_after is None else args.scale_down_after,
+        scale_up_cooldown_s=args.scale_up_cooldown,
+    )
+
+
+def start_fleet(
+    args: argparse.Namespace,
+    router: Router,
+    scaler: Autoscaler,
+    threads: int,
+    env: dict[str, str],
+    taken: set[int],
+) -> LocalFleet:
+    first_port = args.engine_port or args.port + 1
+    indexes = iter(range(args.engines, 1 << 30))
+
+    def make_engine(used: set[int]) -> EngineProcess:
+        port = engine_ports("127.0.0.1", first_port, 1, taken | used)[0]
+        return EngineProcess(next(indexes), port, engine_argv(args, port, threads), env)
+
+    fleet = LocalFleet(router, scaler, make_engine, ready_timeout_s=args.ready_timeout)
+    fleet.register_metrics()
+    return fleet
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -231,11 +283,27 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="the router's port (default 8000)")
     p.add_argument("--engine-port", type=int, default=None, help="first engine port (default: --port + 1)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds the engines may take to start")
+    scale = p.add_argument_group("autoscaling (default: a fixed fleet of --engines)")
+    scale.add_argument("--min-engines", type=int, default=None, help="fewest engines; 0 scales to zero")
+    scale.add_argument("--max-engines", type=int, default=None, help="most engines")
+    scale.add_argument(
+        "--scale-down-after",
+        type=float,
+        default=None,
+        help="seconds of low load before each engine goes (60)",
+    )
+    scale.add_argument("--scale-target", type=float, default=8.0, help="requests per engine to aim at (8)")
+    scale.add_argument("--scale-up-cooldown", type=float, default=5.0, help="seconds between steps up (5)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     if args.engines < 1:
         print("microserve serve: --engines must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        autoscaler_config(args)
+    except ValueError as exc:
+        print(f"microserve serve: autoscaling: {exc}", file=sys.stderr)
         return 2
     try:
         import uvloop

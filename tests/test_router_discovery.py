@@ -14,6 +14,7 @@ from microserve.registry.etcd import EtcdTarget, prefix_end
 from microserve.registry.record import Registration
 from microserve.router.config import RouterConfig
 from microserve.router.discovery import make_discovery
+from microserve.router.discovery.etcd import worker_spec
 from microserve.router.discovery.file import FileDiscovery, parse_workers
 from microserve.router.discovery.membership import Membership
 from microserve.router.health import HealthConfig
@@ -137,13 +138,15 @@ def test_registration_records_round_trip_and_are_checked() -> None:
     record = Registration(A, ("m",), role="prefill", labels={"zone": "a"}, capacity={"max_num_seqs": 64})
     again = Registration.from_json(record.to_json())
     assert again == record
-    assert again.spec() == WorkerSpec(A, role=Role.PREFILL, labels={"zone": "a"}, models=("m",))
+    assert worker_spec(again) == WorkerSpec(A, role=Role.PREFILL, labels={"zone": "a"}, models=("m",))
     assert record.key("/microserve/workers/") == "/microserve/workers/http%3A%2F%2F10.0.0.1%3A8100"
     newer = b'{"url": "http://h:1", "models": ["m"], "gpu": "h200"}'  # fields it does not know: ignored
     assert Registration.from_json(newer).models == ("m",)
-    for bad in (b"[]", b"{", b'{"url": "h:1"}', b'{"url": "http://h:1", "role": "chef"}'):
+    for bad in (b"[]", b"{", b'{"url": "h:1"}'):
         with pytest.raises(ValueError):
             Registration.from_json(bad)
+    with pytest.raises(ValueError, match="role"):  # the router's check: the registry keeps what engines wrote
+        worker_spec(Registration.from_json(b'{"url": "http://h:1", "role": "chef"}'))
 
 
 async def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

@@ -257,14 +257,14 @@ def _byte_alphabet() -> list[str]:
     return list(pre_tokenizers.ByteLevel.alphabet())
 
 
-def _write_tokenizer_gguf(path: Path, model: str = "gpt2") -> None:
+def _write_tokenizer_gguf(path: Path, model: str = "gpt2", merges: tuple[str, ...] = ("a b",)) -> None:
     writer = gguf.GGUFWriter(path, "llama")
     tokens = ["<s>", "</s>", "<eot>", *sorted(_byte_alphabet()), "ab", "<think>"]
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre("llama-bpe")
     writer.add_token_list(tokens)
     writer.add_token_types([3, 3, 3, *[1] * 256, 1, 4])
-    writer.add_token_merges(["a b"])
+    writer.add_token_merges(list(merges))
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
     writer.add_eot_token_id(2)
@@ -285,6 +285,22 @@ def test_synthetic_gguf_bos_and_end_of_generation_ids(tmp_path: Path) -> None:
     assert t.eos_token_ids == frozenset({1, 2}) and t.bos_token_id == 0
     assert t.decode([0, 259, 260, 2]) == "ab<think>"
     assert t.chat_template is None
+
+
+def test_a_gguf_merge_that_is_not_a_pair_is_refused(tmp_path: Path) -> None:
+    _write_tokenizer_gguf(tmp_path / "t.gguf", merges=("a b", "ab"))
+    with pytest.raises(ValueError, match="BPE merge 'ab' is not two tokens separated by a space"):
+        Tokenizer.from_gguf(tmp_path / "t.gguf")
+
+
+def test_an_eos_id_outside_the_vocabulary_is_refused(ref, tmp_path: Path) -> None:
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(ValueError, match="eos token id 1000000 is not in the tokenizer's vocabulary"):
+        Tokenizer.load(tmp_path)
 
 
 def test_unsupported_gguf_tokenizer_model(tmp_path: Path) -> None:

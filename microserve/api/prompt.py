@@ -4,7 +4,7 @@ markers); a text prompt is encoded with them; a token-id prompt is checked again
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -24,13 +24,20 @@ class PromptTokenizer(Protocol):
     ) -> str: ...
 
 
-def chat_prompt_ids(tokenizer: PromptTokenizer, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: PromptTokenizer,
+    messages: list[dict[str, Any]],
+    check_text: Callable[[str], None] | None = None,
+) -> list[int]:
+    """`check_text` sees the rendered text before it is encoded (the engine bounds its length there)."""
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     except ValueError as exc:  # ChatTemplateError: the template rejected the conversation
         raise bad_request(
             f"The chat template cannot render these messages: {exc}", param="messages"
         ) from None
+    if check_text is not None:
+        check_text(text)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

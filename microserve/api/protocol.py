@@ -90,6 +90,8 @@ class _GenerationRequest(RequestModel):
     # microserve's, set by the router on a continued stream: the prompt's last tokens that an earlier
     # engine generated, which the penalties count as output.
     prior_output_tokens: NonNegativeInt = 0
+    # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
+    priority: int = 0
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -145,6 +147,7 @@ class _GenerationRequest(RequestModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 num_prior_output_tokens=self.prior_output_tokens,
+                priority=self.priority,
             )
         except InvalidParams as exc:
             if exc.param == "max_tokens":

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from microserve.bench.arrivals import ArrivalKind, check_arrival, default_kind, interarrival_gaps
+from microserve.bench.issuer import issue_requests
 from microserve.bench.sender import RequestRecord, Target, send
 from microserve.bench.workloads import BenchRequest, Workload
 
@@ -87,12 +88,6 @@ class RunObserver(Protocol):
     def tick(self, elapsed_s: float) -> None: ...
 
 
-async def _sleep_until(when: float) -> None:
-    delay = when - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 async def run_benchmark(
     target: Target,
     workload: Workload,
@@ -103,82 +98,38 @@ async def run_benchmark(
     workload.check_endpoint(target.endpoint)
     source = workload.source(config.num_requests)
     gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
-    slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-    # At rate inf there is no schedule to keep: take a slot before issuing, so a --duration run stays a
-    # closed loop of max_concurrency requests instead of queueing without end.
-    closed_loop = math.isinf(config.request_rate) and slots is not None
-    records: list[RequestRecord] = []
-    tasks: set[asyncio.Task[None]] = set()
-    answered = asyncio.Event()
 
-    async def one(request: BenchRequest, arrival: float, session: aiohttp.ClientSession) -> None:
-        record = RequestRecord(request, arrival=arrival)
-        try:
-            if slots is None or closed_loop:
-                await send(session, target, record)
-            else:
-                async with slots:
-                    await send(session, target, record)
-        finally:
-            if closed_loop:
-                slots.release()  # type: ignore[union-attr]
-        source.complete(request, record.text if record.success else None)
-        records.append(record)
-        answered.set()
-        if observer:
-            observer.finished(record)
-
-    async def next_request(deadline: float) -> BenchRequest | None:
-        """The next ready request, waiting for answers a multi-turn follow-up needs; None: stop issuing."""
-        while (request := source.next_ready()) is None and not source.exhausted:
-            answered.clear()
-            timeout = deadline - time.perf_counter()
-            if not tasks or timeout <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(answered.wait(), timeout=None if math.isinf(deadline) else timeout)
-        return request
-
-    async def ticker(start: float) -> None:
+    async def ticker(observer: RunObserver, start: float) -> None:
         while True:
-            observer.tick(time.perf_counter() - start)  # type: ignore[union-attr]
+            observer.tick(time.perf_counter() - start)
             await asyncio.sleep(0.25)
 
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
     async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def send_one(request: BenchRequest, record: RequestRecord) -> str | None:
+            await send(session, target, record)
+            return record.text if record.success else None
+
         start = time.perf_counter()
-        deadline = start + config.duration_s if config.duration_s else math.inf
-        tick_task = asyncio.create_task(ticker(start)) if observer else None
-        next_at = start
+        tick_task = asyncio.create_task(ticker(observer, start)) if observer else None
         try:
-            for gap in gaps:
-                next_at += gap
-                if next_at >= deadline:
-                    break
-                await _sleep_until(next_at)
-                if closed_loop:
-                    await slots.acquire()  # type: ignore[union-attr]
-                request = await next_request(deadline)
-                if request is None or time.perf_counter() >= deadline:
-                    if closed_loop:
-                        slots.release()  # type: ignore[union-attr]
-                    break
-                task = asyncio.create_task(one(request, time.perf_counter(), session))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                if observer:
-                    observer.sent(request)
-            while tasks:
-                await asyncio.gather(*list(tasks))
+            records = await issue_requests(
+                source,
+                gaps,
+                send_one,
+                time.perf_counter,
+                request_rate=config.request_rate,
+                max_concurrency=config.max_concurrency,
+                duration_s=config.duration_s,
+                observer=observer,
+            )
         finally:
-            for task in tasks:
-                task.cancel()
             if tick_task:
                 tick_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tick_task
         duration = time.perf_counter() - start
-    records.sort(key=lambda r: r.request.index)
     return RunResult(config, records, duration, skipped=source.skipped, workload=workload.describe())
 
 
@@ -215,11 +166,13 @@ class LiveProgress:
         self.progress.stop()
 
     def _refresh(self) -> None:
-        fields = {"in_flight": self.in_flight, "failed": self.failed, "count": f"{self.done} done"}
-        if self._by_time:
-            self.progress.update(self.task, **fields)
-        else:
-            self.progress.update(self.task, completed=self.done, **fields)
+        self.progress.update(
+            self.task,
+            completed=None if self._by_time else self.done,  # None: rich leaves it as it is
+            in_flight=self.in_flight,
+            failed=self.failed,
+            count=f"{self.done} done",
+        )
 
     def sent(self, request: BenchRequest) -> None:
         self.in_flight += 1

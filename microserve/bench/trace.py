@@ -97,7 +97,7 @@ class TraceWorkload(Workload):
         return cls(tuple(parse_trace(text.splitlines(), source=str(path))), path=str(path))
 
     @property
-    def endpoints(self) -> frozenset[Endpoint]:  # type: ignore[override]
+    def endpoints(self) -> frozenset[Endpoint]:
         if any(isinstance(e.prompt, list) for e in self.entries):
             if any(e.messages is not None for e in self.entries):
                 return frozenset()

@@ -9,7 +9,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, is_dataclass, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -104,7 +104,11 @@ class Workload(ABC):
     """A family of requests; `source(limit)` hands out the first `limit` of them (or an endless stream)."""
 
     name: str
-    endpoints: frozenset[Endpoint] = frozenset(Endpoint)
+
+    @property
+    def endpoints(self) -> frozenset[Endpoint]:
+        """The endpoints the workload's requests can be sent to (a subclass narrows them)."""
+        return frozenset(Endpoint)
 
     def check_endpoint(self, endpoint: Endpoint) -> None:
         if endpoint not in self.endpoints:
@@ -130,7 +134,9 @@ class Workload(ABC):
         if run == 0 or seed is None:
             return self
         derived = int(np.random.SeedSequence([seed, run]).generate_state(1)[0])
-        return replace(self, seed=derived)  # type: ignore[type-var]
+        if not is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} has a seed but is not a dataclass to copy with another")
+        return replace(self, seed=derived)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
@@ -194,7 +200,7 @@ class RandomWorkload(Workload):
             raise ValueError(f"range ratio must be in [0, 1), got {self.range_ratio}")
 
     @property
-    def endpoints(self) -> frozenset[Endpoint]:  # type: ignore[override]
+    def endpoints(self) -> frozenset[Endpoint]:
         return frozenset({Endpoint.COMPLETIONS}) if self.token_ids else frozenset(Endpoint)
 
     def check_endpoint(self, endpoint: Endpoint) -> None:
@@ -289,6 +295,12 @@ class _Conversation:
     sent: int = 0
 
 
+def _conversation_of(request: BenchRequest) -> int:
+    if request.conversation is None:
+        raise ValueError(f"request {request.index} belongs to no conversation")
+    return request.conversation
+
+
 @dataclass(slots=True)
 class ConversationSource:
     """Hands out turns: a ready follow-up first (its user is waiting), else the opening of a new one."""
@@ -320,12 +332,12 @@ class ConversationSource:
             request = self.workload.turn_request(self.issued, number, (), 0)
         else:
             return None
-        self.awaiting[request.conversation].sent += 1  # type: ignore[index]
+        self.awaiting[_conversation_of(request)].sent += 1
         self.issued += 1
         return request
 
     def complete(self, request: BenchRequest, answer: str | None) -> None:
-        conv = self.awaiting.pop(request.conversation)  # type: ignore[arg-type]
+        conv = self.awaiting.pop(_conversation_of(request))
         if answer is None:
             # The history would be wrong without the answer: the rest of this conversation is dropped.
             self.skipped += conv.turns - conv.sent

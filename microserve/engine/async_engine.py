@@ -25,7 +25,7 @@ from microserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-_Command = Callable[[EngineCore], None]
+_Command = Callable[[EngineCore], object]  # run on the engine thread; what it returns is dropped
 T = TypeVar("T")
 
 
@@ -123,8 +123,7 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDead(f"the engine loop has stopped: {self._dead}")
         pending = self._adds_submitted - self._adds_taken
-        if self.core.num_waiting + pending >= self.max_waiting:
-            raise EngineOverloaded(f"{self.max_waiting} requests are already waiting; retry later")
+        self.core.check_room(self.max_waiting, pending)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
         stream: asyncio.Queue[Any] = asyncio.Queue()

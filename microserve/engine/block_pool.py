@@ -28,6 +28,13 @@ class Block:
     parent_hash: int = ROOT_HASH
     token_ids: tuple[int, ...] = ()  # kept for the collision check
 
+    @property
+    def cached_hash(self) -> int:
+        """The hash of a block in the prefix cache (as `BlockPool.lookup` returns them)."""
+        if self.hash is None:
+            raise ValueError(f"block {self.block_id} is not in the prefix cache")
+        return self.hash
+
 
 class BlockPool:
     """Fixed pool of blocks.

@@ -5,13 +5,14 @@ The same core runs behind the torch runner, the sim runner and (later) the simul
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from microserve.engine.errors import EngineOverloaded, PromptTooLong
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
-from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
+from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput, Timeline
 from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
 from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -156,6 +157,12 @@ class EngineCore:
             child.status = SequenceStatus.RUNNING
             self.scheduler.running.append(child)
 
+    def check_room(self, max_waiting: int, pending: int = 0) -> None:
+        """Refuse a new request (EngineOverloaded, HTTP 503) once `max_waiting` wait, `pending` not yet added
+        counted: the engine's queue bound, for the engine process and the simulator's replicas alike."""
+        if self.num_waiting + pending >= max_waiting:
+            raise EngineOverloaded(f"{max_waiting} requests are already waiting; retry later")
+
     def _check_new_id(self, request_id: str, reserved_ok: bool = False) -> None:
         if request_id in self.requests or request_id in self.prefills:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -243,6 +250,7 @@ class EngineCore:
         seq.num_prompt_tokens = len(prompt_ids)
         seq.params = params
         seq.num_cached_tokens = start
+        seq.arrival_time = time.monotonic()  # its queue wait starts now, not at prep_recv
         return seq
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -277,10 +285,16 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        started = time.monotonic()
         sampled = self.runner.execute(batch)
+        done = time.monotonic()
         self.num_steps += 1
         outputs: list[RequestOutput | PrefillProgress] = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+            if seq.num_computed_tokens < seq.num_prompt_tokens:  # a chunk of prompt (for traces)
+                seq.num_prefill_chunks += 1
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = started
             self.kv.append(seq, n)
             if seq.prefill_only:
                 outputs.append(self._prefill_progress(seq))
@@ -291,6 +305,8 @@ class EngineCore:
                 self._fork_choices(seq)
             req = self.requests[seq.request_id]
             seq.token_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = done
             status = self._check_stop(req, token)
             if status is not None:
                 self._finish(req, status)
@@ -302,15 +318,19 @@ class EngineCore:
         prefill = self.prefills[seq.request_id]
         upto = seq.num_computed_tokens
         pieces = []
+        exported_at = time.monotonic()
         for begin in range(prefill.exported_upto, upto, TRANSFER_PIECE_TOKENS):
             end = min(begin + TRANSFER_PIECE_TOKENS, upto)
             pieces.append(KVPiece(begin, end, self.kv.export_kv(seq, begin, end)))
+        export_s = time.monotonic() - exported_at
         prefill.exported_upto = max(prefill.exported_upto, upto)
         finished = upto == seq.num_tokens
+        timeline = None
         if finished:
             del self.prefills[seq.request_id]
             self.scheduler.finish(seq, SequenceStatus.FINISHED_STOPPED)  # its full blocks stay cached
-        return PrefillProgress(seq.request_id, pieces, finished)
+            timeline = _timeline(seq)
+        return PrefillProgress(seq.request_id, pieces, finished, exported_at, export_s, timeline)
 
     def _check_stop(self, req: _Request, token: int) -> SequenceStatus | None:
         seq, p = req.seq, req.seq.params
@@ -378,6 +398,7 @@ class EngineCore:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             stop_reason=req.stop_reason if finished else None,
+            timeline=_timeline(seq) if finished else None,
         )
 
     def record_step_time(self, seconds: float) -> None:
@@ -404,3 +425,15 @@ class EngineCore:
             "kv_reservations": len(self.reservations),
             "kv_reservations_received_tokens": self.reservations.received_tokens(),
         }
+
+
+def _timeline(seq: Sequence) -> Timeline:
+    return Timeline(
+        arrival=seq.arrival_time,
+        scheduled=seq.scheduled_time,
+        first_token=seq.first_token_time,
+        finished=time.monotonic(),
+        prefill_chunks=seq.num_prefill_chunks,
+        cached_tokens=seq.num_cached_tokens,
+        preemptions=seq.num_preemptions,
+    )

@@ -77,7 +77,7 @@ class KVCacheManager:
             if block is None:
                 break
             blocks.append(block)
-            parent = block.hash  # type: ignore[assignment]
+            parent = block.cached_hash
         return blocks
 
     def allocate(self, seq: Sequence, num_new_tokens: int, cached: list[Block] | None = None) -> bool:
@@ -98,7 +98,7 @@ class KVCacheManager:
         for block in cached:
             self.pool.touch(block)
             seq.block_table.append(block.block_id)
-            seq.block_hashes.append(block.hash)  # type: ignore[arg-type]
+            seq.block_hashes.append(block.cached_hash)
         seq.num_computed_tokens += len(cached) * bs
         for _ in range(max(need, 0)):
             seq.block_table.append(self.pool.allocate().block_id)
@@ -186,7 +186,7 @@ class KVCacheManager:
         table = torch.tensor(seq.block_table, dtype=torch.long)
         return table[positions // bs] * bs + positions % bs
 
-    def export_kv(self, seq: Sequence, begin: int, end: int) -> bytes:
+    def export_kv(self, seq: Sequence, begin: int, end: int) -> memoryview:
         """The KV of tokens [begin, end) of `seq` as a self-describing payload."""
         if self.storage is None:
             raise RuntimeError("this KV cache has no storage to export from")

@@ -38,7 +38,10 @@ class KVLayout:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        dtype = getattr(torch, self.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{self.dtype!r} is not a torch dtype")
+        return dtype
 
     @property
     def bytes_per_token(self) -> int:
@@ -94,7 +97,7 @@ class KVStorage:
             slots = slots.to(self.device)
             body[0].copy_(self.k.index_select(1, slots))
             body[1].copy_(self.v.index_select(1, slots))
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data  # the tensor's own bytes (numpy's stubs give 3.11 no buffer protocol)
         checksum = xxhash.xxh3_64_intdigest(view[body_at:])
         view[:body_at] = MAGIC + _HEADER_LEN.pack(len(header)) + header + _CHECKSUM.pack(checksum)
         return view

@@ -12,6 +12,20 @@ class FinishReason(StrEnum):
     ABORT = "abort"  # cancelled by the client or the server
 
 
+@dataclass(slots=True, frozen=True)
+class Timeline:
+    """When a request's phases happened in the engine (`time.monotonic()`), handed out with its last
+    output so that traces can show queue wait, prefill and decode without a hook in the step loop."""
+
+    arrival: float
+    scheduled: float | None  # its first prefill chunk ran; None if it never ran
+    first_token: float | None
+    finished: float
+    prefill_chunks: int  # chunks of prompt computed, recomputes after preemption included
+    cached_tokens: int
+    preemptions: int
+
+
 @dataclass(slots=True)
 class TokenLogprobs:
     """A token's log-probability under the model (before any sampling processing) and the top ones."""
@@ -44,6 +58,7 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only
     stop_reason: str | int | None = None
+    timeline: Timeline | None = None  # on the finished output only
 
 
 @dataclass(slots=True)
@@ -52,7 +67,7 @@ class KVPiece:
 
     begin: int
     end: int
-    data: bytes
+    data: memoryview  # a view of the payload, not a copy
 
     @property
     def num_tokens(self) -> int:
@@ -66,3 +81,6 @@ class PrefillProgress:
     request_id: str
     payloads: list[KVPiece]
     finished: bool
+    exported_at: float = 0.0  # time.monotonic() when exporting `payloads` began
+    export_s: float = 0.0  # and how long it took
+    timeline: Timeline | None = None  # on the finished progress only

@@ -39,6 +39,7 @@ class SamplingParams:
     # Tokens at the end of the prompt that were generated before (a continued stream): the penalties
     # and min_tokens count them as output, so a continuation samples as the first engine would have.
     num_prior_output_tokens: int = 0
+    priority: int = 0  # the scheduler admits lower values first, FCFS within one (vLLM's convention)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -54,7 +54,15 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue `seq` behind every waiting sequence of its priority or a more urgent one (FCFS within a
+        priority); sequences put back by preemption keep their place at the front."""
+        priority, waiting = seq.params.priority, self.waiting
+        if waiting and waiting[-1].params.priority > priority:
+            for i, other in enumerate(waiting):
+                if other.params.priority > priority and not other.num_preemptions:
+                    waiting.insert(i, seq)
+                    return
+        waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

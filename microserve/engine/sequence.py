@@ -55,6 +55,10 @@ class Sequence:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
+    # For traces: when its prefill first ran, when its first token came, how many chunks the prefill took.
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    num_prefill_chunks: int = 0
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

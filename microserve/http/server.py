@@ -16,6 +16,7 @@ import asyncio
 import enum
 import logging
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -97,6 +98,18 @@ class Request:
         """Start a streamed answer (chunked); the handler writes to it and returns it."""
         return await self._conn.start_stream(status, headers or {})
 
+    @property
+    def remote(self) -> str:
+        """The client's address ("" where unknown)."""
+        transport = self._conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return peer[0] if isinstance(peer, tuple) else ""
+
+    def disconnected(self) -> bool:
+        """The client has gone (the handler is cancelled too, but may poll between awaits)."""
+        transport = self._conn.transport
+        return transport is None or transport.is_closing()
+
 
 class Response:
     """A whole answer."""
@@ -127,30 +140,41 @@ class Response:
 
 
 class Stream:
-    """A streamed answer being written: `write` waits while the client reads slower than we write."""
+    """A streamed answer being written: `write` waits while the client reads slower than we write.
 
-    __slots__ = ("_chunked", "_conn", "ended")
+    The status line and headers leave with the first write (or the end): one packet, not two, for
+    each stream, as aiohttp does; measured on the engine's SSE answers (benchmarks/engine_http.py)."""
 
-    def __init__(self, conn: HTTPProtocol, chunked: bool) -> None:
+    __slots__ = ("_chunked", "_conn", "_head", "ended", "tap")
+
+    def __init__(self, conn: HTTPProtocol, chunked: bool, head: bytes = b"") -> None:
         self._conn = conn
         self._chunked = chunked
+        self._head = head
         self.ended = False
+        self.tap: Callable[[bytes], None] | None = None  # sees each chunk written (token metering, caching)
 
     async def write(self, data: bytes) -> None:
         if not data:
             return
+        if self.tap is not None:
+            self.tap(data)
         conn = self._conn
         if conn.transport is None or conn.transport.is_closing():
             raise ConnectionResetError("the client went away")
-        conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
+        framed = b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
+        if self._head:
+            framed, self._head = self._head + framed, b""
+        conn.transport.write(framed)
         if conn.write_paused:
             await conn.drain()
 
     def end(self) -> None:
         if not self.ended:
             self.ended = True
-            if self._chunked and self._conn.transport is not None:
-                self._conn.transport.write(b"0\r\n\r\n")
+            if self._conn.transport is not None and (self._head or self._chunked):
+                self._conn.transport.write(self._head + (b"0\r\n\r\n" if self._chunked else b""))
+                self._head = b""
 
 
 Handler = Callable[[Request], Awaitable["Response | Stream"]]
@@ -158,14 +182,26 @@ Handler = Callable[[Request], Awaitable["Response | Stream"]]
 
 class Routes:
     """Exact paths to handlers by method; unknown paths are 404, known ones with another method 405.
-    A route may declare the largest body it takes; the others take the server's `max_body_bytes`."""
+    A route (a prefix route too) may declare the largest body it takes; the others take the server's
+    `max_body_bytes`."""
 
     def __init__(self) -> None:
         self._by_path: dict[str, dict[str, Handler]] = {}
         self._max_body: dict[tuple[str, str], int] = {}
-        self._prefixes: list[tuple[str, dict[str, Handler]]] = []  # "/v1/models/" for /v1/models/{id}
+        self._prefixes: list[tuple[str, dict[str, Handler]]] = []  # `/a/b/` answers `/a/b/<anything>`
 
     def add(self, method: str, path: str, handler: Handler, *, max_body: int | None = None) -> None:
+        """`path` is exact, or a prefix when it ends with `/*` (the handler reads the rest of the path)."""
+        if path.endswith("/*"):
+            prefix = path[:-1]
+            if max_body is not None:
+                self._max_body[(method.upper(), prefix)] = max_body
+            for known, methods in self._prefixes:
+                if known == prefix:
+                    methods[method.upper()] = handler
+                    return
+            self._prefixes.append((prefix, {method.upper(): handler}))
+            return
         self._by_path.setdefault(path, {})[method.upper()] = handler
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
@@ -180,12 +216,16 @@ class Routes:
 
     def max_body(self, method: str, path: str, default: int) -> int:
         """The largest body `method path` takes: known before a byte of the body is read."""
-        return self._max_body.get((method, path), default)
+        limit = self._max_body.get((method, path))
+        if limit is None and path not in self._by_path:
+            prefix = next((p for p, _ in self._prefixes if path.startswith(p)), None)
+            limit = None if prefix is None else self._max_body.get((method, prefix))
+        return default if limit is None else limit
 
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._by_path.get(path)
         if methods is None:
-            methods = next((m for p, m in self._prefixes if path.startswith(p) and len(path) > len(p)), None)
+            methods = next((m for prefix, m in self._prefixes if path.startswith(prefix)), None)
         if methods is None:
             raise APIError(404, f"Not Found: {method} {path}")
         handler = methods.get(method)
@@ -503,8 +543,7 @@ class HTTPProtocol(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
             self._keep_alive = False
         head.append(b"\r\n")
-        self.transport.write(b"".join(head))
-        self._stream = Stream(self, chunked)
+        self._stream = Stream(self, chunked, b"".join(head))
         return self._stream
 
     def _write_whole(self, response: Response, head_only: bool) -> None:
@@ -575,18 +614,30 @@ class HTTPServer:
         self._servers: list[asyncio.Server] = []
         self._sockets: list[socket.socket] = []
         self._stop_waiter: asyncio.Future[None] | None = None
+        self.tls: ssl.SSLContext | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen on `host:port`; with `tls`, every connection speaks HTTPS (`microserve.http.tls`)."""
         loop = asyncio.get_running_loop()
+        self.tls = tls
         self.table = ConnectionTable(*self.limits.caps())  # the descriptor limit in force now
         self._sockets = listen(host, port, backlog=self.backlog, reuse_port=reuse_port)
         try:
             for sock in self._sockets:
-                server = await loop.create_server(lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog)
+                server = await loop.create_server(
+                    lambda: HTTPProtocol(self), sock=sock, backlog=self.backlog, ssl=tls
+                )
                 self._servers.append(server)
         except BaseException:
             for server in self._servers:

@@ -8,8 +8,10 @@ blocks and do each piece of glue in one pass; on a CPU with AMX they also run th
 step's few rows, the same GEMM on a GGUF's int4 and int8 groups (`amx_linear_q4`, `amx_linear_q8`),
 the MLP's gate/up GEMM with SiLU(gate) * up on its output (`amx_silu_mul`), and greedy sampling's argmax.
 They are built with the C++ toolchain torch's extension loader uses (g++, ninja) and cached under
-torch's extensions directory, one build per checkout, version of the source and CPU, so only the first
-engine pays the ~30 s build; `scripts/setup.sh` builds it ahead (`python -m microserve.kernels`).
+torch's extensions directory (`microserve/cpu_ops_<key>`), one build per checkout, version of the source
+and CPU, so only the first engine pays the ~30 s build; `scripts/setup.sh` builds it ahead
+(`python -m microserve.kernels`). Builders take turns on an flock, which dies with its holder, so a
+build killed midway never leaves the next one waiting forever on torch's own lock file.
 
 Where they cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
 `cpu_ops()` returns None and the model runs on torch's ops alone: the same results within float rounding.
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _lock = threading.Lock()
 _loaded: list[ModuleType | None] = []  # empty until the first call
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def cpu_ops() -> ModuleType | None:
@@ -45,26 +48,34 @@ def cpu_ops() -> ModuleType | None:
     return _loaded[0]
 
 
+def loaded_cpu_ops() -> ModuleType:
+    """The compiled kernels, for code that only runs where they are loaded (e.g. on weights packed for
+    them); a RuntimeError where they are not, which is a bug in the caller."""
+    ops = cpu_ops()
+    if ops is None:
+        raise RuntimeError("microserve CPU kernels are not loaded, yet something packed for them ran")
+    return ops
+
+
 def _load() -> ModuleType | None:
     if os.environ.get("MICROSERVE_KERNELS", "1") == "0":
         log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
         return None
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    # One build directory per source file, content, flags and CPU: no checkout ever rebuilds another's
-    # build, and a home directory shared between machines never loads code built for another CPU.
-    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(flags).encode(), _cpu_flags()])
-    digest = hashlib.sha256(key).hexdigest()[:12]
+    digest = _build_key()
     try:
         from torch.utils.cpp_extension import load
 
-        with _ninja_on_path():
-            return load(
+        directory = build_directory(digest)
+        with _ninja_on_path(), _build_turn(directory):
+            module: ModuleType = load(
                 name=f"microserve_cpu_ops_{digest}",
                 sources=[str(SOURCE)],
-                extra_cflags=flags,
+                extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
                 verbose=False,
             )
+            return module
     except Exception as error:  # any build or load failure means: run on torch's ops
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         # A failed build's message starts with the compile command; its cause is a line naming an error.
@@ -72,6 +83,46 @@ def _load() -> ModuleType | None:
         why = lines[0][:100] if len(lines) == 1 else f"{lines[0][:100]}... {cause}"
         log.warning("microserve CPU kernels unavailable, using torch's ops (%s)", why)
         return None
+
+
+def _build_key() -> str:
+    """One build per source file, content, flags and CPU: no checkout ever rebuilds another's build, and
+    a home directory shared between machines never loads code built for another CPU."""
+    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _cpu_flags()])
+    return hashlib.sha256(key).hexdigest()[:12]
+
+
+def build_directory(digest: str) -> Path:
+    """Where the build for `digest` lives: under torch's extensions root (`TORCH_EXTENSIONS_DIR` or its
+    per-user cache), in a folder of microserve's own."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    directory = Path(root) / "microserve" / f"cpu_ops_{digest}"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+@contextmanager
+def _build_turn(directory: Path) -> Iterator[None]:
+    """This process's turn to build in `directory`, behind an flock the kernel drops when its holder dies.
+
+    torch's loader guards a build with a `lock` file that only the builder removes: one killed midway
+    leaves it behind and every later load waits on it forever. Every builder here holds the flock first,
+    so a `lock` file found while holding it is such a leftover and is removed."""
+    import fcntl  # here, not at the top: Windows has none, and there the kernels fall back anyway
+
+    with open(directory / "microserve.flock", "a+b") as turn:
+        try:
+            fcntl.flock(turn, fcntl.LOCK_EX)
+        except OSError as error:  # a filesystem without flock: torch's lock file alone, as before
+            log.warning("no flock on %s (%s): a killed build there can block later ones", directory, error)
+        else:
+            stale = directory / "lock"
+            if stale.exists():
+                log.warning("removing %s, left by a kernel build that did not finish", stale)
+                stale.unlink(missing_ok=True)
+        yield  # closing the file releases the flock
 
 
 def _cpu_flags() -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -79,8 +80,8 @@ class Llama(torch.nn.Module):
         self.embed = w("model.embed_tokens.weight")  # looked up: always dequantized
         self.lm_head: Linear = DenseLinear(self.embed) if c.tie_word_embeddings else linear("lm_head.weight")
         embed_blocks = quantized.get("model.embed_tokens.weight")
-        if c.tie_word_embeddings and embed_blocks is not None:  # a tied head on the embedding's own blocks
-            self.lm_head = Int8Linear.from_gguf(embed_blocks, self.lm_head)
+        if isinstance(self.lm_head, DenseLinear) and c.tie_word_embeddings and embed_blocks is not None:
+            self.lm_head = Int8Linear.from_gguf(embed_blocks, self.lm_head)  # on the embedding's own blocks
         self.final_norm = w("model.norm.weight")
         self.layers: list[dict[str, Any]] = []
         for i in range(c.num_layers):
@@ -170,7 +171,7 @@ class Llama(torch.nn.Module):
         tiles = self._decode_tiles(meta, len(input_ids))
         if tiles is not None:  # the same kernels on the same tensors as the loop below, in one call
             c = self.config
-            self.kernels.decode_layers(
+            self._loaded_kernels().decode_layers(
                 x,
                 self._norms,
                 tiles,
@@ -225,6 +226,13 @@ class Llama(torch.nn.Module):
             self._tiles_by_rows[rows] = None if any(t is None for t in tiles) else tiles
         return self._tiles_by_rows[rows]
 
+    def _loaded_kernels(self) -> ModuleType:
+        """The CPU kernels, for a batch prepared for them: the runner gives decode tables, and
+        `_decode_tiles` tiles, only to a model that runs with them."""
+        if self.kernels is None:
+            raise RuntimeError("a batch prepared for microserve's CPU kernels reached a model without them")
+        return self.kernels
+
     def _attention(
         self,
         q: torch.Tensor,
@@ -236,16 +244,18 @@ class Llama(torch.nn.Module):
     ) -> torch.Tensor:
         nd = meta.num_decode
         if meta.paged_decode_only:  # no copy
-            return self.kernels.paged_decode_attention(
+            return self._loaded_kernels().paged_decode_attention(
                 q, k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
             )
         out = torch.empty_like(q)
         if nd and meta.decode_tables is not None:
-            out[:nd] = self.kernels.paged_decode_attention(
+            out[:nd] = self._loaded_kernels().paged_decode_attention(
                 q[:nd], k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
             )
         elif nd:
             slots = meta.decode_slots
+            if slots is None:
+                raise ValueError("decode rows without decode_tables or decode_slots to read their K/V from")
             shape = (*slots.shape, *k_layer.shape[1:])  # [B, L, kv_heads, head_dim]
             kd = k_layer.index_select(0, slots.flatten()).view(shape).transpose(1, 2)
             vd = v_layer.index_select(0, slots.flatten()).view(shape).transpose(1, 2)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microserve.kernels import cpu_ops
+from microserve.kernels import cpu_ops, loaded_cpu_ops
 from microserve.model.config import ModelConfig
 from microserve.model.loader import QuantizedTensor, load_quantized, load_weights
 
@@ -71,7 +71,7 @@ class Linear:
 
     def _silu_mul_on_tiles(self, x: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
         """`silu_mul` in the AMX GEMM's epilogue, on gate/up tiles."""
-        y = cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), tiles)
+        y = loaded_cpu_ops().amx_silu_mul(x.reshape(-1, self.in_features), tiles)
         return y.view(*x.shape[:-1], self.out_features // 2)
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
@@ -93,14 +93,16 @@ class DenseLinear(Linear):
         self.tiles = pack_for_amx(weight, gate_up)
         self.packed = pack_for_onednn(weight) if self.tiles is None else None
         self.weight = weight if self.tiles is None and self.packed is None else None
-        self._amx_linear = cpu_ops().amx_linear if self.tiles is not None else None
-        self._paired = self.tiles is not None and self.tiles.dim() == 6  # for kernels.amx_silu_mul
+        self._amx_linear = loaded_cpu_ops().amx_linear if self.tiles is not None else None
+        paired = self.tiles is not None and self.tiles.dim() == 6  # for kernels.amx_silu_mul
+        self._paired_tiles = self.tiles if paired else None
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         return self.tiles
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        return self._silu_mul_on_tiles(x, self.tiles) if self._paired else super().silu_mul(x)
+        tiles = self._paired_tiles
+        return self._silu_mul_on_tiles(x, tiles) if tiles is not None else super().silu_mul(x)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.weight is not None:
@@ -130,7 +132,7 @@ class Int8Linear(Linear):
         self.out_features, self.in_features = n, k
         self.dense = dense
         # Where the dense copy is on AMX tiles, so can the int8 weights be (same shape, same kernels).
-        self.tiles = cpu_ops().amx_pack_q8(q, scale.float()) if dense.tiles is not None else None
+        self.tiles = loaded_cpu_ops().amx_pack_q8(q, scale.float()) if dense.tiles is not None else None
 
     @classmethod
     def from_gguf(cls, blocks: QuantizedTensor, dense: DenseLinear) -> Int8Linear:
@@ -147,7 +149,7 @@ class Int8Linear(Linear):
         flat = x.reshape(-1, self.in_features)
         if self.tiles is None or flat.shape[0] < Q8_KERNEL_MIN_ROWS or x.dtype != torch.bfloat16:
             return self.dense(x, bias)
-        y = cpu_ops().amx_linear_q8(flat, self.tiles, bias)
+        y = loaded_cpu_ops().amx_linear_q8(flat, self.tiles, bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -227,10 +229,13 @@ class Int4Linear(Linear):
             raise ValueError(f"int4 weight {tuple(q.shape)} does not match scales {tuple(scale.shape)}")
         self.out_features, self.in_features = n, k
         self.dtype = dtype
-        self.max_kernel_rows = max_kernel_rows
         self.tiles = pack_q4_for_amx(q, scale, zero, dtype, gate_up)
-        self._paired = self.tiles is not None and self.tiles.dim() == 4  # for kernels.amx_silu_mul
-        self._amx_linear_q4 = cpu_ops().amx_linear_q4 if self.tiles is not None else None
+        paired = self.tiles is not None and self.tiles.dim() == 4  # for kernels.amx_silu_mul
+        self._paired_tiles = self.tiles if paired else None
+        self._amx_linear_q4 = loaded_cpu_ops().amx_linear_q4 if self.tiles is not None else None
+        if max_kernel_rows == "auto":
+            max_kernel_rows = INT4_AMX_MAX_ROWS if self.tiles is not None else INT4_KERNEL_MAX_ROWS
+        self.max_kernel_rows: int | None = max_kernel_rows
         # torch's kernel: every kernel batch without AMX; with it, the fewest rows (near a GEMV, fp32 FMAs
         # straight from the nibbles beat dequantizing tiles for AMX).
         self.torch_kernel_max_rows = INT4_TORCH_MAX_ROWS_WITH_AMX if self.tiles is not None else None
@@ -243,8 +248,6 @@ class Int4Linear(Linear):
         if max_kernel_rows is not None:
             groups = (q.reshape(n, -1, GROUP_SIZE).float() - 8) * scale[..., None] + zero[..., None]
             self.dense = DenseLinear(groups.reshape(n, k).to(dtype), gate_up)
-        if max_kernel_rows == "auto":
-            self.max_kernel_rows = INT4_AMX_MAX_ROWS if self.tiles is not None else INT4_KERNEL_MAX_ROWS
 
     @classmethod
     def from_gguf(
@@ -262,28 +265,29 @@ class Int4Linear(Linear):
         q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
         return cls(q, scale, zero, dtype, max_kernel_rows, gate_up)
 
-    def _runs_on(self, rows: int) -> Literal["dense", "amx", "torch"]:
-        """What a batch of `rows` rows runs on: the dequantized weights, the AMX int4 kernel or torch's."""
+    def _runs_on(self, rows: int) -> DenseLinear | Literal["amx", "torch"]:
+        """What a batch of `rows` rows runs on: the dequantized weights' layer, the AMX int4 kernel or
+        torch's."""
         if self.dense is not None and self.max_kernel_rows is not None and rows > self.max_kernel_rows:
-            return "dense"
+            return self.dense
         torch_rows = self.torch_kernel_max_rows
         if self._amx_linear_q4 is not None and (torch_rows is None or rows > torch_rows):
             return "amx"
         return "torch"
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
-        kind = self._runs_on(rows)
-        if kind == "dense":
-            return self.dense.amx_tiles(rows)
-        return self.tiles if kind == "amx" else None
+        on = self._runs_on(rows)
+        if isinstance(on, DenseLinear):
+            return on.amx_tiles(rows)
+        return self.tiles if on == "amx" else None
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        kind = self._runs_on(x.reshape(-1, self.in_features).shape[0])
-        if kind == "dense":
-            return self.dense.silu_mul(x)
-        if kind == "amx" and self._paired:
+        on = self._runs_on(x.reshape(-1, self.in_features).shape[0])
+        if isinstance(on, DenseLinear):
+            return on.silu_mul(x)
+        if on == "amx" and self._paired_tiles is not None:
             self._check_dtype(x)
-            return self._silu_mul_on_tiles(x, self.tiles)
+            return self._silu_mul_on_tiles(x, self._paired_tiles)
         return super().silu_mul(x)
 
     def _check_dtype(self, x: torch.Tensor) -> None:
@@ -293,11 +297,11 @@ class Int4Linear(Linear):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         self._check_dtype(x)
         flat = x.reshape(-1, self.in_features)
-        kind = self._runs_on(flat.shape[0])
-        if kind == "dense":
-            return self.dense(x, bias)
-        if kind == "amx":
-            y = self._amx_linear_q4(flat, self.tiles, bias)
+        on = self._runs_on(flat.shape[0])
+        if isinstance(on, DenseLinear):
+            return on(x, bias)
+        if on == "amx" and self._amx_linear_q4 is not None:  # (`_runs_on` says "amx" only with it)
+            y: torch.Tensor = self._amx_linear_q4(flat, self.tiles, bias)
             return y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros

@@ -45,6 +45,7 @@ _PRE_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
 }
 _GPT2_PRES = ("default", "gpt2", "gpt-2")
+RELEASE_GIL_CHARS = 16 * 1024  # above this, tokenize without holding the GIL (about 5 ms of work)
 
 
 class Tokenizer:
@@ -71,6 +72,7 @@ class Tokenizer:
         }
         self._chat_template = chat_template
         self._template: ChatTemplate | None = None  # compiled on first use
+        self._max_token_chars: int | None = None  # computed on first use
         eos_id = backend.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"eos token {eos_token!r} is not in the vocabulary")
@@ -142,6 +144,8 @@ class Tokenizer:
             if not eos_ids:
                 raise ValueError(f"{path} names no eos token in tokenizer_config.json or config files")
             eos = backend.id_to_token(eos_ids[0])
+            if eos is None:
+                raise ValueError(f"{path}: eos token id {eos_ids[0]} is not in the tokenizer's vocabulary")
         return cls(
             backend,
             eos_token=eos,
@@ -183,8 +187,21 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token's text has: no text of n characters is fewer than
+        n / max_token_chars tokens, so an over-long prompt is known before it is tokenized."""
+        if self._max_token_chars is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            self._max_token_chars = max((len(token) for token in vocab), default=1)
+        return self._max_token_chars
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; BOS/EOS are added only when the model asks for them."""
+        if len(text) > RELEASE_GIL_CHARS:
+            # Same ids; encode_batch lets go of the GIL while it works, encode does not, so a long
+            # prompt tokenized on a worker thread would stall the event loop for its whole length.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -224,6 +241,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    """A GGUF merge, "left right", as the pair tokenizers' BPE takes."""
+    left, space, right = merge.partition(" ")
+    if not space:
+        raise ValueError(f"BPE merge {merge!r} is not two tokens separated by a space")
+    return left, right
+
+
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> tokenizers.Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -232,7 +257,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str | None) -> to
         (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
         for i, t in enumerate(tokens)
     }
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [_merge_pair(m) for m in merges]
     backend = tokenizers.Tokenizer(
         BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )

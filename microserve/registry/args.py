@@ -7,8 +7,8 @@ import argparse
 import socket
 from dataclasses import dataclass
 
+from microserve.http.urls import base_url
 from microserve.registry.etcd import EtcdTarget
-from microserve.router.workers import WorkerSpec
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,7 +69,7 @@ def registration_from_args(args: argparse.Namespace) -> RegisterOptions | None:
         raise ValueError(f"--register-ttl must be at least 2 seconds, got {args.register_ttl}")
     url = args.advertise_url or advertised_url(args.host, args.port)
     try:
-        url = WorkerSpec(url).url  # checked now, not once the model has loaded
+        url = base_url(url)  # checked now, not once the model has loaded
     except ValueError as exc:
         raise ValueError(f"--advertise-url: {exc}") from None
     return RegisterOptions(

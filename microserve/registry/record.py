@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import orjson
 
-from microserve.router.workers import WorkerSpec
+from microserve.http.urls import base_url
 
 
 @dataclass(slots=True, frozen=True)
@@ -23,19 +23,8 @@ class Registration:
     weight: int = 1
     capacity: Mapping[str, int] = field(default_factory=dict)  # max_num_seqs, kv_blocks_total, block_size…
 
-    def spec(self) -> WorkerSpec:
-        """The router's view of this worker (checks the URL, kind and role)."""
-        return WorkerSpec(
-            self.url,
-            kind=self.kind,  # type: ignore[arg-type]
-            role=self.role,  # type: ignore[arg-type]
-            weight=self.weight,
-            labels=self.labels,
-            models=self.models,
-        )
-
     def key(self, workers_prefix: str) -> str:
-        return workers_prefix + quote(self.spec().url, safe="")
+        return workers_prefix + quote(base_url(self.url), safe="")
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -74,5 +63,5 @@ class Registration:
             weight=d.get("weight", 1),
             capacity={str(k): v for k, v in capacity.items()},
         )
-        record.spec()  # raises ValueError for a bad URL, kind, role or weight
+        base_url(record.url)  # a bad URL is refused here; a bad kind, role or weight by the router
         return record

@@ -21,14 +21,17 @@ from microserve.api.errors import APIError, model_not_found
 from microserve.api.tokenize import server_version
 from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
+from microserve.http.tls import server_context
 from microserve.router import dispatch
 from microserve.router.admin import add_admin_routes
+from microserve.router.admin_keys import add_key_routes
 from microserve.router.config import RouterConfig
 from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
 from microserve.tokens import bearer_matches
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,11 @@ class RouterServer:
         return self.http.port
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        config = self.router.config
+        tls = server_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         await self.router.start()
         try:
-            await self.http.start(host, port, reuse_port=self.router.config.reuse_port)
+            await self.http.start(host, port, reuse_port=config.reuse_port, tls=tls)
         except BaseException:
             await self.router.close()
             raise
@@ -94,6 +99,7 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/metrics", functools.partial(metrics, router))
     table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
     add_admin_routes(table, router)
+    add_key_routes(table, router)
     add_dashboard_routes(table, router, started)
     return table
 
@@ -108,13 +114,18 @@ def _card(router: Router, created: int, model: str) -> dict[str, Any]:
 
 
 async def models(router: Router, created: int, request: Request) -> Response:
-    data = [_card(router, created, model) for model in router.pool.models()]
+    """The served models; with keys on, only to a valid key, and only those it may use."""
+    key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
+    data = [
+        _card(router, created, model) for model in router.pool.models() if key is None or key.allows(model)
+    ]
     return Response.json({"object": "list", "data": data})
 
 
 async def model_card(router: Router, created: int, request: Request) -> Response:
     model = unquote(request.path.removeprefix("/v1/models/"))
-    if not router.pool.serves(model):
+    key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
+    if not router.pool.serves(model) or (key is not None and not key.allows(model)):
         raise model_not_found(model)
     return Response.json(_card(router, created, model))
 
@@ -187,10 +198,12 @@ def tune_gc() -> None:
 
 async def _serve(config: RouterConfig) -> None:
     raise_descriptor_limit()
-    server = RouterServer(Router(config))
+    tracing = Tracing.from_env("microserve-router", f"http://{config.host}:{config.port}")
+    server = RouterServer(Router(config, tracing=tracing))
     await server.start(config.host, config.port)
     tune_gc()
-    print(f"microserve router on http://{config.host}:{server.port}/v1", flush=True)
+    scheme = "https" if config.tls_cert else "http"
+    print(f"microserve router on {scheme}://{config.host}:{server.port}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -52,6 +52,13 @@ class RouterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # first byte and stalls per attempt
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # the clients' connections
+    api_keys: str | None = None  # a keys file or redis://…: every /v1 request then needs a key
+    fair_share: bool = True  # within a priority class, tenants share the admission queue fairly
+    tls_cert: str | None = None  # with tls_key: the router serves HTTPS
+    tls_key: str | None = None
+    response_cache: str | None = None  # memory or redis://…: deterministic answers served again
+    response_cache_ttl_s: float = 3600.0
+    response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -60,6 +67,15 @@ class RouterConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.max_connections < 1 or self.max_continuations < 0:
             raise ValueError("need max_connections >= 1 and max_continuations >= 0")
+        if self.response_cache is not None and not (
+            self.response_cache == "memory"
+            or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
+        ):
+            raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
+            raise ValueError("the response cache needs a positive TTL and size")
         if isinstance(self.discovery, str):
             self.discovery = [self.discovery]
         for url in self.discovery:
@@ -221,6 +237,31 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         "--max-body-size", type=parse_size, default=None, help="largest body of an OpenAI request (4MiB)"
     )
     add_connection_args(p)
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="PATH|redis://…",
+        help="require API keys on /v1 (keys and limits in a JSON file, or in Redis shared by replicas)",
+    )
+    p.add_argument(
+        "--no-fair-share",
+        action="store_true",
+        help="admit waiting requests in arrival order within a priority class, whatever their tenant",
+    )
+    p.add_argument("--tls-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument(
+        "--response-cache",
+        default=None,
+        metavar="memory|redis://…",
+        help="answer repeated deterministic requests (temperature 0 or a seed) from a cache (default off)",
+    )
+    p.add_argument(
+        "--response-cache-ttl", type=float, default=None, help="seconds a cached answer lives (3600)"
+    )
+    p.add_argument(
+        "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -302,6 +343,20 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["max_body_bytes"] = args.max_body_size
     if args.drain_timeout is not None:
         changes["drain_timeout_s"] = args.drain_timeout
+    if args.api_keys is not None:
+        changes["api_keys"] = args.api_keys
+    if args.no_fair_share:
+        changes["fair_share"] = False
+    if args.tls_cert is not None:
+        changes["tls_cert"] = args.tls_cert
+    if args.tls_key is not None:
+        changes["tls_key"] = args.tls_key
+    if args.response_cache is not None:
+        changes["response_cache"] = args.response_cache
+    if args.response_cache_ttl is not None:
+        changes["response_cache_ttl_s"] = args.response_cache_ttl
+    if args.response_cache_size is not None:
+        changes["response_cache_bytes"] = args.response_cache_size
     if args.no_reuse_port:
         changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)

@@ -354,6 +354,8 @@ def sampling_fields(req: RoutedRequest, first: bool = True) -> dict[str, Any]:
         fields["max_tokens"] = req.max_tokens
     if req.body.get("min_tokens") is not None:
         fields["min_tokens"] = req.body["min_tokens"]
+    if req.priority is not None:  # sent to microserve engines only, as these requests are
+        fields["priority"] = req.priority
     return fields
 
 

@@ -48,10 +48,12 @@ class RoutedRequest:
         "hops",
         "model",
         "output_tokens",
+        "priority",
         "raw",
         "route",
         "session_key",
         "stream",
+        "trace",
         "wants_token_ids",
     )
 
@@ -81,7 +83,10 @@ class RoutedRequest:
         # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
         self.hops: list[Hop] = []
         self.output_tokens: int | None = None
+        # Sent to microserve engines (their scheduler's order) when set: the tenant's priority class.
+        self.priority: int | None = None
         self.cached_tokens: int | None = None
+        self.trace: Any = None  # a RequestTrace (router/tracing.py) when tracing is on
         self._tokenize = tokenize
         self._prompt_ids: list[int] | None = None
         self._prefix: str | list[int] | None = None
@@ -129,6 +134,16 @@ class RoutedRequest:
     def note(self, verb: str, worker: str, tokens: int | None = None, nbytes: int | None = None) -> None:
         """Record a call a strategy made for this request (shown on /dashboard, counted in /metrics)."""
         self.hops.append(Hop(verb, worker, tokens, nbytes))
+
+    @property
+    def known_prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens if it was tokenized (a strategy or policy asked), else None."""
+        return None if self._prompt_ids is None else len(self._prompt_ids)
+
+    @property
+    def known_id(self) -> str | None:
+        """The request's id if one was made (microserving verbs use it), else None."""
+        return self._id
 
     def remaining_s(self) -> float:
         return self.deadline - self._clock()

@@ -20,6 +20,7 @@ from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_ca
 from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
+from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
@@ -30,6 +31,10 @@ from microserve.router.retry import RetryBudget
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
+from microserve.tenants.cache import ResponseCache
+from microserve.tenants.gateway import Gateway, open_store
+from microserve.tenants.metrics import TenantsCollector
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,12 @@ def no_worker_available(message: str) -> APIError:
 
 
 class Router:
-    def __init__(self, config: RouterConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: RouterConfig, *, rng: random.Random | None = None, tracing: Tracing | None = None
+    ) -> None:
         self.config = config
         self.rng = rng or random.Random()
+        self.tracing = tracing  # spans (OTEL_* variables, Tracing.from_env); shut down by `close`
         self.pool = WorkerPool(config.circuit_breaker)
         for spec in config.workers:
             self.pool.add(spec)
@@ -50,6 +58,7 @@ class Router:
         self.strategy.bind(self)
         per_worker = config.admission.per_worker
         self.admission = AdmissionQueue(config.admission, lambda: pool_capacity(self.pool, per_worker))
+        self.fair_share = FairShare(enabled=config.fair_share)  # the admission queue's order
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()
@@ -69,6 +78,16 @@ class Router:
         self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
         if self.discovery:
             self.metrics.registry.register(DiscoveryCollector(self.discovery))
+        self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
+        self.response_cache = (
+            ResponseCache.open(
+                config.response_cache, config.response_cache_ttl_s, config.response_cache_bytes
+            )
+            if config.response_cache
+            else None
+        )
+        if self.tenants is not None or self.response_cache is not None:
+            self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
         self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -114,6 +133,12 @@ class Router:
             await self._session.close()
         if self._http is not None:
             await self._http.close()
+        if self.tenants is not None:
+            await self.tenants.close()
+        if self.response_cache is not None:
+            await self.response_cache.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)
 
     @property
     def upstream(self) -> Upstream:
@@ -203,6 +228,10 @@ class Router:
         )
         handle = WorkerHandle(worker, self.upstream)
         req.handles.append(handle)
+        if req.trace is not None:
+            reason = "least_busy" if least_busy else self.policy.name
+            candidates = len(self.pool.candidates(req.model, role, kind, req.excluded))
+            req.trace.pick(str(role), worker, reason, candidates)
         return handle
 
     async def refresh_loads(self, max_age_s: float) -> None:

@@ -28,6 +28,7 @@ from microserve.router.continuation import (
 )
 from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import RoutedRequest
+from microserve.router.tracing import call_span
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
 
 
@@ -123,8 +124,8 @@ class Upstream:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def engine_client(self, worker: Worker) -> EngineClient:
-        return EngineClient(worker.url, self.session, self.internal_token)
+    def engine_client(self, worker: Worker, headers: dict[str, str] | None = None) -> EngineClient:
+        return EngineClient(worker.url, self.session, self.internal_token, headers)
 
 
 class WorkerHandle(PickedWorker):
@@ -142,23 +143,32 @@ class WorkerHandle(PickedWorker):
 
     @property
     def engine(self) -> EngineClient:
+        return self.engine_with()
+
+    def engine_with(self, headers: dict[str, str] | None = None) -> EngineClient:
+        """The engine's client, sending `headers` (a trace context) with every call."""
         if self.worker.kind is not WorkerKind.MICROSERVE:
             raise TypeError(f"{self.url} is not a microserve engine; it has no microserving verbs")
-        return self._up.engine_client(self.worker)
+        return self._up.engine_client(self.worker, headers)
 
     # -- whole requests -----------------------------------------------------------------------------
 
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
+        microserve = self.kind is WorkerKind.MICROSERVE
         # A stream of several choices is relayed as it comes and never continued (see docs/api.md).
-        track = (
-            req.stream and self._up.track_streams and self.kind is WorkerKind.MICROSERVE and req.choices == 1
-        )
-        body = req.upstream_body(return_token_ids=True) if track and not req.wants_token_ids else req.raw
+        track = req.stream and self._up.track_streams and microserve and req.choices == 1
+        overrides: dict[str, Any] = {}
+        if track and not req.wants_token_ids:
+            overrides["return_token_ids"] = True
+        if microserve and req.priority is not None:  # other servers may refuse the field (vLLM does)
+            overrides["priority"] = req.priority
+        body = req.upstream_body(**overrides) if overrides else req.raw
         deadlines = self.deadlines() if req.stream else None
+        call = call_span(req, "generate", self.worker, microserve__stream=req.stream)
         try:
-            resp = await self._post(req.route, body, req, deadlines)
+            resp = await self._post(req.route, body, req, deadlines, trace_headers=call.headers)
             try:
                 if not req.stream:
                     yield await self._read_whole(resp)
@@ -172,8 +182,12 @@ class WorkerHandle(PickedWorker):
                         yield data
             finally:
                 resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
         """Continue a broken stream here: prompt + generated ids on /v1/completions, as the client's shape."""
@@ -186,14 +200,24 @@ class WorkerHandle(PickedWorker):
             for frame in progress.closing_frames():
                 yield frame
             return
-        async for data in self.completion_stream(req, "/v1/completions", body, progress):
+        async for data in self.completion_stream(req, "/v1/completions", body, progress, verb="resume"):
             yield data
 
     # -- microserving verbs (microserve engines) --------------------------------------------------
 
     async def prep_recv(self, req: RoutedRequest, end: int) -> KVAddress:
         """Reserve blocks here for the prompt's KV up to `end`; `.matched` is the prefix already held."""
-        addr: KVAddress = await self._verb(self.engine.prep_recv(req.id, req.prompt_ids, end))
+        call = call_span(req, "prep_recv", self.worker, microserve__end=end)
+        try:
+            addr: KVAddress = await self._verb(
+                self.engine_with(call.headers).prep_recv(req.id, req.prompt_ids, end)
+            )
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            call.end()
+        call.set(microserve__matched_tokens=addr.matched)
         req.note("prep_recv", self.url, addr.matched)
         return addr
 
@@ -202,14 +226,25 @@ class WorkerHandle(PickedWorker):
     ) -> dict[str, int]:
         """Compute the prompt's KV up to `end` here and push [begin, end) to `dst`; this worker's part of
         the request ends with it."""
+        call = call_span(
+            req, "remote_send", self.worker, microserve__kv__begin=begin, microserve__kv__end=end,
+            microserve__kv__destination=dst.url,
+        )  # fmt: skip
         try:
             sent: dict[str, int] = await self._verb(
-                self.engine.remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
+                self.engine_with(call.headers).remote_send(req.id, req.prompt_ids, addr, dst.url, begin, end)
+            )
+            call.set(
+                microserve__kv__sent_tokens=sent.get("sent_tokens"), microserve__kv__bytes=sent.get("bytes")
             )
             req.note("remote_send", self.url, sent.get("sent_tokens"), sent.get("bytes"))
             return sent
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     async def start_generate(self, req: RoutedRequest, begin: int) -> AsyncIterator[bytes]:
         """Generate here on top of the KV received for `req`, answering in the client's shape."""
@@ -245,15 +280,26 @@ class WorkerHandle(PickedWorker):
     # -- building blocks for strategies -------------------------------------------------------------
 
     async def completion_stream(
-        self, req: RoutedRequest, path: str, body: dict[str, Any], progress: StreamProgress
+        self,
+        req: RoutedRequest,
+        path: str,
+        body: dict[str, Any],
+        progress: StreamProgress,
+        verb: str | None = None,
     ) -> AsyncIterator[bytes]:
         """POST `body` (a streamed completion, e.g. /microserving/start_generate) to `path` here and yield
         it as the client's stream (chat chunks for a chat request), tracked in `progress` so that it can
-        continue elsewhere if this worker dies. Releases this worker when it ends."""
+        continue elsewhere if this worker dies. Releases this worker when it ends. `verb` names the call
+        in traces (default: the path's last part)."""
         deadlines = self.deadlines()
+        call = call_span(req, verb or path.rsplit("/", 1)[-1], self.worker, microserve__stream=True)
         try:
             resp = await self._post(
-                path, orjson.dumps({**body, "stream": True, "return_token_ids": True}), req, deadlines
+                path,
+                orjson.dumps({**body, "stream": True, "return_token_ids": True}),
+                req,
+                deadlines,
+                trace_headers=call.headers,
             )
             try:
                 async for data in self._frames(resp, progress, progress.reshape, deadlines):
@@ -261,20 +307,31 @@ class WorkerHandle(PickedWorker):
                 progress.count_into(req)
             finally:
                 resp.close()
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
-    async def completion_whole(self, req: RoutedRequest, path: str, body: dict[str, Any]) -> bytes:
+    async def completion_whole(
+        self, req: RoutedRequest, path: str, body: dict[str, Any], verb: str | None = None
+    ) -> bytes:
         """POST `body` (a non-streamed completion) to `path` here; the answer in the client's shape."""
+        call = call_span(req, verb or path.rsplit("/", 1)[-1], self.worker, microserve__stream=False)
         try:
             whole = {**body, "stream": False, "return_token_ids": req.wants_token_ids}
-            resp = await self._post(path, orjson.dumps(whole), req)
+            resp = await self._post(path, orjson.dumps(whole), req, trace_headers=call.headers)
             try:
                 return whole_as_client(req, await self._read_whole(resp))
             finally:
                 resp.close()
+        except BaseException as exc:
+            call.fail(exc)
+            raise
         finally:
             self.release()
+            call.end()
 
     # -- plumbing -----------------------------------------------------------------------------------
 
@@ -291,11 +348,19 @@ class WorkerHandle(PickedWorker):
         return BrokenStream(self.worker, what, progress)
 
     async def _post(
-        self, path: str, body: bytes, req: RoutedRequest, clock: _StreamClock | None = None
+        self,
+        path: str,
+        body: bytes,
+        req: RoutedRequest,
+        clock: _StreamClock | None = None,
+        trace_headers: dict[str, str] | None = None,
     ) -> Response:
         remaining = req.remaining_s()
         if remaining <= 0:
             raise APIError(504, "The request ran out of time before a worker answered.", code="timeout")
+        headers = self._up.headers_for(self.worker)
+        if trace_headers is not None:
+            headers.update(trace_headers)
         try:
             # A stream's head must come by its first-byte deadline too: a stopped engine's kernel still
             # accepts the connection and the request, and then nothing comes.
@@ -305,7 +370,7 @@ class WorkerHandle(PickedWorker):
                     self.url,
                     path,
                     body=body,
-                    headers=self._up.headers_for(self.worker),
+                    headers=headers,
                     timeout_s=remaining,
                     connect_timeout_s=self._up.connect_timeout_s,
                 )

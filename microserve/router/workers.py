@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
+from microserve.http.urls import base_url
 from microserve.router.breaker import BreakerConfig, CircuitBreaker, CircuitState
 
 
@@ -50,13 +50,7 @@ class WorkerSpec:
     api_key: str | None = None  # sent as a bearer token to OpenAI-compatible servers that want one
 
     def __post_init__(self) -> None:
-        url = self.url.strip().rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"a worker URL must look like http://host:port, got {self.url!r}")
-        if parts.path or parts.query:
-            raise ValueError(f"a worker URL is a base URL without a path, got {self.url!r}")
-        object.__setattr__(self, "url", url)
+        object.__setattr__(self, "url", base_url(self.url))
         object.__setattr__(self, "kind", _enum(WorkerKind, self.kind, "kind"))
         object.__setattr__(self, "role", _enum(Role, self.role, "role"))
         if isinstance(self.weight, bool) or not isinstance(self.weight, int) or self.weight < 1:

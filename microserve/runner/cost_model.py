@@ -143,7 +143,9 @@ class CostModel:
         if unknown:
             raise ValueError(f"unknown cost model coefficients: {', '.join(unknown)}")
         try:
-            values = {k: int(v) if k == "kv_bytes_per_token" else float(v) for k, v in coefficients.items()}
+            values: dict[str, Any] = {
+                k: int(v) if k == "kv_bytes_per_token" else float(v) for k, v in coefficients.items()
+            }
             return cls(**values, metadata=dict(d.get("metadata", {})))
         except TypeError as exc:  # a required coefficient is missing
             raise ValueError(f"cost model is incomplete: {exc}") from None

@@ -175,8 +175,13 @@ def profile(
         "transfer_measurements": transfer_rows,
         "profile_wall_s": round(time.perf_counter() - started, 1),
     }
+    overhead, per_token, per_pair, per_gather, per_sample = (float(c) for c in coef)  # step_features' order
     return CostModel(
-        *(float(c) for c in coef),
+        step_overhead_s=overhead,
+        per_token_s=per_token,
+        per_attention_pair_s=per_pair,
+        per_kv_gather_token_s=per_gather,
+        per_sample_s=per_sample,
         transfer_latency_s=float(latency),
         # A zero slope (possible only on a degenerate grid) would mean infinitely fast transfers.
         transfer_bandwidth_bytes_per_s=1.0 / float(per_byte) if per_byte > 0 else 1e12,
@@ -373,7 +378,7 @@ def profile_model(
 def run_profile_command(args: argparse.Namespace) -> int:
     """`microserve engine profile`: measure this machine and write the sim backend's cost model."""
     grid = ProfileGrid.quick() if args.quick else ProfileGrid()
-    from microserve.args import resolve_device
+    from microserve.machine import resolve_device
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -14,9 +14,8 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
-
 from microserve.api.answer import Answer
+from microserve.api.errors import APIError, bad_request
 from microserve.api.prompt import PromptTokenizer, chat_prompt_ids, text_prompt_ids
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from microserve.api.shapes import ChatShape, CompletionShape, ResponseShape, TokenText
@@ -25,9 +24,12 @@ from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
 from microserve.engine.outputs import RequestOutput
 from microserve.engine.reservations import ReservationError
 from microserve.engine.sampling import InvalidParams, SamplingParams
+from microserve.http.server import Request, Response, Stream
 from microserve.server import errors
-from microserve.server.errors import APIError, bad_request, json_response
 from microserve.server.metrics import RequestTimer, ServerMetrics
+from microserve.server.prompt_limits import check_prompt_chars, max_token_chars
+from microserve.server.tracing import GenerationSpan, Watch, generation_span
+from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class ServerState:
     metrics: ServerMetrics
     max_waiting: int | None = None
     draining: bool = False
+    tracing: Tracing | None = None  # None: no OTEL_* endpoint set, no spans
 
     def resolve_model(self, requested: str | None) -> str:
         """The served name to answer with; a missing `model` means the default (first) one, as in vLLM."""
@@ -101,6 +104,10 @@ class Prepared:
     max_tokens_param: str = "max_tokens"  # which field asked for max_tokens (for chat, maybe the newer)
     asked_prompt_logprobs: bool = False  # vLLM's prompt_logprobs in the answer (not only echo's)
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
     def answer(self) -> Answer:
         n = self.params.n
         return Answer(self.shape, n * len(self.prompts), n, self.echo, self.asked_prompt_logprobs)
@@ -124,6 +131,9 @@ def _check_vocab(params: SamplingParams, tokenizer: ServingTokenizer) -> Samplin
 def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
+    for p in req.prompts:
+        if isinstance(p, str):
+            check_prompt_chars(p, state.engine.max_model_len, max_token_chars(tokenizer), "prompt")
     prompts = [text_prompt_ids(tokenizer, p) for p in req.prompts]
     longest = max(prompts, key=len)
     max_tokens = req.max_tokens if req.max_tokens is not None else _room(state, longest)
@@ -153,7 +163,12 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
-    prompt_ids = chat_prompt_ids(tokenizer, req.template_messages())
+    limit = max_token_chars(tokenizer)
+    prompt_ids = chat_prompt_ids(
+        tokenizer,
+        req.template_messages(),
+        lambda text: check_prompt_chars(text, state.engine.max_model_len, limit, "messages"),
+    )
     requested = req.requested_max_tokens
     max_tokens = requested if requested is not None else _room(state, prompt_ids)
     params = _check_vocab(req.sampling_params(max_tokens), tokenizer)
@@ -253,8 +268,23 @@ async def _merged(
             task.cancel()
 
 
-async def serve(request: web.Request, state: ServerState, prepared: Prepared) -> web.StreamResponse:
+async def serve(request: Request, state: ServerState, prepared: Prepared) -> Response | Stream:
     """Run one request on the engine and answer it as JSON or as SSE; the engine request ends with it."""
+    if state.tracing is None:
+        return await _serve(request, state, prepared)
+    span: GenerationSpan = generation_span(state.tracing, request.headers, prepared)
+    try:
+        response = await _serve(request, state, prepared, span.watch if span.recording else None)
+    except BaseException as exc:
+        span.end(exc)
+        raise
+    span.end()
+    return response
+
+
+async def _serve(
+    request: Request, state: ServerState, prepared: Prepared, watch: Watch | None = None
+) -> Response | Stream:
     state.admit()
     request_id = prepared.request_id or prepared.shape.id
     timer = state.metrics.start_request()
@@ -267,6 +297,8 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
         )
         for i, ids in enumerate(prepared.prompts)
     ]
+    if watch is not None:
+        gens = [watch(g) for g in gens]
     # AsyncExitStack of aclosing: whatever way this returns — done, client gone, handler cancelled —
     # the engine aborts the requests and frees their KV blocks at once.
     async with contextlib.AsyncExitStack() as stack:
@@ -286,7 +318,7 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
             raise errors.engine_dead(str(exc) or "The engine stopped.") from None
         finally:
             await outputs.aclose()
-    return json_response(answer.whole())
+    return Response.json(answer.whole())
 
 
 class ClientDisconnected(ConnectionResetError):
@@ -300,13 +332,8 @@ async def _next_output(gen: AsyncGenerator[RequestOutput, None]) -> RequestOutpu
     return output
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def collect(
-    request: web.Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
+    request: Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
 ) -> None:
     """Gather a whole answer: every choice's text, token ids, logprobs, finish reason, and the usage."""
     async for prompt, output in outputs:
@@ -315,19 +342,19 @@ async def collect(
         if answer.done:
             timer.finish(answer.finish_reason)
             return
-        # Servers run without handler cancellation would otherwise generate to the end for nobody.
-        if _client_gone(request):
+        # The server cancels this handler when its client goes; polling as well costs nothing and
+        # holds for a caller that does not cancel.
+        if request.disconnected():
             timer.finish("abort")
             raise ClientDisconnected("client disconnected before the completion was ready")
     raise RuntimeError("the engine ended a request without a finished output")
 
 
 async def stream_sse(
-    request: web.Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
-) -> web.StreamResponse:
+    request: Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
+) -> Stream:
     """Stream an answer as server-sent events: deltas, a finish chunk per choice, usage if asked, [DONE]."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    response = await request.stream(200, SSE_HEADERS)
     frames = answer.opening()
     try:
         async for prompt, output in outputs:

@@ -79,6 +79,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument("--model", default="smollm2-135m", help="whose tokenizer makes the prompt ids")
 
+    scale = p.add_argument_group("autoscaling (the router's autoscaler on the virtual clock)")
+    scale.add_argument(
+        "--autoscale", default=None, metavar="MIN:MAX", help="replicas per role; turns --admission on"
+    )
+    scale.add_argument("--scale-target", type=float, default=8.0, help="requests per replica to aim at (8)")
+    scale.add_argument(
+        "--scale-down-after", type=float, default=30.0, help="seconds of low load per step down"
+    )
+    scale.add_argument("--scale-up-cooldown", type=float, default=5.0, help="seconds between steps up (5)")
+    scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
+    scale.add_argument(
+        "--load-shape",
+        choices=["diurnal", "bursty"],
+        default=None,
+        help="--request-rate is then the base rate",
+    )
+    scale.add_argument(
+        "--peak-rate", type=float, default=None, help="with --load-shape: requests/s at the peak"
+    )
+    scale.add_argument("--period", type=float, default=600.0, help="with --load-shape: seconds (600)")
+    scale.add_argument("--burst-len", type=float, default=60.0, help="with --load-shape bursty: seconds (60)")
+
     load = p.add_argument_group("load (as microserve bench)")
     load.add_argument("--request-rate", default="inf", help="requests/s, inf, or a comma list to sweep")
     load.add_argument("--arrival", choices=[k.value for k in ArrivalKind], default=None)
@@ -109,6 +131,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--plots", default=None, help="directory for PNG plots")
 
 
+def scaling_from_args(args: argparse.Namespace) -> Any:
+    """`--autoscale MIN:MAX` and its knobs as a SimScaling, or None; ValueError with a one-line message."""
+    from microserve.router.autoscaler import AutoscalerConfig
+    from microserve.simulator.scaling import SimScaling
+
+    if args.autoscale is None:
+        return None
+    low, sep, high = args.autoscale.partition(":")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"--autoscale takes MIN:MAX replicas, like 1:8, got {args.autoscale!r}") from None
+    if not sep:
+        raise ValueError(f"--autoscale takes MIN:MAX replicas, like 1:8, got {args.autoscale!r}")
+    config = AutoscalerConfig(
+        min_replicas=bounds[0],
+        max_replicas=bounds[1],
+        target_load=args.scale_target,
+        scale_down_after_s=args.scale_down_after,
+        scale_up_cooldown_s=args.scale_up_cooldown,
+    )
+    return SimScaling(config, startup_s=args.engine_startup)
+
+
+def shaped_from_args(args: argparse.Namespace, base: float, seed: int) -> Any:
+    """The arrival gaps of `--load-shape` (base rate --request-rate, --peak-rate), or None."""
+    from microserve.simulator.traces import LoadShape, rate_function, shaped_gaps
+
+    if args.load_shape is None:
+        return None
+    peak = args.peak_rate if args.peak_rate is not None else base
+    rate = rate_function(LoadShape(args.load_shape), base, peak, args.period, args.burst_len)
+    return shaped_gaps(rate, peak, seed)
+
+
 def run(args: argparse.Namespace, console: Console | None = None) -> int:
     """`microserve simulate`: 0 when every run completed a request, 1 otherwise, 2 for a bad flag."""
     import time
@@ -134,6 +191,9 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         cost, args.kv_cache_memory, args.block_size
     )
     replicas = args.replicas if args.replicas is not None or ":" in args.roles else 4
+    scaling = scaling_from_args(args)
+    if scaling is not None and args.replicas is None and ":" not in args.roles:
+        replicas = max(1, scaling.config.min_replicas)
     fleet = FleetConfig(
         roles=parse_roles(args.roles, replicas),
         replica=ReplicaConfig(
@@ -150,7 +210,10 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         policy_options=args.policy_options,
         load_interval_s=args.load_interval,
         request_timeout_s=args.request_timeout,
-        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait) if args.admission else None,
+        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.request_timeout)
+        if args.admission or scaling is not None
+        else None,
+        autoscale=scaling,
         deadlines=DeadlineConfig() if args.deadlines else None,
     )
     configs = run_configs(args, workload)
@@ -161,7 +224,8 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     simulator = Simulator(fleet, Tokenizer.load(resolve_model(args.model)), endpoint)
     runs = []
     for i, config in enumerate(configs):
-        runs.append(simulator.run(workload.for_run(i), config, percentiles, slos))
+        gaps = shaped_from_args(args, config.request_rate, config.seed)
+        runs.append(simulator.run(workload.for_run(i), config, percentiles, slos, gaps))
     reports = [RunReport(r.result, r.summary) for r in runs]
     console.print(summary_table(reports, title=f"microserve simulate: {workload.name}"))
     roles = ", ".join(f"{n} {role}" for role, n in fleet.describe()["roles"].items())
@@ -172,7 +236,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         rate = r.result.config.request_rate
         console.print(
             f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}: simulated {r.result.duration_s:.1f} s "
-            f"in {r.wall_s:.2f} s of wall time",
+            f"in {r.wall_s:.2f} s of wall time; {r.extra['engine_seconds']:.0f} engine-seconds",
             highlight=False,
         )
     if args.out:
@@ -192,6 +256,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
             entry["wall_s"] = r.wall_s
             entry["retries"] = r.retries
             entry["replicas"] = r.replicas
+            entry.update(r.extra)
         write_json(args.out, data)
         console.print(f"results: {args.out}", highlight=False)
     if args.plots:

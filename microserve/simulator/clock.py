@@ -38,7 +38,8 @@ class VirtualSelector(selectors.SelectSelector):
             # The loop asked to wait exactly until its earliest timer (unless that is beyond its cap): land
             # on that timer's own time, since now + (when - now) can miss it by a rounding error.
             when = self._next_timer()
-            capped = timeout >= base_events.MAXIMUM_SELECT_TIMEOUT
+            # typeshed omits this real constant: the cap asyncio puts on a select's timeout
+            capped = timeout >= base_events.MAXIMUM_SELECT_TIMEOUT  # type: ignore[attr-defined]
             self.now = when if when is not None and not capped else self.now + timeout
         return []
 
@@ -51,7 +52,8 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         super().__init__(self._virtual)
 
     def _next_timer(self) -> float | None:
-        # asyncio keeps its timers in a heap and drops cancelled ones from its head before it selects.
+        # asyncio keeps its timers in a heap and drops cancelled ones from its head before it selects
+        # (a private attribute, which typeshed leaves out).
         scheduled = self._scheduled  # type: ignore[attr-defined]
         return scheduled[0].when() if scheduled else None
 

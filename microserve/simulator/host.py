@@ -13,20 +13,24 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microserve.api.errors import APIError
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
+from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
 from microserve.router.retry import RetryBudget, RetryConfig
 from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import WorkerFailure
-from microserve.router.workers import NoWorkerAvailable, Role, WorkerKind, WorkerPool, WorkerSpec
+from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.simulator.handle import SimRequest, SimWorkerHandle
 from microserve.simulator.replica import ReplicaConfig, SimReplica
+
+if TYPE_CHECKING:
+    from microserve.simulator.scaling import SimScaling
 
 MODEL = "sim"  # the one model every simulated replica serves
 
@@ -71,6 +75,7 @@ class FleetConfig:
     # measures the engines' own queueing as before.
     admission: AdmissionConfig | None = None
     deadlines: DeadlineConfig | None = None
+    autoscale: SimScaling | None = None  # the autoscaler sizes the fleet (admission holds requests meanwhile)
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -118,6 +123,7 @@ class SimRouter:
         self.rng = random.Random(seed)
         self.pool = WorkerPool(clock=loop.time)
         self.replicas: dict[str, SimReplica] = {}
+        self.retired: list[Worker] = []  # replicas an autoscaler stopped, for the stats
         for replica, role in zip(replicas, fleet.roles, strict=True):
             url = f"http://{replica.name}.sim"
             self.pool.add(WorkerSpec(url, role=role, models=(MODEL,)))
@@ -128,6 +134,7 @@ class SimRouter:
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
         self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
         self.admission: AdmissionQueue | None = None
+        self.fair_share = FairShare()  # one tenant here: the admission queue in arrival order
         if fleet.admission is not None:
             per_worker = fleet.admission.per_worker
             capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
@@ -142,6 +149,19 @@ class SimRouter:
             replica.start(loop)
         if self.policy.needs_load or self.admission is not None or self.fleet.deadlines is not None:
             self._tasks.append(asyncio.create_task(self._poll_loads()))
+
+    def add_replica(self, url: str, replica: SimReplica, role: Role) -> None:
+        """A replica joins (an autoscaler started it): in the pool and stepping from now."""
+        self.pool.add(WorkerSpec(url, role=role, models=(MODEL,)))
+        self.replicas[url] = replica
+        replica.start(asyncio.get_running_loop())
+        if self.admission is not None:
+            self.admission.wake()
+
+    def retire_replica(self, url: str) -> None:
+        """A drained replica leaves the pool and stops; its stats stay."""
+        self.retired.append(self.pool.remove(url))
+        self.replicas[url].stop()
 
     async def stop(self) -> None:
         for replica in self.replicas.values():
@@ -183,11 +203,12 @@ class SimRouter:
         byte; the request's record says how it went (its `error` stays None on success)."""
         record = req.answer.record
         admission = self.admission
-        granted: float | None = None
+        granted: int | None = None  # the admission ticket
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
-                    granted = await admission.acquire(timeout_s=req.remaining_s())
+                    cost = len(req.prompt_ids) + req.params.max_tokens
+                    granted = await admit(self.fair_share, admission, "", 1, cost, req.remaining_s())
                 self.retry_budget.on_request()
                 await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
@@ -199,6 +220,7 @@ class SimRouter:
         finally:
             if admission is not None and granted is not None:
                 admission.release(granted)
+                self.fair_share.running("", -1)
 
     async def _attempt(self, req: SimRequest) -> None:
         try:
@@ -234,7 +256,7 @@ class SimRouter:
     def replica_stats(self) -> list[dict[str, Any]]:
         """Per replica: role, requests routed to it, engine steps, busy time, preemptions, prefix hits."""
         stats = []
-        for worker in self.pool:
+        for worker in [*self.pool, *self.retired]:
             replica = self.replicas[worker.url]
             core = replica.core
             stats.append(

@@ -6,14 +6,14 @@ Arrivals, max concurrency and multi-turn follow-ups behave as in bench's runner;
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from microserve.api.errors import APIError
 from microserve.bench.arrivals import interarrival_gaps
+from microserve.bench.issuer import issue_requests
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.runner import RunConfig, RunResult
 from microserve.bench.sender import RequestRecord
@@ -27,6 +27,7 @@ from microserve.simulator.clock import run_virtual
 from microserve.simulator.handle import Answer, SimRequest
 from microserve.simulator.host import MODEL, FleetConfig, SimRouter
 from microserve.simulator.replica import SimReplica
+from microserve.simulator.scaling import SimScaler
 
 
 @dataclass(slots=True)
@@ -56,14 +57,17 @@ class Simulator:
         config: RunConfig,
         percentiles: tuple[float, ...] = (90.0, 99.0),
         slos: dict[str, float] | None = None,
+        gaps: Iterable[float] | None = None,
     ) -> SimRun:
-        """One run on a fresh fleet (empty caches), to completion of every request."""
+        """One run on a fresh fleet (empty caches), to completion of every request. `gaps` (seconds between
+        arrivals, e.g. a diurnal trace's) replace the config's arrival process."""
         workload.check_endpoint(self.endpoint)
         wall = time.perf_counter()
-        result, replicas, retries = run_virtual(self._run(workload, config))
+        extra: dict[str, Any] = {}
+        result, replicas, retries = run_virtual(self._run(workload, config, gaps, extra))
         wall_s = time.perf_counter() - wall
         summary = summarize(result.records, result.duration_s, percentiles, slos or {}, result.skipped)
-        return SimRun(result, summary, replicas, wall_s, retries)
+        return SimRun(result, summary, replicas, wall_s, retries, extra)
 
     def request(self, bench: BenchRequest, record: RequestRecord, keep_tokens: bool) -> SimRequest:
         """The routed request the router would see for `bench`, with the engine's prompt ids."""
@@ -85,52 +89,51 @@ class Simulator:
             f"sim-{bench.index}", route, body, ids, answer, params, self.fleet.request_timeout_s
         )
 
+    def _replica(self, name: str) -> SimReplica:
+        return SimReplica(name, self.fleet.replica, self.tokenizer, self.vocab_words)
+
     async def _run(
-        self, workload: Workload, config: RunConfig
+        self, workload: Workload, config: RunConfig, gaps: Iterable[float] | None, extra: dict[str, Any]
     ) -> tuple[RunResult, list[dict[str, Any]], int]:
-        replicas = [
-            SimReplica(f"replica-{i}", self.fleet.replica, self.tokenizer, self.vocab_words)
-            for i in range(len(self.fleet.roles))
-        ]
+        loop = asyncio.get_running_loop()
+        replicas = [self._replica(f"replica-{i}") for i in range(len(self.fleet.roles))]
         router = SimRouter(self.fleet, replicas, seed=config.seed)
         router.start()
+        scaler: SimScaler | None = None
+        scaling: asyncio.Task[None] | None = None
+        if self.fleet.autoscale is not None:
+            scaler = SimScaler(router, self.fleet.autoscale, set(self.fleet.roles), self._replica)
+            for url in router.replicas:
+                scaler.adopt(url, loop.time())
+            scaling = asyncio.create_task(scaler.run())
+        start = loop.time()
         try:
-            result = await self._drive(router, workload, config)
+            result = await self._drive(router, workload, config, gaps)
         finally:
+            if scaling is not None and scaler is not None:
+                scaling.cancel()
+                await asyncio.gather(scaling, return_exceptions=True)
+                await scaler.stop()
             await router.stop()
+        end = loop.time()
+        if scaler is not None:
+            extra["engine_seconds"] = scaler.engine_seconds(end)
+            extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+        else:
+            extra["engine_seconds"] = len(replicas) * (end - start)
         return result, router.replica_stats(), router.retries
 
-    async def _drive(self, router: SimRouter, workload: Workload, config: RunConfig) -> RunResult:
+    async def _drive(
+        self, router: SimRouter, workload: Workload, config: RunConfig, gaps: Iterable[float] | None = None
+    ) -> RunResult:
         """bench's `run_benchmark`, on the virtual clock and with the simulated router as the target."""
         loop = asyncio.get_running_loop()
         source = workload.source(config.num_requests)
         keep_tokens = isinstance(source, ConversationSource)  # only multi-turn reads the answers
-        gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
-        slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-        closed_loop = math.isinf(config.request_rate) and slots is not None
-        records: list[RequestRecord] = []
-        tasks: set[asyncio.Task[None]] = set()
-        answered = asyncio.Event()
+        if gaps is None:
+            gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
 
-        async def one(request: BenchRequest, arrival: float) -> None:
-            record = RequestRecord(request, arrival=arrival)
-            try:
-                if slots is not None and not closed_loop:
-                    async with slots:
-                        req = await send(request, record)
-                else:
-                    req = await send(request, record)
-            finally:
-                if closed_loop:
-                    slots.release()  # type: ignore[union-attr]
-            answer = None
-            if record.success and req is not None:
-                answer = self.tokenizer.decode(req.answer.token_ids or []) if keep_tokens else ""
-            source.complete(request, answer)
-            records.append(record)
-            answered.set()
-
-        async def send(request: BenchRequest, record: RequestRecord) -> SimRequest | None:
+        async def send(request: BenchRequest, record: RequestRecord) -> str | None:
             record.start = loop.time()
             try:
                 req = self.request(request, record, keep_tokens)
@@ -140,39 +143,19 @@ class Simulator:
             await router.serve(req)
             if record.error is None and not record.chunk_times:
                 record.error = "no generated token arrived"
-            return req
-
-        async def next_request(deadline: float) -> BenchRequest | None:
-            while (request := source.next_ready()) is None and not source.exhausted:
-                answered.clear()
-                timeout = deadline - loop.time()
-                if not tasks or timeout <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answered.wait(), timeout=None if math.isinf(deadline) else timeout)
-            return request
+            if not record.success:
+                return None
+            return self.tokenizer.decode(req.answer.token_ids or []) if keep_tokens else ""
 
         start = loop.time()
-        deadline = start + config.duration_s if config.duration_s else math.inf
-        next_at = start
-        for gap in gaps:
-            next_at += gap
-            if next_at >= deadline:
-                break
-            if next_at > loop.time():
-                await asyncio.sleep(next_at - loop.time())
-            if closed_loop:
-                await slots.acquire()  # type: ignore[union-attr]
-            request = await next_request(deadline)
-            if request is None or loop.time() >= deadline:
-                if closed_loop:
-                    slots.release()  # type: ignore[union-attr]
-                break
-            task = asyncio.create_task(one(request, loop.time()))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*list(tasks))
+        records = await issue_requests(
+            source,
+            gaps,
+            send,
+            loop.time,
+            request_rate=config.request_rate,
+            max_concurrency=config.max_concurrency,
+            duration_s=config.duration_s,
+        )
         duration = loop.time() - start
-        records.sort(key=lambda r: r.request.index)
         return RunResult(config, records, duration, skipped=source.skipped, workload=workload.describe())

@@ -18,6 +18,18 @@ from microserve.router.workers import WorkerSpec
 log = logging.getLogger(__name__)
 
 
+def worker_spec(record: Registration) -> WorkerSpec:
+    """The router's view of a registered worker (a ValueError for a bad URL, kind, role or weight)."""
+    return WorkerSpec(
+        record.url,
+        kind=record.kind,  # type: ignore[arg-type]  # checked by WorkerSpec
+        role=record.role,  # type: ignore[arg-type]
+        weight=record.weight,
+        labels=record.labels,
+        models=record.models,
+    )
+
+
 class EtcdDiscovery(Discovery):
     def __init__(
         self, name: str, target: EtcdTarget, *, probe_interval_s: float = 1.0, timeout_s: float = 2.0
@@ -34,7 +46,7 @@ class EtcdDiscovery(Discovery):
 
     def _record(self, key: str, value: bytes) -> None:
         try:
-            self.records[key] = Registration.from_json(value).spec()
+            self.records[key] = worker_spec(Registration.from_json(value))
         except ValueError as exc:
             log.warning("%s: ignoring %s: %s", self.name, key, exc)
             self.records.pop(key, None)

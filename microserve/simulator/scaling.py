@@ -1,0 +1,114 @@
+"""The autoscaler on the virtual clock: the router's `Autoscaler` sizes the simulated fleet per role.
+
+A replica it adds joins the pool after `startup_s` (an engine's start-up: process, imports, weights); the
+one it removes is the idlest, drained first and stopped once nothing is in flight on it, as in `serve`.
+Engine-seconds count from a replica's start (start-up included) to its stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from microserve.router.autoscaler import AutoscalerConfig, PoolAutoscaler, idlest, pool_signals
+from microserve.router.workers import Role
+from microserve.simulator.host import SimRouter
+from microserve.simulator.replica import SimReplica
+
+
+@dataclass(frozen=True, slots=True)
+class SimScaling:
+    """`--autoscale`: the autoscaler's settings (the same for each role's pool) and the simulated start-up."""
+
+    config: AutoscalerConfig
+    startup_s: float = 20.0
+    interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.startup_s < 0 or self.interval_s <= 0:
+            raise ValueError("need start-up >= 0 s and an interval > 0 s")
+
+
+class SimScaler:
+    """Drives a `SimRouter`'s pool from its autoscaler; `run` until cancelled."""
+
+    def __init__(
+        self, router: SimRouter, scaling: SimScaling, roles: set[Role], make: Callable[[str], SimReplica]
+    ) -> None:
+        self.router = router
+        self.scaling = scaling
+        self.autoscaler = PoolAutoscaler({str(r): scaling.config for r in roles})
+        self.make = make
+        self.starting: dict[str, int] = {str(r): 0 for r in roles}
+        self.draining: set[str] = set()
+        self.started_at: dict[str, float] = {}
+        self.stopped_at: dict[str, float] = {}
+        self.timeline: list[tuple[float, int]] = []  # (virtual time, replicas up or starting)
+        self._count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def adopt(self, url: str, now: float) -> None:
+        self.started_at[url] = now
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.tick(loop.time())
+            await asyncio.sleep(self.scaling.interval_s)
+
+    def tick(self, now: float) -> None:
+        router = self.router
+        queued = router.admission.queued if router.admission is not None else 0
+        total = 0
+        for role in self.autoscaler.scalers:
+            workers = [w for w in router.pool if str(w.role) == role]
+            # Requests held in the router wait for any pool; each pool sees them all (PD needs both).
+            signals = pool_signals(workers, queued, self.starting[role])
+            desired = self.autoscaler.scalers[role].decide(now, signals)
+            for _ in range(desired - signals.replicas):
+                self._spawn(self._start(Role(role), now))
+            if desired < signals.replicas:
+                worker = idlest(w for w in workers if not w.draining)
+                if worker is not None:
+                    worker.draining = True
+                    self.draining.add(worker.url)
+                    self._spawn(self._retire(worker.url))
+            total += desired
+        if not self.timeline or self.timeline[-1][1] != total:
+            self.timeline.append((now, total))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start(self, role: Role, now: float) -> None:
+        self._count += 1
+        name = f"scaled-{self._count}"
+        self.starting[str(role)] += 1
+        url = f"http://{name}.sim"
+        self.started_at[url] = now
+        try:
+            await asyncio.sleep(self.scaling.startup_s)
+        finally:
+            self.starting[str(role)] -= 1
+        self.router.add_replica(url, self.make(name), role)
+
+    async def _retire(self, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        worker = self.router.pool.get(url)
+        while worker.in_flight > 0:
+            await asyncio.sleep(0.1)
+        self.router.retire_replica(url)
+        self.draining.discard(url)
+        self.stopped_at[url] = loop.time()
+
+    def engine_seconds(self, end: float) -> float:
+        return sum(self.stopped_at.get(url, end) - start for url, start in self.started_at.items())
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

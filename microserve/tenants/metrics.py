@@ -1,0 +1,40 @@
+"""The gateway's Prometheus metrics, read at scrape time: requests refused by reason (a bad key, a model
+the key may not use, each limit) and response-cache lookups by result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from microserve.tenants.cache import ResponseCache
+from microserve.tenants.gateway import Gateway
+
+PREFIX = "microserve_router_"
+
+
+class TenantsCollector:
+    def __init__(self, gateway: Gateway | None, cache: ResponseCache | None) -> None:
+        self._gateway = gateway
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        if self._gateway is not None:
+            refused = CounterMetricFamily(
+                PREFIX + "tenant_refusals",
+                "Requests refused by the key gateway, by reason (invalid_api_key, model_not_allowed, rpm, "
+                "tpm, daily_tokens, max_concurrent).",
+                labels=["reason"],
+            )
+            for reason, count in self._gateway.refusals():
+                refused.add_metric([reason], count)
+            yield refused
+        if self._cache is not None:
+            lookups = CounterMetricFamily(
+                PREFIX + "response_cache_lookups",
+                "Response-cache lookups of cacheable requests, by result (hit, miss).",
+                labels=["result"],
+            )
+            lookups.add_metric(["hit"], self._cache.hits)
+            lookups.add_metric(["miss"], self._cache.misses)
+            yield lookups
