@@ -28,9 +28,9 @@ from urllib.parse import parse_qsl
 import httptools
 import orjson
 
+from microserve.api.errors import APIError, bad_request, internal_error
 from microserve.http.limits import ConnectionLimits, ConnectionTable
 from microserve.http.listener import accept_queue_length, listen, other_listeners
-from microserve.server.errors import APIError, bad_request, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,14 @@ class Routes:
         self._by_path.setdefault(path, {})[method.upper()] = handler
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
+
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """A handler for every path under `prefix` that has no exact route (it reads the rest itself)."""
+        for known, methods in self._prefixes:
+            if known == prefix:
+                methods[method.upper()] = handler
+                return
+        self._prefixes.append((prefix, {method.upper(): handler}))
 
     def max_body(self, method: str, path: str, default: int) -> int:
         """The largest body `method path` takes: known before a byte of the body is read."""
