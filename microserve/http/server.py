@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -275,7 +275,9 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
+        # A stream server's connections are transports; uvloop's do not subclass asyncio.Transport, so
+        # no isinstance check here (it refused every connection under uvloop).
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peer = transport.get_extra_info("peername")
         admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
