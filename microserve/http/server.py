@@ -275,15 +275,16 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
         if victim is not None:
             victim.close()  # idle or slow to send its headers: the newcomer gets its place
         if not admitted:  # every connection of this client (or of all) is reading a body or answered
             self.server.refused_connections += 1
-            self.transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
-            self.transport.close()
+            transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+            transport.close()
             return
         self.server.connections.add(self)
         self._read_start = self._loop.time()

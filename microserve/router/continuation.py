@@ -101,7 +101,7 @@ class StreamProgress:
         if payload == b"[DONE]":
             self.done = True
             return DONE_FRAME
-        chunk = orjson.loads(payload)
+        chunk: dict[str, Any] = orjson.loads(payload)
         if "error" in chunk:
             raise UpstreamStreamError(chunk["error"])
         return chunk

@@ -52,7 +52,9 @@ async def _state(router: Router, started: float, request: Request) -> Response:
     return Response.json(fleet_state(router, started, window_s), headers={"Cache-Control": "no-store"})
 
 
-def fleet_state(router: Router, started: float, window_s: float = WINDOW_S, now: float | None = None) -> dict:
+def fleet_state(
+    router: Router, started: float, window_s: float = WINDOW_S, now: float | None = None
+) -> dict[str, Any]:
     """Everything the page shows, as one JSON object."""
     now = time.time() if now is None else now
     admission = router.admission

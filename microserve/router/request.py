@@ -196,10 +196,11 @@ class RoutedRequest:
     @property
     def max_tokens(self) -> int | None:
         if self.route is Route.CHAT:
-            value = self.body.get("max_completion_tokens")
+            value: int | None = self.body.get("max_completion_tokens")
             return value if value is not None else self.body.get("max_tokens")
         # OpenAI's completions default is 16 when max_tokens is absent; null means "the rest of the context".
-        return self.body.get("max_tokens", 16)
+        given: int | None = self.body.get("max_tokens", 16)
+        return given
 
 
 def _is_int(value: Any) -> bool:

@@ -63,7 +63,8 @@ class UpstreamHTTPError(WorkerFailure):
     @property
     def code(self) -> str | None:
         try:
-            return orjson.loads(self.body)["error"].get("code")
+            code: str | None = orjson.loads(self.body)["error"].get("code")
+            return code
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
 

@@ -33,7 +33,7 @@ def _enum(cls: type[StrEnum], value: Any, what: str) -> Any:
     try:
         return cls(value)
     except ValueError:
-        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        choices = ", ".join(m.value for m in cls)
         raise ValueError(f"{what} must be one of {choices}; got {value!r}") from None
 
 

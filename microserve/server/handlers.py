@@ -46,8 +46,10 @@ class ServingEngine(Protocol):
     """The part of the engine the server uses; the torch engine, the sim engine and test doubles all fit."""
 
     model_name: str
-    tokenizer: ServingTokenizer
     max_model_len: int
+
+    @property
+    def tokenizer(self) -> ServingTokenizer: ...
 
     def is_ready(self) -> bool: ...
 
