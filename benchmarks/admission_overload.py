@@ -90,8 +90,11 @@ async def one(session: aiohttp.ClientSession, url: str, i: int, max_tokens: int)
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             out["status"] = resp.status
             if resp.status != 200:
-                await resp.read()
+                text = await resp.text()
                 out["answered_s"] = time.monotonic() - start
+                out["why"] = (
+                    "waited" if "waited" in text else "expected wait" if "would wait" in text else "full"
+                )
                 out["retry_after"] = resp.headers.get("Retry-After")
                 return out
             last, longest, first = start, 0.0, None
@@ -135,6 +138,9 @@ async def overload(url: str, rate: float, duration: float, max_tokens: int) -> d
     refusal = [float(r["answered_s"]) for r in refused]  # type: ignore[arg-type]
     first_refusal = min((float(r["sent"]) - start for r in refused), default=None)  # type: ignore[arg-type]
     retry_after = sorted({str(r["retry_after"]) for r in refused}, key=lambda v: (len(v), v))
+    why: dict[str, int] = {}
+    for r in refused:
+        why[str(r["why"])] = why.get(str(r["why"]), 0) + 1
     # When the slow refusals (over 0.5 s) were sent: counts per 5 s of the run.
     slow_windows: dict[int, int] = {}
     for r in refused:
@@ -154,10 +160,20 @@ async def overload(url: str, rate: float, duration: float, max_tokens: int) -> d
         "refusal_p99_s": pct(refusal, 99),
         "refusal_max_s": pct(refusal, 100),
         "slow_refusals_by_5s": slow_windows,
+        "refusals_by_reason": why,
+        "router_worker_errors": await worker_errors(url),
         "first_refusal_at_s": None if first_refusal is None else round(first_refusal, 2),
         "retry_after_values": retry_after[:12],
         "ok_per_s": round(len(ok) / duration, 2),
     }
+
+
+async def worker_errors(url: str) -> list[str]:
+    """The router's failed attempts by worker and kind, and its retries (from /metrics)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    wanted = ("microserve_router_worker_errors_total", "microserve_router_retries_total")
+    return [line for line in text.splitlines() if line.startswith(wanted)]
 
 
 async def freeze(url: str, victim: ManagedProcess, hang_s: float, clients: int) -> dict[str, object]:
@@ -203,6 +219,7 @@ def main() -> None:
     ap.add_argument("--freeze", type=float, default=20.0, help="seconds one engine is SIGSTOPped (20)")
     ap.add_argument("--clients", type=int, default=6, help="streaming clients during the freeze (6)")
     ap.add_argument("--only", choices=("overload", "freeze"), default=None)
+    ap.add_argument("--only-this-tree", action="store_true", help="skip the peer (a quick look)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     engines = []
@@ -212,7 +229,7 @@ def main() -> None:
                "--port", str(port), "--threads", "1"]  # fmt: skip
         engines.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
     urls = [e.url for e in engines]
-    trees = {"this tree": ROOT, "peer": args.peer.resolve()}
+    trees = {"this tree": ROOT} if args.only_this_tree else {"this tree": ROOT, "peer": args.peer.resolve()}
     results: dict[str, dict[str, object]] = {name: {} for name in trees}
     try:
         for engine in engines:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from microserve.engine.async_engine import AsyncEngine
-from microserve.engine.config import EngineConfig, resolve_dtype
+from microserve.engine.config import CacheConfig, EngineConfig, resolve_dtype
 from microserve.engine.core import EngineCore, Runner
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVStorage
@@ -39,20 +39,7 @@ def build_core(config: EngineConfig) -> EngineCore:
         )
     cache = config.cache
     num_blocks = cache.num_blocks or cache.memory_bytes // capacity_layout.bytes_per_block
-    if num_blocks * cache.block_size < max_model_len:
-        raise ValueError(
-            f"the KV cache holds {num_blocks} blocks ({num_blocks * cache.block_size} tokens), less than one "
-            f"request of max_model_len={max_model_len} tokens: raise --kv-cache-memory / --num-kv-blocks "
-            "or lower --max-model-len"
-        )
-    storage = KVStorage(storage_layout, num_blocks, config.device)
-    runner.bind(storage)
-    kv = KVCacheManager(num_blocks, cache.block_size, storage, cache.enable_prefix_caching)
-    sched_cfg = SchedulerConfig(
-        max_num_seqs=config.scheduler.max_num_seqs,
-        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-        max_model_len=max_model_len,
-    )
+    check_capacity(num_blocks, cache.block_size, max_model_len)
     log.info(
         "engine: backend=%s model=%s blocks=%d x %d tokens, max_model_len=%d",
         config.backend,
@@ -61,13 +48,58 @@ def build_core(config: EngineConfig) -> EngineCore:
         cache.block_size,
         max_model_len,
     )
+    return assemble_core(
+        runner,
+        tokenizer,
+        storage_layout,
+        num_blocks,
+        cache,
+        config.scheduler,
+        max_model_len,
+        device=config.device,
+        reservation_ttl_s=config.reservation_ttl_s,
+        reservation_share=config.reservation_share,
+    )
+
+
+def check_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
+    """A KV cache must hold at least one whole request; a ValueError says which flag to change."""
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks ({num_blocks * block_size} tokens), less than one "
+            f"request of max_model_len={max_model_len} tokens: raise --kv-cache-memory / --num-kv-blocks "
+            "or lower --max-model-len"
+        )
+
+
+def assemble_core(
+    runner: Runner,
+    tokenizer: Tokenizer,
+    storage_layout: KVLayout,
+    num_blocks: int,
+    cache: CacheConfig,
+    scheduler: SchedulerConfig,
+    max_model_len: int,
+    *,
+    device: str = "cpu",
+    reservation_ttl_s: float = 30.0,
+    reservation_share: float = 0.5,
+    detokenize: bool = True,
+) -> EngineCore:
+    """The one assembly of an engine core (KV storage bound to the runner, cache, scheduler, core), for
+    the engine process and the simulator's replicas alike."""
+    storage = KVStorage(storage_layout, num_blocks, device)
+    runner.bind(storage)
+    kv = KVCacheManager(num_blocks, cache.block_size, storage, cache.enable_prefix_caching)
+    limits = SchedulerConfig(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, max_model_len)
     return EngineCore(
-        Scheduler(sched_cfg, kv),
+        Scheduler(limits, kv),
         runner,
         tokenizer,
         max_model_len,
-        config.reservation_ttl_s,
-        reservation_share=config.reservation_share,
+        reservation_ttl_s,
+        detokenize=detokenize,
+        reservation_share=reservation_share,
     )
 
 

@@ -32,6 +32,8 @@ ROUTER_METRICS = {
     "microserve_router_requests_waiting": "gauge",
     "microserve_router_max_concurrent_requests": "gauge",
     "microserve_router_max_queued_requests": "gauge",
+    "microserve_router_admission_service_seconds": "gauge",
+    "microserve_router_admission_expected_wait_seconds": "gauge",
     "microserve_router_strategy_info": "gauge",
     "microserve_router_policy_info": "gauge",
     "microserve_router_worker_info": "gauge",

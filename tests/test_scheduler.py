@@ -105,3 +105,21 @@ def test_finish_frees_blocks_of_waiting_and_running():
     s.finish(b, SequenceStatus.FINISHED_ABORTED)
     assert not s.has_work()
     assert s.kv.num_free_blocks == 8
+
+
+def test_waiting_sequences_are_admitted_by_priority_fcfs_within_one():
+    s = make(budget=100, max_seqs=1)
+    s.add(seq("running", 3))
+    run(s, s.schedule())
+    for rid, priority in (("low1", 1), ("normal1", 0), ("high", -1), ("low2", 1), ("normal2", 0)):
+        q = seq(rid, 3, start=100)
+        q.params.priority = priority
+        s.add(q)
+    assert [q.request_id for q in s.waiting] == ["high", "normal1", "normal2", "low1", "low2"]
+    preempted = s.waiting.popleft()
+    preempted.num_preemptions = 1
+    s.waiting.appendleft(preempted)
+    q = seq("higher", 3, start=200)
+    q.params.priority = -2
+    s.add(q)  # before every waiting one of a larger value, but behind a preempted one
+    assert [q.request_id for q in s.waiting][:2] == ["high", "higher"]

@@ -68,6 +68,14 @@ async def test_hits_whole_and_streamed_replay_the_same_answer(engine: ManagedPro
             assert hit.parse().choices[0].finish_reason == "length"  # cut at max_tokens is a whole answer
             assert "x-ratelimit-limit-requests" not in hit.headers  # this key has no request limit
 
+            streams = []
+            for _ in range(2):  # the official client reads a replayed stream as it read the first
+                raw = await api.chat.completions.with_raw_response.create(**CHAT, max_tokens=5, stream=True)
+                chunks = [c.model_dump() async for c in raw.parse()]
+                streams.append((raw.headers["x-microserve-cache"], chunks))
+            assert [s[0] for s in streams] == ["miss", "hit"] and streams[0][1] == streams[1][1]
+            assert len(streams[1][1]) >= 5
+
             fresh = await api.chat.completions.with_raw_response.create(
                 **CHAT, max_tokens=8, extra_headers={"Cache-Control": "no-cache"}
             )
@@ -84,8 +92,8 @@ async def test_hits_whole_and_streamed_replay_the_same_answer(engine: ManagedPro
         assert [s[0] for s in sent] == ["miss", "hit"]
         async with client.get("/metrics") as resp:
             text = await resp.text()
-        assert 'microserve_router_response_cache_lookups_total{result="hit"} 2.0' in text
-        assert 'microserve_router_response_cache_lookups_total{result="miss"} 3.0' in text
+        assert 'microserve_router_response_cache_lookups_total{result="hit"} 3.0' in text
+        assert 'microserve_router_response_cache_lookups_total{result="miss"} 4.0' in text
         assert sent[0][1] == sent[1][1] and sent[1][1].endswith(b"data: [DONE]\n\n")
 
 

@@ -44,6 +44,10 @@ async def test_keys_missing_wrong_revoked_and_model_not_allowed(
             with pytest.raises(openai.NotFoundError) as not_allowed:
                 await other.chat.completions.create(**CHAT, max_tokens=3)
             assert not_allowed.value.code == "model_not_found"
+            assert [m.id async for m in good.models.list()] == [MODEL]
+            assert [m.id async for m in other.models.list()] == []  # only the models the key may use
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.models.list()
             async with client.post("/v1/chat/completions", json=CHAT) as resp:  # no key at all
                 assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
             key_id = next(k["id"] for k in await list_keys(client) if k["models"] == [MODEL])
@@ -196,3 +200,27 @@ async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+async def test_the_priority_class_reaches_microserve_engines_only() -> None:
+    """A microserve engine is sent the key's class as `priority` (its scheduler's order); an
+    OpenAI-compatible server is sent the client's body untouched (vLLM refuses a priority it does not use)."""
+    from microserve.router.config import RouterConfig
+    from microserve.router.router import Router
+    from microserve.router.workers import WorkerKind, WorkerSpec
+    from tests.router_fakes import fakes, serving
+
+    async with fakes(2) as (engine, other):
+        workers = [WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE, models=("fake",)),
+                   WorkerSpec(other.url, kind=WorkerKind.OPENAI, models=("fake",))]  # fmt: skip
+        router = Router(RouterConfig(workers=workers, admin_token="admin-secret", api_keys="memory"))
+        async with serving(router) as client:
+            for priority in ("high", "low"):
+                key = await new_key(client, priority=priority)
+                async with sdk(client, key) as api:
+                    for _ in range(2):  # round robin: once on each worker
+                        await api.chat.completions.create(
+                            model="fake", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                        )
+    assert [body.get("priority") for body in engine.generate_calls] == [-1, 1]
+    assert all("priority" not in body for body in other.generate_calls)

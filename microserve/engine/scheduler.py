@@ -54,7 +54,15 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue `seq` behind every waiting sequence of its priority or a more urgent one (FCFS within a
+        priority); sequences put back by preemption keep their place at the front."""
+        priority, waiting = seq.params.priority, self.waiting
+        if waiting and waiting[-1].params.priority > priority:
+            for i, other in enumerate(waiting):
+                if other.params.priority > priority and not other.num_preemptions:
+                    waiting.insert(i, seq)
+                    return
+        waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -83,7 +91,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A sequence that arrives holding KV (received from another engine) starts from it.
-            cached = [] if seq.block_table else self.kv.match_prefix(seq.token_ids)
+            # Prompt logprobs need every prompt position's logits: such a request skips the prefix cache.
+            skip_cache = seq.block_table or seq.params.prompt_logprobs is not None
+            cached = [] if skip_cache else self.kv.match_prefix(seq.token_ids)
             hit = len(cached) * self.kv.block_size
             n = min(seq.num_tokens - seq.num_computed_tokens - hit, budget)
             if not self.kv.allocate(seq, n, cached):

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from microserve.api.errors import APIError
 from microserve.router.breaker import CircuitState
 from microserve.router.fair_share import Order
-from microserve.server.errors import APIError
 
 if TYPE_CHECKING:
     from microserve.router.workers import Worker
@@ -85,11 +85,21 @@ def pool_capacity(workers: Iterable[Worker], per_worker: int) -> int:
 
 
 class AdmissionQueue:
-    """`acquire` returns once the request may run (its grant time, for `release`), or raises the 429 or
-    503 it should answer. Waiters are served by `priority` (lower first: an `Order` from
+    """`acquire` returns once the request may run (a ticket, for `release`), or raises the 429 or 503 it
+    should answer. Waiters are served by `priority` (lower first: an `Order` from
     `fair_share.FairShare`, priority class then fair-share start tag), then in arrival order."""
 
-    __slots__ = ("_capacity", "_clock", "_seq", "_waiters", "config", "running", "service_s")
+    __slots__ = (
+        "_capacity",
+        "_clock",
+        "_granted",
+        "_seq",
+        "_tickets",
+        "_waiters",
+        "config",
+        "running",
+        "service_s",
+    )
 
     def __init__(
         self,
@@ -102,8 +112,11 @@ class AdmissionQueue:
         self._clock = clock
         self.running = 0
         self.service_s: float | None = None  # smoothed seconds a request holds its slot
-        self._waiters: list[tuple[Order, int, asyncio.Future[None]]] = []  # a heap
+        self._waiters: list[tuple[Order, int, asyncio.Future[int]]] = []  # a heap
         self._seq = itertools.count()
+        # Running requests' grant times by ticket, oldest first (grants come in time order).
+        self._granted: dict[int, float] = {}
+        self._tickets = itertools.count(1)
 
     @property
     def queued(self) -> int:
@@ -130,25 +143,32 @@ class AdmissionQueue:
         return fixed if fixed is not None else capacity
 
     def expected_wait_s(self, ahead: int) -> float | None:
-        """Seconds until a request with `ahead` waiters before it starts, at the measured drain rate
-        (a slot frees every service_s / limit seconds); None while unknown."""
+        """Seconds until a request with `ahead` waiters before it starts; None while unknown.
+
+        The larger of two estimates: the mean drain rate (a slot frees every service_s / limit), and
+        when the (ahead+1)-th oldest running request is due to end (its grant time + service_s). The
+        second sees that slots free in waves (a batch's requests start, and end, together)."""
         limit = self.limit
-        if self.service_s is None or limit <= 0:
+        service = self.service_s
+        if service is None or limit <= 0:
             return None
-        return (ahead + 1) * self.service_s / limit
+        steady = (ahead + 1) * service / limit
+        if ahead >= len(self._granted):
+            return steady
+        due = next(itertools.islice(self._granted.values(), ahead, None)) + service
+        return max(steady, due - self._clock())
 
     def retry_after(self) -> int:
         """Whole seconds for the queue as it stands to drain; the configured default while unknown."""
         wait = self.expected_wait_s(len(self._waiters))
         return self.config.retry_after_s if wait is None else max(1, math.ceil(wait))
 
-    async def acquire(self, priority: Order = (0, 0.0), timeout_s: float | None = None) -> float:
+    async def acquire(self, priority: Order = (0, 0.0), timeout_s: float | None = None) -> int:
         """Wait for a slot; `timeout_s` (the request's own deadline) shortens the hold if sooner."""
         cfg = self.config
         limit = self.limit
         if self.running < limit and not self._waiters:
-            self.running += 1  # the fast path: no allocation, no await
-            return self._clock()
+            return self._take()  # the fast path: no await
         if len(self._waiters) >= cfg.max_queued and not self._evict_after(priority):
             raise too_many_requests(
                 f"The router is at capacity ({limit} running, {len(self._waiters)} queued); retry later.",
@@ -165,17 +185,24 @@ class AdmissionQueue:
             )
         if wait is not None and wait > QUEUE_MARGIN * cfg.max_queue_wait_s:
             raise too_many_requests(
-                f"The router is at capacity: a new request would wait about {wait:.1f} s to start, more "
-                f"than the {cfg.max_queue_wait_s:g} s allowed; retry later.",
+                f"The router is at capacity: a new request would wait about {wait:.1f} s to start, and "
+                f"it queues only those expected to start within {QUEUE_MARGIN * cfg.max_queue_wait_s:g} s; "
+                "retry later.",
                 self.retry_after(),
             )
         return await self._wait(priority, timeout_s)
 
-    async def _wait(self, priority: Order, timeout_s: float | None) -> float:
+    def _take(self) -> int:
+        self.running += 1
+        ticket = next(self._tickets)
+        self._granted[ticket] = self._clock()
+        return ticket
+
+    async def _wait(self, priority: Order, timeout_s: float | None) -> int:
         cfg = self.config
         start = self._clock()
         hold = cfg.queue_timeout_s if timeout_s is None else min(cfg.queue_timeout_s, max(0.0, timeout_s))
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), waiter))
         ready_since = start  # the queue budget runs while workers are ready
         try:
@@ -192,20 +219,19 @@ class AdmissionQueue:
                 if left <= 0:
                     self._grant()  # a slot freed just now still counts
                     if waiter.done():
-                        return self._clock()
+                        return waiter.result()
                     raise self._timed_out(waited)
                 try:
-                    await asyncio.wait_for(asyncio.shield(waiter), min(POLL_S, left))
-                    return self._clock()
+                    return await asyncio.wait_for(asyncio.shield(waiter), min(POLL_S, left))
                 except TimeoutError:
                     if waiter.done():
-                        return self._clock()  # granted just as the timer fired: keep the slot
+                        return waiter.result()  # granted just as the timer fired: keep the slot
                     self._grant()  # capacity may have come back with nobody calling `wake`
                     if waiter.done():
-                        return self._clock()
+                        return waiter.result()
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self.release()  # granted, but the client left or it timed out: pass the slot on
+                self.release(waiter.result())  # granted, but the client left: pass the slot on
             else:
                 waiter.cancel()
                 self._forget(waiter)
@@ -247,17 +273,16 @@ class AdmissionQueue:
             )
         return True
 
-    def admit_now(self) -> float | None:
+    def admit_now(self) -> int | None:
         """A slot at once, over the limit (up to twice it), for a tenant below its fair share of the
-        slots (`fair_share`); its grant time, or None. `_grant` refills only below the limit, so the
+        slots (`fair_share`); its ticket, or None. `_grant` refills only below the limit, so the
         other tenants' slots shrink back. Never while no worker is ready."""
         limit = self.limit
         if limit > 0 and self.running < 2 * limit:
-            self.running += 1
-            return self._clock()
+            return self._take()
         return None
 
-    def _forget(self, waiter: asyncio.Future[None]) -> None:
+    def _forget(self, waiter: asyncio.Future[int]) -> None:
         for i, entry in enumerate(self._waiters):
             if entry[2] is waiter:
                 self._waiters[i] = self._waiters[-1]
@@ -272,17 +297,17 @@ class AdmissionQueue:
         while waiters and self.running < limit:
             _, _, waiter = heapq.heappop(waiters)
             if not waiter.done():
-                waiter.set_result(None)
-                self.running += 1
+                waiter.set_result(self._take())
 
     def wake(self) -> None:
         """Capacity may have changed (a health check ran, a worker joined): start whoever now can."""
         if self._waiters:
             self._grant()
 
-    def release(self, granted_at: float | None = None) -> None:
-        """A request ended; with its grant time, its slot time joins the service-time estimate."""
+    def release(self, ticket: int | None = None) -> None:
+        """A request ended; with its ticket, its slot time joins the service-time estimate."""
         self.running -= 1
+        granted_at = self._granted.pop(ticket, None) if ticket is not None else None
         if granted_at is not None:
             held = self._clock() - granted_at
             s = self.service_s

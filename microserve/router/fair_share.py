@@ -82,8 +82,8 @@ def _count(counter: Counter[str], tenant: str, delta: int) -> None:
 
 async def admit(
     fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int, timeout_s: float
-) -> float:
-    """A slot for a request (its grant time, for `AdmissionQueue.release`): at once for a tenant below
+) -> int:
+    """A slot for a request (its ticket, for `AdmissionQueue.release`): at once for a tenant below
     its share of the slots, else in its fair-share order; the admission queue's 429 or 503 otherwise.
     The router and the simulator both admit through here."""
     order = fair.arrive(tenant, rank, cost)

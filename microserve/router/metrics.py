@@ -124,6 +124,16 @@ class PoolCollector:
                 "Requests that may run at once now (--max-concurrent, or the workers' batch sizes).",
                 self._admission.limit,
             ),
+            (
+                "admission_service_seconds",
+                "Mean time a request holds its admission slot (0 until one ended).",
+                self._admission.service_s or 0.0,
+            ),
+            (
+                "admission_expected_wait_seconds",
+                "Expected wait for a slot of a request arriving now (0 until known).",
+                self._admission.expected_wait_s(self._admission.queued) or 0.0,
+            ),
         ):
             family = GaugeMetricFamily(PREFIX + name, doc)
             family.add_metric([], value)

@@ -9,13 +9,11 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from microserve.engine.core import EngineCore
-from microserve.engine.errors import EngineOverloaded
-from microserve.engine.kv_cache import KVCacheManager
-from microserve.engine.kv_storage import KVStorage
+from microserve.engine.config import CacheConfig
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
-from microserve.engine.scheduler import Scheduler, SchedulerConfig
+from microserve.engine.scheduler import SchedulerConfig
+from microserve.engine_builder import assemble_core, check_capacity
 from microserve.model.tokenizer import Tokenizer
 from microserve.runner.cost_model import CostModel
 from microserve.runner.sim_runner import SimRunner
@@ -41,12 +39,7 @@ class ReplicaConfig:
         for name in ("num_blocks", "block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_blocks * self.block_size < self.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {self.num_blocks} blocks ({self.num_blocks * self.block_size} tokens), "
-                f"less than one request of max_model_len={self.max_model_len} tokens: raise "
-                "--kv-cache-memory / --num-kv-blocks or lower --max-model-len"
-            )
+        check_capacity(self.num_blocks, self.block_size, self.max_model_len)
 
     @staticmethod
     def blocks_for_memory(cost: CostModel, memory_bytes: int, block_size: int) -> int:
@@ -66,13 +59,17 @@ class SimReplica:
         self.config = config
         self._step_s = 0.0
         runner = SimRunner(config.cost, vocab_words, clock=self._record, block_size=config.block_size)
-        storage = KVStorage(SimRunner.storage_layout(config.block_size), config.num_blocks)
-        runner.bind(storage)
-        kv = KVCacheManager(config.num_blocks, config.block_size, storage, config.enable_prefix_caching)
-        scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len), kv
+        # The engine's own assembly; the text is never read here, so nothing is detokenized.
+        self.core = assemble_core(
+            runner,
+            tokenizer,
+            SimRunner.storage_layout(config.block_size),
+            config.num_blocks,
+            CacheConfig(config.block_size, enable_prefix_caching=config.enable_prefix_caching),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            config.max_model_len,
+            detokenize=False,
         )
-        self.core = EngineCore(scheduler, runner, tokenizer, config.max_model_len, detokenize=False)
         self.runner = runner
         self._sinks: dict[str, Sink] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,8 +151,7 @@ class SimReplica:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink, begin: int | None
     ) -> None:
         """Queue a request (from the KV reserved under its id when `begin` is given); outputs go to `sink`."""
-        if self.core.num_waiting >= self.config.max_waiting:
-            raise EngineOverloaded(f"{self.config.max_waiting} requests are already waiting; retry later")
+        self.core.check_room(self.config.max_waiting)
         self.core.add_request(request_id, prompt_ids, params, begin)
         self._sinks[request_id] = sink
         self._kick()
