@@ -85,18 +85,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--slo", type=float, default=1.0, help="TTFT target in seconds (1)")
     p.add_argument("--startup", type=float, default=10.0, help="seconds a new replica takes to start (10)")
+    p.add_argument("--target", type=float, default=6.0, help="--scale-target: requests per replica (6)")
     p.add_argument("--out", default=None)
     p.add_argument("--plots", default=None)
     a = p.parse_args()
-    scaled = ["--autoscale", f"1:{PEAK_REPLICAS}", "--engine-startup", str(a.startup), "--scale-target", "6",
-              "--scale-down-after", "30", "--scale-up-cooldown", "2"]  # fmt: skip
+    scaled = ["--autoscale", f"1:{PEAK_REPLICAS}", "--engine-startup", str(a.startup),
+              "--scale-target", str(a.target), "--scale-down-after", "30",
+              "--scale-up-cooldown", "2"]  # fmt: skip
     fleets = {"fixed": ["--replicas", str(PEAK_REPLICAS)], "autoscaled": scaled}
     results: dict[str, dict[str, Any]] = {}
     for trace in TRACES:
         for name, fleet in fleets.items():
             results[f"{trace}/{name}"] = measure(one(trace, fleet), a.slo)
     print(f"machine: {describe_machine()}; date {dt.date.today()}")
-    print(f"TTFT SLO {a.slo:g} s; replica start-up {a.startup:g} s")
+    print(f"TTFT SLO {a.slo:g} s; replica start-up {a.startup:g} s; scale target {a.target:g}")
     head = ("run", "requests", "failed", "within SLO", "p99 TTFT", "engine-s", "vs fixed")
     print("{:22} {:>8} {:>6} {:>10} {:>9} {:>9} {:>8}".format(*head))
     for key, r in results.items():
@@ -111,6 +113,7 @@ def main() -> int:
             "date": str(dt.date.today()),
             "slo_s": a.slo,
             "startup_s": a.startup,
+            "target": a.target,
         }
         Path(a.out).write_text(json.dumps({"meta": meta, "results": slim}, indent=1))
     if a.plots:

@@ -113,20 +113,22 @@ class LocalFleet:
             engine = self.make_engine(self._taken_ports())
             self.starting[engine.url] = engine  # counted from now, so the next tick does not start another
             self._spawn(self._start(engine))
-        if desired < current:
-            candidates = [self.router.pool.get(url) for url in self.engines if url not in self.draining]
-            worker = idlest(w for w in candidates if w.url in self.router.pool)
-            if worker is not None:
-                log.info(
-                    "autoscale: %d -> %d engines (%s): draining %s",
-                    current,
-                    desired,
-                    self.scaler.reason,
-                    worker.url,
-                )
-                self.draining.add(worker.url)
-                self.router.drain_worker(worker.url)
-                self._spawn(self._retire(worker.url))
+        for _ in range(current - desired):
+            pool = self.router.pool
+            candidates = [pool.get(url) for url in self.engines if url not in self.draining and url in pool]
+            worker = idlest(candidates)
+            if worker is None:
+                break  # the rest are still starting: they join, and go on a later decision
+            log.info(
+                "autoscale: %d -> %d engines (%s): draining %s",
+                current,
+                desired,
+                self.scaler.reason,
+                worker.url,
+            )
+            self.draining.add(worker.url)
+            self.router.drain_worker(worker.url)
+            self._spawn(self._retire(worker.url))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -20,7 +20,7 @@ from microserve.processes import ManagedProcess, free_port
 pytestmark = pytest.mark.slow
 
 TOKEN = "autoscale-admin-token"
-DEADLINE_S = 120.0
+DEADLINE_S = 300.0  # an engine start takes a minute or more on a loaded 2-core machine
 
 
 def wait_for(condition: Callable[[], bool], what: str) -> None:

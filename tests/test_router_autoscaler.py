@@ -125,3 +125,10 @@ def test_pool_signals_count_the_queue_in_flight_or_reported_load_and_skip_draini
     s = pool_signals([a, b, c], queued=2, starting=1)
     assert (s.replicas, s.queued, s.waiting, s.running, s.kv_usage) == (3, 2, 2, 7, 0.5)
     assert idlest([a, b]) is b
+
+
+def test_after_the_wait_down_to_what_the_load_needs_in_one_step() -> None:
+    a = scaler(max_replicas=8)
+    low = PoolSignals(replicas=8, running=3)  # needs 2 replicas at half their target of 4
+    assert a.decide(0.0, low) == 8
+    assert a.decide(10.0, low) == 2

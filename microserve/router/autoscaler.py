@@ -18,9 +18,9 @@ class AutoscalerConfig:
     """Bounds, targets and timings for one pool.
 
     A replica is "full" at `target_load` requests (router queue + engines' waiting + running). The pool
-    grows as soon as the load needs more replicas (or KV usage or TTFT say it is overloaded) and shrinks
-    by one only after the load has fit in one replica fewer, at `down_ratio` of the target, for
-    `scale_down_after_s`: the gap between the two thresholds and the wait are the hysteresis.
+    grows as soon as the load needs more replicas (or KV usage or TTFT say it is overloaded) and shrinks,
+    to what the load needs at `down_ratio` of the target, only after the load has fit in fewer replicas at
+    that ratio for `scale_down_after_s`: the gap between the two thresholds and the wait are the hysteresis.
     """
 
     min_replicas: int = 1
@@ -95,7 +95,10 @@ class Autoscaler:
             if self.low_since is None:
                 self.low_since = now
             elif now - self.low_since >= cfg.scale_down_after_s:
-                desired = current - 1
+                # To what the load needs at `down_ratio` of the target (at least one while it is not 0).
+                fitted = math.ceil(s.load / (cfg.down_ratio * cfg.target_load))
+                desired = max(cfg.min_replicas, fitted, 1 if s.load else 0)
+                desired = min(desired, current - 1)
                 self.low_since = now  # the next step down waits as long again
                 self.reason = "idle" if s.load == 0 else "low load"
         else:

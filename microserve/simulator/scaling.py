@@ -69,12 +69,13 @@ class SimScaler:
             desired = self.autoscaler.scalers[role].decide(now, signals)
             for _ in range(desired - signals.replicas):
                 self._spawn(self._start(Role(role), now))
-            if desired < signals.replicas:
+            for _ in range(signals.replicas - desired):
                 worker = idlest(w for w in workers if not w.draining)
-                if worker is not None:
-                    worker.draining = True
-                    self.draining.add(worker.url)
-                    self._spawn(self._retire(worker.url))
+                if worker is None:
+                    break  # the rest are still starting: they join, and go on a later decision
+                worker.draining = True
+                self.draining.add(worker.url)
+                self._spawn(self._retire(worker.url))
             total += desired
         if not self.timeline or self.timeline[-1][1] != total:
             self.timeline.append((now, total))
