@@ -5,17 +5,23 @@ as an HTTP status) answered with a relist, and an API server restart riding on t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from microserve.cli import build_parser
 from microserve.kube.client import KubeClient
 from microserve.kube.config import KubeConfig
+from microserve.router.config import config_from_args
 from microserve.router.discovery import make_discovery
 from microserve.router.discovery.k8s import KubernetesDiscovery, pod_ready, pod_worker
+from microserve.router.health import HealthConfig
+from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerSpec
 from tests.kube_fake import FakeKubeAPI, make_pod, set_ready
+from tests.router_fakes import fakes, serving
 
 WAIT_S = 10.0
 
@@ -222,3 +228,66 @@ async def test_a_wrong_token_is_reported(api: FakeKubeAPI) -> None:
         assert "401" in (f.source.status.error or "")
     finally:
         await f.stop()
+
+
+async def wait_for(check: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def engine_pod(name: str, url: str, ready: bool = True) -> dict[str, Any]:
+    port = int(url.rsplit(":", 1)[1])
+    return make_pod(name, "127.0.0.1", port=port, ready=ready, annotations={"microserve.io/models": "fake"})
+
+
+async def test_a_router_follows_pods_and_scales_its_deployment(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """`microserve router --discovery k8s://… --k8s-scale k8s://…` in front of fake engines whose pods
+    share 127.0.0.1 on distinct ports (the `microserve.io/port` annotation)."""
+    config_path = api.kubeconfig(tmp_path / "kubeconfig")
+    api.deployment("engine", 2)
+    async with fakes(3) as servers:
+        a, b, c = (s.url for s in servers)
+        await api.put(engine_pod("engine-a", a))
+        await api.put(engine_pod("engine-b", b))
+        await api.put(engine_pod("engine-c", c, ready=False))
+        args = build_parser().parse_args([
+            "router",
+            "--discovery", f"k8s://serving?selector=app%3Dengine&kubeconfig={config_path}",
+            "--k8s-scale", f"k8s://serving/engine?min=1&max=3&down-after=1&kubeconfig={config_path}",
+            "--admin-token", "t",
+        ])  # fmt: skip
+        config = config_from_args(args)
+        config.health = HealthConfig(interval_s=0.2)
+        router = Router(config)
+        async with serving(router) as client:
+            assert [w.url for w in router.pool] == [a, b]  # listed before the router serves
+            assert router.k8s_scaler is not None
+            router.k8s_scaler.interval_s = 0.1
+            for _ in range(4):
+                r = await client.post(
+                    "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2}
+                )
+                assert r.status == 200
+            assert [len(s.generate_calls) for s in servers] == [2, 2, 0]
+
+            await api.put(engine_pod("engine-c", c))  # c passes its readiness probe
+            await api.delete("engine-a")  # a is deleted
+            await wait_for(lambda: [w.url for w in router.pool] == [b, c], "a out and c in")
+            await wait_for(lambda: all(w.healthy for w in router.pool), "c checked")
+            for _ in range(2):
+                r = await client.post(
+                    "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2}
+                )
+                assert r.status == 200
+            assert [len(s.generate_calls) for s in servers] == [2, 3, 1]
+            ready = await (await client.get("/ready")).json()
+            assert ready["discovery"][0]["connected"] and ready["discovery"][0]["workers"] == 2
+            r = await client.get("/admin/workers", headers={"Authorization": "Bearer t"})
+            sources = {w["url"]: w["source"] for w in (await r.json())["workers"]}
+            assert sources[c].startswith("k8s://serving?")
+
+            # Idle: after a second of low load the Deployment goes from 2 to 1 replicas, never below.
+            await wait_for(lambda: api.patches == [("engine", 1)], "a step down")
+            assert router.k8s_scaler.replicas == {Role.BOTH: 1}

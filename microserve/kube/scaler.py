@@ -3,9 +3,9 @@
 
 `--k8s-scale k8s://NAMESPACE/DEPLOYMENT?role=decode&min=1&max=8` (repeatable, one per role). The pods
 themselves reach the router through discovery (k8s://NAMESPACE?selector=…): the pool's engines of that
-role, and the replicas the Deployment asks for that are not Ready yet (starting), are what the
-autoscaler sees. On a step down Kubernetes picks the pod; it turns terminating, discovery drains it
-(no new requests) and the engine finishes what it holds within its termination grace period.
+role give the load the autoscaler sees, against the Deployment's spec.replicas. On a step down
+Kubernetes picks the pod; it turns terminating, discovery drains it (no new requests) and the engine
+finishes what it holds within its termination grace period.
 
 Query parameters: role (both, prefill or decode; default both), min, max, target (requests per replica,
 default 8), down-after (seconds of low load before each step down, default 60), up-cooldown (seconds
@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from microserve.kube.client import KubeClient, KubeError
@@ -69,6 +69,15 @@ class ScaleTarget:
                    query.get("context"))  # fmt: skip
 
 
+def check_scale_targets(urls: list[str]) -> list[ScaleTarget]:
+    """The targets of `--k8s-scale`, at most one per role (a ValueError otherwise)."""
+    targets = [ScaleTarget.parse(u) for u in urls]
+    roles = [t.role for t in targets]
+    if len(set(roles)) != len(roles):
+        raise ValueError("--k8s-scale: one scaled Deployment per role")
+    return targets
+
+
 class DeploymentScaler:
     """Each tick, per target: read the Deployment's replicas, let its role's autoscaler decide from the
     router's pool, and patch the scale when the decision differs. `run` until cancelled, then `close`."""
@@ -85,7 +94,7 @@ class DeploymentScaler:
     ) -> None:
         roles = [t.role for t in targets]
         if len(set(roles)) != len(roles):
-            raise ValueError("one scaled Deployment per role")
+            raise ValueError("--k8s-scale: one scaled Deployment per role")
         self.targets = targets
         self.workers = workers
         self.queued = queued
@@ -106,7 +115,7 @@ class DeploymentScaler:
         interval_s: float = 1.0,
     ) -> DeploymentScaler:
         """The targets' API server is the first one's kubeconfig (or in-cluster config)."""
-        targets = [ScaleTarget.parse(u) for u in urls]
+        targets = check_scale_targets(urls)
         client = KubeClient(KubeConfig.load(targets[0].kubeconfig, targets[0].context))
         return cls(targets, workers, queued, client, interval_s=interval_s)
 
@@ -123,9 +132,11 @@ class DeploymentScaler:
 
     async def _scale(self, t: ScaleTarget) -> None:
         current = await self.client.get_scale(t.namespace, t.deployment)
+        # The load from the role's engines in the pool; the replicas are the Deployment's own count: those
+        # asked for and not Ready yet are starting, and Ready pods beyond it (a rollout's surge, pods
+        # being replaced) are not the autoscaler's to count.
         workers = [w for w in self.workers() if w.role == t.role]
-        serving = sum(1 for w in workers if not w.draining)
-        signals = pool_signals(workers, self.queued(), max(0, current - serving))
+        signals = replace(pool_signals(workers, self.queued(), 0), replicas=current)
         scaler = self.scalers[t.role]
         desired = scaler.decide(self.clock(), signals)
         if desired != current:
