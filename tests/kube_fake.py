@@ -54,8 +54,10 @@ def _matches(labels: dict[str, str], selector: str) -> bool:
 
 
 class FakeKubeAPI:
-    def __init__(self, token: str = "secret-token") -> None:
+    def __init__(self, token: str = "secret-token", rbac: Path | None = None) -> None:
         self.token = token
+        # (API group, resource, verb) the token may use, from a Role in a manifest; None: anything.
+        self.allowed = role_rules(rbac) if rbac is not None else None
         self.port = free_port()
         self.version = 100
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
@@ -152,6 +154,19 @@ class FakeKubeAPI:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             raise web.HTTPUnauthorized(text=json.dumps(_status(401, "Unauthorized")),
                                        content_type="application/json")  # fmt: skip
+        group, resource = (
+            ("apps", "deployments/scale") if request.path.startswith("/apis/apps/") else ("", "pods")
+        )
+        if request.method == "PATCH":
+            verb = "patch"
+        elif resource == "pods":
+            verb = "watch" if request.query.get("watch") in ("1", "true") else "list"
+        else:
+            verb = "get"
+        if self.allowed is not None and (group, resource, verb) not in self.allowed:
+            message = f'cannot {verb} resource "{resource}" in API group "{group}"'
+            raise web.HTTPForbidden(text=json.dumps(_status(403, message, reason="Forbidden")),
+                                    content_type="application/json")  # fmt: skip
 
     async def _pods(self, request: web.Request) -> web.StreamResponse:
         self._authorized(request)
@@ -229,6 +244,20 @@ class FakeKubeAPI:
         self.deployments[key] = replicas
         self.patches.append((key[1], replicas))
         return web.json_response(_scale(key, replicas))
+
+
+def role_rules(manifest: Path) -> set[tuple[str, str, str]]:
+    """What the Roles in a manifest grant, as (API group, resource, verb)."""
+    import yaml
+
+    granted = set()
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        if doc and doc.get("kind") in ("Role", "ClusterRole"):
+            for rule in doc.get("rules") or []:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        granted.update((group, resource, verb) for verb in rule["verbs"])
+    return granted
 
 
 def _status(code: int, message: str, reason: str = "") -> dict[str, Any]:

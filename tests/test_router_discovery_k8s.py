@@ -20,7 +20,7 @@ from microserve.router.discovery.k8s import KubernetesDiscovery, pod_ready, pod_
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerSpec
-from tests.kube_fake import FakeKubeAPI, make_pod, set_ready
+from tests.kube_fake import FakeKubeAPI, make_pod, role_rules, set_ready
 from tests.router_fakes import fakes, serving
 
 WAIT_S = 10.0
@@ -242,9 +242,31 @@ def engine_pod(name: str, url: str, ready: bool = True) -> dict[str, Any]:
     return make_pod(name, "127.0.0.1", port=port, ready=ready, annotations={"microserve.io/models": "fake"})
 
 
-async def test_a_router_follows_pods_and_scales_its_deployment(api: FakeKubeAPI, tmp_path: Path) -> None:
+RBAC = Path(__file__).parent.parent / "deploy" / "kubernetes" / "rbac.yaml"
+
+
+def test_the_rbac_manifest_grants_exactly_what_the_router_uses() -> None:
+    assert role_rules(RBAC) == {
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+        ("apps", "deployments/scale", "get"),
+        ("apps", "deployments/scale", "patch"),
+    }
+
+
+async def test_a_router_follows_pods_and_scales_its_deployment(tmp_path: Path) -> None:
     """`microserve router --discovery k8s://… --k8s-scale k8s://…` in front of fake engines whose pods
-    share 127.0.0.1 on distinct ports (the `microserve.io/port` annotation)."""
+    share 127.0.0.1 on distinct ports (the `microserve.io/port` annotation), on an API server that
+    enforces deploy/kubernetes/rbac.yaml (anything else would be answered 403)."""
+    api = FakeKubeAPI(rbac=RBAC)
+    await api.start()
+    try:
+        await router_on_k8s(api, tmp_path)
+    finally:
+        await api.stop()
+
+
+async def router_on_k8s(api: FakeKubeAPI, tmp_path: Path) -> None:
     config_path = api.kubeconfig(tmp_path / "kubeconfig")
     api.deployment("engine", 2)
     async with fakes(3) as servers:
@@ -290,4 +312,20 @@ async def test_a_router_follows_pods_and_scales_its_deployment(api: FakeKubeAPI,
 
             # Idle: after a second of low load the Deployment goes from 2 to 1 replicas, never below.
             await wait_for(lambda: api.patches == [("engine", 1)], "a step down")
-            assert router.k8s_scaler.replicas == {Role.BOTH: 1}
+            assert router.k8s_scaler.replicas == {Role.BOTH: 1} and router.k8s_scaler.error is None
+
+
+async def test_a_role_without_watch_is_reported(tmp_path: Path) -> None:
+    manifest = tmp_path / "rbac.yaml"
+    manifest.write_text(RBAC.read_text().replace('["list", "watch"]', '["list"]'))
+    api = FakeKubeAPI(rbac=manifest)
+    await api.start()
+    await api.put(make_pod("a", "10.0.0.1"))
+    f = follow(api)
+    try:
+        assert await f.next() == ["http://10.0.0.1:8100"]  # listed, then the watch is refused
+        await wait_for(lambda: "403" in (f.source.status.error or ""), "the refused watch reported")
+        assert 'cannot watch resource "pods"' in (f.source.status.error or "")
+    finally:
+        await f.stop()
+        await api.stop()
