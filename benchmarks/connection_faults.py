@@ -1,9 +1,11 @@
 """Issue 20's connection faults, measured on a router of this tree and of a peer tree (the code before the
 fix) in one run, each over the same sim engine, with default settings: 200 slowloris connections, an idle
 flood past a 1024-descriptor limit, a 64 MiB chunked body, and a router restarted under keep-alive load
-(a second process started on the port, then SIGTERM to the first).
+(a second process started on the port, then SIGTERM to the first); and on engines of either tree
+(`--parts engine`): an 8 MB and a 60 MB prompt while /health is probed, and 200 slowloris connections.
 
-Usage: python benchmarks/connection_faults.py --peer /path/to/old/tree [--out docs/results/F.json]
+Usage: python benchmarks/connection_faults.py --peer /path/to/old/tree [--parts all|router|engine]
+[--out docs/results/F.json]
 """
 
 from __future__ import annotations
@@ -227,6 +229,116 @@ async def restart(tree: Path, engine: str) -> dict[str, object]:
             new.stop()
 
 
+@contextlib.contextmanager
+def engine_of(tree: Path, *flags: str) -> Iterator[ManagedProcess]:
+    """A sim `microserve engine` from one source tree (PYTHONPATH and cwd)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
+           "--port", str(port), "--threads", "1", *flags]  # fmt: skip
+    # cwd: `python -m` puts the working directory first on the path, before PYTHONPATH.
+    cmd = ["sh", "-c", 'cd "$1" && shift && PYTHONPATH="$PWD" exec "$@"', "sh", str(tree), *cmd]
+    process = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    try:
+        wait_ready(process.url)
+        yield process
+    finally:
+        process.stop()
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("VmRSS:")).split()[1]) / 1024
+
+
+async def post_prompt(url: str, chars: int, limit_s: float) -> tuple[str, float]:
+    """POST a prompt of `chars` characters (Content-Length); (status or "none", seconds to the answer)."""
+    body = b'{"prompt":"' + b"x" * chars + b'","max_tokens":1}'
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n")
+    writer.write(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    answer = b""
+    with contextlib.suppress(ConnectionError, TimeoutError):
+        async with asyncio.timeout(limit_s):
+            for i in range(0, len(body), 1 << 20):
+                writer.write(body[i : i + (1 << 20)])
+                await writer.drain()
+            answer = await reader.read()
+    writer.close()
+    status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/1.1 ") else "none"
+    return status, round(time.monotonic() - started, 2)
+
+
+async def engine_huge_prompts(
+    tree: Path, sizes_mb: tuple[int, ...] = (8, 60), limit_s: float = 20.0
+) -> dict[str, object]:
+    """The audit's 8 MB and 60 MB prompts (`sizes_mb`) sent to an engine while /health is probed every
+    50 ms (each probe on a new connection, 5 s limit); the engine's memory before and 5 s after."""
+    with engine_of(tree) as e:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(5):
+                async with s.post(f"{e.url}/v1/completions", json=COMPLETION) as resp:
+                    await resp.read()
+        before = rss_mib(e.proc.pid)
+        probes: list[tuple[int, float]] = []
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            connector = aiohttp.TCPConnector(force_close=True)
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as ps:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        async with ps.get(f"{e.url}/health") as resp:
+                            await resp.read()
+                            probes.append((resp.status, time.monotonic() - started))
+                    except (aiohttp.ClientError, TimeoutError):
+                        probes.append((0, time.monotonic() - started))
+                    await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(probe())
+        answers = {f"{mb} MB": await post_prompt(e.url, mb * 1_000_000, limit_s) for mb in sizes_mb}
+        stop.set()
+        await task
+        await asyncio.sleep(5.0)
+        return {
+            "answers (status, s)": answers,
+            "answer_limit_s": limit_s,
+            "health_ok": sum(1 for code, _ in probes if code == 200),
+            "health_probes": len(probes),
+            "health_slowest_ms": round(max((t for _, t in probes), default=0.0) * 1000),
+            "rss_before_mib": round(before),
+            "rss_after_mib": round(rss_mib(e.proc.pid)),
+        }
+
+
+async def engine_slowloris(tree: Path, seconds: float = 15.0) -> dict[str, object]:
+    """200 connections to an engine trickling a header a byte a second (the engine's default limits)."""
+    with engine_of(tree) as e:
+        port = int(e.url.rsplit(":", 1)[1])
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+        for _, w in conns:
+            w.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        drains = [asyncio.create_task(rd.read()) for rd, _ in conns]
+        async with probing(e.url) as statuses:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                for _, w in conns:
+                    if not w.is_closing():
+                        with contextlib.suppress(ConnectionError):
+                            w.write(b"a")
+                await asyncio.sleep(1.0)
+        still_open = sum(1 for d in drains if not d.done())
+        for d in drains:
+            d.cancel()
+        for _, w in conns:
+            w.close()
+        return {"seconds": seconds, "still_open": still_open, "probes_ok": statuses.count(200),
+                "probes": len(statuses)}  # fmt: skip
+
+
 def wait_ready(url: str, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -237,20 +349,35 @@ def wait_ready(url: str, timeout: float = 180.0) -> None:
     raise TimeoutError(f"{url} not ready")
 
 
-async def measure(tree: Path, engine: str) -> dict[str, object]:
-    return {
-        "slowloris": await slowloris(tree, engine),
-        "idle_flood": await idle_flood(tree, engine),
-        "chunked_64MiB": await chunked_body(tree, engine),
-        "restart": await restart(tree, engine),
-    }
+async def measure(tree: Path, engine: str, parts: str, sizes_mb: tuple[int, ...]) -> dict[str, object]:
+    results: dict[str, object] = {}
+    if parts in ("all", "router"):
+        results["slowloris"] = await slowloris(tree, engine)
+        results["idle_flood"] = await idle_flood(tree, engine)
+        results["chunked_64MiB"] = await chunked_body(tree, engine)
+        results["restart"] = await restart(tree, engine)
+    if parts in ("all", "engine"):
+        results["engine_huge_prompts"] = await engine_huge_prompts(tree, sizes_mb)
+        print(f"{tree}: engine_huge_prompts {results['engine_huge_prompts']}", file=sys.stderr, flush=True)
+        results["engine_slowloris"] = await engine_slowloris(tree)
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", required=True, type=Path, help="source tree of the code to compare with")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--parts", choices=["all", "router", "engine"], default="all", help="which scenarios (all)"
+    )
+    ap.add_argument(
+        "--prompt-mb",
+        default="8,60",
+        help="prompt sizes sent to the engines (8,60; the code before the fix needs ~100 MB of memory "
+        "a prompt MB and a second a MB to answer one)",
+    )
     args = ap.parse_args()
+    sizes_mb = tuple(int(x) for x in args.prompt_mb.split(","))
     port = free_port()
     engine = ManagedProcess(
         [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
@@ -259,8 +386,8 @@ def main() -> None:
     try:
         wait_ready(engine.url)
         results = {
-            "this tree": asyncio.run(measure(ROOT, engine.url)),
-            "peer": asyncio.run(measure(args.peer.resolve(), engine.url)),
+            "this tree": asyncio.run(measure(ROOT, engine.url, args.parts, sizes_mb)),
+            "peer": asyncio.run(measure(args.peer.resolve(), engine.url, args.parts, sizes_mb)),
         }
     finally:
         engine.stop()

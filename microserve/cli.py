@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from microserve.args import parse_size
+from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.bench.cli import add_arguments as add_bench_args
+from microserve.http.limits import ConnectionLimits
 from microserve.machine import resolve_device
 from microserve.registry.args import add_register_args, registration_from_args
 from microserve.router.config import add_router_args, config_from_args
@@ -107,6 +108,24 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="/metrics then needs this bearer token (default: $MICROSERVE_METRICS_TOKEN; unset: open)",
     )
     add_register_args(p)
+    _add_engine_server_args(p)
+
+
+def _add_engine_server_args(p: argparse.ArgumentParser) -> None:
+    """The engine's HTTP server: the router's connection limits, drain and port hand-over."""
+    add_connection_args(p)
+    p.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        default=None,
+        help="largest body of a request with a prompt (default: 1MiB + 16 bytes a token of the context)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to drain on stop (30)")
+    p.add_argument(
+        "--no-reuse-port",
+        action="store_true",
+        help="listen without SO_REUSEPORT (a second engine on the port fails instead of taking it over)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 internal_token=token,
                 metrics_token=metrics_token,
                 register=registration_from_args(args),
+                limits=connection_limits(args, ConnectionLimits()),
+                max_body_bytes=args.max_body_size,
+                drain_timeout_s=args.drain_timeout,
+                reuse_port=not args.no_reuse_port,
             )
     except KeyboardInterrupt:
         return 130

@@ -11,6 +11,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
+from microserve.engine.kv_storage import KVLayout
 from microserve.engine.outputs import FinishReason, RequestOutput
 from microserve.engine.sampling import SamplingParams
 
@@ -45,6 +46,7 @@ class FakeEngine:
         self.model_name = model_name
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len
+        self.kv_layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=16, dtype="float32")
         self.reply_ids = self.tokenizer.encode(reply, add_special_tokens=False)
         self.ready = True
         self.overloaded = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -472,3 +473,24 @@ def test_serve_counts_a_port_held_by_a_reuse_port_router_as_free_for_a_hand_over
         assert other_listeners(held) == 0
     finally:
         held.close()
+
+
+async def _named(name: str, request: Request) -> Response:
+    return Response.json({"route": name, "path": request.path})
+
+
+def test_prefix_routes_take_the_paths_below_them_with_their_own_body_limit() -> None:
+    routes = Routes()
+    routes.add("POST", "/kv/*", functools.partial(_named, "prefix"), max_body=1000)
+    routes.add("POST", "/kv/exact", functools.partial(_named, "exact"))
+    assert routes.resolve("POST", "/kv/abc").args == ("prefix",)  # type: ignore[attr-defined]
+    assert routes.resolve("POST", "/kv/exact").args == ("exact",)  # type: ignore[attr-defined]
+    assert routes.max_body("POST", "/kv/abc/def", 10) == 1000
+    assert routes.max_body("POST", "/kv/exact", 10) == 10
+    assert routes.max_body("POST", "/other", 10) == 10
+    with pytest.raises(APIError) as err:
+        routes.resolve("POST", "/kv")
+    assert err.value.status == 404
+    with pytest.raises(APIError) as err:
+        routes.resolve("GET", "/kv/abc")
+    assert (err.value.status, err.value.headers) == (405, {"Allow": "POST"})

@@ -474,6 +474,15 @@ def test_a_live_builder_is_waited_for_and_its_lock_left_alone(tmp_path):
     assert entered.is_set() and not (directory / "lock").exists()
 
 
+@needs_kernels
+def test_the_compiled_module_binds_what_ops_py_declares():
+    from microserve.kernels.ops import CpuOps
+
+    declared = {name for name in vars(CpuOps) if not name.startswith("_")}
+    bound = {name for name in dir(ops) if not name.startswith("_")}
+    assert declared == bound
+
+
 def test_loaded_cpu_ops_says_when_the_kernels_are_not_there(monkeypatch):
     import microserve.kernels as kernels
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from aiohttp.test_utils import TestClient, TestServer
 
 from microserve.server.app import create_app
 from microserve.server.microserving import add_microserving_routes
+from tests.engine_serving import client_of
 from tests.fake_engine import EOS, FakeEngine
 
 REPLY = "Hi!"
@@ -21,7 +21,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "return_token_ids": Tru
 async def post(engine: FakeEngine, path: str, body: dict[str, Any]) -> Any:
     app = create_app(engine)
     add_microserving_routes(app, engine, None)  # type: ignore[arg-type]
-    async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as client:
+    async with client_of(app) as client:
         resp = await client.post(path, json=body)
         assert resp.status == 200, await resp.text()
         raw = await resp.read()

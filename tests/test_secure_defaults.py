@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,8 +132,12 @@ def test_serve_keeps_its_token_out_of_argv_and_answers_503_when_every_engine_die
         status = httpx.get(f"{serve.url}/ready")
         assert status.status_code == 503 and status.json()["workers_available"] == 0
 
-        # The supervisor restarts them; the health checks bring them back.
-        wait_for(lambda: ready(serve.url), "the restarted engines to be back in the pool")
+        # The supervisor restarts them (each a new process: slow on a loaded machine); the health checks
+        # bring them back.
+        deadline = time.monotonic() + 300
+        while not ready(serve.url):
+            assert time.monotonic() < deadline, f"the engines never came back:\n{serve.output()}"
+            time.sleep(0.2)
         assert httpx.post(f"{serve.url}/v1/completions", json=body, timeout=30).status_code == 200
     finally:
         serve.stop()

@@ -11,14 +11,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 from unittest import mock
 
+import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from microserve.server.app import STATE, create_app
+from microserve.http.server import Request
+from microserve.server.app import create_app
 from microserve.server.handlers import ClientDisconnected, prepare, serve
+from microserve.server.prompt_limits import prompt_body_limit
 from microserve.server.protocol import CompletionRequest, parse_request
+from tests.engine_serving import client_of
 from tests.fake_engine import BOS, FakeEngine
 
 REPLY = "Hello, world!"
@@ -26,9 +29,8 @@ DEADLINE_S = 5.0
 
 
 @asynccontextmanager
-async def serving(engine: FakeEngine, **kwargs: Any) -> AsyncIterator[TestClient]:
-    app = create_app(engine, **kwargs)
-    async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as client:
+async def serving(engine: FakeEngine, **kwargs: Any) -> AsyncIterator[aiohttp.ClientSession]:
+    async with client_of(create_app(engine, **kwargs)) as client:
         yield client
 
 
@@ -510,12 +512,49 @@ async def test_engine_dies_mid_stream_error_event_and_no_done(engine: FakeEngine
 
 async def test_shutdown_drains_ready_and_new_requests(engine: FakeEngine) -> None:
     app = create_app(engine)
-    async with TestServer(app, host="127.0.0.1") as server, TestClient(server) as client:
-        await app.shutdown()  # what the runner does on SIGTERM before waiting for requests in flight
+    async with client_of(app) as client:
+        app.start_draining()  # what `stop` does on SIGTERM before waiting for requests in flight
         assert (await client.get("/ready")).status == 503
         resp = await client.post("/v1/completions", json={"prompt": "hi"})
         assert resp.status == 503
         assert "shutting down" in (await resp.json())["error"]["message"]
+
+
+async def test_a_body_over_the_context_sized_limit_is_413_before_it_is_read(engine: FakeEngine) -> None:
+    app = create_app(engine)
+    assert app.max_body_bytes == prompt_body_limit(engine.max_model_len)
+    big = orjson.dumps({"prompt": "x" * app.max_body_bytes})
+    async with client_of(app) as client:
+        resp = await client.post("/v1/completions", data=big, headers={"Content-Type": "application/json"})
+        assert resp.status == 413
+        error = (await resp.json())["error"]
+        assert error["type"] == "invalid_request_error"
+        assert f"exceeds {app.max_body_bytes} bytes" in error["message"]
+    assert engine.calls == []
+    async with client_of(create_app(engine)) as client:  # the connection closed; the server goes on
+        assert (await client.post("/v1/completions", json={"prompt": "hi"})).status == 200
+
+
+async def test_a_prompt_longer_than_the_context_can_hold_is_not_tokenized(engine: FakeEngine) -> None:
+    calls: list[int] = []
+    encode = engine.tokenizer.encode
+
+    def counting_encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        calls.append(len(text))
+        return encode(text, add_special_tokens)
+
+    engine.tokenizer.encode = counting_encode  # type: ignore[method-assign]
+    async with serving(engine) as client:
+        resp = await client.post("/v1/completions", json={"prompt": "x" * 100_000})
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "context_length_exceeded"
+        chat = {"messages": [{"role": "user", "content": "x" * 100_000}]}
+        resp = await client.post("/v1/chat/completions", json=chat)
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "messages"
+        assert calls == []
+        assert (await client.post("/v1/completions", json={"prompt": "hi"})).status == 200
+    assert calls == [2]
 
 
 async def test_large_prompt_is_prepared_off_the_event_loop() -> None:
@@ -564,11 +603,11 @@ async def test_disconnect_while_waiting_for_non_streamed_answer(engine: FakeEngi
 async def test_non_streamed_answer_notices_a_closed_transport_without_handler_cancellation(
     engine: FakeEngine,
 ) -> None:
-    # Servers run without handler cancellation still abort at the next engine output.
+    # A caller that does not cancel the handler still aborts at the next engine output.
     app = create_app(engine)
-    closing = mock.Mock(is_closing=mock.Mock(return_value=True))
-    request = make_mocked_request("POST", "/v1/completions", app=app, transport=closing)
-    state = app[STATE]
+    conn = mock.Mock(transport=mock.Mock(is_closing=mock.Mock(return_value=True)))
+    request = Request(conn, "POST", "/v1/completions", "", {}, b"")
+    state = app.state
     req = parse_request(CompletionRequest, {"prompt": "hi", "max_tokens": 50})
     with pytest.raises(ClientDisconnected):
         await serve(request, state, await prepare(state, req, 0))
@@ -626,10 +665,9 @@ async def test_two_apps_do_not_share_metrics() -> None:
 
 
 async def test_official_openai_client(engine: FakeEngine) -> None:
-    app = create_app(engine)
-    async with TestServer(app, host="127.0.0.1") as server:
+    async with create_app(engine) as app:
         client = openai.AsyncOpenAI(
-            base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0, timeout=DEADLINE_S
+            base_url=f"{app.url}/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S
         )
         async with client:
             models = await client.models.list()

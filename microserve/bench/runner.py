@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from microserve.bench.arrivals import ArrivalKind, check_arrival, default_kind, interarrival_gaps
+from microserve.bench.issuer import issue_requests
 from microserve.bench.sender import RequestRecord, Target, send
 from microserve.bench.workloads import BenchRequest, Workload
 
@@ -87,12 +88,6 @@ class RunObserver(Protocol):
     def tick(self, elapsed_s: float) -> None: ...
 
 
-async def _sleep_until(when: float) -> None:
-    delay = when - time.perf_counter()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 async def run_benchmark(
     target: Target,
     workload: Workload,
@@ -103,41 +98,6 @@ async def run_benchmark(
     workload.check_endpoint(target.endpoint)
     source = workload.source(config.num_requests)
     gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
-    slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-    # At rate inf there is no schedule to keep: take a slot before issuing, so a --duration run stays a
-    # closed loop of max_concurrency requests instead of queueing without end.
-    closed_loop = slots if math.isinf(config.request_rate) else None  # its slots, where it is one
-    records: list[RequestRecord] = []
-    tasks: set[asyncio.Task[None]] = set()
-    answered = asyncio.Event()
-
-    async def one(request: BenchRequest, arrival: float, session: aiohttp.ClientSession) -> None:
-        record = RequestRecord(request, arrival=arrival)
-        try:
-            if slots is None or closed_loop is not None:
-                await send(session, target, record)
-            else:
-                async with slots:
-                    await send(session, target, record)
-        finally:
-            if closed_loop is not None:
-                closed_loop.release()
-        source.complete(request, record.text if record.success else None)
-        records.append(record)
-        answered.set()
-        if observer:
-            observer.finished(record)
-
-    async def next_request(deadline: float) -> BenchRequest | None:
-        """The next ready request, waiting for answers a multi-turn follow-up needs; None: stop issuing."""
-        while (request := source.next_ready()) is None and not source.exhausted:
-            answered.clear()
-            timeout = deadline - time.perf_counter()
-            if not tasks or timeout <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(answered.wait(), timeout=None if math.isinf(deadline) else timeout)
-        return request
 
     async def ticker(observer: RunObserver, start: float) -> None:
         while True:
@@ -146,39 +106,30 @@ async def run_benchmark(
 
     connector = aiohttp.TCPConnector(limit=config.max_concurrency or 0)
     async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def send_one(request: BenchRequest, record: RequestRecord) -> str | None:
+            await send(session, target, record)
+            return record.text if record.success else None
+
         start = time.perf_counter()
-        deadline = start + config.duration_s if config.duration_s else math.inf
         tick_task = asyncio.create_task(ticker(observer, start)) if observer else None
-        next_at = start
         try:
-            for gap in gaps:
-                next_at += gap
-                if next_at >= deadline:
-                    break
-                await _sleep_until(next_at)
-                if closed_loop is not None:
-                    await closed_loop.acquire()
-                request = await next_request(deadline)
-                if request is None or time.perf_counter() >= deadline:
-                    if closed_loop is not None:
-                        closed_loop.release()
-                    break
-                task = asyncio.create_task(one(request, time.perf_counter(), session))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                if observer:
-                    observer.sent(request)
-            while tasks:
-                await asyncio.gather(*list(tasks))
+            records = await issue_requests(
+                source,
+                gaps,
+                send_one,
+                time.perf_counter,
+                request_rate=config.request_rate,
+                max_concurrency=config.max_concurrency,
+                duration_s=config.duration_s,
+                observer=observer,
+            )
         finally:
-            for task in tasks:
-                task.cancel()
             if tick_task:
                 tick_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await tick_task
         duration = time.perf_counter() - start
-    records.sort(key=lambda r: r.request.index)
     return RunResult(config, records, duration, skipped=source.skipped, workload=workload.describe())
 
 

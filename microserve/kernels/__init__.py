@@ -28,17 +28,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
+
+from microserve.kernels.ops import CpuOps
+
+__all__ = ["CpuOps", "build_directory", "cpu_ops", "loaded_cpu_ops"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 _lock = threading.Lock()
-_loaded: list[ModuleType | None] = []  # empty until the first call
+_loaded: list[CpuOps | None] = []  # empty until the first call
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def cpu_ops() -> ModuleType | None:
+def cpu_ops() -> CpuOps | None:
     """The compiled kernels, or None where they are off or cannot be built (logged once)."""
     if _loaded:
         return _loaded[0]
@@ -48,7 +51,7 @@ def cpu_ops() -> ModuleType | None:
     return _loaded[0]
 
 
-def loaded_cpu_ops() -> ModuleType:
+def loaded_cpu_ops() -> CpuOps:
     """The compiled kernels, for code that only runs where they are loaded (e.g. on weights packed for
     them); a RuntimeError where they are not, which is a bug in the caller."""
     ops = cpu_ops()
@@ -57,7 +60,7 @@ def loaded_cpu_ops() -> ModuleType:
     return ops
 
 
-def _load() -> ModuleType | None:
+def _load() -> CpuOps | None:
     if os.environ.get("MICROSERVE_KERNELS", "1") == "0":
         log.info("microserve CPU kernels off (MICROSERVE_KERNELS=0)")
         return None
@@ -67,7 +70,7 @@ def _load() -> ModuleType | None:
 
         directory = build_directory(digest)
         with _ninja_on_path(), _build_turn(directory):
-            module: ModuleType = load(
+            module: CpuOps = load(  # the compiled module, with what ops.py says it binds
                 name=f"microserve_cpu_ops_{digest}",
                 sources=[str(SOURCE)],
                 extra_cflags=_FLAGS,

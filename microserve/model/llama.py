@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from microserve.kernels import cpu_ops
+from microserve.kernels import CpuOps, cpu_ops
 from microserve.model.config import ModelConfig
 from microserve.model.loader import QuantizedTensor
 from microserve.model.quant import DenseLinear, Int4Linear, Int8Linear, Linear, dequantize_blocks
@@ -45,6 +44,12 @@ class AttentionMetadata:
     def paged_decode_only(self) -> bool:
         """Every row decodes, and the paged decode kernel reads the blocks (`decode_tables`)."""
         return self.num_decode > 0 and self.decode_tables is not None and not self.prefills
+
+    def paged_decode(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode rows' block tables and context lengths, which the paged decode kernels read."""
+        if self.decode_tables is None or self.decode_lens is None:
+            raise ValueError("this batch has no block tables for the paged decode kernels")
+        return self.decode_tables, self.decode_lens
 
 
 class Llama(torch.nn.Module):
@@ -171,6 +176,7 @@ class Llama(torch.nn.Module):
         tiles = self._decode_tiles(meta, len(input_ids))
         if tiles is not None:  # the same kernels on the same tensors as the loop below, in one call
             c = self.config
+            tables, lens = meta.paged_decode()
             self._loaded_kernels().decode_layers(
                 x,
                 self._norms,
@@ -181,8 +187,8 @@ class Llama(torch.nn.Module):
                 meta.slot_mapping,
                 k_cache,
                 v_cache,
-                meta.decode_tables,
-                meta.decode_lens,
+                tables,
+                lens,
                 meta.block_size,
                 c.num_heads,
                 self.scale,
@@ -226,7 +232,7 @@ class Llama(torch.nn.Module):
             self._tiles_by_rows[rows] = None if any(t is None for t in tiles) else tiles
         return self._tiles_by_rows[rows]
 
-    def _loaded_kernels(self) -> ModuleType:
+    def _loaded_kernels(self) -> CpuOps:
         """The CPU kernels, for a batch prepared for them: the runner gives decode tables, and
         `_decode_tiles` tiles, only to a model that runs with them."""
         if self.kernels is None:
@@ -244,13 +250,15 @@ class Llama(torch.nn.Module):
     ) -> torch.Tensor:
         nd = meta.num_decode
         if meta.paged_decode_only:  # no copy
+            tables, lens = meta.paged_decode()
             return self._loaded_kernels().paged_decode_attention(
-                q, k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
+                q, k_layer, v_layer, tables, lens, meta.block_size, self.scale
             )
         out = torch.empty_like(q)
         if nd and meta.decode_tables is not None:
+            tables, lens = meta.paged_decode()
             out[:nd] = self._loaded_kernels().paged_decode_attention(
-                q[:nd], k_layer, v_layer, meta.decode_tables, meta.decode_lens, meta.block_size, self.scale
+                q[:nd], k_layer, v_layer, tables, lens, meta.block_size, self.scale
             )
         elif nd:
             slots = meta.decode_slots

@@ -93,7 +93,6 @@ class DenseLinear(Linear):
         self.tiles = pack_for_amx(weight, gate_up)
         self.packed = pack_for_onednn(weight) if self.tiles is None else None
         self.weight = weight if self.tiles is None and self.packed is None else None
-        self._amx_linear = loaded_cpu_ops().amx_linear if self.tiles is not None else None
         paired = self.tiles is not None and self.tiles.dim() == 6  # for kernels.amx_silu_mul
         self._paired_tiles = self.tiles if paired else None
 
@@ -108,8 +107,8 @@ class DenseLinear(Linear):
         if self.weight is not None:
             return F.linear(x, self.weight, bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if self._amx_linear is not None:
-            y = self._amx_linear(flat, self.tiles, bias)
+        if self.tiles is not None:
+            y = loaded_cpu_ops().amx_linear(flat, self.tiles, bias)
         else:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, bias, "none", [], "")
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
@@ -232,7 +231,6 @@ class Int4Linear(Linear):
         self.tiles = pack_q4_for_amx(q, scale, zero, dtype, gate_up)
         paired = self.tiles is not None and self.tiles.dim() == 4  # for kernels.amx_silu_mul
         self._paired_tiles = self.tiles if paired else None
-        self._amx_linear_q4 = loaded_cpu_ops().amx_linear_q4 if self.tiles is not None else None
         if max_kernel_rows == "auto":
             max_kernel_rows = INT4_AMX_MAX_ROWS if self.tiles is not None else INT4_KERNEL_MAX_ROWS
         self.max_kernel_rows: int | None = max_kernel_rows
@@ -265,27 +263,27 @@ class Int4Linear(Linear):
         q, scale, zero = (torch.from_numpy(np.concatenate(g)) for g in zip(*groups, strict=True))
         return cls(q, scale, zero, dtype, max_kernel_rows, gate_up)
 
-    def _runs_on(self, rows: int) -> DenseLinear | Literal["amx", "torch"]:
-        """What a batch of `rows` rows runs on: the dequantized weights' layer, the AMX int4 kernel or
-        torch's."""
+    def _runs_on(self, rows: int) -> DenseLinear | torch.Tensor | None:
+        """What a batch of `rows` rows runs on: the dequantized weights' layer, the AMX int4 kernel (its
+        tiles) or, None, torch's int4 kernel."""
         if self.dense is not None and self.max_kernel_rows is not None and rows > self.max_kernel_rows:
             return self.dense
         torch_rows = self.torch_kernel_max_rows
-        if self._amx_linear_q4 is not None and (torch_rows is None or rows > torch_rows):
-            return "amx"
-        return "torch"
+        if self.tiles is not None and (torch_rows is None or rows > torch_rows):
+            return self.tiles
+        return None
 
     def amx_tiles(self, rows: int) -> torch.Tensor | None:
         on = self._runs_on(rows)
         if isinstance(on, DenseLinear):
             return on.amx_tiles(rows)
-        return self.tiles if on == "amx" else None
+        return on
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         on = self._runs_on(x.reshape(-1, self.in_features).shape[0])
         if isinstance(on, DenseLinear):
             return on.silu_mul(x)
-        if on == "amx" and self._paired_tiles is not None:
+        if on is not None and self._paired_tiles is not None:
             self._check_dtype(x)
             return self._silu_mul_on_tiles(x, self._paired_tiles)
         return super().silu_mul(x)
@@ -300,8 +298,8 @@ class Int4Linear(Linear):
         on = self._runs_on(flat.shape[0])
         if isinstance(on, DenseLinear):
             return on(x, bias)
-        if on == "amx" and self._amx_linear_q4 is not None:  # (`_runs_on` says "amx" only with it)
-            y: torch.Tensor = self._amx_linear_q4(flat, self.tiles, bias)
+        if on is not None:
+            y = loaded_cpu_ops().amx_linear_q4(flat, on, bias)
             return y.view(*x.shape[:-1], self.out_features)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat.contiguous(), self.packed, GROUP_SIZE, self.scales_and_zeros

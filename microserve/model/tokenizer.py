@@ -45,6 +45,7 @@ _PRE_SPLITS = {
     "tekken": _TEKKEN_SPLIT,
 }
 _GPT2_PRES = ("default", "gpt2", "gpt-2")
+RELEASE_GIL_CHARS = 16 * 1024  # above this, tokenize without holding the GIL (about 5 ms of work)
 
 
 class Tokenizer:
@@ -71,6 +72,7 @@ class Tokenizer:
         }
         self._chat_template = chat_template
         self._template: ChatTemplate | None = None  # compiled on first use
+        self._max_token_chars: int | None = None  # computed on first use
         eos_id = backend.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"eos token {eos_token!r} is not in the vocabulary")
@@ -185,8 +187,21 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token's text has: no text of n characters is fewer than
+        n / max_token_chars tokens, so an over-long prompt is known before it is tokenized."""
+        if self._max_token_chars is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            self._max_token_chars = max((len(token) for token in vocab), default=1)
+        return self._max_token_chars
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for `text`; BOS/EOS are added only when the model asks for them."""
+        if len(text) > RELEASE_GIL_CHARS:
+            # Same ids; encode_batch lets go of the GIL while it works, encode does not, so a long
+            # prompt tokenized on a worker thread would stall the event loop for its whole length.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -1,181 +1,172 @@
-"""The engine's HTTP server: OpenAI routes, health, readiness, load and Prometheus metrics on aiohttp.
+"""The engine's HTTP server: OpenAI routes, health, readiness, load and Prometheus metrics, served by
+microserve's lean HTTP server (`microserve.http.server`), the router's, with its connection limits.
 
 Handlers only parse, call one function and shape the answer; the work lives in `handlers.py`.
+Why not aiohttp (the engine's server before): `benchmarks/engine_http.py`, figures in docs/reliability.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
-import orjson
-from aiohttp import web
-
-from microserve.server import errors
-from microserve.server.errors import APIError, bad_request, json_response
+from microserve.http.limits import ConnectionLimits
+from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
+from microserve.server.heap import HeapTrimmer
 from microserve.server.metrics import ServerMetrics
+from microserve.server.prompt_limits import prompt_body_limit
 from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
-STATE = web.AppKey("state", ServerState)
-STARTED = web.AppKey("started", int)
-
-# aiohttp's 1 MiB default is too small for long-context prompts, above all as JSON lists of token ids.
-MAX_BODY_BYTES = 64 * 1024 * 1024
-
-# nginx's "client closed request": shows in the access log that the answer was never delivered.
-STATUS_CLIENT_CLOSED = 499
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Hook = Callable[[], Awaitable[None]]
 
 
-def create_app(
-    engine: ServingEngine,
-    *,
-    served_model_names: list[str] | None = None,
-    max_waiting: int | None = None,
-    tracing: Tracing | None = None,
-) -> web.Application:
-    """An app serving `engine`; `max_waiting` answers 503 once that many requests wait in the engine.
+class EngineApp:
+    """An engine's routes and the state they share, and the server that serves them: `start` runs the
+    startup hooks and listens, `stop` drains (/ready 503, new requests 503, requests in flight finish,
+    answers sent with `Connection: close`), then runs the cleanup hooks. Also an async context manager
+    (a free port on loopback)."""
 
-    Serve it with handler cancellation on (as `run_server` does) so that a client hanging up aborts its
-    engine request at once; without it, the server notices at the next output.
-    """
-    names = list(served_model_names or [engine.model_name])
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
-    app[STATE] = ServerState(
-        engine=engine,
-        served_model_names=names,
-        metrics=ServerMetrics(engine.load, names[0]),
-        max_waiting=max_waiting,
-        tracing=tracing,
-    )
-    app[STARTED] = int(time.time())
-    app.on_shutdown.append(_start_draining)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/load", load)
-    app.router.add_get("/metrics", metrics)
-    return app
+    def __init__(
+        self,
+        engine: ServingEngine,
+        *,
+        served_model_names: list[str] | None = None,
+        max_waiting: int | None = None,
+        limits: ConnectionLimits | None = None,
+        max_body_bytes: int | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        names = list(served_model_names or [engine.model_name])
+        self.state = ServerState(
+            engine=engine,
+            served_model_names=names,
+            metrics=ServerMetrics(engine.load, names[0]),
+            max_waiting=max_waiting,
+            tracing=tracing,
+        )
+        self.started = int(time.time())
+        # A prompt body is sized to the context: a huge one is refused from its Content-Length.
+        self.max_body_bytes = max_body_bytes or prompt_body_limit(engine.max_model_len)
+        self.routes = Routes()
+        self.routes.add("POST", "/v1/completions", self.completions, max_body=self.max_body_bytes)
+        self.routes.add("POST", "/v1/chat/completions", self.chat_completions, max_body=self.max_body_bytes)
+        self.routes.add("GET", "/v1/models", self.models)
+        self.routes.add("GET", "/health", health)
+        self.routes.add("GET", "/ready", self.ready)
+        self.routes.add("GET", "/load", self.load)
+        self.routes.add("GET", "/metrics", self.metrics)
+        self.heap = HeapTrimmer()
+        self.on_startup: list[Hook] = []
+        self.on_shutdown: list[Hook] = []  # first thing on a stop, before draining
+        self.on_cleanup: list[Hook] = []
+        self.http = HTTPServer(self.routes, limits)
 
+    @property
+    def url(self) -> str:
+        return self.http.url
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    body, size = await read_json(request)
-    req = parse_request(CompletionRequest, body)
-    state = request.app[STATE]
-    return await serve(request, state, await prepare(state, req, size))
+    @property
+    def port(self) -> int:
+        return self.http.port
 
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body, size = await read_json(request)
-    req = parse_request(ChatCompletionRequest, body)
-    state = request.app[STATE]
-    return await serve(request, state, await prepare(state, req, size))
-
-
-async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    created = request.app[STARTED]
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "microserve",
-            "root": state.engine.model_name,
-            "max_model_len": state.engine.max_model_len,
-        }
-        for name in state.served_model_names
-    ]
-    return json_response({"object": "list", "data": data})
-
-
-async def health(request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
-
-
-async def ready(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    is_ready = not state.draining and state.engine.is_ready()
-    return json_response({"ready": is_ready}, status=200 if is_ready else 503)
-
-
-async def load(request: web.Request) -> web.Response:
-    return json_response(request.app[STATE].engine.load())
-
-
-async def metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept"))
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def read_json(request: web.Request) -> tuple[Any, int]:
-    """The decoded JSON body and its size in bytes; malformed or oversized bodies are 4xx."""
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise APIError(413, f"The request body exceeds {MAX_BODY_BYTES} bytes.") from None
-    if not raw:
-        raise bad_request("The request body is empty; send a JSON object.")
-    try:
-        return orjson.loads(raw), len(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}") from None
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI-shaped error, and the server keeps serving."""
-    try:
-        return await handler(request)
-    except APIError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+        for hook in self.on_startup:
+            await hook()
+        try:
+            await self.http.start(host, port, reuse_port=reuse_port)
+        except BaseException:
+            await self.cleanup()
             raise
-        # Unknown route, wrong method…: same shape as every other error, keeping headers such as Allow.
-        message = f"{exc.reason}: {request.method} {request.path}"
-        headers = {
-            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
-        }
-        return APIError(exc.status, message, headers=headers).response()
-    except ConnectionResetError:
-        return web.Response(status=STATUS_CLIENT_CLOSED)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return errors.internal_error().response()
+        log.info("serving on %s", self.http.url)
+
+    def start_draining(self) -> None:
+        """/ready turns 503 and new requests are refused while requests in flight finish."""
+        self.state.draining = True
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        for hook in self.on_shutdown:
+            try:
+                await hook()
+            except Exception:
+                log.exception("an engine server shutdown hook failed")
+        self.start_draining()
+        try:
+            await self.http.stop(drain_timeout_s)
+        finally:
+            await self.cleanup()
+
+    async def cleanup(self) -> None:
+        for hook in self.on_cleanup:
+            try:
+                await hook()
+            except Exception:
+                log.exception("an engine server cleanup hook failed")
+
+    async def __aenter__(self) -> EngineApp:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- routes -------------------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response | Stream:
+        try:
+            req = parse_request(CompletionRequest, request.json())
+            return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        finally:
+            self.heap.request_done(len(request.body))
+
+    async def chat_completions(self, request: Request) -> Response | Stream:
+        try:
+            req = parse_request(ChatCompletionRequest, request.json())
+            return await serve(request, self.state, await prepare(self.state, req, len(request.body)))
+        finally:
+            self.heap.request_done(len(request.body))
+
+    async def models(self, request: Request) -> Response:
+        engine = self.state.engine
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self.started,
+                "owned_by": "microserve",
+                "root": engine.model_name,
+                "max_model_len": engine.max_model_len,
+            }
+            for name in self.state.served_model_names
+        ]
+        return Response.json({"object": "list", "data": data})
+
+    async def ready(self, request: Request) -> Response:
+        is_ready = not self.state.draining and self.state.engine.is_ready()
+        return Response.json({"ready": is_ready}, status=200 if is_ready else 503)
+
+    async def load(self, request: Request) -> Response:
+        return Response.json(self.state.engine.load())
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = self.state.metrics.render(request.headers.get("accept"))
+        return Response(body, content_type=content_type)
 
 
-async def _start_draining(app: web.Application) -> None:
-    # /ready turns 503 and new requests are refused while requests in flight finish.
-    app[STATE].draining = True
+async def health(request: Request) -> Response:
+    return Response.json({"status": "ok"})
 
 
-def run_server(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0) -> None:
-    """Serve `app` until SIGINT or SIGTERM, then drain requests in flight for up to `shutdown_timeout` s."""
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:
-        loop = asyncio.new_event_loop()
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        loop=loop,
-        handler_cancellation=True,
-        shutdown_timeout=shutdown_timeout,
-        # One log line per request costs more than routing it; keep them for debugging only.
-        access_log=logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None,
-        print=lambda *_: log.info("serving on http://%s:%d", host, port),
-    )
+def create_app(engine: ServingEngine, **kwargs: Any) -> EngineApp:
+    """An app serving `engine` (see `EngineApp` for the options); `max_waiting` answers 503 once that
+    many requests wait in the engine. A client hanging up cancels its handler, which aborts its engine
+    request at once."""
+    return EngineApp(engine, **kwargs)

@@ -11,18 +11,17 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
-
-from aiohttp import web
 
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.config import EngineConfig
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.engine_builder import build_engine
+from microserve.http.limits import ConnectionLimits, raise_descriptor_limit
+from microserve.http.server import Handler, Request, Response, Stream
 from microserve.registry.args import RegisterOptions
 from microserve.registry.record import Registration
 from microserve.registry.register import Registrar
-from microserve.server.app import create_app
+from microserve.server.app import EngineApp, create_app
 from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
 from microserve.tokens import bearer_matches
@@ -38,50 +37,58 @@ def engine_app(
     own_thread: bool = True,
     metrics_token: str | None = None,
     tracing: Tracing | None = None,
-) -> web.Application:
+    limits: ConnectionLimits | None = None,
+    max_body_bytes: int | None = None,
+) -> EngineApp:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
     otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
     `metrics_token`, /metrics answers only requests that carry it. With `tracing`, it sends spans, and
     flushes them as it stops."""
-    app = create_app(engine, tracing=tracing)  # the engine itself refuses work beyond its max_waiting
+    # The engine itself refuses work beyond its max_waiting.
+    app = create_app(engine, limits=limits, max_body_bytes=max_body_bytes, tracing=tracing)
     add_microserving_routes(app, engine, internal_token)
     if metrics_token:
-        app.middlewares.append(_metrics_token(metrics_token))
+        app.routes.add("GET", "/metrics", _metrics_token(metrics_token, app.metrics))
 
-    async def start(_: web.Application) -> None:
+    async def start() -> None:
         engine.start()
-
-    async def stop(_: web.Application) -> None:
-        await engine.stop()
 
     if own_thread:
         app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+    app.on_cleanup.append(engine.stop)
     if tracing is not None:
 
-        async def flush(_: web.Application) -> None:
+        async def flush() -> None:
             await asyncio.to_thread(tracing.shutdown)
 
         app.on_cleanup.append(flush)
     return app
 
 
-def _metrics_token(token: str):  # type: ignore[no-untyped-def]
-    @web.middleware
-    async def require(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/metrics" and not bearer_matches(request.headers.get("Authorization"), token):
-            return APIError(401, "/metrics needs the metrics token.", code="unauthorized").response()
-        return await handler(request)
+def _metrics_token(token: str, metrics: Handler) -> Handler:
+    async def require(request: Request) -> Response | Stream:
+        if not bearer_matches(request.headers.get("authorization"), token):
+            raise APIError(401, "/metrics needs the metrics token.", code="unauthorized")
+        return await metrics(request)
 
     return require
 
 
 class ServerThread:
-    """An aiohttp app served from an event loop on a background thread."""
+    """An engine app served from an event loop on a background thread."""
 
-    def __init__(self, app: web.Application, host: str, port: int, shutdown_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: EngineApp,
+        host: str,
+        port: int,
+        shutdown_timeout: float = 30.0,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.loop = _new_loop()
         self._app, self._host, self._port, self._timeout = app, host, port, shutdown_timeout
+        self._reuse_port = reuse_port
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -111,25 +118,15 @@ class ServerThread:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        runner = web.AppRunner(
-            self._app,
-            handle_signals=False,
-            handler_cancellation=True,
-            shutdown_timeout=self._timeout,
-            # One log line per request costs more than serving it; keep them for debugging only.
-            access_log=logging.getLogger("aiohttp.access") if log.isEnabledFor(logging.DEBUG) else None,
-        )
         try:
-            await runner.setup()
-            await web.TCPSite(runner, self._host, self._port).start()
+            await self._app.start(self._host, self._port, reuse_port=self._reuse_port)
         except BaseException as exc:
             self._error = exc
             self._started.set()
-            await runner.cleanup()
             return
         self._started.set()
         await self._stop.wait()
-        await runner.cleanup()  # on_shutdown (drain) then on_cleanup (stops the engine)
+        await self._app.stop(self._timeout)  # drain, then the cleanup hooks (which stop the engine)
 
 
 def run_engine(
@@ -139,14 +136,28 @@ def run_engine(
     internal_token: str | None = None,
     metrics_token: str | None = None,
     register: RegisterOptions | None = None,
+    *,
+    limits: ConnectionLimits | None = None,
+    max_body_bytes: int | None = None,
+    drain_timeout_s: float = 30.0,
+    reuse_port: bool = False,
 ) -> int:
     # Before the model loads, so that a bad setting fails fast.
     tracing = Tracing.from_env("microserve-engine", f"http://{host}:{port}")
+    raise_descriptor_limit()
     engine = build_engine(config)
-    app = engine_app(engine, internal_token, own_thread=False, metrics_token=metrics_token, tracing=tracing)
+    app = engine_app(
+        engine,
+        internal_token,
+        own_thread=False,
+        metrics_token=metrics_token,
+        tracing=tracing,
+        limits=limits,
+        max_body_bytes=max_body_bytes,
+    )
     if register is not None:
         add_registration(app, registrar(engine, config, register), engine.is_ready)
-    server = ServerThread(app, host, port)
+    server = ServerThread(app, host, port, drain_timeout_s, reuse_port=reuse_port)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
@@ -176,18 +187,15 @@ def registrar(engine: AsyncEngine, config: EngineConfig, options: RegisterOption
     return Registrar(options.target, record, options.ttl_s)
 
 
-def add_registration(app: web.Application, registrar: Registrar, ready: Callable[[], bool]) -> None:
+def add_registration(app: EngineApp, registrar: Registrar, ready: Callable[[], bool]) -> None:
     """Register once the engine is ready (it listens and steps); withdraw first thing on a graceful stop,
     before draining, so routers stop sending new requests while those in flight finish here."""
 
-    async def start(_: web.Application) -> None:
+    async def start() -> None:
         registrar.start(when=ready)
 
-    async def withdraw(_: web.Application) -> None:
-        await registrar.withdraw()
-
     app.on_startup.append(start)
-    app.on_shutdown.insert(0, withdraw)
+    app.on_shutdown.insert(0, registrar.withdraw)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from aiohttp import web
-
 
 class APIError(Exception):
-    """An error answered to the client as-is; handlers raise it, a middleware renders it."""
+    """An error answered to the client as-is; handlers raise it, the HTTP server renders it."""
 
     def __init__(
         self,
@@ -36,20 +33,11 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
 
-    def response(self) -> web.Response:
-        return json_response(self.body(), status=self.status, headers=self.headers)
-
 
 def error_body(
     message: str, type: str, *, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
-    )
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:

@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
-from aiohttp import web
 
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
 from microserve.engine.outputs import FinishReason, RequestOutput
 from microserve.engine.reservations import ReservationError
 from microserve.engine.sampling import SamplingParams
+from microserve.http.server import Request, Response, Stream
 from microserve.server import errors
-from microserve.server.errors import APIError, bad_request, json_response
+from microserve.server.errors import APIError, bad_request
 from microserve.server.metrics import RequestTimer, ServerMetrics
+from microserve.server.prompt_limits import check_prompt_chars, max_token_chars
 from microserve.server.protocol import (
     ChatCompletionRequest,
     ChatShape,
@@ -117,6 +118,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
     if isinstance(req.prompt, str):
+        check_prompt_chars(req.prompt, state.engine.max_model_len, max_token_chars(tokenizer), "prompt")
         prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=True)
     else:
         prompt_ids = _checked_token_ids(req.prompt, tokenizer.vocab_size)
@@ -143,6 +145,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         raise bad_request(
             f"The chat template cannot render these messages: {exc}", param="messages"
         ) from None
+    check_prompt_chars(text, state.engine.max_model_len, max_token_chars(tokenizer), "messages")
     # The rendered template already carries BOS and role markers; adding them again would double them.
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     requested = req.requested_max_tokens
@@ -187,7 +190,7 @@ def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
-async def serve(request: web.Request, state: ServerState, prepared: Prepared) -> web.StreamResponse:
+async def serve(request: Request, state: ServerState, prepared: Prepared) -> Response | Stream:
     """Run one request on the engine and answer it as JSON or as SSE; the engine request ends with it."""
     if state.tracing is None:
         return await _serve(request, state, prepared)
@@ -202,8 +205,8 @@ async def serve(request: web.Request, state: ServerState, prepared: Prepared) ->
 
 
 async def _serve(
-    request: web.Request, state: ServerState, prepared: Prepared, watch: Watch | None = None
-) -> web.StreamResponse:
+    request: Request, state: ServerState, prepared: Prepared, watch: Watch | None = None
+) -> Response | Stream:
     state.admit()
     request_id = prepared.request_id or prepared.shape.id
     timer = state.metrics.start_request()
@@ -236,7 +239,7 @@ async def _serve(
             raise
         except EngineDead as exc:
             raise errors.engine_dead(str(exc) or "The engine stopped.") from None
-    return json_response(prepared.shape.full(text, last, token_ids))
+    return Response.json(prepared.shape.full(text, last, token_ids))
 
 
 class ClientDisconnected(ConnectionResetError):
@@ -250,13 +253,8 @@ async def _next_output(gen: AsyncGenerator[RequestOutput, None]) -> RequestOutpu
     return output
 
 
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 async def collect(
-    request: web.Request,
+    request: Request,
     gen: AsyncGenerator[RequestOutput, None],
     first: RequestOutput,
     timer: RequestTimer,
@@ -272,8 +270,9 @@ async def collect(
         if output.finished:
             timer.finish(str(output.finish_reason or FinishReason.STOP))
             return "".join(parts), output, token_ids
-        # Servers run without handler cancellation would otherwise generate to the end for nobody.
-        if _client_gone(request):
+        # The server cancels this handler when its client goes; polling as well costs nothing and
+        # holds for a caller that does not cancel.
+        if request.disconnected():
             timer.finish("abort")
             raise ClientDisconnected("client disconnected before the completion was ready")
         output = await _next_output(gen)
@@ -284,15 +283,14 @@ def _frame(body: dict[str, Any]) -> bytes:
 
 
 async def stream_sse(
-    request: web.Request,
+    request: Request,
     gen: AsyncGenerator[RequestOutput, None],
     first: RequestOutput,
     shape: ResponseShape,
     timer: RequestTimer,
-) -> web.StreamResponse:
+) -> Stream:
     """Stream an answer as server-sent events: deltas, a finish chunk, usage if asked, then [DONE]."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
+    response = await request.stream(200, SSE_HEADERS)
     frames = [_frame(chunk) for chunk in shape.opening_chunks()]
     output = first
     try:

@@ -11,37 +11,59 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import web
 from pydantic import Field
 
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
 from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded
+from microserve.http.server import Request, Response, Stream
 from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_challenge
 from microserve.server import errors
-from microserve.server.app import STATE, read_json
-from microserve.server.errors import APIError, bad_request, json_response
+from microserve.server.app import EngineApp
+from microserve.server.errors import APIError, bad_request
 from microserve.server.handlers import Prepared, serve
+from microserve.server.prompt_limits import check_prompt_chars, kv_body_limit, max_token_chars
 from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
 from microserve.server.tracing import EngineSpan, SendSpan
 
 log = logging.getLogger(__name__)
 
-SESSION = web.AppKey("microserving_session", aiohttp.ClientSession)
-ENGINE = web.AppKey("microserving_engine", AsyncEngine)
-TOKEN = web.AppKey("internal_token", str)
-PEERS = web.AppKey("microserving_peers", PeerVerifier)
+KV_ROUTE = "/microserving/kv/"  # + the receiving request id
+OFFLOAD_PROMPT_CHARS = 16 * 1024
 
 # No total limit: a transfer takes as long as the prefill behind it; a stalled socket still fails.
 TRANSFER_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=120)
+
+Verb = Callable[["Microserving", Request], Awaitable[Response | Stream]]
+
+
+@dataclass
+class Microserving:
+    """What the verbs share: the engine, the app (its state and metrics), the internal token, and the
+    client session that pushes KV to other engines with the verifier of those peers (both open while
+    the server runs)."""
+
+    engine: AsyncEngine
+    app: EngineApp
+    token: str = ""
+    session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    peers: PeerVerifier | None = field(default=None, repr=False)
+
+    def span(self, request: Request, name: str) -> EngineSpan | contextlib.nullcontext[None]:
+        """The verb's server span when tracing is on (its attributes set by the handler)."""
+        tracing = self.app.state.tracing
+        return contextlib.nullcontext() if tracing is None else EngineSpan(tracing, request.headers, name)
 
 
 class PrepRecvRequest(RequestModel):
@@ -77,42 +99,57 @@ def normalize_index(index: int | None, length: int, default: int) -> int:
     return min(max(index, 0), length)
 
 
-def add_microserving_routes(app: web.Application, engine: AsyncEngine, internal_token: str | None) -> None:
-    app[ENGINE] = engine
-    app[TOKEN] = internal_token or ""
-    app.middlewares.append(_require_internal_token)
-    app.router.add_post("/microserving/prep_recv", prep_recv)
-    app.router.add_post("/microserving/remote_send", remote_send)
-    app.router.add_post("/microserving/start_generate", start_generate)
-    app.router.add_post("/microserving/release", release)
-    app.router.add_post("/microserving/kv/{request_id}", receive_kv)
-    app.router.add_post(PROOF_PATH, peer_proof)
-    app.cleanup_ctx.append(_client_session)
-
-
-async def _client_session(app: web.Application):  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT) as session:
-        app[SESSION] = session
-        app[PEERS] = PeerVerifier(app[TOKEN] or None, session)
-        yield
-
-
-@web.middleware
-async def _require_internal_token(request: web.Request, handler: Any) -> web.StreamResponse:
-    token = request.app[TOKEN]
+def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token: str | None) -> None:
+    ms = Microserving(engine, app, internal_token or "")
+    body = app.max_body_bytes
+    for path, verb in (
+        ("/microserving/prep_recv", prep_recv),
+        ("/microserving/remote_send", remote_send),
+        ("/microserving/start_generate", start_generate),
+        ("/microserving/release", release),
+    ):
+        app.routes.add("POST", path, _guarded(ms, verb), max_body=body)
+    # The largest KV transfer is a whole context's K and V.
+    kv_body = kv_body_limit(engine.kv_layout.bytes_per_token, engine.max_model_len)
+    app.routes.add("POST", KV_ROUTE + "*", _guarded(ms, receive_kv), max_body=kv_body)
     # The peer challenge proves the token by HMAC instead: a sender must not hand its token to a
     # destination before that destination proved it is a peer.
-    if token and request.path.startswith("/microserving/") and request.path != PROOF_PATH:
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            return APIError(
-                401, "The microserving routes need the internal token.", code="unauthorized"
-            ).response()
-    return await handler(request)
+    app.routes.add("POST", PROOF_PATH, functools.partial(peer_proof, ms))
+
+    async def open_session() -> None:
+        ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT)
+        ms.peers = PeerVerifier(ms.token or None, ms.session)
+
+    async def close_session() -> None:
+        if ms.session is not None:
+            await ms.session.close()
+
+    app.on_startup.append(open_session)
+    app.on_cleanup.append(close_session)
 
 
-def _prompt_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
-    ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+def _guarded(ms: Microserving, verb: Verb) -> Callable[[Request], Awaitable[Response | Stream]]:
+    """`verb` behind the internal token, when one is set."""
+
+    @functools.wraps(verb)
+    async def handler(request: Request) -> Response | Stream:
+        if ms.token:
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), ms.token.encode()):
+                raise APIError(401, "The microserving routes need the internal token.", code="unauthorized")
+        return await verb(ms, request)
+
+    return handler
+
+
+async def _prompt_ids(engine: AsyncEngine, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        check_prompt_chars(prompt, engine.max_model_len, max_token_chars(engine.tokenizer), "prompt")
+        encode = functools.partial(engine.tokenizer.encode, prompt)
+        # A long prompt is tokenized on a thread (the tokenizer lets go of the GIL for it).
+        ids = await asyncio.to_thread(encode) if len(prompt) > OFFLOAD_PROMPT_CHARS else encode()
+    else:
+        ids = list(prompt)
     if not ids:
         raise bad_request("prompt must not be empty.", param="prompt")
     vocab = engine.tokenizer.vocab_size
@@ -139,54 +176,49 @@ async def _engine_call(coro: Any) -> Any:
         raise bad_request(str(exc)) from None
 
 
-def _span(request: web.Request, name: str) -> EngineSpan | contextlib.nullcontext[None]:
-    """The verb's server span when tracing is on (its attributes set by the handler)."""
-    tracing = request.app[STATE].tracing
-    return contextlib.nullcontext() if tracing is None else EngineSpan(tracing, request.headers, name)
+async def prep_recv(ms: Microserving, request: Request) -> Response:
+    with ms.span(request, "engine.prep_recv") as span:
+        return await _prep_recv(ms, request, span)
 
 
-async def prep_recv(request: web.Request) -> web.Response:
-    with _span(request, "engine.prep_recv") as span:
-        return await _prep_recv(request, span)
-
-
-async def _prep_recv(request: web.Request, span: EngineSpan | None) -> web.Response:
-    engine = request.app[ENGINE]
-    req = parse_request(PrepRecvRequest, (await read_json(request))[0])
-    ids = _prompt_ids(engine, req.prompt)
+async def _prep_recv(ms: Microserving, request: Request, span: EngineSpan | None) -> Response:
+    engine = ms.engine
+    req = parse_request(PrepRecvRequest, request.json())
+    ids = await _prompt_ids(engine, req.prompt)
     end = normalize_index(req.end, len(ids), len(ids))
-    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end, request.remote or ""))
+    matched = await _engine_call(engine.prep_recv(req.request_id, ids, end, request.remote))
     if span is not None:
         span.set(
             microserve__request_id=req.request_id, microserve__end=end, microserve__matched_tokens=matched
         )
     info = {"request_id": req.request_id, "begin": matched, "end": end, "layout": asdict(engine.kv_layout)}
-    return json_response({"kv_addr_info": info, "matched_len": matched})
+    return Response.json({"kv_addr_info": info, "matched_len": matched})
 
 
-async def remote_send(request: web.Request) -> web.Response:
-    tracing = request.app[STATE].tracing
+async def remote_send(ms: Microserving, request: Request) -> Response:
+    tracing = ms.app.state.tracing
     if tracing is None:
-        return await _remote_send(request, None)
+        return await _remote_send(ms, request, None)
     with SendSpan(tracing, request.headers, "engine.remote_send") as span:
-        return await _remote_send(request, span)
+        return await _remote_send(ms, request, span)
 
 
-async def _remote_send(request: web.Request, span: SendSpan | None) -> web.Response:
-    engine = request.app[ENGINE]
-    req = parse_request(RemoteSendRequest, (await read_json(request))[0])
-    ids = _prompt_ids(engine, req.prompt)
+async def _remote_send(ms: Microserving, request: Request, span: SendSpan | None) -> Response:
+    engine = ms.engine
+    req = parse_request(RemoteSendRequest, request.json())
+    ids = await _prompt_ids(engine, req.prompt)
     begin = normalize_index(req.begin, len(ids), 0)
     end = normalize_index(req.end, len(ids), len(ids))
     _check_compatible(engine.kv_layout, req.kv_addr_info)
+    assert ms.session is not None and ms.peers is not None, "the server has not started"
     try:
-        dst = await request.app[PEERS].verify(req.dst_url)
+        dst = await ms.peers.verify(req.dst_url)
     except PeerRefused as exc:
         raise APIError(403, str(exc), param="dst_url", code="peer_not_authenticated") from None
     if begin >= end:
-        return json_response({"sent_tokens": 0, "bytes": 0})
-    url = f"{dst}/microserving/kv/{req.kv_addr_info.get('request_id', req.request_id)}"
-    headers = {"Authorization": f"Bearer {request.app[TOKEN]}"} if request.app[TOKEN] else {}
+        return Response.json({"sent_tokens": 0, "bytes": 0})
+    url = f"{dst}{KV_ROUTE}{req.kv_addr_info.get('request_id', req.request_id)}"
+    headers = {"Authorization": f"Bearer {ms.token}"} if ms.token else {}
     sent = size = 0
     # A private id: this engine may also hold the receiving side's reservation under request_id.
     prefill = engine.prefill(f"{req.request_id}/send", ids[:end], begin)
@@ -199,10 +231,10 @@ async def _remote_send(request: web.Request, span: SendSpan | None) -> web.Respo
                 for piece in progress.payloads:
                     await asyncio.sleep(engine.transfer_time(piece.num_tokens))  # the sim backend's model
                     if span is None:
-                        await _push(request.app[SESSION], url, piece.data, headers)
+                        await _push(ms.session, url, piece.data, headers)
                     else:
                         with span.push(piece, url) as push:
-                            await _push(request.app[SESSION], url, piece.data, {**headers, **push.headers})
+                            await _push(ms.session, url, piece.data, {**headers, **push.headers})
                     sent += piece.num_tokens
                     size += len(piece.data)
                 if progress.finished:
@@ -219,7 +251,7 @@ async def _remote_send(request: web.Request, span: SendSpan | None) -> web.Respo
             microserve__kv__bytes=size,
             server__address=req.dst_url,
         )
-    return json_response({"sent_tokens": sent, "bytes": size})
+    return Response.json({"sent_tokens": sent, "bytes": size})
 
 
 async def _push(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]) -> None:
@@ -249,36 +281,34 @@ def _check_compatible(mine: KVLayout, kv_addr_info: dict[str, Any]) -> None:
         )
 
 
-async def peer_proof(request: web.Request) -> web.Response:
-    token = request.app[TOKEN]
-    if not token:
+async def peer_proof(ms: Microserving, request: Request) -> Response:
+    if not ms.token:
         raise APIError(403, "This engine has no internal token to prove.", code="no_internal_token")
     try:
-        return json_response(answer_challenge(token, (await read_json(request))[0]))
+        return Response.json(answer_challenge(ms.token, request.json()))
     except ValueError as exc:
         raise APIError(401, str(exc), code="unauthorized") from None
 
 
-async def receive_kv(request: web.Request) -> web.Response:
-    with _span(request, "engine.kv_import") as span:
-        engine = request.app[ENGINE]
-        payload = await request.read()
-        begin, end = await _engine_call(engine.import_kv(request.match_info["request_id"], payload))
+async def receive_kv(ms: Microserving, request: Request) -> Response:
+    request_id = unquote(request.path.removeprefix(KV_ROUTE))
+    with ms.span(request, "engine.kv_import") as span:
+        begin, end = await _engine_call(ms.engine.import_kv(request_id, request.body))
         if span is not None:
             span.set(
-                microserve__request_id=request.match_info["request_id"],
+                microserve__request_id=request_id,
                 microserve__kv__begin=begin,
                 microserve__kv__end=end,
-                microserve__kv__bytes=len(payload),
+                microserve__kv__bytes=len(request.body),
             )
-        return json_response({"begin": begin, "end": end})
+        return Response.json({"begin": begin, "end": end})
 
 
-async def start_generate(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    state = request.app[STATE]
-    req = parse_request(StartGenerateRequest, (await read_json(request))[0])
-    ids = _prompt_ids(engine, req.prompt)
+async def start_generate(ms: Microserving, request: Request) -> Response | Stream:
+    engine = ms.engine
+    state = ms.app.state
+    req = parse_request(StartGenerateRequest, request.json())
+    ids = await _prompt_ids(engine, req.prompt)
     model = state.resolve_model(req.model)
     max_tokens = req.max_tokens if req.max_tokens is not None else max(1, engine.max_model_len - len(ids))
     prepared = Prepared(
@@ -298,8 +328,7 @@ async def start_generate(request: web.Request) -> web.StreamResponse:
     return await serve(request, state, prepared)
 
 
-async def release(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    req = parse_request(ReleaseRequest, (await read_json(request))[0])
-    released = await _engine_call(engine.release(req.request_id))
-    return json_response({"released": released})
+async def release(ms: Microserving, request: Request) -> Response:
+    req = parse_request(ReleaseRequest, request.json())
+    released = await _engine_call(ms.engine.release(req.request_id))
+    return Response.json({"released": released})

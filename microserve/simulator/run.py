@@ -6,14 +6,13 @@ Arrivals, max concurrency and multi-turn follow-ups behave as in bench's runner;
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from microserve.bench.arrivals import interarrival_gaps
+from microserve.bench.issuer import issue_requests
 from microserve.bench.metrics import Summary, summarize
 from microserve.bench.runner import RunConfig, RunResult
 from microserve.bench.sender import RequestRecord
@@ -133,31 +132,8 @@ class Simulator:
         keep_tokens = isinstance(source, ConversationSource)  # only multi-turn reads the answers
         if gaps is None:
             gaps = interarrival_gaps(config.kind, config.request_rate, config.burstiness, config.seed)
-        slots = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
-        closed_loop = slots if math.isinf(config.request_rate) else None  # its slots, where it is one
-        records: list[RequestRecord] = []
-        tasks: set[asyncio.Task[None]] = set()
-        answered = asyncio.Event()
 
-        async def one(request: BenchRequest, arrival: float) -> None:
-            record = RequestRecord(request, arrival=arrival)
-            try:
-                if slots is not None and closed_loop is None:
-                    async with slots:
-                        req = await send(request, record)
-                else:
-                    req = await send(request, record)
-            finally:
-                if closed_loop is not None:
-                    closed_loop.release()
-            answer = None
-            if record.success and req is not None:
-                answer = self.tokenizer.decode(req.answer.token_ids or []) if keep_tokens else ""
-            source.complete(request, answer)
-            records.append(record)
-            answered.set()
-
-        async def send(request: BenchRequest, record: RequestRecord) -> SimRequest | None:
+        async def send(request: BenchRequest, record: RequestRecord) -> str | None:
             record.start = loop.time()
             try:
                 req = self.request(request, record, keep_tokens)
@@ -167,39 +143,19 @@ class Simulator:
             await router.serve(req)
             if record.error is None and not record.chunk_times:
                 record.error = "no generated token arrived"
-            return req
-
-        async def next_request(deadline: float) -> BenchRequest | None:
-            while (request := source.next_ready()) is None and not source.exhausted:
-                answered.clear()
-                timeout = deadline - loop.time()
-                if not tasks or timeout <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(answered.wait(), timeout=None if math.isinf(deadline) else timeout)
-            return request
+            if not record.success:
+                return None
+            return self.tokenizer.decode(req.answer.token_ids or []) if keep_tokens else ""
 
         start = loop.time()
-        deadline = start + config.duration_s if config.duration_s else math.inf
-        next_at = start
-        for gap in gaps:
-            next_at += gap
-            if next_at >= deadline:
-                break
-            if next_at > loop.time():
-                await asyncio.sleep(next_at - loop.time())
-            if closed_loop is not None:
-                await closed_loop.acquire()
-            request = await next_request(deadline)
-            if request is None or loop.time() >= deadline:
-                if closed_loop is not None:
-                    closed_loop.release()
-                break
-            task = asyncio.create_task(one(request, loop.time()))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        while tasks:
-            await asyncio.gather(*list(tasks))
+        records = await issue_requests(
+            source,
+            gaps,
+            send,
+            loop.time,
+            request_rate=config.request_rate,
+            max_concurrency=config.max_concurrency,
+            duration_s=config.duration_s,
+        )
         duration = loop.time() - start
-        records.sort(key=lambda r: r.request.index)
         return RunResult(config, records, duration, skipped=source.skipped, workload=workload.describe())
