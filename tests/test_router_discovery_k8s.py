@@ -14,7 +14,7 @@ import pytest
 from microserve.cli import build_parser
 from microserve.kube.client import KubeClient
 from microserve.kube.config import KubeConfig
-from microserve.router.config import config_from_args
+from microserve.router.config import RouterConfig, config_from_args
 from microserve.router.discovery import make_discovery
 from microserve.router.discovery.k8s import KubernetesDiscovery, pod_ready, pod_worker
 from microserve.router.health import HealthConfig
@@ -328,4 +328,32 @@ async def test_a_role_without_watch_is_reported(tmp_path: Path) -> None:
         assert 'cannot watch resource "pods"' in (f.source.status.error or "")
     finally:
         await f.stop()
+        await api.stop()
+
+
+async def test_a_request_scales_an_empty_deployment_from_zero(tmp_path: Path) -> None:
+    """A Deployment at 0 replicas: a request is held in the router, the actuator patches 1, the pod the
+    Deployment then starts (played here) turns Ready, joins, and the held request is answered."""
+    api = FakeKubeAPI(rbac=RBAC)
+    await api.start()
+    config_path = api.kubeconfig(tmp_path / "kubeconfig")
+    api.deployment("engine", 0)
+    try:
+        async with fakes(1) as (server,):
+            config = RouterConfig(
+                discovery=[f"k8s://serving?selector=app%3Dengine&kubeconfig={config_path}"],
+                k8s_scale=[f"k8s://serving/engine?min=0&max=2&kubeconfig={config_path}"],
+                health=HealthConfig(interval_s=0.2),
+            )
+            router = Router(config)
+            async with serving(router) as client:
+                assert len(router.pool) == 0
+                body = {"model": "fake", "prompt": "x", "max_tokens": 2}
+                held = asyncio.create_task(client.post("/v1/completions", json=body))
+                await wait_for(lambda: api.patches == [("engine", 1)], "a scale from zero")
+                assert not held.done()
+                await api.put(engine_pod("engine-x", server.url))  # the Deployment's new pod is Ready
+                r = await asyncio.wait_for(held, WAIT_S)
+                assert r.status == 200 and len(server.generate_calls) == 1
+    finally:
         await api.stop()
