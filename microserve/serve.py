@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 
@@ -185,7 +186,8 @@ async def serve(args: argparse.Namespace) -> int:
         await asyncio.gather(*(e.start() for e in engines))
         starting = asyncio.gather(*(e.wait_ready(args.ready_timeout) for e in engines))
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+        either: list[asyncio.Future[Any]] = [starting, stopped]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             starting.cancel()
             return 130

@@ -85,7 +85,9 @@ async def test_chat_stream_opening_chunk_has_prompt_ids() -> None:
 async def test_without_the_flag_no_id_fields_appear() -> None:
     engine = FakeEngine(reply=REPLY)
     chunks = await post(engine, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True})
-    assert all(set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason"} for c in chunks)
+    assert all(
+        set(c["choices"][0]) == {"index", "text", "logprobs", "finish_reason", "stop_reason"} for c in chunks
+    )
 
 
 async def test_start_generate_reports_every_id_when_asked() -> None:

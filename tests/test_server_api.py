@@ -40,7 +40,8 @@ def engine() -> FakeEngine:
 
 
 def without_volatile(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in body.items() if k not in ("id", "created")}
+    assert body["system_fingerprint"] == "microserve"
+    return {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
 
 
 def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
@@ -108,7 +109,9 @@ async def test_completion_json_shape(engine: FakeEngine) -> None:
     assert without_volatile(body) == {
         "object": "text_completion",
         "model": "fake-model",
-        "choices": [{"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length"}],
+        "choices": [
+            {"index": 0, "text": "Hello", "logprobs": None, "finish_reason": "length", "stop_reason": None}
+        ],
         "usage": usage(prompt=3, completion=5, cached=1),
     }
     request_id, prompt_ids, params = engine.calls[0]
@@ -159,7 +162,7 @@ async def test_sampling_fields_reach_the_engine(engine: FakeEngine) -> None:
         "presence_penalty": 0,
         "frequency_penalty": 0.0,
         "user": "u1",
-        "some_vendor_field": {"ignored": True},
+        "metadata": {"accepted": "and not used"},
     }
     async with serving(engine) as client:
         assert (await client.post("/v1/completions", json=body)).status == 200
@@ -185,14 +188,18 @@ async def test_completion_stream_shape(engine: FakeEngine) -> None:
         {
             "object": "text_completion",
             "model": "fake-model",
-            "choices": [{"index": 0, "text": t, "logprobs": None, "finish_reason": None}],
+            "choices": [
+                {"index": 0, "text": t, "logprobs": None, "finish_reason": None, "stop_reason": None}
+            ],
         }
         for t in "Hel"
     ] + [
         {
             "object": "text_completion",
             "model": "fake-model",
-            "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}],
+            "choices": [
+                {"index": 0, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None}
+            ],
         }
     ]
 
@@ -236,6 +243,7 @@ async def test_chat_json_shape(engine: FakeEngine) -> None:
                 "message": {"role": "assistant", "content": REPLY},
                 "logprobs": None,
                 "finish_reason": "stop",
+                "stop_reason": None,
             }
         ],
         "usage": usage(prompt=prompt_len, completion=len(REPLY) + 1),
@@ -271,7 +279,7 @@ async def test_chat_stream_shape_with_usage(engine: FakeEngine) -> None:
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "fake-model" for c in chunks)
 
     def choice(delta: dict[str, Any], reason: str | None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason, "stop_reason": None}]
 
     assert [(c["choices"], c["usage"]) for c in chunks[:-1]] == [
         (choice({"role": "assistant", "content": ""}, None), None),
@@ -307,15 +315,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str, str | None]] = [
     ("prompt_bool_ids", COMPLETIONS, {"prompt": [True]}, 400, "prompt must be a string", "prompt"),
     ("empty_prompt", COMPLETIONS, {"prompt": ""}, 400, "must not be empty", "prompt"),
     ("empty_prompt_ids", COMPLETIONS, {"prompt": []}, 400, "must not be empty", "prompt"),
-    (
-        "batched_prompts",
-        COMPLETIONS,
-        {"prompt": ["a", "b"]},
-        400,
-        "batched prompts are not supported",
-        "prompt",
-    ),
-    ("batched_ids", COMPLETIONS, {"prompt": [[5], [6]]}, 400, "got 2 prompts", "prompt"),
+    ("batched_empty", COMPLETIONS, {"prompt": ["a", ""]}, 400, "must not be empty", "prompt"),
+    ("batched_mixed", COMPLETIONS, {"prompt": [[5], [True]]}, 400, "prompt", "prompt"),
     ("token_out_of_vocab", COMPLETIONS, {"prompt": [5, 999]}, 400, "outside the vocabulary", "prompt"),
     ("max_tokens_type", COMPLETIONS, {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens", "max_tokens"),
     (
@@ -354,11 +355,40 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str, str | None]] = [
         "stop_token_ids must be",
         None,
     ),
-    ("n_2", COMPLETIONS, {"prompt": "hi", "n": 2}, 400, "Only n=1 is supported", "n"),
-    ("best_of_2", COMPLETIONS, {"prompt": "hi", "best_of": 2}, 400, "best_of=1", "best_of"),
-    ("echo", COMPLETIONS, {"prompt": "hi", "echo": True}, 400, "echo is not supported", "echo"),
-    ("logprobs", COMPLETIONS, {"prompt": "hi", "logprobs": 1}, 400, "logprobs is not supported", "logprobs"),
-    ("penalty", COMPLETIONS, {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", None),
+    ("n_0", COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n must be between 1 and 128", "n"),
+    ("best_of_2", COMPLETIONS, {"prompt": "hi", "best_of": 2}, 400, "best_of must equal n", "best_of"),
+    ("unknown_field", COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "Unrecognized", "suffix"),
+    ("tools", CHATS, {**CHAT, "tools": []}, 400, "Unrecognized request argument supplied: tools", "tools"),
+    ("logprobs", COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "between 0 and 20", "logprobs"),
+    (
+        "penalty",
+        COMPLETIONS,
+        {"prompt": "hi", "presence_penalty": 3},
+        400,
+        "presence_penalty",
+        "presence_penalty",
+    ),
+    ("stream_string", COMPLETIONS, {"prompt": "hi", "stream": "yes"}, 400, "boolean", "stream"),
+    ("max_tokens_string", COMPLETIONS, {"prompt": "hi", "max_tokens": "10"}, 400, "integer", "max_tokens"),
+    ("max_tokens_bool", COMPLETIONS, {"prompt": "hi", "max_tokens": True}, 400, "integer", "max_tokens"),
+    (
+        "max_completion_tokens_range",
+        CHATS,
+        {**CHAT, "max_completion_tokens": -1},
+        400,
+        "max_completion_tokens must be at least 1",
+        "max_completion_tokens",
+    ),
+    ("top_logprobs_alone", CHATS, {**CHAT, "top_logprobs": 2}, 400, "needs logprobs", "top_logprobs"),
+    ("logit_bias_key", COMPLETIONS, {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "token ids", "logit_bias"),
+    (
+        "logit_bias_vocab",
+        COMPLETIONS,
+        {"prompt": "hi", "logit_bias": {"9999": 1}},
+        400,
+        "logit_bias",
+        "logit_bias",
+    ),
     (
         "stream_options_no_stream",
         COMPLETIONS,
@@ -402,8 +432,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str, str | None]] = [
         "chat template cannot render",
         None,
     ),
-    ("chat_logprobs", CHATS, {**CHAT, "logprobs": True}, 400, "logprobs is not supported", "logprobs"),
-    ("chat_n", CHATS, {**CHAT, "n": 3}, 400, "n=3", "n"),
+    ("chat_top_logprobs", CHATS, {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "20", "top_logprobs"),
+    ("chat_n", CHATS, {**CHAT, "n": 300}, 400, "n must be", "n"),
     (
         "chat_too_long",
         CHATS,
@@ -705,8 +735,10 @@ async def test_official_openai_client(engine: FakeEngine) -> None:
             )
             assert "".join([c.choices[0].text async for c in text_stream]) == "Hell"
 
-            with pytest.raises(openai.BadRequestError, match="Only n=1"):
-                await client.completions.create(model="fake-model", prompt="hi", n=2)
+            with pytest.raises(
+                openai.BadRequestError, match="Unrecognized request argument supplied: suffix"
+            ):
+                await client.completions.create(model="fake-model", prompt="hi", suffix="!")
             with pytest.raises(openai.NotFoundError, match="does not exist"):
                 await client.chat.completions.create(
                     model="other", messages=[{"role": "user", "content": "hi"}]

@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 MAX_MODEL_LEN = 8192
 MiB = 1 << 20
+GROWTH_MIB = 64  # what a large refused request may leave in the engine's RSS
 
 
 def start_engine(profile: str, *flags: str) -> ManagedProcess:
@@ -158,9 +159,11 @@ async def test_huge_prompts_are_refused_while_health_stays_up_and_memory_comes_b
             assert error_of(tokenized)["code"] == "context_length_exceeded"
             assert b"characters" not in tokenized
         await wait_for(lambda: len(probes) >= 10, "probes")
-    # The engine trims its heap a moment after a large request: wait for that, not for a time.
+    # The engine trims its heap a moment after a large request: wait for that, not for a time. Before the
+    # fix three refused prompts left ~590 MiB behind; what stays now is the tokenizer's and the allocator's
+    # working set, which varies with how many threads ran (up to ~40 MiB seen on a loaded machine).
     deadline = time.monotonic() + 10
-    while (after := rss_mib(engine.proc.pid)) - before >= 32 and time.monotonic() < deadline:
+    while (after := rss_mib(engine.proc.pid)) - before >= GROWTH_MIB and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     times = ", ".join(f"{name} {s:.2f} s" for name, (_, s) in answers.items())
     print(
@@ -169,7 +172,7 @@ async def test_huge_prompts_are_refused_while_health_stays_up_and_memory_comes_b
         f"of {len(probes)}; RSS {before:.0f} -> {after:.0f} MiB"
     )
     assert {code for code, _ in probes} == {200}
-    assert after - before < 32
+    assert after - before < GROWTH_MIB
 
 
 async def test_huge_prompts_through_a_router_are_refused_by_it_and_the_engine(

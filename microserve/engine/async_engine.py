@@ -89,12 +89,15 @@ class AsyncEngine:
     ) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; closing the iterator early aborts it and frees its blocks.
 
-        With `begin`, the request starts from the KV reserved by `prep_recv` and received since.
+        With `begin`, the request starts from the KV reserved by `prep_recv` and received since. With
+        `params.n` > 1 the outputs of the n choices interleave (`RequestOutput.index`); the stream ends
+        once every choice has finished.
         """
         return self._stream(
             request_id,
             lambda core: core.add_request(request_id, prompt_ids, params, begin),
             validate=lambda: self.core.validate(prompt_ids, params),
+            choices=params.n,
         )
 
     def prefill(
@@ -113,7 +116,7 @@ class AsyncEngine:
         return await self._call(lambda core: core.release(request_id))
 
     async def _stream(
-        self, request_id: str, add: _Command, validate: Callable[[], None] | None = None
+        self, request_id: str, add: _Command, validate: Callable[[], None] | None = None, choices: int = 1
     ) -> AsyncGenerator[Any, None]:
         if validate is not None:
             validate()  # fail before streaming starts
@@ -128,12 +131,14 @@ class AsyncEngine:
         self._adds_submitted += 1
         self._submit(lambda core: self._add(core, request_id, add))
         finished = False
+        unfinished = choices
         try:
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                unfinished -= item.finished
+                finished = unfinished == 0
                 yield item
                 if finished:
                     return

@@ -14,7 +14,7 @@ from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput, Timeline
 from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded, ReservationTable
-from microserve.engine.sampling import SamplingParams
+from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.engine.sequence import Sequence, SequenceStatus
 from microserve.model.detokenizer import IncrementalDetokenizer
@@ -58,6 +58,8 @@ class _Request:
     text: str = ""  # the request's text so far, stop strings cut off
     sent: int = 0  # characters of `text` already handed out
     sent_tokens: int = 0
+    stop_reason: str | int | None = None
+    group: str = ""  # the request id the client knows (its choices' sequences have ids of their own)
 
 
 class EngineCore:
@@ -79,6 +81,8 @@ class EngineCore:
         self.eos_token_ids = tokenizer.eos_token_ids
         self.requests: dict[str, _Request] = {}
         self.prefills: dict[str, _Prefill] = {}
+        self.groups: dict[str, list[str]] = {}  # request id -> its choices' sequence ids (n > 1)
+        self._forks: dict[str, list[Sequence]] = {}  # first choice's id -> choices forked after its prefill
         # One requester may hold this share of the cache in reservations, and at least one whole
         # context: so a caller that reserves and never sends cannot starve the engine (issue 20, fault 5).
         share_blocks = int(self.kv.num_blocks * reservation_share)
@@ -101,10 +105,15 @@ class EngineCore:
         vocab = self.tokenizer.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.num_prior_output_tokens > len(prompt_ids):
+            raise InvalidParams("prior_output_tokens exceeds the prompt's length", "prior_output_tokens")
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidParams(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise PromptTooLong(
                 f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has "
-                f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens}"
+                f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens}",
+                by_itself=len(prompt_ids) >= self.max_model_len,
             )
 
     def add_request(
@@ -117,9 +126,36 @@ class EngineCore:
             seq = Sequence(request_id, list(prompt_ids), params)
         else:
             seq = self._take_reservation(request_id, prompt_ids, params, begin)
-        detok = IncrementalDetokenizer(self.tokenizer) if self.detokenize or params.stop else None
-        self.requests[request_id] = _Request(seq, detok)
+        self.requests[request_id] = _Request(seq, self._detokenizer(params), group=request_id)
         self.scheduler.add(seq)
+        if params.n > 1:
+            # The other choices wait for the first one's prefill, then share its prompt blocks (fork).
+            children = [
+                Sequence(f"{request_id}#{i}", list(prompt_ids), params, index=i) for i in range(1, params.n)
+            ]
+            for child in children:
+                self.requests[child.request_id] = _Request(child, self._detokenizer(params), group=request_id)
+            self._forks[request_id] = children
+            self.groups[request_id] = [request_id] + [c.request_id for c in children]
+
+    def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer | None:
+        if not (self.detokenize or params.stop):
+            return None
+        return IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+
+    def _fork_choices(self, first: Sequence) -> None:
+        """Start the other choices from `first`'s computed prompt: its full blocks shared, and the last
+        prompt token computed again by each, so that each samples its own first token."""
+        for child in self._forks.pop(first.request_id):
+            if child.status.finished:
+                continue  # aborted meanwhile
+            if not (self.kv.fork(first, child) and self.kv.rewind(child, child.num_tokens - 1)):
+                self.kv.free(child)  # no free block for the copy: it computes its prompt from the cache
+                self.scheduler.add(child)
+                continue
+            child.num_cached_tokens = first.num_cached_tokens
+            child.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(child)
 
     def check_room(self, max_waiting: int, pending: int = 0) -> None:
         """Refuse a new request (EngineOverloaded, HTTP 503) once `max_waiting` wait, `pending` not yet added
@@ -223,11 +259,14 @@ class EngineCore:
         if prefill is not None:
             self.scheduler.finish(prefill.seq, SequenceStatus.FINISHED_ABORTED)
             return None
-        req = self.requests.get(request_id)
-        if req is None:
-            return None
-        self._finish(req, SequenceStatus.FINISHED_ABORTED)
-        return self._output(req)
+        last = None
+        self._forks.pop(request_id, None)
+        for seq_id in self.groups.pop(request_id, [request_id]):
+            req = self.requests.get(seq_id)
+            if req is not None:
+                self._finish(req, SequenceStatus.FINISHED_ABORTED)
+                last = self._output(req)
+        return last
 
     @property
     def num_waiting(self) -> int:
@@ -262,6 +301,8 @@ class EngineCore:
                 continue
             if token is None:
                 continue  # a chunk of a longer prefill: nothing to emit yet
+            if seq.request_id in self._forks:
+                self._fork_choices(seq)
             req = self.requests[seq.request_id]
             seq.token_ids.append(token)
             if seq.first_token_time is None:
@@ -295,6 +336,8 @@ class EngineCore:
         seq, p = req.seq, req.seq.params
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         if stop_token and seq.num_completion_tokens > p.min_tokens:
+            # vLLM's stop_reason: the stop token id that ended it; None for EOS.
+            req.stop_reason = token if token in p.stop_token_ids else None
             return SequenceStatus.FINISHED_STOPPED
         if not stop_token and req.detok is not None:
             req.text += req.detok.add(token)
@@ -308,10 +351,12 @@ class EngineCore:
         # Only the tail can hold a new match: look back one stop string's length from the unsent text.
         longest = max(map(len, req.seq.params.stop))
         start = max(0, req.sent - longest)
-        hits = [i for i in (req.text.find(s, start) for s in req.seq.params.stop) if i >= 0]
+        hits = [(i, s) for s in req.seq.params.stop if (i := req.text.find(s, start)) >= 0]
         if not hits:
             return False
-        req.text = req.text[: min(hits)]
+        at, stop = min(hits)
+        req.stop_reason = stop
+        req.text = req.text[: at + len(stop)] if req.seq.params.include_stop_str_in_output else req.text[:at]
         return True
 
     def _finish(self, req: _Request, status: SequenceStatus) -> None:
@@ -320,6 +365,9 @@ class EngineCore:
         self.scheduler.finish(req.seq, status)
         self.runner.forget(req.seq.request_id)
         del self.requests[req.seq.request_id]
+        group = self.groups.get(req.group)
+        if group is not None and not any(seq_id in self.requests for seq_id in group):
+            del self.groups[req.group]
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
@@ -330,9 +378,15 @@ class EngineCore:
         text = req.text[req.sent : upto]
         req.sent = upto
         new_tokens = seq.completion_token_ids[req.sent_tokens :]
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = seq.logprobs[req.sent_tokens : seq.num_completion_tokens]
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and req.sent_tokens == 0:
+            prompt_logprobs = seq.prompt_logprobs
         req.sent_tokens = seq.num_completion_tokens
         return RequestOutput(
-            request_id=seq.request_id,
+            request_id=req.group,
             token_ids=new_tokens,
             text=text,
             finished=finished,
@@ -340,6 +394,10 @@ class EngineCore:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_completion_tokens,
             cached_tokens=seq.num_cached_tokens,
+            index=seq.index,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            stop_reason=req.stop_reason if finished else None,
             timeline=_timeline(seq) if finished else None,
         )
 

@@ -11,7 +11,13 @@ class EngineOverloaded(Exception):
 
 
 class PromptTooLong(ValueError):
-    """The prompt (with max_tokens) does not fit the model's context; the message states both (HTTP 400)."""
+    """The prompt (with max_tokens) does not fit the model's context; the message states both (HTTP 400).
+
+    `by_itself`: the prompt alone fills the context (blame the prompt, not max_tokens)."""
+
+    def __init__(self, message: str, by_itself: bool = True) -> None:
+        super().__init__(message)
+        self.by_itself = by_itself
 
 
 class EngineDead(RuntimeError):

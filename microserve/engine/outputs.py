@@ -27,11 +27,23 @@ class Timeline:
 
 
 @dataclass(slots=True)
-class RequestOutput:
-    """One increment of a request's generation.
+class TokenLogprobs:
+    """A token's log-probability under the model (before any sampling processing) and the top ones."""
 
-    `text` is the new, complete-UTF-8 text since the previous output (stop strings already cut off);
-    `token_ids` are the new token ids. Counts are cumulative.
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+    rank: int = 1  # 1 + how many tokens were more likely
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One increment of one choice of a request's generation.
+
+    `text` is the new, complete-UTF-8 text since the previous output (stop strings already cut off
+    unless the request keeps them); `token_ids` are the new token ids, `logprobs` theirs when asked.
+    Counts are cumulative. `index` is the choice (0 to n-1); `stop_reason` the stop string or stop
+    token id that ended it (None for EOS or length).
     """
 
     request_id: str
@@ -42,6 +54,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # first output only
+    stop_reason: str | int | None = None
     timeline: Timeline | None = None  # on the finished output only
 
 

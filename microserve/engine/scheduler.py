@@ -91,7 +91,9 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A sequence that arrives holding KV (received from another engine) starts from it.
-            cached = [] if seq.block_table else self.kv.match_prefix(seq.token_ids)
+            # Prompt logprobs need every prompt position's logits: such a request skips the prefix cache.
+            skip_cache = seq.block_table or seq.params.prompt_logprobs is not None
+            cached = [] if skip_cache else self.kv.match_prefix(seq.token_ids)
             hit = len(cached) * self.kv.block_size
             n = min(seq.num_tokens - seq.num_computed_tokens - hit, budget)
             if not self.kv.allocate(seq, n, cached):

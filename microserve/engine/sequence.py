@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from microserve.engine.outputs import FinishReason
+from microserve.engine.outputs import FinishReason, TokenLogprobs
 from microserve.engine.sampling import SamplingParams
 
 
@@ -50,6 +50,10 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     prefill_only: bool = False  # compute KV for another engine: never sample
+    index: int = 0  # which of the request's n choices
+    # Filled by the runner when the params ask: one entry per sampled token, and per prompt token.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.monotonic)
     # For traces: when its prefill first ran, when its first token came, how many chunks the prefill took.
     scheduled_time: float | None = None
@@ -71,6 +75,11 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """What the penalties and min_tokens count as generated: a continued stream's earlier tokens too."""
+        return self.token_ids[self.num_prompt_tokens - self.params.num_prior_output_tokens :]
 
     @property
     def last_token_id(self) -> int:

@@ -28,9 +28,9 @@ from urllib.parse import parse_qsl
 import httptools
 import orjson
 
+from microserve.api.errors import APIError, bad_request, internal_error
 from microserve.http.limits import ConnectionLimits, ConnectionTable
 from microserve.http.listener import accept_queue_length, listen, other_listeners
-from microserve.server.errors import APIError, bad_request, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,14 @@ class Routes:
         if max_body is not None:
             self._max_body[(method.upper(), path)] = max_body
 
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        """A handler for every path under `prefix` that has no exact route (it reads the rest itself)."""
+        for known, methods in self._prefixes:
+            if known == prefix:
+                methods[method.upper()] = handler
+                return
+        self._prefixes.append((prefix, {method.upper(): handler}))
+
     def max_body(self, method: str, path: str, default: int) -> int:
         """The largest body `method path` takes: known before a byte of the body is read."""
         limit = self._max_body.get((method, path))
@@ -267,15 +275,16 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
         if victim is not None:
             victim.close()  # idle or slow to send its headers: the newcomer gets its place
         if not admitted:  # every connection of this client (or of all) is reading a body or answered
             self.server.refused_connections += 1
-            self.transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
-            self.transport.close()
+            transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+            transport.close()
             return
         self.server.connections.add(self)
         self._read_start = self._loop.time()

@@ -135,7 +135,7 @@ class EtcdClient:
             if r.status != 200 or ("error" in answer and "result" not in answer):
                 message = answer.get("message") or answer.get("error") or answer
                 raise EtcdError(f"etcd {path} answered {r.status}: {message}")
-            return answer  # type: ignore[no-any-return]
+            return answer
         raise EtcdError(f"etcd is unreachable ({'; '.join(errors)})")
 
     async def healthy(self) -> bool:

@@ -8,10 +8,10 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from microserve.api.errors import APIError, bad_request
 from microserve.http.server import Request, Response, Routes
 from microserve.router.router import Router
 from microserve.router.workers import WorkerSpec
-from microserve.server.errors import APIError, bad_request
 
 AdminHandler = Callable[[Router, Request], Awaitable[Response]]
 

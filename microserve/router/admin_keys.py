@@ -7,10 +7,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from microserve.api.errors import APIError, bad_request
 from microserve.http.server import Request, Response, Routes
 from microserve.router.admin import AdminHandler, _authorized
 from microserve.router.router import Router
-from microserve.server.errors import APIError, bad_request
 from microserve.tenants.gateway import Gateway
 from microserve.tenants.keys import KeyRecord
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from microserve.api.errors import APIError
 from microserve.router.breaker import CircuitState
 from microserve.router.fair_share import Order
-from microserve.server.errors import APIError
 
 if TYPE_CHECKING:
     from microserve.router.workers import Worker

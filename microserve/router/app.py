@@ -14,7 +14,11 @@ import logging
 import signal
 import time
 from types import TracebackType
+from typing import Any
+from urllib.parse import unquote
 
+from microserve.api.errors import APIError, model_not_found
+from microserve.api.tokenize import server_version
 from microserve.http.limits import raise_descriptor_limit
 from microserve.http.server import HTTPServer, Request, Response, Routes
 from microserve.http.tls import server_context
@@ -26,7 +30,6 @@ from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
 from microserve.router.router import Router
-from microserve.server.errors import APIError
 from microserve.tokens import bearer_matches
 from microserve.tracing import Tracing
 
@@ -87,6 +90,10 @@ def routes(router: Router, started: int) -> Routes:
         handler = functools.partial(dispatch.handle, router, route=route)
         table.add("POST", route.value, handler, max_body=router.config.max_body_bytes)
     table.add("GET", "/v1/models", functools.partial(models, router, started))
+    table.add_prefix("GET", "/v1/models/", functools.partial(model_card, router, started))
+    table.add("GET", "/version", version)
+    for path in ("/tokenize", "/detokenize"):
+        table.add("POST", path, functools.partial(engine_route, router, path))
     table.add("GET", "/health", health)
     table.add("GET", "/ready", functools.partial(ready, router))
     table.add("GET", "/metrics", functools.partial(metrics, router))
@@ -97,15 +104,40 @@ def routes(router: Router, started: int) -> Routes:
     return table
 
 
+def _card(router: Router, created: int, model: str) -> dict[str, Any]:
+    card = {"id": model, "object": "model", "created": created, "owned_by": "microserve"}
+    worker_card = router.pool.model_card(model)
+    for key in ("root", "max_model_len"):  # what the engines (and vLLM) tell of the model
+        if key in worker_card:
+            card[key] = worker_card[key]
+    return card
+
+
 async def models(router: Router, created: int, request: Request) -> Response:
     """The served models; with keys on, only to a valid key, and only those it may use."""
     key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
     data = [
-        {"id": model, "object": "model", "created": created, "owned_by": "microserve"}
-        for model in router.pool.models()
-        if key is None or key.allows(model)
+        _card(router, created, model) for model in router.pool.models() if key is None or key.allows(model)
     ]
     return Response.json({"object": "list", "data": data})
+
+
+async def model_card(router: Router, created: int, request: Request) -> Response:
+    model = unquote(request.path.removeprefix("/v1/models/"))
+    key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
+    if not router.pool.serves(model) or (key is not None and not key.allows(model)):
+        raise model_not_found(model)
+    return Response.json(_card(router, created, model))
+
+
+async def version(request: Request) -> Response:
+    return Response.json(server_version())
+
+
+async def engine_route(router: Router, path: str, request: Request) -> Response:
+    """/tokenize and /detokenize: answered by an engine that serves the request's model."""
+    status, body = await router.forward_to_engine(path, request.body)
+    return Response(body, status=status)
 
 
 async def health(request: Request) -> Response:

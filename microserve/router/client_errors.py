@@ -8,8 +8,8 @@ import re
 
 import orjson
 
+from microserve.api.errors import APIError, error_body
 from microserve.router.upstream import UpstreamHTTPError, WorkerFailure, WorkerUnreachable
-from microserve.server.errors import APIError, error_body
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,30 @@ from typing import Any
 
 import orjson
 
+from microserve.api.shapes import SYSTEM_FINGERPRINT, chat_logprobs_from_completion
+from microserve.api.sse import DONE_FRAME
 from microserve.router.request import Route, RoutedRequest
 
-DONE_FRAME = b"data: [DONE]\n\n"
 # The sampling fields a continuation carries over; min_tokens and max_tokens are reduced by what was sent.
-_CARRIED = ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+_CARRIED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+# Carried to a strategy's first engine call (start_generate), not to a continuation: they concern the
+# prompt, or several choices (a stream with n > 1 is not tracked, so never continued).
+_FIRST_ONLY = ("n", "prompt_logprobs")
 
 
 class UpstreamStreamError(Exception):
@@ -54,6 +73,7 @@ class StreamProgress:
     skip: int = 0  # characters of the continuation the client already has
 
     opened: bool = False  # the client has had a first chunk (for chat: the one with the role)
+    choices: int = 1  # n: the chat opening has a role chunk for each
 
     @classmethod
     def for_request(cls, req: RoutedRequest, prompt_ids: list[int] | None = None) -> StreamProgress:
@@ -61,7 +81,11 @@ class StreamProgress:
         options = req.body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return cls(
-            route=req.route, keep_ids=req.wants_token_ids, include_usage=include_usage, prompt_ids=prompt_ids
+            route=req.route,
+            keep_ids=req.wants_token_ids,
+            include_usage=include_usage,
+            prompt_ids=prompt_ids,
+            choices=req.choices,
         )
 
     @property
@@ -77,12 +101,12 @@ class StreamProgress:
         if payload == b"[DONE]":
             self.done = True
             return DONE_FRAME
-        chunk = orjson.loads(payload)
+        chunk: dict[str, Any] = orjson.loads(payload)
         if "error" in chunk:
             raise UpstreamStreamError(chunk["error"])
         return chunk
 
-    def track(self, frame: bytes) -> bytes:
+    def track(self, frame: bytes) -> bytes | None:
         """Record one upstream SSE frame (without its blank line) and return it as the client gets it."""
         chunk = self._decode(frame)
         if chunk is None:
@@ -103,8 +127,12 @@ class StreamProgress:
             if ids is not None:
                 self.prompt_ids = ids
             new = choice.pop("token_ids", None) if strip else choice.get("token_ids")
-            text = choice.get("text") if self.route is Route.COMPLETIONS else choice["delta"].get("content")
-            self._advance(new or [], text or "", choice.get("finish_reason"))
+            delta = choice.get("delta") or {}
+            text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
+            reason = choice.get("finish_reason")
+            self._advance(new or [], text or "", reason)
+            if strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
+                return None  # only there for the ids the router asked for: the client gets no empty delta
         elif chunk.get("usage"):
             self.usage_sent = True
             self.cached_tokens = _cached(chunk["usage"])
@@ -142,7 +170,9 @@ class StreamProgress:
             "stream": True,
             "return_token_ids": True,
         }
-        body.update(sampling_fields(req))
+        body.update(sampling_fields(req, first=False))
+        # The penalties count the tokens generated before as output, as the first engine did.
+        body["prior_output_tokens"] = k + int(req.body.get("prior_output_tokens") or 0)
         if req.body.get("min_tokens"):
             body["min_tokens"] = max(0, req.body["min_tokens"] - k)
         max_tokens = req.max_tokens
@@ -193,15 +223,19 @@ class StreamProgress:
         ids = choice.get("token_ids") or []
         text = choice.get("text") or ""
         reason = choice.get("finish_reason")
+        logprobs = choice.get("logprobs")
         if self.skip and text:
             cut = min(self.skip, len(text))
             self.skip -= cut
-            self.generated.extend(ids)  # ids of text the client has: count them, send nothing new
-            ids, text = [], text[cut:]
-        self._advance(ids, text, reason)
-        if not text and reason is None and not (self.keep_ids and ids):
+            self.generated.extend(ids)  # ids of text the client already has: count them, send nothing new
+            ids, text, logprobs = [], text[cut:], None
+        index = int(choice.get("index") or 0)
+        if index == 0:  # a stream with several choices (n > 1) is answered, never continued
+            self._advance(ids, text, reason)
+        if not text and reason is None and not (self.keep_ids and ids) and not logprobs:
             return opening or None
-        return opening + self._client_frame(text, ids, reason)
+        frame = self._client_frame(text, ids, reason, index, logprobs, choice.get("stop_reason"))
+        return opening + frame
 
     def _adopt(self, chunk: dict[str, Any]) -> None:
         upstream_id = str(chunk.get("id") or uuid.uuid4().hex)
@@ -217,30 +251,51 @@ class StreamProgress:
     def _opening_frame(self) -> bytes:
         if self.route is not Route.CHAT:
             return b""
-        choice: dict[str, Any] = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-        choice["finish_reason"] = None
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if self.keep_ids:
-            body["prompt_token_ids"] = self.prompt_ids
-            choice["token_ids"] = []
-        if self.include_usage:
-            body["usage"] = None
-        return b"data: " + orjson.dumps(body) + b"\n\n"
+        frames = []
+        for index in range(self.choices):
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+                "stop_reason": None,
+            }
+            body: dict[str, Any] = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": [choice],
+            }
+            if self.keep_ids:
+                if index == 0:
+                    body["prompt_token_ids"] = self.prompt_ids
+                choice["token_ids"] = []
+            if self.include_usage:
+                body["usage"] = None
+            frames.append(b"data: " + orjson.dumps(body) + b"\n\n")
+        return b"".join(frames)
 
-    def _client_frame(self, text: str, ids: list[int], reason: str | None) -> bytes:
+    def _client_frame(
+        self,
+        text: str,
+        ids: list[int],
+        reason: str | None,
+        index: int = 0,
+        logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
+    ) -> bytes:
         if self.route is Route.CHAT:
             delta = {"content": text} if text or reason is None else {}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            chat_lp = chat_logprobs_from_completion(logprobs) if logprobs else None
+            choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": chat_lp}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": text, "logprobs": logprobs}
             obj = "text_completion"
+        choice["finish_reason"] = reason
+        choice["stop_reason"] = stop_reason
         if self.keep_ids:
             choice["token_ids"] = ids
         body: dict[str, Any] = {
@@ -248,6 +303,7 @@ class StreamProgress:
             "object": obj,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [choice],
         }
         if self.include_usage:
@@ -257,7 +313,7 @@ class StreamProgress:
     def _usage_frame(self, completion_tokens: int, cached: int) -> bytes:
         prompt_tokens = len(self.prompt_ids or [])
         obj = "chat.completion.chunk" if self.route is Route.CHAT else "text_completion"
-        body = {
+        body: dict[str, Any] = {
             "id": self.id,
             "object": obj,
             "created": self.created,
@@ -277,10 +333,19 @@ def _cached(usage: dict[str, Any]) -> int:
     return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
-def sampling_fields(req: RoutedRequest) -> dict[str, Any]:
-    """The client's model and sampling fields, for a completion request a strategy sends on its behalf;
-    for a stream also its `stream_options`, so that the usage chunk it asked for comes back."""
-    fields = {name: req.body[name] for name in _CARRIED if req.body.get(name) is not None}
+def sampling_fields(req: RoutedRequest, first: bool = True) -> dict[str, Any]:
+    """The client's model and sampling fields, for a completion request a strategy sends on its behalf
+    (`first`) or that continues a stream; for a stream also its `stream_options`, so that the usage
+    chunk it asked for comes back. Chat's logprobs become the completions' form."""
+    names = _CARRIED + _FIRST_ONLY if first else _CARRIED
+    fields = {name: req.body[name] for name in names if req.body.get(name) is not None}
+    if req.route is Route.CHAT:
+        if req.body.get("logprobs"):
+            fields["logprobs"] = req.body.get("top_logprobs") or 0
+    elif req.body.get("logprobs") is not None:
+        fields["logprobs"] = req.body["logprobs"]
+    if first and req.route is Route.COMPLETIONS and req.body.get("echo"):
+        fields["echo"] = True
     if req.stream and req.body.get("stream_options") is not None:
         fields["stream_options"] = req.body["stream_options"]
     if req.model is not None:
@@ -308,6 +373,14 @@ def whole_as_client(req: RoutedRequest, data: bytes) -> bytes:
         body["object"] = "chat.completion"
         for choice in choices:
             choice["message"] = {"role": "assistant", "content": choice.pop("text", "")}
+            prompt_ids = choice.pop("prompt_token_ids", None)
+            if prompt_ids is not None:  # chat has them at the top
+                body["prompt_token_ids"] = prompt_ids
+            prompt_logprobs = choice.pop("prompt_logprobs", None)
+            if prompt_logprobs is not None:  # so has vLLM's chat its prompt_logprobs
+                body["prompt_logprobs"] = prompt_logprobs
+            if choice.get("logprobs"):
+                choice["logprobs"] = chat_logprobs_from_completion(choice["logprobs"])
     return orjson.dumps(body)
 
 

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from microserve.api.errors import APIError
 from microserve.http.server import Request, Response, Routes
 from microserve.router.policies import POLICIES
 from microserve.router.recent import Finished
 from microserve.router.router import Router
 from microserve.router.strategies import STRATEGIES
-from microserve.server.errors import APIError
 
 WINDOW_S = 300.0  # "the last minutes" the page summarizes
 BIN_S = 10.0
@@ -52,7 +52,9 @@ async def _state(router: Router, started: float, request: Request) -> Response:
     return Response.json(fleet_state(router, started, window_s), headers={"Cache-Control": "no-store"})
 
 
-def fleet_state(router: Router, started: float, window_s: float = WINDOW_S, now: float | None = None) -> dict:
+def fleet_state(
+    router: Router, started: float, window_s: float = WINDOW_S, now: float | None = None
+) -> dict[str, Any]:
     """Everything the page shows, as one JSON object."""
     now = time.time() if now is None else now
     admission = router.admission

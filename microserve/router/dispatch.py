@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from microserve.api.errors import APIError
+from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
 from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
 from microserve.router.fair_share import admit
@@ -20,14 +22,10 @@ from microserve.router.strategies import Strategy
 from microserve.router.tracing import RequestTrace
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
-from microserve.server.errors import APIError
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
 from microserve.tenants.keys import PRIORITIES
 from microserve.tenants.usage import StreamMeter, usage_total
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STATUS_CLIENT_CLOSED = 499
 
 
 async def handle(router: Router, request: Request, route: Route) -> Response | Stream:

@@ -161,8 +161,11 @@ class HealthChecker:
             status, body = await self._get(worker, "/v1/models")
             if status != 200:
                 return False
+            data = orjson.loads(body)["data"]
             if not worker.spec.models:
-                worker.models = {m["id"] for m in orjson.loads(body)["data"]}
+                worker.models = {m["id"] for m in data}
+            # What the router's /v1/models repeats of each (max_model_len, root), as vLLM's list has it.
+            worker.model_cards = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
             return True
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError):
             return False

@@ -12,10 +12,9 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from microserve.api.prompt import body_prompt_ids
 from microserve.model.tokenizer import Tokenizer
 from microserve.router.request import Route
-from microserve.server.errors import bad_request
-from microserve.server.protocol import ChatMessage
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +61,5 @@ class TokenizerCache:
 
 
 def prompt_ids(tokenizer: Tokenizer, route: Route, body: Mapping[str, Any]) -> list[int]:
-    """The ids the engine computes for this body: template + encode without specials, or encode the prompt."""
-    if route is Route.CHAT:
-        try:
-            messages = [ChatMessage.model_validate(m).model_dump(exclude_none=True) for m in body["messages"]]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as exc:  # pydantic's ValidationError and the template's errors are ValueErrors
-            raise bad_request(f"Cannot render these messages: {exc}", param="messages") from None
-        # The rendered template already carries BOS and role markers.
-        return tokenizer.encode(text, add_special_tokens=False)
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return list(prompt)
-    raise bad_request("prompt must be a string or a list of token ids.", param="prompt")
+    """The ids the engine computes for this body (`microserve.api.prompt`, shared with the engine)."""
+    return body_prompt_ids(tokenizer, route is Route.CHAT, body)

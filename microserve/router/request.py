@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
+from microserve.api.errors import bad_request
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.router.recent import Hop
-from microserve.server.errors import bad_request
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
 
@@ -109,7 +110,9 @@ class RoutedRequest:
             raise bad_request(f"The request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
-        _check(body, route)
+        # The engine's own request model: what the engine would refuse, the router refuses the same way
+        # (sampling ranges excepted: the engine's 400 for those comes back to the client unchanged).
+        parse_request(ChatCompletionRequest if route is Route.CHAT else CompletionRequest, body, ranges=False)
         session = headers.get(SESSION_HEADER) if headers is not None else None
         user = body.get("user")
         return cls(
@@ -170,40 +173,38 @@ class RoutedRequest:
         return orjson.dumps({**self.body, **overrides})
 
     @property
+    def batched(self) -> bool:
+        """A completion request with several prompts (served whole by one worker)."""
+        prompt = self.body.get("prompt")
+        return isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str | list)
+
+    @property
+    def served_whole(self) -> bool:
+        """Served by one worker whatever the strategy: a batch of prompts, or one that asks for the
+        prompt's logprobs (a decode engine that received the prompt's KV never saw its logits)."""
+        prompt_logprobs = self.body.get("prompt_logprobs") is not None or (
+            self.body.get("echo") and self.body.get("logprobs") is not None
+        )
+        return self.batched or bool(prompt_logprobs)
+
+    @property
+    def choices(self) -> int:
+        """How many choices the answer has (n, for each prompt of a batch)."""
+        n = self.body.get("n") or 1
+        return n * len(self.body["prompt"]) if self.batched else n
+
+    @property
     def max_tokens(self) -> int | None:
         if self.route is Route.CHAT:
-            value = self.body.get("max_completion_tokens")
+            value: int | None = self.body.get("max_completion_tokens")
             return value if value is not None else self.body.get("max_tokens")
         # OpenAI's completions default is 16 when max_tokens is absent; null means "the rest of the context".
-        return self.body.get("max_tokens", 16)
+        given: int | None = self.body.get("max_tokens", 16)
+        return given
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check(body: dict[str, Any], route: Route) -> None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise bad_request("model must be a string.", param="model")
-    if not isinstance(body.get("stream", False), bool | None):
-        raise bad_request("stream must be a boolean.", param="stream")
-    for name in ("max_tokens", "max_completion_tokens", "min_tokens"):
-        value = body.get(name)
-        if value is not None and (not _is_int(value) or value < 0):
-            raise bad_request(f"{name} must be a non-negative integer.", param=name)
-    if route is Route.CHAT:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("messages must be a non-empty list of messages.", param="messages")
-        if not all(isinstance(m, dict) for m in messages):
-            raise bad_request("each message must be an object with a role and content.", param="messages")
-    else:
-        prompt = body.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            raise bad_request("prompt must be a non-empty string or list of token ids.", param="prompt")
-        if not isinstance(prompt, str | list):
-            raise bad_request("prompt must be a string or a list.", param="prompt")
 
 
 def _prefix_of(route: Route, body: Mapping[str, Any]) -> str | list[int]:

@@ -12,7 +12,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 
+from microserve.api.errors import APIError, bad_request, model_not_found
 from microserve.http.client import HTTPClient
 from microserve.kube.scaler import DeploymentScaler
 from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
@@ -30,7 +32,6 @@ from microserve.router.retry import RetryBudget
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import Upstream, WorkerHandle
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
-from microserve.server.errors import APIError, model_not_found
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
@@ -188,6 +189,32 @@ class Router:
         if req.model is not None:
             raise model_not_found(req.model)
         req.model = default
+
+    async def forward_to_engine(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST `body` to `path` on a microserve engine serving its model (/tokenize, /detokenize):
+        the status and body it answers. Any such engine will do; these routes hold no state."""
+        try:
+            model = orjson.loads(body).get("model") if body else None
+        except (orjson.JSONDecodeError, AttributeError):
+            raise bad_request("The request body must be a JSON object.") from None
+        if model is not None and not isinstance(model, str):
+            raise bad_request("model must be a string.", param="model")
+        if model is not None and not self.pool.serves(model):
+            raise model_not_found(model)
+        workers = self.pool.candidates(model, kind=WorkerKind.MICROSERVE)
+        if not workers:
+            raise no_worker_available("No microserve engine is available to answer this.")
+        worker = workers[0]
+        up = self.upstream
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
+        headers = {**up.headers_for(worker), "Content-Type": "application/json"}
+        try:
+            async with up.session.post(worker.url + path, data=body, headers=headers, timeout=timeout) as r:
+                return r.status, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise APIError(
+                502, f"the engine {worker.url} did not answer: {exc!r}", code="worker_failed"
+            ) from None
 
     def pick(
         self,

@@ -117,6 +117,11 @@ class PrefillDecode(Strategy):
 
     async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         p, d = self.pick("prefill", req), self.pick("decode", req, exclude_picked=True)
+        if req.served_whole:  # a batch of prompts, or prompt logprobs: the decode worker does it all
+            p.release()
+            async for chunk in d.generate(req):
+                yield chunk
+            return
         split = self.split(req)
         if split > 0:
             addr = await d.prep_recv(req, end=split)
@@ -190,7 +195,7 @@ class ContextMigration(Strategy):
 
     async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         home = self.pick("both", req)
-        if home.busy <= self.max_in_flight or home.kind is not WorkerKind.MICROSERVE:
+        if home.busy <= self.max_in_flight or home.kind is not WorkerKind.MICROSERVE or req.served_whole:
             async for chunk in home.generate(req):
                 yield chunk
             return

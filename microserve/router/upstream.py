@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from microserve.api.errors import APIError
 from microserve.engine_client import EngineClient, EngineError, KVAddress
 from microserve.http.client import ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
@@ -29,7 +30,6 @@ from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attemp
 from microserve.router.request import RoutedRequest
 from microserve.router.tracing import call_span
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
-from microserve.server.errors import APIError
 
 
 class WorkerFailure(Exception):
@@ -63,7 +63,8 @@ class UpstreamHTTPError(WorkerFailure):
     @property
     def code(self) -> str | None:
         try:
-            return orjson.loads(self.body)["error"].get("code")
+            code: str | None = orjson.loads(self.body)["error"].get("code")
+            return code
         except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return None
 
@@ -157,7 +158,8 @@ class WorkerHandle(PickedWorker):
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
         microserve = self.kind is WorkerKind.MICROSERVE
-        track = req.stream and self._up.track_streams and microserve
+        # A stream of several choices is relayed as it comes and never continued (see docs/api.md).
+        track = req.stream and self._up.track_streams and microserve and req.choices == 1
         overrides: dict[str, Any] = {}
         if track and not req.wants_token_ids:
             overrides["return_token_ids"] = True
@@ -319,9 +321,8 @@ class WorkerHandle(PickedWorker):
         """POST `body` (a non-streamed completion) to `path` here; the answer in the client's shape."""
         call = call_span(req, verb or path.rsplit("/", 1)[-1], self.worker, microserve__stream=False)
         try:
-            resp = await self._post(
-                path, orjson.dumps({**body, "stream": False}), req, trace_headers=call.headers
-            )
+            whole = {**body, "stream": False, "return_token_ids": req.wants_token_ids}
+            resp = await self._post(path, orjson.dumps(whole), req, trace_headers=call.headers)
             try:
                 return whole_as_client(req, await self._read_whole(resp))
             finally:

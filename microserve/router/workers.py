@@ -33,7 +33,7 @@ def _enum(cls: type[StrEnum], value: Any, what: str) -> Any:
     try:
         return cls(value)
     except ValueError:
-        choices = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        choices = ", ".join(m.value for m in cls)
         raise ValueError(f"{what} must be one of {choices}; got {value!r}") from None
 
 
@@ -131,6 +131,7 @@ class Worker:
         "healthy",
         "in_flight",
         "load",
+        "model_cards",
         "models",
         "requests",
         "sent_since_report",
@@ -146,6 +147,7 @@ class Worker:
         self.healthy = True
         self.draining = False
         self.models: set[str] = set(spec.models)
+        self.model_cards: dict[str, dict[str, Any]] = {}  # the worker's /v1/models entries, by id
         self.in_flight = 0
         self.load: LoadReport | None = None
         self.sent_since_report = 0  # dispatched after the last load report, so not in it yet
@@ -273,6 +275,14 @@ class WorkerPool:
             for model in sorted(worker.models):
                 seen.setdefault(model, None)
         return list(seen)
+
+    def model_card(self, model: str) -> dict[str, Any]:
+        """What a worker's /v1/models says of `model` (the first worker that said anything)."""
+        for worker in self._workers.values():
+            card = worker.model_cards.get(model)
+            if card is not None:
+                return card
+        return {}
 
     def default_model(self) -> str | None:
         models = self.models()

@@ -13,6 +13,7 @@ from typing import Protocol
 import xxhash
 
 from microserve.engine.kv_storage import KVLayout, KVStorage
+from microserve.engine.outputs import TokenLogprobs
 from microserve.engine.scheduler import ScheduledBatch
 from microserve.engine.sequence import Sequence
 from microserve.runner.cost_model import CostModel
@@ -78,10 +79,30 @@ class SimRunner:
         ]
 
     def token_for(self, seq: Sequence) -> int:
-        """The next token of `seq`: a hash of its content picks one of `vocab_words`."""
+        """The next token of `seq`: a hash of its content ranks `vocab_words`; the first one that
+        `logit_bias` does not ban (-100) is the token, unless a positive bias forces another.
+
+        With logprobs asked, the k words ranked first carry made-up logprobs, falling with the rank."""
+        p = seq.params
         tail = ",".join(map(str, seq.token_ids[-4:]))
-        key = f"{self.seed}:{seq.params.seed}:{len(seq.token_ids)}:{tail}".encode()
-        return self.vocab_words[xxhash.xxh3_64_intdigest(key) % len(self.vocab_words)]
+        choice = f"{seq.index}:" if seq.index else ""  # n > 1: each choice its own words
+        key = f"{self.seed}:{p.seed}:{choice}{len(seq.token_ids)}:{tail}".encode()
+        start = xxhash.xxh3_64_intdigest(key) % len(self.vocab_words)
+        ranked = self.vocab_words[start:] + self.vocab_words[:start]
+        if p.logit_bias:
+            favoured = sorted((-b, t) for t, b in p.logit_bias.items() if b > 0)
+            ranked = [t for _, t in favoured] + [t for t in ranked if p.logit_bias.get(t, 0.0) == 0.0]
+        token = ranked[0]
+        if p.prompt_logprobs is not None and not seq.prompt_logprobs:
+            # Made up too: each prompt token as likely as the sim's own first choice.
+            seq.prompt_logprobs = [None] + [
+                TokenLogprobs(t, -0.5, [(t, -0.5)][: p.prompt_logprobs])
+                for t in seq.token_ids[1 : seq.num_prompt_tokens]
+            ]
+        if p.logprobs is not None:
+            top = [(t, -0.5 * (rank + 1)) for rank, t in enumerate(ranked[: p.logprobs])]
+            seq.logprobs.append(TokenLogprobs(token, -0.5, top))
+        return token
 
 
 class _Vocabulary(Protocol):

@@ -10,7 +10,10 @@ from microserve.engine.sequence import Sequence
 from microserve.model.config import ModelConfig
 from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
 from microserve.model.loader import QuantizedTensor
-from microserve.runner.sampler import Sampler
+from microserve.runner.sampler import Sampler, token_logprobs
+
+# (sequence, first position, count): prompt positions whose logits give the next prompt token's logprob
+PromptRows = list[tuple[Sequence, int, int]]
 
 
 class TorchRunner:
@@ -57,10 +60,46 @@ class TorchRunner:
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
         input_ids, positions, meta, logit_rows, samplers = self._prepare(seqs, counts)
+        prompt_rows = self._prompt_rows(seqs, counts)
+        if prompt_rows:
+            extra = [r for _, row, n in prompt_rows for r in range(row, row + n)]
+            logit_rows = torch.cat([logit_rows, torch.tensor(extra, dtype=torch.long, device=self.device)])
         logits = self.model(input_ids, positions, meta, self.storage.k, self.storage.v, logit_rows)
+        if prompt_rows:
+            self._prompt_logprobs(logits[len(samplers) :], prompt_rows)
+            logits = logits[: len(samplers)]
         sampled = self.sampler.sample(logits, samplers) if samplers else []
         by_seq = dict(zip(map(id, samplers), sampled, strict=True))
         return [by_seq.get(id(seq)) for seq in batch.seqs]
+
+    @staticmethod
+    def _prompt_rows(seqs: list[Sequence], counts: list[int]) -> PromptRows:
+        """The batch rows (first row, count) of the prompt positions whose logprobs a request asked for."""
+        rows: PromptRows = []
+        if not any(s.params.prompt_logprobs is not None for s in seqs):
+            return rows
+        row = 0
+        for seq, n in zip(seqs, counts, strict=True):
+            start = seq.num_computed_tokens
+            # Position p predicts prompt token p + 1; the last prompt position predicts the first output.
+            upto = min(start + n, seq.num_prompt_tokens - 1)
+            if seq.params.prompt_logprobs is not None and upto > start:
+                rows.append((seq, row, upto - start))
+            row += n
+        return rows
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: PromptRows) -> None:
+        logprobs = logits.float().log_softmax(-1)
+        i = 0
+        for seq, _, n in prompt_rows:
+            first = seq.num_computed_tokens  # the chunk's first position (its KV is not committed yet)
+            k = seq.params.prompt_logprobs or 0
+            if first == 0 and not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)  # nothing predicts the first token
+            for p in range(first, first + n):
+                if len(seq.prompt_logprobs) == p + 1:  # a recompute after preemption adds nothing twice
+                    seq.prompt_logprobs.append(token_logprobs(logprobs[i], seq.token_ids[p + 1], k))
+                i += 1
 
     def _prepare(
         self, seqs: list[Sequence], counts: list[int]

@@ -7,19 +7,23 @@ Why not aiohttp (the engine's server before): `benchmarks/engine_http.py`, figur
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote
 
+from microserve.api import tokenize as api_tokenize
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from microserve.api.tokenize import DetokenizeRequest, TokenizeRequest
 from microserve.http.limits import ConnectionLimits
 from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
 from microserve.server.heap import HeapTrimmer
 from microserve.server.metrics import ServerMetrics
 from microserve.server.prompt_limits import prompt_body_limit
-from microserve.server.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -58,6 +62,10 @@ class EngineApp:
         self.routes.add("POST", "/v1/completions", self.completions, max_body=self.max_body_bytes)
         self.routes.add("POST", "/v1/chat/completions", self.chat_completions, max_body=self.max_body_bytes)
         self.routes.add("GET", "/v1/models", self.models)
+        self.routes.add_prefix("GET", "/v1/models/", self.model_card)
+        self.routes.add("POST", "/tokenize", self.tokenize, max_body=self.max_body_bytes)
+        self.routes.add("POST", "/detokenize", self.detokenize, max_body=self.max_body_bytes)
+        self.routes.add("GET", "/version", version)
         self.routes.add("GET", "/health", health)
         self.routes.add("GET", "/ready", self.ready)
         self.routes.add("GET", "/load", self.load)
@@ -134,20 +142,37 @@ class EngineApp:
         finally:
             self.heap.request_done(len(request.body))
 
-    async def models(self, request: Request) -> Response:
+    def _card(self, name: str) -> dict[str, Any]:
         engine = self.state.engine
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": self.started,
-                "owned_by": "microserve",
-                "root": engine.model_name,
-                "max_model_len": engine.max_model_len,
-            }
-            for name in self.state.served_model_names
-        ]
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "microserve",
+            "root": engine.model_name,
+            "max_model_len": engine.max_model_len,
+        }
+
+    async def models(self, request: Request) -> Response:
+        data = [self._card(name) for name in self.state.served_model_names]
         return Response.json({"object": "list", "data": data})
+
+    async def model_card(self, request: Request) -> Response:
+        name = unquote(request.path.removeprefix("/v1/models/"))
+        return Response.json(self._card(self.state.resolve_model(name)))
+
+    async def tokenize(self, request: Request) -> Response:
+        req = parse_request(TokenizeRequest, request.json())
+        self.state.resolve_model(req.model)
+        tokenizer = self.state.engine.tokenizer
+        text = functools.partial(_token_text, tokenizer)
+        return Response.json(api_tokenize.tokenize(tokenizer, req, self.state.engine.max_model_len, text))
+
+    async def detokenize(self, request: Request) -> Response:
+        req = parse_request(DetokenizeRequest, request.json())
+        self.state.resolve_model(req.model)
+        tokenizer = self.state.engine.tokenizer
+        return Response.json(api_tokenize.detokenize(tokenizer.decode, req, tokenizer.vocab_size))
 
     async def ready(self, request: Request) -> Response:
         is_ready = not self.state.draining and self.state.engine.is_ready()
@@ -163,6 +188,14 @@ class EngineApp:
 
 async def health(request: Request) -> Response:
     return Response.json({"status": "ok"})
+
+
+async def version(request: Request) -> Response:
+    return Response.json(api_tokenize.server_version())
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return str(tokenizer.decode([token_id], skip_special_tokens=False))
 
 
 def create_app(engine: ServingEngine, **kwargs: Any) -> EngineApp:

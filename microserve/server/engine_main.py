@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Callable
 
+from microserve.api.errors import APIError
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.config import EngineConfig
 from microserve.engine.scheduler import SchedulerConfig
@@ -22,7 +23,6 @@ from microserve.registry.args import RegisterOptions
 from microserve.registry.record import Registration
 from microserve.registry.register import Registrar
 from microserve.server.app import EngineApp, create_app
-from microserve.server.errors import APIError
 from microserve.server.microserving import add_microserving_routes
 from microserve.tokens import bearer_matches
 from microserve.tracing import Tracing

@@ -6,6 +6,7 @@ Every function here is testable without a socket except `serve`, which needs the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncGenerator
@@ -13,24 +14,20 @@ from contextlib import aclosing, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
-
+from microserve.api.answer import Answer
+from microserve.api.errors import APIError, bad_request
+from microserve.api.prompt import PromptTokenizer, chat_prompt_ids, text_prompt_ids
+from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
+from microserve.api.shapes import ChatShape, CompletionShape, ResponseShape, TokenText
+from microserve.api.sse import SSE_HEADERS, frame
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
-from microserve.engine.outputs import FinishReason, RequestOutput
+from microserve.engine.outputs import RequestOutput
 from microserve.engine.reservations import ReservationError
-from microserve.engine.sampling import SamplingParams
+from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.http.server import Request, Response, Stream
 from microserve.server import errors
-from microserve.server.errors import APIError, bad_request
 from microserve.server.metrics import RequestTimer, ServerMetrics
 from microserve.server.prompt_limits import check_prompt_chars, max_token_chars
-from microserve.server.protocol import (
-    ChatCompletionRequest,
-    ChatShape,
-    CompletionRequest,
-    CompletionShape,
-    ResponseShape,
-)
 from microserve.server.tracing import GenerationSpan, Watch, generation_span
 from microserve.tracing import Tracing
 
@@ -40,26 +37,19 @@ log = logging.getLogger(__name__)
 # the event loop keeps streaming tokens to everyone else meanwhile.
 OFFLOAD_BODY_BYTES = 64 * 1024
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SSE_DONE = b"data: [DONE]\n\n"
 
-
-class ServingTokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
-
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
-    ) -> str: ...
+class ServingTokenizer(PromptTokenizer, Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class ServingEngine(Protocol):
     """The part of the engine the server uses; the torch engine, the sim engine and test doubles all fit."""
 
     model_name: str
-    tokenizer: ServingTokenizer
     max_model_len: int
+
+    @property
+    def tokenizer(self) -> ServingTokenizer: ...
 
     def is_ready(self) -> bool: ...
 
@@ -103,63 +93,100 @@ class ServerState:
 
 @dataclass(slots=True)
 class Prepared:
-    """A validated request, ready for the engine."""
+    """A validated request, ready for the engine: one prompt, or a batch of them (completions)."""
 
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
     shape: ResponseShape
     stream: bool
     prompt_param: str  # which request field to blame when the prompt is too long
     request_id: str | None = None  # the engine request id; default: the response id
     begin: int | None = None  # start from KV received under `request_id` (microserving)
+    echo: list[str] | None = None  # completions' echo: each prompt's text, before its choices'
+    max_tokens_param: str = "max_tokens"  # which field asked for max_tokens (for chat, maybe the newer)
+    asked_prompt_logprobs: bool = False  # vLLM's prompt_logprobs in the answer (not only echo's)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    def answer(self) -> Answer:
+        n = self.params.n
+        return Answer(self.shape, n * len(self.prompts), n, self.echo, self.asked_prompt_logprobs)
+
+
+def logprobs_asked(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
+
+
+def _token_text(tokenizer: ServingTokenizer) -> TokenText:
+    return functools.lru_cache(maxsize=4096)(lambda t: tokenizer.decode([t], skip_special_tokens=False))
+
+
+def _check_vocab(params: SamplingParams, tokenizer: ServingTokenizer) -> SamplingParams:
+    vocab = tokenizer.vocab_size
+    if any(t >= vocab for t in params.logit_bias):
+        raise bad_request(f"logit_bias token ids must be in [0, {vocab}).", param="logit_bias")
+    return params
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
-    if isinstance(req.prompt, str):
-        check_prompt_chars(req.prompt, state.engine.max_model_len, max_token_chars(tokenizer), "prompt")
-        prompt_ids = tokenizer.encode(req.prompt, add_special_tokens=True)
-    else:
-        prompt_ids = _checked_token_ids(req.prompt, tokenizer.vocab_size)
-    max_tokens = req.max_tokens if req.max_tokens is not None else _room(state, prompt_ids)
+    for p in req.prompts:
+        if isinstance(p, str):
+            check_prompt_chars(p, state.engine.max_model_len, max_token_chars(tokenizer), "prompt")
+    prompts = [text_prompt_ids(tokenizer, p) for p in req.prompts]
+    longest = max(prompts, key=len)
+    max_tokens = req.max_tokens if req.max_tokens is not None else _room(state, longest)
+    params = _check_vocab(req.sampling_params(max_tokens), tokenizer)
+    asked = params.prompt_logprobs is not None
+    echo = None
+    if req.echo:
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in req.prompts]
+        if params.logprobs is not None:
+            params.prompt_logprobs = max(params.prompt_logprobs or 0, params.logprobs)
     return Prepared(
-        prompt_ids=prompt_ids,
-        params=req.sampling_params(max_tokens),
+        prompts=prompts,
+        params=params,
         shape=CompletionShape(
             model=model,
             include_usage=req.include_usage,
-            prompt_token_ids=prompt_ids if req.return_token_ids else None,
+            prompt_token_ids=prompts[0] if req.return_token_ids else None,
+            token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
         ),
         stream=req.stream,
         prompt_param="prompt",
+        echo=echo,
+        asked_prompt_logprobs=asked,
     )
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
-    try:
-        text = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
-    except ValueError as exc:  # ChatTemplateError: the template rejected the conversation
-        raise bad_request(
-            f"The chat template cannot render these messages: {exc}", param="messages"
-        ) from None
-    check_prompt_chars(text, state.engine.max_model_len, max_token_chars(tokenizer), "messages")
-    # The rendered template already carries BOS and role markers; adding them again would double them.
-    prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    limit = max_token_chars(tokenizer)
+    prompt_ids = chat_prompt_ids(
+        tokenizer,
+        req.template_messages(),
+        lambda text: check_prompt_chars(text, state.engine.max_model_len, limit, "messages"),
+    )
     requested = req.requested_max_tokens
     max_tokens = requested if requested is not None else _room(state, prompt_ids)
+    params = _check_vocab(req.sampling_params(max_tokens), tokenizer)
     return Prepared(
-        prompt_ids=prompt_ids,
-        params=req.sampling_params(max_tokens),
+        prompts=[prompt_ids],
+        params=params,
         shape=ChatShape(
             model=model,
             include_usage=req.include_usage,
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
+            token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
         ),
         stream=req.stream,
         prompt_param="messages",
+        asked_prompt_logprobs=params.prompt_logprobs is not None,
+        max_tokens_param=req.max_tokens_param,
     )
 
 
@@ -180,14 +207,67 @@ def _room(state: ServerState, prompt_ids: list[int]) -> int:
     return max(1, state.engine.max_model_len - len(prompt_ids))
 
 
-def _checked_token_ids(ids: list[int], vocab_size: int) -> list[int]:
-    for i, tok in enumerate(ids):
-        if not 0 <= tok < vocab_size:
-            raise bad_request(
-                f"prompt token id {tok} at position {i} is outside the vocabulary [0, {vocab_size}).",
-                param="prompt",
-            )
-    return ids
+Tagged = tuple[int, RequestOutput]  # (which prompt, one of its outputs)
+
+
+async def _first_outputs(
+    gens: list[AsyncGenerator[RequestOutput, None]], prepared: Prepared
+) -> list[RequestOutput]:
+    """Every prompt's first output, awaited before any byte is sent, so that overload and too-long
+    prompts are proper HTTP errors (and the router may still retry elsewhere)."""
+    try:
+        return list(await asyncio.gather(*(_next_output(g) for g in gens)))
+    except EngineOverloaded as exc:
+        raise errors.overloaded(str(exc) or "The engine is overloaded; retry later.") from None
+    except ReservationError as exc:
+        raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
+    except PromptTooLong as exc:
+        # Too long by itself, or only with what max_tokens asks on top: blame the field that is.
+        param = prepared.prompt_param if exc.by_itself else prepared.max_tokens_param
+        raise bad_request(str(exc), param=param, code="context_length_exceeded") from None
+    except InvalidParams as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    except ValueError as exc:  # the engine's own validation of prompt ids and params
+        raise bad_request(str(exc)) from None
+    except EngineDead as exc:
+        raise errors.engine_dead(str(exc) or "The engine stopped.") from None
+
+
+async def _merged(
+    gens: list[AsyncGenerator[RequestOutput, None]], firsts: list[RequestOutput]
+) -> AsyncGenerator[Tagged, None]:
+    """The outputs of several prompts' generations as they come, each tagged with its prompt."""
+    for i, first in enumerate(firsts):
+        yield i, first
+    if len(gens) == 1:  # the common case: no tasks, no queue
+        async for out in gens[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[Tagged | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:
+        try:
+            async for out in gen:
+                queue.put_nowait((i, out))
+        except BaseException as exc:  # handed to the reader, who raises it
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def serve(request: Request, state: ServerState, prepared: Prepared) -> Response | Stream:
@@ -210,36 +290,37 @@ async def _serve(
     state.admit()
     request_id = prepared.request_id or prepared.shape.id
     timer = state.metrics.start_request()
-    gen = state.engine.generate(request_id, prepared.prompt_ids, prepared.params, prepared.begin)
+    gens = [
+        state.engine.generate(
+            request_id if i == 0 else f"{request_id}-{i}",
+            ids,
+            prepared.params,
+            prepared.begin if i == 0 else None,
+        )
+        for i, ids in enumerate(prepared.prompts)
+    ]
     if watch is not None:
-        gen = watch(gen)
-    # aclosing: whatever way this returns — done, client gone, handler cancelled — the engine aborts
-    # the request and frees its KV blocks at once.
-    async with aclosing(gen):
-        try:
-            # The first output is awaited before any byte is sent, so that overload and too-long prompts are
-            # proper HTTP errors (and the router may still retry elsewhere).
-            first = await _next_output(gen)
-        except EngineOverloaded as exc:
-            raise errors.overloaded(str(exc) or "The engine is overloaded; retry later.") from None
-        except ReservationError as exc:
-            raise APIError(404, str(exc), param="request_id", code="reservation_not_found") from None
-        except PromptTooLong as exc:
-            raise bad_request(str(exc), param=prepared.prompt_param, code="context_length_exceeded") from None
-        except ValueError as exc:  # the engine's own validation of prompt ids and params
-            raise bad_request(str(exc)) from None
-        except EngineDead as exc:
-            raise errors.engine_dead(str(exc) or "The engine stopped.") from None
+        gens = [watch(g) for g in gens]
+    # AsyncExitStack of aclosing: whatever way this returns — done, client gone, handler cancelled —
+    # the engine aborts the requests and frees their KV blocks at once.
+    async with contextlib.AsyncExitStack() as stack:
+        for gen in gens:
+            await stack.enter_async_context(aclosing(gen))
+        firsts = await _first_outputs(gens, prepared)
+        outputs = _merged(gens, firsts)
+        answer = prepared.answer()
         try:
             if prepared.stream:
-                return await stream_sse(request, gen, first, prepared.shape, timer)
-            text, last, token_ids = await collect(request, gen, first, timer)
+                return await stream_sse(request, outputs, answer, timer)
+            await collect(request, outputs, answer, timer)
         except asyncio.CancelledError:
             timer.finish("abort")
             raise
         except EngineDead as exc:
             raise errors.engine_dead(str(exc) or "The engine stopped.") from None
-    return Response.json(prepared.shape.full(text, last, token_ids))
+        finally:
+            await outputs.aclose()
+    return Response.json(answer.whole())
 
 
 class ClientDisconnected(ConnectionResetError):
@@ -254,65 +335,43 @@ async def _next_output(gen: AsyncGenerator[RequestOutput, None]) -> RequestOutpu
 
 
 async def collect(
-    request: Request,
-    gen: AsyncGenerator[RequestOutput, None],
-    first: RequestOutput,
-    timer: RequestTimer,
-) -> tuple[str, RequestOutput, list[int]]:
-    """Gather a whole answer: its text, its last output (finish reason, usage) and its token ids."""
-    parts: list[str] = []
-    token_ids: list[int] = []
-    output = first
-    while True:
+    request: Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
+) -> None:
+    """Gather a whole answer: every choice's text, token ids, logprobs, finish reason, and the usage."""
+    async for prompt, output in outputs:
         timer.observe(output)
-        parts.append(output.text)
-        token_ids.extend(output.token_ids)
-        if output.finished:
-            timer.finish(str(output.finish_reason or FinishReason.STOP))
-            return "".join(parts), output, token_ids
+        answer.add(prompt, output)
+        if answer.done:
+            timer.finish(answer.finish_reason)
+            return
         # The server cancels this handler when its client goes; polling as well costs nothing and
         # holds for a caller that does not cancel.
         if request.disconnected():
             timer.finish("abort")
             raise ClientDisconnected("client disconnected before the completion was ready")
-        output = await _next_output(gen)
-
-
-def _frame(body: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(body) + b"\n\n"
+    raise RuntimeError("the engine ended a request without a finished output")
 
 
 async def stream_sse(
-    request: Request,
-    gen: AsyncGenerator[RequestOutput, None],
-    first: RequestOutput,
-    shape: ResponseShape,
-    timer: RequestTimer,
+    request: Request, outputs: AsyncGenerator[Tagged, None], answer: Answer, timer: RequestTimer
 ) -> Stream:
-    """Stream an answer as server-sent events: deltas, a finish chunk, usage if asked, then [DONE]."""
+    """Stream an answer as server-sent events: deltas, a finish chunk per choice, usage if asked, [DONE]."""
     response = await request.stream(200, SSE_HEADERS)
-    frames = [_frame(chunk) for chunk in shape.opening_chunks()]
-    output = first
+    frames = answer.opening()
     try:
-        while True:
+        async for prompt, output in outputs:
             timer.observe(output)
-            # With return_token_ids a token whose text is still held back (half a UTF-8 character, a
-            # possible stop string) gets its own chunk too, so that every generated id is reported.
-            if output.text or (shape.return_token_ids and output.token_ids):
-                frames.append(_frame(shape.delta_chunk(output.text, output.token_ids)))
-            if output.finished:
-                frames.append(_frame(shape.finish_chunk(output.finish_reason)))
-                if shape.include_usage:
-                    frames.append(_frame(shape.usage_chunk(output)))
-                frames.append(SSE_DONE)
+            frames.extend(answer.frames(prompt, output))
+            if answer.done:
+                frames.extend(answer.closing())
                 await response.write(b"".join(frames))
-                timer.finish(str(output.finish_reason or FinishReason.STOP))
+                timer.finish(answer.finish_reason)
                 return response
             if frames:
                 # One write per engine output: each is one syscall instead of one per frame.
                 await response.write(b"".join(frames))
                 frames = []
-            output = await _next_output(gen)
+        raise RuntimeError("the engine ended a request without a finished output")
     except ConnectionResetError:
         timer.finish("abort")
         return response
@@ -320,7 +379,7 @@ async def stream_sse(
         # Headers are gone already: the error travels as an SSE event, and no [DONE] marks the stream cut.
         err = errors.engine_dead(str(exc)) if isinstance(exc, EngineDead) else errors.internal_error()
         if not isinstance(exc, EngineDead):
-            log.exception("request %s failed mid-stream", shape.id)
+            log.exception("request %s failed mid-stream", answer.shape.id)
         with suppress(ConnectionResetError):
-            await response.write(_frame(err.body()))
+            await response.write(frame(err.body()))
         return response

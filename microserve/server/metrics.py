@@ -164,7 +164,7 @@ class RequestTimer:
         self._done = False
 
     def observe(self, output: RequestOutput) -> None:
-        new_tokens = output.completion_tokens - self._completion_tokens
+        new_tokens = len(output.token_ids)  # the choices of n > 1 (or a batch of prompts) interleave
         if new_tokens <= 0:
             return
         if self._first is None:
@@ -173,7 +173,7 @@ class RequestTimer:
             # Counted once prefill is done, as vLLM does, not on arrival of a request that may be refused.
             self._metrics.prompt_tokens.inc(output.prompt_tokens)
         self._metrics.generation_tokens.inc(new_tokens)
-        self._completion_tokens = output.completion_tokens
+        self._completion_tokens += new_tokens
 
     def finish(self, reason: str) -> None:
         """Record the end of the request; `reason` is its finish_reason, "abort" when the client left."""

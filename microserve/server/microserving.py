@@ -23,6 +23,8 @@ from urllib.parse import unquote
 import aiohttp
 from pydantic import Field
 
+from microserve.api.errors import APIError, bad_request
+from microserve.api.protocol import CompletionRequest, RequestModel, parse_request
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
@@ -31,10 +33,8 @@ from microserve.http.server import Request, Response, Stream
 from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_challenge
 from microserve.server import errors
 from microserve.server.app import EngineApp
-from microserve.server.errors import APIError, bad_request
-from microserve.server.handlers import Prepared, serve
+from microserve.server.handlers import prepare_completion, serve
 from microserve.server.prompt_limits import check_prompt_chars, kv_body_limit, max_token_chars
-from microserve.server.protocol import CompletionRequest, CompletionShape, RequestModel, parse_request
 from microserve.server.tracing import EngineSpan, SendSpan
 
 log = logging.getLogger(__name__)
@@ -305,26 +305,15 @@ async def receive_kv(ms: Microserving, request: Request) -> Response:
 
 
 async def start_generate(ms: Microserving, request: Request) -> Response | Stream:
-    engine = ms.engine
     state = ms.app.state
     req = parse_request(StartGenerateRequest, request.json())
-    ids = await _prompt_ids(engine, req.prompt)
-    model = state.resolve_model(req.model)
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, engine.max_model_len - len(ids))
-    prepared = Prepared(
-        prompt_ids=ids,
-        params=req.sampling_params(max_tokens),
-        shape=CompletionShape(
-            model=model,
-            include_usage=req.include_usage,
-            # The router asks for the ids to count the answer and to continue it if this engine dies.
-            prompt_token_ids=ids if req.return_token_ids else None,
-        ),
-        stream=req.stream,
-        prompt_param="prompt",
-        request_id=req.request_id,
-        begin=normalize_index(req.begin, len(ids), 0),
-    )
+    if len(req.prompts) != 1:
+        raise bad_request("start_generate takes one prompt.", param="prompt")
+    # The router asks for the ids (return_token_ids) to count the answer and to continue it if this
+    # engine dies.
+    prepared = prepare_completion(state, req)
+    prepared.request_id = req.request_id
+    prepared.begin = normalize_index(req.begin, len(prepared.prompts[0]), 0)
     return await serve(request, state, prepared)
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from microserve.api.errors import APIError
 from microserve.http.limits import KiB, MiB
-from microserve.server.errors import APIError
 
 # A token of real text is 3-5 bytes of JSON; 16 covers JSON-escaped non-ASCII text and token-id lists
 # (up to 7 bytes an id). The router sizes its own limit the same way (--max-body-size).

@@ -9,8 +9,8 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Self
 
+from microserve.api.shapes import ChatShape
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput, Timeline
-from microserve.server.protocol import ChatShape
 from microserve.tracing import Attributes, Tracing, epoch_ns
 
 if TYPE_CHECKING:

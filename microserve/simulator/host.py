@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from microserve.api.errors import APIError
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
@@ -25,7 +26,6 @@ from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import WorkerFailure
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
-from microserve.server.errors import APIError
 from microserve.simulator.handle import SimRequest, SimWorkerHandle
 from microserve.simulator.replica import ReplicaConfig, SimReplica
 

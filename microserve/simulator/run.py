@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from microserve.api.errors import APIError
 from microserve.bench.arrivals import interarrival_gaps
 from microserve.bench.issuer import issue_requests
 from microserve.bench.metrics import Summary, summarize
@@ -22,7 +23,6 @@ from microserve.model.tokenizer import Tokenizer
 from microserve.router.prompt_ids import prompt_ids
 from microserve.router.request import Route
 from microserve.runner.sim_runner import plain_word_tokens
-from microserve.server.errors import APIError
 from microserve.simulator.clock import run_virtual
 from microserve.simulator.handle import Answer, SimRequest
 from microserve.simulator.host import MODEL, FleetConfig, SimRouter

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from microserve.server.errors import APIError
+from microserve.api.errors import APIError
 from microserve.tenants.keys import PRIORITIES, KeyRecord, digest
 from microserve.tenants.limits import Grant, Limiter
 from microserve.tenants.store import MemoryStore, TenantStore

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from microserve.server.errors import APIError
+from microserve.api.errors import APIError
 from microserve.tenants.keys import KeyRecord
 from microserve.tenants.store import TenantStore
 

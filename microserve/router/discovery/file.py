@@ -16,7 +16,7 @@ from microserve.router.workers import WorkerSpec
 
 
 def parse_workers(text: str) -> list[WorkerSpec]:
-    import yaml  # type: ignore[import-untyped]  # JSON is YAML too
+    import yaml  # JSON is YAML too
 
     try:
         data: Any = yaml.safe_load(text)

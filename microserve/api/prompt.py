@@ -1,0 +1,79 @@
+"""Prompt -> token ids, as the engine computes them and the router predicts them: a chat is rendered
+with the model's template and encoded without special tokens (the template carries BOS and role
+markers); a text prompt is encoded with them; a token-id prompt is checked against the vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from microserve.api.errors import bad_request
+from microserve.api.protocol import ChatMessage, validation_error
+
+
+class PromptTokenizer(Protocol):
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+def chat_prompt_ids(
+    tokenizer: PromptTokenizer,
+    messages: list[dict[str, Any]],
+    check_text: Callable[[str], None] | None = None,
+) -> list[int]:
+    """`check_text` sees the rendered text before it is encoded (the engine bounds its length there)."""
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ValueError as exc:  # ChatTemplateError: the template rejected the conversation
+        raise bad_request(
+            f"The chat template cannot render these messages: {exc}", param="messages"
+        ) from None
+    if check_text is not None:
+        check_text(text)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def text_prompt_ids(tokenizer: PromptTokenizer, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    vocab_size = tokenizer.vocab_size
+    for i, tok in enumerate(prompt):
+        if not 0 <= tok < vocab_size:
+            raise bad_request(
+                f"prompt token id {tok} at position {i} is outside the vocabulary [0, {vocab_size}).",
+                param="prompt",
+            )
+    return list(prompt)
+
+
+def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Messages as the template sees them, from validated `ChatMessage`s or raw JSON objects."""
+    try:
+        parsed = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    for i, m in enumerate(parsed):
+        m.check(f"messages.{i}.content")
+    return [m.for_template() for m in parsed]
+
+
+def body_prompt_ids(tokenizer: PromptTokenizer, chat: bool, body: Mapping[str, Any]) -> list[int]:
+    """The ids the engine computes for a raw request body (one prompt)."""
+    if chat:
+        return chat_prompt_ids(tokenizer, template_messages(body["messages"]))
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return text_prompt_ids(tokenizer, prompt)
+    raise bad_request("prompt must be one string or one list of token ids here.", param="prompt")
