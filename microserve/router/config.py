@@ -12,12 +12,12 @@ import orjson
 
 from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
-from microserve.kube.scaler import check_scale_targets
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
 from microserve.router.deadlines import DeadlineConfig
 from microserve.router.discovery import make_discovery
 from microserve.router.health import HealthConfig
+from microserve.router.kube_scaler import check_scale_targets
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
 from microserve.tokens import ADMIN_TOKEN_ENV, INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, resolve_token

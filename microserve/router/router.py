@@ -16,13 +16,13 @@ import orjson
 
 from microserve.api.errors import APIError, bad_request, model_not_found
 from microserve.http.client import HTTPClient
-from microserve.kube.scaler import DeploymentScaler
 from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
+from microserve.router.kube_scaler import DeploymentScaler
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache

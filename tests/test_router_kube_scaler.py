@@ -9,7 +9,7 @@ import pytest
 
 from microserve.kube.client import KubeClient
 from microserve.kube.config import KubeConfig
-from microserve.kube.scaler import DeploymentScaler, ScaleTarget
+from microserve.router.kube_scaler import DeploymentScaler, ScaleTarget
 from microserve.router.workers import Role, WorkerPool, WorkerSpec
 from tests.kube_fake import FakeKubeAPI
 
