@@ -53,9 +53,9 @@ def test_the_url_names_the_deployment_role_and_bounds() -> None:
         ("k8s://serving", "looks like k8s://NAMESPACE/DEPLOYMENT"),
         ("etcd://serving/engine", "looks like k8s://NAMESPACE/DEPLOYMENT"),
         ("k8s://serving/engine?replicas=3", "unknown --k8s-scale parameter"),
-        ("k8s://serving/engine?role=gpu", "'gpu' is not a valid Role"),
+        ("k8s://serving/engine?role=gpu", "role is one of prefill, decode, both, got 'gpu'"),
         ("k8s://serving/engine?min=4&max=2", "min replicas <= max replicas"),
-        ("k8s://serving/engine?max=many", "invalid literal"),
+        ("k8s://serving/engine?max=many", "min and max must be integers"),
     ]:
         with pytest.raises(ValueError, match=message):
             ScaleTarget.parse(bad)
@@ -152,3 +152,12 @@ async def test_api_errors_are_kept_and_cleared(api: FakeKubeAPI) -> None:
         assert denied.error is not None and "401" in denied.error
     finally:
         await denied.close()
+
+
+def test_the_router_config_refuses_bad_targets_before_starting() -> None:
+    from microserve.router.config import RouterConfig
+
+    with pytest.raises(ValueError, match="kubeconfig /nonexistent/kubeconfig"):
+        RouterConfig(k8s_scale=["k8s://serving/engine?kubeconfig=/nonexistent/kubeconfig"])
+    with pytest.raises(ValueError, match="one scaled Deployment per role"):
+        RouterConfig(k8s_scale=["k8s://serving/a?role=decode", "k8s://serving/b?role=decode"])

@@ -55,26 +55,39 @@ class ScaleTarget:
             raise ValueError(f"unknown --k8s-scale parameter(s) {', '.join(unknown)} in {url!r}")
         try:
             low = int(query.get("min", "1"))
+            high = int(query.get("max", str(max(low, 1))))
+            numbers = [float(query.get(k, d)) for k, d in (("target", "8"), ("down-after", "60"),
+                                                            ("up-cooldown", "5"))]  # fmt: skip
+        except ValueError:
+            raise ValueError(f"{url}: min and max must be integers, target, down-after and up-cooldown "
+                             "numbers") from None  # fmt: skip
+        try:
             config = AutoscalerConfig(
                 min_replicas=low,
-                max_replicas=int(query.get("max", str(max(low, 1)))),
-                target_load=float(query.get("target", "8")),
-                scale_down_after_s=float(query.get("down-after", "60")),
-                scale_up_cooldown_s=float(query.get("up-cooldown", "5")),
+                max_replicas=high,
+                target_load=numbers[0],
+                scale_down_after_s=numbers[1],
+                scale_up_cooldown_s=numbers[2],
             )
-            role = Role(query.get("role", "both"))
         except ValueError as exc:
             raise ValueError(f"{url}: {exc}") from None
+        roles = [str(r) for r in Role]
+        if query.get("role", "both") not in roles:
+            raise ValueError(f"{url}: role is one of {', '.join(roles)}, got {query['role']!r}")
+        role = Role(query.get("role", "both"))
         return cls(unquote(parts.netloc), unquote(name), role, config, query.get("kubeconfig"),
                    query.get("context"))  # fmt: skip
 
 
 def check_scale_targets(urls: list[str]) -> list[ScaleTarget]:
-    """The targets of `--k8s-scale`, at most one per role (a ValueError otherwise)."""
+    """The targets of `--k8s-scale`, at most one per role, with a Kubernetes config to reach them (a
+    ValueError otherwise, before anything starts)."""
     targets = [ScaleTarget.parse(u) for u in urls]
     roles = [t.role for t in targets]
     if len(set(roles)) != len(roles):
         raise ValueError("--k8s-scale: one scaled Deployment per role")
+    if targets:
+        KubeConfig.load(targets[0].kubeconfig, targets[0].context)
     return targets
 
 
