@@ -185,18 +185,36 @@ async def test_a_watch_that_ends_is_resumed_from_its_version(api: FakeKubeAPI) -
 async def test_gone_leads_to_a_relist(api: FakeKubeAPI, as_event: bool) -> None:
     api.gone_as_event = as_event
     await api.put(make_pod("a", "10.0.0.1"))
+    f = follow(api, timeout=1)
+    try:
+        assert await f.next() == ["http://10.0.0.1:8100"]
+        while api.watches < 1:
+            await asyncio.sleep(0.05)
+        api.compact()  # the watch's version is no longer kept: resumed at its end, it is Gone
+        while f.source.relists < 2:
+            await asyncio.sleep(0.05)
+        assert await f.next() == ["http://10.0.0.1:8100"]  # the relist's set
+        assert f.source.expired == 1 and api.lists == 2 and f.source.status.connected
+        await api.put(make_pod("b", "10.0.0.2"))  # followed again
+        assert await f.next() == ["http://10.0.0.1:8100", "http://10.0.0.2:8100"]
+    finally:
+        await f.stop()
+
+
+async def test_a_cut_watch_is_relisted_at_once(api: FakeKubeAPI) -> None:
+    await api.put(make_pod("a", "10.0.0.1"))
     f = follow(api)
     try:
         assert await f.next() == ["http://10.0.0.1:8100"]
         while api.watches < 1:
             await asyncio.sleep(0.05)
-        api.compact()  # the watch's version is no longer kept
-        await api.drop_watches()  # the watch is lost: resumed from a version now too old
+        await asyncio.sleep(0.2)  # a watch running for a while (the retry period)
+        since = f.source.status.since
+        await api.drop_watches()  # cut, e.g. by a proxy: what changes meanwhile is listed again
         await api.put(make_pod("b", "10.0.0.2"))
-        await api.delete("a")
-        api.compact()
-        await f.until(["http://10.0.0.2:8100"])  # read whole again, what changed meanwhile included
-        assert api.lists == 2 and f.source.relists == 2
+        await f.until(["http://10.0.0.1:8100", "http://10.0.0.2:8100"])
+        assert f.source.cuts == 1 and f.source.expired == 0
+        assert f.source.status.connected and f.source.status.since == since  # never reported down
     finally:
         await f.stop()
 

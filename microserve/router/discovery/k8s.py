@@ -113,6 +113,8 @@ class KubernetesDiscovery(Discovery):
         self.retry_s = retry_s
         self.pods: dict[str, WorkerSpec] = {}  # namespace/name -> worker, Ready pods only
         self.relists = 0
+        self.expired = 0  # 410 Gone answered
+        self.cuts = 0  # running watches cut
 
     @classmethod
     def from_url(cls, url: str) -> KubernetesDiscovery:
@@ -149,7 +151,9 @@ class KubernetesDiscovery(Discovery):
             self.pods[key] = spec
 
     async def watch(self) -> AsyncIterator[list[WorkerSpec]]:
+        loop = asyncio.get_running_loop()
         while True:
+            watching_since: float | None = None
             try:
                 listing = await self.client.list_pods(self.namespace, self.selector)
                 self.relists += 1
@@ -160,6 +164,7 @@ class KubernetesDiscovery(Discovery):
                 self.reached()
                 self.status.updates += 1
                 yield list(self.pods.values())
+                watching_since = loop.time()
                 while True:  # watches, each resumed where the last ended, until Gone or a failure
                     async for event in self.client.watch_pods(
                         self.namespace, self.selector, version, self.watch_timeout_s
@@ -175,8 +180,19 @@ class KubernetesDiscovery(Discovery):
                             self.status.updates += 1
                             yield list(self.pods.values())
             except Gone as exc:
+                self.expired += 1
                 log.info("%s: %s; listing again", self.name, exc)
             except KubeError as exc:
+                if (
+                    exc.status is None
+                    and watching_since is not None
+                    and loop.time() - watching_since >= self.retry_s
+                ):
+                    # A watch that had been running was cut (a proxy's idle timeout, an API server
+                    # going away): list again at once, and report only if that fails too.
+                    self.cuts += 1
+                    log.info("%s: %s; listing again", self.name, exc)
+                    continue
                 if self.status.connected or self.status.error is None:
                     log.warning("%s: %s; keeping the last membership (%d workers)", self.name, exc,
                                 len(self.pods))  # fmt: skip
