@@ -21,6 +21,7 @@ from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
+from microserve.router.kube_scaler import DeploymentScaler
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
@@ -77,6 +78,10 @@ class Router:
         self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
         if self.discovery:
             self.metrics.registry.register(DiscoveryCollector(self.discovery))
+        self.k8s_scaler: DeploymentScaler | None = (
+            None  # --k8s-scale: made in `start` (it reads a kubeconfig)
+        )
+        self._k8s_task: asyncio.Task[None] | None = None
         self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
         self.response_cache = (
             ResponseCache.open(
@@ -114,9 +119,18 @@ class Router:
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
+        if self.config.k8s_scale:
+            self.k8s_scaler = DeploymentScaler.from_urls(
+                self.config.k8s_scale, lambda: self.pool, lambda: self.admission.queued
+            )
+            self._k8s_task = asyncio.create_task(self.k8s_scaler.run(), name="k8s-scale")
         await self._preload_tokenizers(self.strategy, self.policy)
 
     async def close(self) -> None:
+        if self._k8s_task is not None and self.k8s_scaler is not None:
+            self._k8s_task.cancel()
+            await asyncio.gather(self._k8s_task, return_exceptions=True)
+            await self.k8s_scaler.close()
         await self.discovery.stop()
         if self._health is not None:
             await self._health.stop()
