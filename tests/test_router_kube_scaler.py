@@ -77,10 +77,12 @@ async def test_load_grows_the_deployment_and_starting_pods_count(api: FakeKubeAP
         await s.close()
 
 
-async def test_idle_replicas_go_one_at_a_time(api: FakeKubeAPI) -> None:
+async def test_low_load_shrinks_the_deployment_after_a_wait(api: FakeKubeAPI) -> None:
     api.deployment("engine", 3)
     pool, clock = WorkerPool(), Clock()
     add(pool, 3)
+    busy = pool.get("http://10.0.0.1:8100")
+    busy.in_flight = 5  # at half the target of 8, two replicas' worth
     s = scaler(api, pool, ["k8s://serving/engine?min=1&max=4&down-after=10"], clock=clock)
     try:
         await s.tick()  # low from now on
@@ -89,17 +91,19 @@ async def test_idle_replicas_go_one_at_a_time(api: FakeKubeAPI) -> None:
         assert api.patches == []  # not low for long enough yet
         clock.now = 10
         await s.tick()
-        assert api.patches == [("engine", 2)]
+        assert api.patches == [("engine", 2)]  # what the load needs, not fewer
         pool.get("http://10.0.0.3:8100").draining = True  # its pod terminating: discovery drains it
-        clock.now = 15
+        clock.now = 30
         await s.tick()
-        assert api.patches == [("engine", 2)]  # the next step waits as long again
-        clock.now = 20
+        assert api.patches == [("engine", 2)]  # 5 requests do not fit in one at half the target
+        busy.in_flight = 0
+        await s.tick()  # idle from now on
+        clock.now = 40
         await s.tick()
         assert api.patches == [("engine", 2), ("engine", 1)]
-        clock.now = 60
+        clock.now = 100
         await s.tick()
-        assert api.patches[-1] == ("engine", 1)  # never below min
+        assert api.patches[-1] == ("engine", 1) and len(api.patches) == 2  # never below min
     finally:
         await s.close()
 
