@@ -150,3 +150,19 @@ async def test_metrics_and_scrape_targets_need_the_metrics_token_when_one_is_set
                 ok = await client.get(path, headers={"Authorization": "Bearer m-tok"})
                 assert ok.status == 200
             assert (await client.get("/health")).status == 200  # the rest stays open
+
+
+async def test_the_dashboard_state_needs_the_metrics_or_admin_token_when_one_is_set() -> None:
+    async with fakes(1) as servers:
+        workers = [WorkerSpec(servers[0].url, kind=WorkerKind.OPENAI)]
+        config = RouterConfig(workers=workers, metrics_token="m-tok", admin_token="a-tok")
+        async with serving(Router(config)) as client:
+            refused = await client.get("/dashboard/state")
+            assert refused.status == 401 and servers[0].url not in await refused.text()
+            assert (await client.get("/dashboard/state", headers={"Authorization": "Bearer x"})).status == 401
+            for token in ("m-tok", "a-tok"):
+                ok = await client.get("/dashboard/state", headers={"Authorization": f"Bearer {token}"})
+                assert ok.status == 200 and servers[0].url in await ok.text()
+            assert (await client.get("/dashboard")).status == 200  # the page itself holds nothing
+        async with serving(Router(RouterConfig(workers=workers))) as client:
+            assert (await client.get("/dashboard/state")).status == 200  # no metrics token: open, as before

@@ -34,6 +34,7 @@ ROUTER_METRICS = {
     "microserve_router_max_queued_requests": "gauge",
     "microserve_router_admission_service_seconds": "gauge",
     "microserve_router_admission_expected_wait_seconds": "gauge",
+    "microserve_router_queue_wait_seconds": "histogram",
     "microserve_router_strategy_info": "gauge",
     "microserve_router_policy_info": "gauge",
     "microserve_router_worker_info": "gauge",

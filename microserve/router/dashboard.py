@@ -16,6 +16,7 @@ from microserve.router.policies import POLICIES
 from microserve.router.recent import Finished
 from microserve.router.router import Router
 from microserve.router.strategies import STRATEGIES
+from microserve.tokens import bearer_matches
 
 WINDOW_S = 300.0  # "the last minutes" the page summarizes
 BIN_S = 10.0
@@ -42,6 +43,7 @@ async def _static(body: bytes, content_type: str, request: Request) -> Response:
 
 
 async def _state(router: Router, started: float, request: Request) -> Response:
+    _check_viewer(router, request)
     try:
         window_s = float(request.query.get("window", WINDOW_S))
     except ValueError:
@@ -50,6 +52,22 @@ async def _state(router: Router, started: float, request: Request) -> Response:
         raise APIError(400, "window must be between 0 and 86400 seconds.", param="window")
     await router.refresh_loads(LOAD_MAX_AGE_S)
     return Response.json(fleet_state(router, started, window_s), headers={"Cache-Control": "no-store"})
+
+
+def _check_viewer(router: Router, request: Request) -> None:
+    """The state names the workers' addresses, as /metrics does: behind the metrics token when one is set,
+    which the admin token (what the page's operator types) also opens."""
+    token = router.config.metrics_token
+    if not token:
+        return
+    given = request.headers.get("authorization")
+    admin = router.config.admin_token
+    if not (bearer_matches(given, token) or (admin and bearer_matches(given, admin))):
+        raise APIError(
+            401,
+            "The fleet's state needs the metrics or the admin token: 'Authorization: Bearer <token>'.",
+            code="unauthorized",
+        )
 
 
 def fleet_state(

@@ -184,7 +184,10 @@ function fillChoices(state) {
 
 async function poll() {
   try {
-    const resp = await fetch("/dashboard/state", { cache: "no-store" });
+    // Behind the metrics token when the router has one: the admin token typed below opens it too.
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const resp = await fetch("/dashboard/state", { cache: "no-store", headers });
+    if (resp.status === 401) throw new Error("this router needs its admin or metrics token (below)");
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
     const state = await resp.json();
     drawTiles(state);
