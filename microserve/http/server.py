@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -275,16 +275,17 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # a stream server's connections are
-        self.transport = transport
+        # A stream server's connections are transports; uvloop's TCPTransport is not a subclass of
+        # asyncio.Transport, so an isinstance assert refused every connection of an engine on uvloop.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
         if victim is not None:
             victim.close()  # idle or slow to send its headers: the newcomer gets its place
         if not admitted:  # every connection of this client (or of all) is reading a body or answered
             self.server.refused_connections += 1
-            transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
-            transport.close()
+            self.transport.write(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+            self.transport.close()
             return
         self.server.connections.add(self)
         self._read_start = self._loop.time()
