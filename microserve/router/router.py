@@ -203,9 +203,9 @@ class Router:
                 timeout_s=self.config.request_timeout_s, connect_timeout_s=self.config.connect_timeout_s,
             )  # fmt: skip
         except (ClientError, TimeoutError) as exc:
-            raise APIError(
-                502, f"the engine {worker.url} did not answer: {exc!r}", code="worker_failed"
-            ) from None
+            # The engine's address stays in the log: a client never sees the fleet's insides.
+            log.warning("POST %s (model %s): %s did not answer: %r", path, model, worker.url, exc)
+            raise APIError(502, "The engine did not answer; retry.", code="worker_failed") from None
 
     def pick(
         self,
