@@ -1,6 +1,8 @@
 """A small real fleet to observe: two sim engines behind a `microserve router` process with the admin API,
 a failing OpenAI-compatible worker that can join it, and traffic of every kind (PD and data_parallel,
-streamed and whole, chat and completions, some failing), for the Prometheus and browser tests."""
+streamed and whole, chat and completions, some failing), for the Prometheus and browser tests. On request,
+a second router in front of the first engine is a tenant gateway (API keys, a response cache) with
+traffic that makes its metrics move: a valid key, a wrong key, a cache hit, a rate-limited request."""
 
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class Fleet:
     router: ManagedProcess
     engines: list[ManagedProcess]
     failing: FailingWorker
+    gateway: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -101,9 +104,10 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def observed_fleet(tmp: Path, step_s: float = 0.005) -> Iterator[Fleet]:
+def observed_fleet(tmp: Path, step_s: float = 0.005, gateway: bool = False) -> Iterator[Fleet]:
     """Two sim engines (role both) and a router (strategy pd, one attempt per request so that failures
-    reach clients) on loopback; the failing worker runs but has not joined the router."""
+    reach clients) on loopback; the failing worker runs but has not joined the router. With `gateway`,
+    a second router (`--api-keys memory --response-cache memory`) in front of the first engine."""
     profile = write_profile(tmp / "profile.json", step_s)
     engines: list[ManagedProcess] = []
     router: ManagedProcess | None = None
@@ -125,8 +129,18 @@ def observed_fleet(tmp: Path, step_s: float = 0.005) -> Iterator[Fleet]:
             cmd += ["--worker", engine.url]
         router = ManagedProcess(cmd, f"http://127.0.0.1:{port}", INTERNAL_ENV)
         stack.callback(router.stop)
+        gateway_process = None
+        if gateway:
+            port = free_port()
+            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "router",
+                   "--port", str(port), "--admin-token", ADMIN_TOKEN, "--api-keys", "memory",
+                   "--response-cache", "memory", "--worker", engines[0].url]  # fmt: skip
+            gateway_process = ManagedProcess(cmd, f"http://127.0.0.1:{port}", INTERNAL_ENV)
+            stack.callback(gateway_process.stop)
         router.wait_ready(timeout=120)
-        yield Fleet(router, engines, failing)
+        if gateway_process is not None:
+            gateway_process.wait_ready(timeout=120)
+        yield Fleet(router, engines, failing, gateway_process)
 
 
 def request(url: str, i: int, *, stream: bool, chat: bool, max_tokens: int = 12) -> int:
@@ -159,3 +173,23 @@ def failing_phase(fleet: Fleet, count: int = 24) -> list[int]:
     fleet.admin("PUT", "/admin/strategy", {"name": "data_parallel"})
     fleet.admin("POST", "/admin/workers", {"url": fleet.failing.url, "kind": "openai", "models": [MODEL]})
     return traffic(fleet.url, count, start=1000, parallel=2)
+
+
+def tenant_phase(fleet: Fleet) -> list[int]:
+    """Through the gateway with a key allowed 3 requests a minute: a miss, the same request again (a cache
+    hit), a wrong key (401), another request, and one over the limit (429)."""
+    assert fleet.gateway is not None, "observed_fleet(..., gateway=True) starts the gateway"
+    url = fleet.gateway.url
+    resp = httpx.post(
+        url + "/admin/keys", json={"tenant": "acme", "rpm": 3}, headers=ADMIN, timeout=DEADLINE_S
+    )
+    assert resp.status_code == 201, resp.text
+    key = resp.json()["key"]
+
+    def ask(secret: str, prompt: str) -> int:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        headers = {"Authorization": f"Bearer {secret}"}
+        return httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=DEADLINE_S).status_code
+
+    return [ask(key, "The printing press"), ask(key, "The printing press"), ask("sk-ms-wrong", "Hello"),
+            ask(key, "Movable type"), ask(key, "The codex")]  # fmt: skip

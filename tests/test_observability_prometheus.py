@@ -1,7 +1,9 @@
 """The Grafana dashboards proven on a real Prometheus (Debian's `prometheus`): it scrapes a real router and
 two sim engines (found through the router's /prometheus/targets) under PD and data_parallel traffic with
-failures, and every panel query of deploy/grafana/dashboards/*.json must return data. The queries are
-read from the JSON files, so a panel added later is checked too; the alert rules are loaded as well."""
+failures, and a second router that is a tenant gateway (keys, a response cache) under traffic with a good
+key, a wrong key, a cache hit and a rate-limited request; every panel query of
+deploy/grafana/dashboards/*.json must return data. The queries are read from the JSON files, so a panel
+added later is checked too; the alert rules are loaded as well."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from microserve.processes import ManagedProcess, free_port
-from tests.observed_fleet import Fleet, failing_phase, observed_fleet, traffic, wait_until
+from tests.observed_fleet import Fleet, failing_phase, observed_fleet, tenant_phase, traffic, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,12 @@ def expand(expr: str, dashboard: dict[str, Any]) -> str:
 
 
 def test_the_dashboards_are_well_formed() -> None:
-    assert {p.name for p in DASHBOARDS} >= {"fleet-overview.json", "per-engine.json", "router.json"}
+    assert {p.name for p in DASHBOARDS} >= {
+        "fleet-overview.json",
+        "per-engine.json",
+        "router.json",
+        "tenants.json",
+    }
     uids = set()
     for path in DASHBOARDS:
         board = json.loads(path.read_text())
@@ -79,7 +86,7 @@ def test_the_dashboards_are_well_formed() -> None:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    with observed_fleet(tmp_path_factory.mktemp("fleet")) as fleet:
+    with observed_fleet(tmp_path_factory.mktemp("fleet"), gateway=True) as fleet:
         yield fleet
 
 
@@ -88,12 +95,13 @@ def prometheus(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     exe = shutil.which("prometheus")
     assert exe, "prometheus is missing: scripts/setup.sh installs Debian's prometheus package"
     tmp = tmp_path_factory.mktemp("prometheus")
-    router = fleet.url.removeprefix("http://")
+    assert fleet.gateway is not None
+    routers = [url.removeprefix("http://") for url in (fleet.url, fleet.gateway.url)]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
         "scrape_configs": [
-            {"job_name": "microserve-router", "static_configs": [{"targets": [router]}]},
+            {"job_name": "microserve-router", "static_configs": [{"targets": routers}]},
             {
                 "job_name": "microserve-engines",
                 "http_sd_configs": [{"url": f"{fleet.url}/prometheus/targets", "refresh_interval": "1s"}],
@@ -139,13 +147,16 @@ def test_every_panel_query_returns_data(fleet: Fleet, prometheus: str) -> None:
         lambda: len(query(prometheus, 'up{job="microserve-engines", kind="microserve"} == 1')) == 2,
         "both engines to be scraped",
     )
+    # The gateway's refusals and cache lookups first, so that they are in several scrapes by the end.
+    assert tenant_phase(fleet) == [200, 200, 401, 200, 429]
     statuses = traffic(fleet.url, 16) + failing_phase(fleet)
-    assert statuses.count(200) >= 24 and statuses.count(500) >= 5, statuses
+    # The failing worker's 500s reach clients as the router's 502 (bad gateway).
+    assert statuses.count(200) >= 24 and statuses.count(502) >= 5, statuses
     # Every request answered is in a scrape once the router's counter reaches them all.
     wait_until(
         lambda: (
             finite(r := query(prometheus, "sum(microserve_router_requests_total)"))
-            and float(r[0]["value"][1]) >= len(statuses)
+            and float(r[0]["value"][1]) >= len(statuses) + 5
         ),
         "the last requests to be scraped",
     )

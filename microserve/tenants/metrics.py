@@ -11,6 +11,9 @@ from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway
 
 PREFIX = "microserve_router_"
+# Every reason is exported from the start, at 0: a series born at its first refusal with a count already
+# above 0 has no increase for rate() to see (a dashboard would miss a burst shorter than a scrape).
+REASONS = ("invalid_api_key", "model_not_allowed", "rpm", "tpm", "daily_tokens", "max_concurrent")
 
 
 class TenantsCollector:
@@ -26,7 +29,9 @@ class TenantsCollector:
                 "tpm, daily_tokens, max_concurrent).",
                 labels=["reason"],
             )
-            for reason, count in self._gateway.refusals():
+            counts = dict.fromkeys(REASONS, 0)
+            counts.update(self._gateway.refusals())
+            for reason, count in counts.items():
                 refused.add_metric([reason], count)
             yield refused
         if self._cache is not None:
