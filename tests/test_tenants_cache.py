@@ -119,8 +119,8 @@ async def test_errors_cut_streams_and_sampled_answers_are_never_cached(engine: M
         api = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="none", max_retries=0)
         async with api:
             for _ in range(2):
-                with pytest.raises(openai.BadRequestError):
-                    await api.chat.completions.create(**CHAT, max_tokens=4, n=2)
+                with pytest.raises(openai.BadRequestError):  # the engine refuses it: never cached
+                    await api.chat.completions.create(**{**CHAT, "temperature": 3.0}, max_tokens=4)
                 sampled = await api.chat.completions.with_raw_response.create(
                     **{**CHAT, "temperature": 0.8}, max_tokens=4
                 )
