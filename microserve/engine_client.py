@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
+
+from microserve.http.client import ClientError, HTTPClient
+
+CONNECT_TIMEOUT_S = 5.0
 
 
 class EngineError(Exception):
@@ -33,28 +36,31 @@ class EngineClient:
     def __init__(
         self,
         url: str,
-        session: aiohttp.ClientSession | None = None,
+        http: HTTPClient | None = None,
         internal_token: str | None = None,
         headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> None:
-        """`headers` go with every call (the router's trace context, for one request's verbs)."""
+        """`headers` go with every call (the router's trace context, for one request's verbs);
+        `timeout_s` bounds each call (none by default). Without `http`, the client makes its own."""
         self.url = url.rstrip("/")
-        self._session = session
-        self._own_session = session is None
+        self._http = http
+        self._own_http = http is None
+        self.timeout_s = timeout_s
         self._headers = {"Authorization": f"Bearer {internal_token}"} if internal_token else {}
         if headers:
             self._headers.update(headers)
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
-        return self._session
+    def http(self) -> HTTPClient:
+        if self._http is None:
+            self._http = HTTPClient()
+        return self._http
 
     async def close(self) -> None:
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._own_http and self._http is not None:
+            await self._http.close()
+            self._http = None
 
     async def __aenter__(self) -> EngineClient:
         return self
@@ -65,34 +71,39 @@ class EngineClient:
     # -- plumbing ---------------------------------------------------------------------------------
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        async with self.session.post(
-            self.url + path,
-            data=orjson.dumps(body),
-            headers={**self._headers, "Content-Type": "application/json"},
-        ) as r:
-            data = await r.read()
-            if r.status != 200:
-                raise _error(r.status, data)
-            return orjson.loads(data)
+        status, data = await self.http.post_json(
+            self.url, path, body, headers=self._headers, timeout_s=self.timeout_s,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+        if status != 200:
+            raise _error(status, data)
+        return orjson.loads(data)
 
     async def _get(self, path: str) -> Any:
-        async with self.session.get(self.url + path, headers=self._headers) as r:
-            data = await r.read()
-            if r.status != 200:
-                raise _error(r.status, data)
-            return orjson.loads(data)
+        status, data = await self.http.fetch(
+            "GET", self.url, path, headers=self._headers, timeout_s=self.timeout_s,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+        )  # fmt: skip
+        if status != 200:
+            raise _error(status, data)
+        return orjson.loads(data)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POST with stream=true and yield each SSE data chunk; an error event raises EngineError."""
-        async with self.session.post(
-            self.url + path,
-            data=orjson.dumps({**body, "stream": True}),
+        r = await self.http.request(
+            "POST",
+            self.url,
+            path,
+            body=orjson.dumps({**body, "stream": True}),
             headers={**self._headers, "Content-Type": "application/json"},
-        ) as r:
+            timeout_s=self.timeout_s,
+            connect_timeout_s=CONNECT_TIMEOUT_S,
+        )
+        try:
             if r.status != 200:
                 raise _error(r.status, await r.read())
             done = False
-            async for line in r.content:
+            async for line in r.iter_lines():
                 if not line.startswith(b"data: "):
                     continue
                 payload = line[6:].strip()
@@ -106,6 +117,8 @@ class EngineClient:
                 yield chunk
             if not done:
                 raise EngineError(502, "the stream ended without [DONE]")
+        finally:
+            r.close()
 
     # -- OpenAI calls and load --------------------------------------------------------------------
 
@@ -129,10 +142,12 @@ class EngineClient:
 
     async def ready(self) -> bool:
         try:
-            async with self.session.get(self.url + "/ready") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
+            status, _ = await self.http.fetch(
+                "GET", self.url, "/ready", timeout_s=self.timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S
+            )
+        except (ClientError, TimeoutError):
             return False
+        return status == 200
 
     # -- microserving verbs -----------------------------------------------------------------------
 

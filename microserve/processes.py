@@ -89,11 +89,13 @@ def _launch_engine(
     return ManagedProcess(cmd, f"http://127.0.0.1:{port}", env)
 
 
-def start_engine(*args: str, threads: int = 1, env: Mapping[str, str] | None = None) -> ManagedProcess:
+def start_engine(
+    *args: str, threads: int = 1, env: Mapping[str, str] | None = None, timeout: float = 120.0
+) -> ManagedProcess:
     """Start a `microserve engine` on a free loopback port and wait until it is ready."""
     engine = _launch_engine(args, threads, env)
     try:
-        engine.wait_ready()
+        engine.wait_ready(timeout=timeout)
     except BaseException:
         engine.stop()
         raise

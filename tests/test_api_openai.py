@@ -30,7 +30,9 @@ TOKEN = "test-internal-token"  # the engines authenticate each other with it bef
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[list[ManagedProcess]]:
-    started = [start_engine(*ENGINE_ARGS, env={"MICROSERVE_INTERNAL_TOKEN": TOKEN}) for _ in range(2)]
+    # Up to 5 minutes each: a torch engine's start on a loaded 2-core machine can pass 2.
+    env = {"MICROSERVE_INTERNAL_TOKEN": TOKEN}
+    started = [start_engine(*ENGINE_ARGS, env=env, timeout=300) for _ in range(2)]
     try:
         yield started
     finally:

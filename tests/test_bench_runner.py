@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import time
 from collections.abc import AsyncIterator
@@ -55,8 +54,9 @@ async def test_fixed_rate_keeps_its_schedule(fake: tuple[FakeServer, Target]) ->
     config = RunConfig(request_rate=20.0, arrival=ArrivalKind.FIXED, num_requests=6)
     result = await run_benchmark(target, SMALL, config)
     arrivals = [r.arrival for r in result.records]
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert min(gaps) > 0.05 - 0.005  # never early (timer resolution aside)
+    # The schedule is absolute: a request sent late does not push the next ones back, so two may come
+    # closer than 50 ms apart; none is ever sent before its time (timer resolution aside).
+    assert all(t - arrivals[0] > i * 0.05 - 0.005 for i, t in enumerate(arrivals))
     assert arrivals[-1] - arrivals[0] == pytest.approx(0.25, abs=0.1)
 
 

@@ -62,7 +62,23 @@ def make_app(peers: Peers, release: asyncio.Event) -> web.Application:
         return resp
 
     app = web.Application()
+
+    async def lines(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for piece in (b"data: 1\n\nda", b"ta: 2\n", b"\ndata: [DONE]\n\n", b"tail"):
+            await resp.write(piece)
+            await asyncio.sleep(0.01)  # each piece its own read
+        await resp.write_eof()
+        return resp
+
+    async def typed(request: web.Request) -> web.Response:
+        return web.json_response({"type": request.content_type, "got": await request.json()})
+
     app.router.add_post("/echo", echo)
+    app.router.add_post("/base/echo", echo)
+    app.router.add_get("/lines", lines)
+    app.router.add_post("/typed", typed)
     app.router.add_get("/stream", stream)
     app.router.add_get("/close", close)
     app.router.add_get("/slow", slow)
@@ -301,3 +317,33 @@ async def test_a_reader_waiting_on_a_closed_response_is_told(server, client: HTT
     resp.close()
     with pytest.raises(ClientError, match="closed"):
         await asyncio.wait_for(waiting, 2)
+
+
+async def test_post_json_sends_json_and_reads_the_answer_whole(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    for _ in range(2):
+        status, body = await client.post_json(url, "/typed", {"a": [1, 2]}, headers={"X-Trace": "t"})
+        assert status == 200
+        assert orjson.loads(body) == {"type": "application/json", "got": {"a": [1, 2]}}
+    status, body = await client.fetch("GET", url, "/nowhere")
+    assert status == 404
+
+
+async def test_a_url_with_a_path_prefixes_every_request(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    status, body = await client.fetch("POST", url + "/base/", "/echo", body=b"x")
+    assert status == 200
+    assert orjson.loads(body)["path"] == "/base/echo"
+
+
+async def test_iter_lines_splits_across_reads(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    resp = await client.request("GET", url, "/lines")
+    got = [line async for line in resp.iter_lines()]
+    assert got == [b"data: 1\n", b"\n", b"data: 2\n", b"\n", b"data: [DONE]\n", b"\n", b"tail"]
+
+
+async def test_fetch_timeout_is_a_request_timeout(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    with pytest.raises(RequestTimeout):
+        await client.fetch("GET", url, "/slow", timeout_s=0.2)

@@ -494,3 +494,23 @@ def test_prefix_routes_take_the_paths_below_them_with_their_own_body_limit() -> 
     with pytest.raises(APIError) as err:
         routes.resolve("GET", "/kv/abc")
     assert (err.value.status, err.value.headers) == (405, {"Allow": "POST"})
+
+
+def test_connections_are_served_under_uvloop() -> None:
+    # The engine and the router run on uvloop, whose transports do not subclass asyncio.Transport.
+    import uvloop
+
+    async def main() -> bytes:
+        routes = Routes()
+        routes.add("GET", "/x", functools.partial(_named, "x"))
+        server = HTTPServer(routes)
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await server.stop(1)
+        return answer
+
+    answer = uvloop.run(main())
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"route":"x","path":"/x"}')

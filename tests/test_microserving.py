@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 
@@ -207,11 +208,11 @@ async def test_fault_corrupt_payload_rejected_by_receiver(urls):
         payload = bytearray(storage.export(torch.arange(32), 0, 32, ids[:32]))
         payload[-3] ^= 0x55
         auth = {"Authorization": f"Bearer {TOKEN}"}
-        async with b.session.post(
-            f"{b.url}/microserving/kv/f-corrupt", data=bytes(payload), headers=auth
-        ) as r:
-            assert r.status == 400
-            assert "checksum" in (await r.json())["error"]["message"]
+        status, body = await b.http.fetch(
+            "POST", b.url, "/microserving/kv/f-corrupt", body=bytes(payload), headers=auth
+        )
+        assert status == 400
+        assert "checksum" in json.loads(body)["error"]["message"]
         assert await b.release("f-corrupt")
         await idle(b)
 

@@ -17,9 +17,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+import orjson
 
 # Reading pauses when this much of a response body waits for its reader.
 HIGH_WATER = 1 << 20
@@ -46,6 +48,7 @@ class Origin:
     host: str
     port: int
     host_header: bytes
+    prefix: str = ""  # the URL's path (e.g. an OpenAI server's base "/proxy"), put before each request's
 
     @classmethod
     def parse(cls, url: str) -> Origin:
@@ -53,7 +56,7 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, parts.netloc.encode())
+        return cls(parts.scheme, parts.hostname, port, parts.netloc.encode(), parts.path.rstrip("/"))
 
 
 class Response:
@@ -82,6 +85,19 @@ class Response:
                 self.close()
                 return
             yield chunk
+
+    async def iter_lines(self) -> AsyncIterator[bytes]:
+        """The body line by line, each with its b"\\n" (the last one may lack it)."""
+        pending = b""
+        async for chunk in self.iter_chunks():
+            pending += chunk
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                yield pending[start : end + 1]
+                start = end + 1
+            pending = pending[start:]
+        if pending:
+            yield pending
 
     def close(self) -> None:
         conn, self._conn = self._conn, None  # type: ignore[assignment]
@@ -286,7 +302,7 @@ class HTTPClient:
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origins[url] = Origin.parse(url)
-        head = _request_head(method, path, origin, headers, len(body))
+        head = _request_head(method, origin.prefix + path, origin, headers, len(body))
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         await self._acquire_slot(deadline)
@@ -311,6 +327,44 @@ class HTTPClient:
         except BaseException:
             self._release_slot()
             raise
+
+    async def fetch(
+        self,
+        method: str,
+        url: str,
+        path: str,
+        *,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> tuple[int, bytes]:
+        """`request`, its body read whole: (status, body). `timeout_s` bounds it all."""
+        resp = await self.request(
+            method, url, path, body=body, headers=headers, timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+        )  # fmt: skip
+        try:
+            return resp.status, await resp.read()
+        finally:
+            resp.close()
+
+    async def post_json(
+        self,
+        url: str,
+        path: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+    ) -> tuple[int, bytes]:
+        """POST `payload` as JSON; (status, body read whole)."""
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        return await self.fetch(
+            "POST", url, path, body=orjson.dumps(payload), headers=sent, timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+        )  # fmt: skip
 
     async def _acquire_slot(self, deadline: float | None) -> None:
         if self._in_use < self.max_connections and not self._slot_waiters:

@@ -275,10 +275,10 @@ class HTTPProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream server's connections are stream transports; uvloop's do not subclass asyncio.Transport,
-        # so this is a cast, not an isinstance check (that failed every connection under `serve`).
-        self.transport = cast(asyncio.Transport, transport)
-        transport = self.transport
+        # A stream server's connections are transports; uvloop's do not subclass asyncio.Transport, so
+        # no isinstance check here (it refused every connection under uvloop).
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
         peer = transport.get_extra_info("peername")
         admitted, victim = self.server.table.admit(self, peer[0] if isinstance(peer, tuple) else "")
         if victim is not None:

@@ -17,6 +17,7 @@ from microserve.router.breaker import BreakerConfig
 from microserve.router.deadlines import DeadlineConfig
 from microserve.router.discovery import make_discovery
 from microserve.router.health import HealthConfig
+from microserve.router.kube_scaler import check_scale_targets
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
 from microserve.tokens import ADMIN_TOKEN_ENV, INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, resolve_token
@@ -28,6 +29,7 @@ class RouterConfig:
     port: int = 8000
     workers: list[WorkerSpec] = field(default_factory=list)
     discovery: list[str] = field(default_factory=list)  # etcd://HOST:PORT[/prefix], file:///path
+    k8s_scale: list[str] = field(default_factory=list)  # k8s://NAMESPACE/DEPLOYMENT?…: Deployments sized
     strategy: str = "data_parallel"  # a built-in name or path/to/file.py:ClassName
     strategy_options: dict[str, Any] = field(default_factory=dict)
     policy: str = "round_robin"
@@ -80,6 +82,9 @@ class RouterConfig:
             self.discovery = [self.discovery]
         for url in self.discovery:
             make_discovery(url)  # a bad URL fails here, before anything starts
+        if isinstance(self.k8s_scale, str):
+            self.k8s_scale = [self.k8s_scale]
+        check_scale_targets(self.k8s_scale)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -174,6 +179,14 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         metavar="URL",
         help="follow workers registered in etcd://HOST:PORT[/prefix] or listed in file:///path.yaml "
         "(repeatable; docs/discovery.md)",
+    )
+    p.add_argument(
+        "--k8s-scale",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="autoscale a Deployment: k8s://NAMESPACE/DEPLOYMENT?role=both&min=1&max=N "
+        "(one per role; docs/kubernetes.md)",
     )
     p.add_argument("--strategy", default=None, help="data_parallel (default) or path/to/file.py:ClassName")
     p.add_argument("--strategy-opt", action="append", type=parse_option, default=[], metavar="KEY=VALUE")
@@ -291,6 +304,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["workers"] = [*config.workers, *args.worker]
     if getattr(args, "discovery", None):
         changes["discovery"] = [*config.discovery, *args.discovery]
+    if getattr(args, "k8s_scale", None):
+        changes["k8s_scale"] = [*config.k8s_scale, *args.k8s_scale]
     if args.strategy is not None:
         changes["strategy"] = args.strategy
         changes["strategy_options"] = {}

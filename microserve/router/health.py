@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 
+from microserve.http.client import ClientError
 from microserve.router.upstream import Upstream
 from microserve.router.workers import Worker, WorkerKind, WorkerPool
 
@@ -144,10 +144,10 @@ class HealthChecker:
         return ok
 
     async def _get(self, worker: Worker, path: str) -> tuple[int, bytes]:
-        timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
         headers = self.upstream.headers_for(worker)
-        async with self.upstream.session.get(worker.url + path, headers=headers, timeout=timeout) as r:
-            return r.status, await r.read()
+        return await self.upstream.control.fetch(
+            "GET", worker.url, path, headers=headers, timeout_s=self.config.timeout_s
+        )
 
     async def _check(self, worker: Worker) -> bool:
         try:
@@ -167,7 +167,7 @@ class HealthChecker:
             # What the router's /v1/models repeats of each (max_model_len, root), as vLLM's list has it.
             worker.model_cards = {m["id"]: m for m in data if isinstance(m, dict) and "id" in m}
             return True
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError):
+        except (ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError):
             return False
 
     async def poll_loads(self) -> None:
@@ -195,5 +195,5 @@ class HealthChecker:
             parsed = parse_prometheus_load(body.decode(errors="replace")) if status == 200 else None
             if parsed is not None:
                 worker.report_load(*parsed, at=time.monotonic())
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (ClientError, TimeoutError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             pass  # the report goes stale, and policies fall back to in-flight counts

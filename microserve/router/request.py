@@ -190,7 +190,7 @@ class RoutedRequest:
     @property
     def choices(self) -> int:
         """How many choices the answer has (n, for each prompt of a batch)."""
-        n = self.body.get("n") or 1
+        n = int(self.body.get("n") or 1)
         return n * len(self.body["prompt"]) if self.batched else n
 
     @property

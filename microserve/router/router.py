@@ -1,4 +1,4 @@
-"""The `Router`: owns the worker pool, the current policy and strategy, the shared HTTP session, health
+"""The `Router`: owns the worker pool, the current policy and strategy, the shared HTTP clients, health
 checks, admission and metrics; strategies reach workers through its `pick`. One per app, no globals."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from microserve.api.errors import APIError, bad_request, model_not_found
-from microserve.http.client import HTTPClient
+from microserve.http.client import ClientError, HTTPClient
 from microserve.router.admission import AdmissionQueue, no_worker_ready, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
+from microserve.router.kube_scaler import DeploymentScaler
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
@@ -78,6 +78,10 @@ class Router:
         self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
         if self.discovery:
             self.metrics.registry.register(DiscoveryCollector(self.discovery))
+        self.k8s_scaler: DeploymentScaler | None = (
+            None  # --k8s-scale: made in `start` (it reads a kubeconfig)
+        )
+        self._k8s_task: asyncio.Task[None] | None = None
         self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
         self.response_cache = (
             ResponseCache.open(
@@ -88,8 +92,8 @@ class Router:
         )
         if self.tenants is not None or self.response_cache is not None:
             self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
-        self._session: aiohttp.ClientSession | None = None
         self._http: HTTPClient | None = None
+        self._control: HTTPClient | None = None
         self._upstream: Upstream | None = None
         self._health: HealthChecker | None = None
         self.draining = False  # shutting down: /ready says 503; what arrives on open connections is answered
@@ -97,20 +101,12 @@ class Router:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.config.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=60.0,
-            ttl_dns_cache=300,
-        )
-        # No total timeout on the session: each request carries its own deadline.
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
-        )
+        # One client stack, two pools: requests' traffic, and verbs/health/load (see `Upstream`).
         self._http = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
+        self._control = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
         self._upstream = Upstream(
-            session=self._session,
             http=self._http,
+            control=self._control,
             internal_token=self.config.internal_token,
             connect_timeout_s=self.config.connect_timeout_s,
             track_streams=self.config.stream_continuation,
@@ -123,16 +119,24 @@ class Router:
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
+        if self.config.k8s_scale:
+            self.k8s_scaler = DeploymentScaler.from_urls(
+                self.config.k8s_scale, lambda: self.pool, lambda: self.admission.queued
+            )
+            self._k8s_task = asyncio.create_task(self.k8s_scaler.run(), name="k8s-scale")
         await self._preload_tokenizers(self.strategy, self.policy)
 
     async def close(self) -> None:
+        if self._k8s_task is not None and self.k8s_scaler is not None:
+            self._k8s_task.cancel()
+            await asyncio.gather(self._k8s_task, return_exceptions=True)
+            await self.k8s_scaler.close()
         await self.discovery.stop()
         if self._health is not None:
             await self._health.stop()
-        if self._session is not None:
-            await self._session.close()
-        if self._http is not None:
-            await self._http.close()
+        for client in (self._http, self._control):
+            if client is not None:
+                await client.close()
         if self.tenants is not None:
             await self.tenants.close()
         if self.response_cache is not None:
@@ -192,12 +196,13 @@ class Router:
             raise no_worker_available("No microserve engine is available to answer this.")
         worker = workers[0]
         up = self.upstream
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         headers = {**up.headers_for(worker), "Content-Type": "application/json"}
         try:
-            async with up.session.post(worker.url + path, data=body, headers=headers, timeout=timeout) as r:
-                return r.status, await r.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            return await up.control.fetch(
+                "POST", worker.url, path, body=body, headers=headers,
+                timeout_s=self.config.request_timeout_s, connect_timeout_s=self.config.connect_timeout_s,
+            )  # fmt: skip
+        except (ClientError, TimeoutError) as exc:
             raise APIError(
                 502, f"the engine {worker.url} did not answer: {exc!r}", code="worker_failed"
             ) from None

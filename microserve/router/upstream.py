@@ -7,17 +7,15 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 from __future__ import annotations
 
 import asyncio
-import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 
 from microserve.api.errors import APIError
 from microserve.engine_client import EngineClient, EngineError, KVAddress
-from microserve.http.client import ConnectFailed, HTTPClient, Response
+from microserve.http.client import ClientError, ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -83,20 +81,14 @@ class BrokenStream(WorkerFailure):
 
 # A worker that is there but busy or starting says so with these; it is not unwell.
 _NOT_A_FAILURE = {429, 503}
-_NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
-_PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN}
-
-
-def _peer_down(exc: BaseException) -> bool:
-    """A connection refused or its host unreachable (not this process out of descriptors)."""
-    if isinstance(exc, ConnectFailed):
-        return True
-    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in _PEER_DOWN
+_NETWORK_ERRORS = (ClientError, TimeoutError, ConnectionError)
 
 
 def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
-    """The failure to raise for a network error on `worker` (already recorded as a connect failure)."""
-    if _peer_down(exc):
+    """The failure to raise for a network error on `worker` (already recorded as a connect failure).
+    Only a refused connection or an unreachable host (ConnectFailed) says the worker is down; this
+    process out of descriptors or ports says nothing about it."""
+    if isinstance(exc, ConnectFailed):
         worker.mark_unreachable()
         return WorkerUnreachable(worker, f"cannot connect to the worker: {exc!r}")
     return WorkerFailure(worker, f"cannot reach the worker: {exc!r}")
@@ -106,12 +98,13 @@ def _unreachable(worker: Worker, exc: BaseException) -> WorkerFailure:
 class Upstream:
     """What every handle shares: the HTTP clients, the tokens, the timeouts, the decoder for resumes.
 
-    `http` (the lean client) carries the requests' own traffic; `session` (aiohttp) the microserving
-    verbs, health checks and load polls, which are few and heavier.
+    Both clients are the lean one (microserve/http/client.py): `http` carries the requests' own traffic;
+    `control` the microserving verbs, health checks and load polls, in a pool of their own so that a
+    saturated hot path (every connection slot taken) never starves a health check into a false failure.
     """
 
-    session: aiohttp.ClientSession
     http: HTTPClient
+    control: HTTPClient
     internal_token: str | None = None
     connect_timeout_s: float = 5.0
     track_streams: bool = True
@@ -126,7 +119,7 @@ class Upstream:
         return headers
 
     def engine_client(self, worker: Worker, headers: dict[str, str] | None = None) -> EngineClient:
-        return EngineClient(worker.url, self.session, self.internal_token, headers)
+        return EngineClient(worker.url, self.control, self.internal_token, headers)
 
 
 class WorkerHandle(PickedWorker):
