@@ -25,7 +25,7 @@ COMMON = (
     "--kv-cache-memory",
     "256MiB",
     "--reservation-ttl",
-    "3",
+    "10",  # long enough for a 3000-token prefill's first piece on a loaded machine, short for the expiry test
 )
 # KV moves only between engines that share the internal token (remote_send authenticates its receiver).
 TOKEN = "test-internal-token"
@@ -179,10 +179,10 @@ async def test_fault_unknown_and_expired_reservations(urls):
         with pytest.raises(EngineError) as err:
             await a.remote_send("f-nothing", ids, _Addr(fake), b, end=79)
         assert err.value.status == 502 and "no KV reservation" in err.value.message
-        # expiry: the engines run with --reservation-ttl 3
+        # expiry: the engines run with --reservation-ttl 10
         addr = await b.prep_recv("f-expire", ids, end=79)
         assert (await b.load())["kv_reservations"] == 1
-        await idle(b, timeout=10)
+        await idle(b, timeout=30)
         with pytest.raises(EngineError) as err:
             await a.remote_send("f-expire", ids, addr, b, end=79)
         assert err.value.status == 502

@@ -9,15 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from microserve.api.prompt import body_prompt_ids, check_prompt_chars, max_token_chars
 from microserve.http.limits import KiB, MiB
 from microserve.model.tokenizer import RELEASE_GIL_CHARS, Tokenizer
 from microserve.server.errors import APIError
-from microserve.server.prompt_limits import (
-    check_prompt_chars,
-    kv_body_limit,
-    max_token_chars,
-    prompt_body_limit,
-)
+from microserve.server.prompt_limits import kv_body_limit, prompt_body_limit
 from tests.fake_engine import FakeTokenizer
 
 
@@ -61,3 +57,36 @@ def test_a_long_text_tokenizes_to_the_same_ids_on_the_gil_free_path(tokenizer: T
     text = "Once upon a time, in a land far away, " * (RELEASE_GIL_CHARS // 20)
     assert len(text) > RELEASE_GIL_CHARS
     assert tokenizer.encode(text) == tokenizer.backend.encode(text, add_special_tokens=True).ids
+
+
+class NeverEncodes:
+    """A tokenizer whose encode must not be reached: the bound refuses the prompt first."""
+
+    def __init__(self, real: Tokenizer) -> None:
+        self.real = real
+        self.vocab_size = real.vocab_size
+        self.max_token_chars = real.max_token_chars
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise AssertionError(f"tokenized {len(text)} characters that cannot fit")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.real.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_router_refuses_a_prompt_too_long_to_fit_before_tokenizing_it(
+    tokenizer: Tokenizer, chat: bool
+) -> None:
+    """The router's prompt ids (for prefix-aware policies and PD) run on its event loop: what it tokenizes
+    is bounded by the context the engines report, with the engine's own 400."""
+    text = "word " * (1024 * tokenizer.max_token_chars // 5 + 1)  # more characters than 1024 tokens can hold
+    body = {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+    with pytest.raises(APIError) as refused:
+        body_prompt_ids(NeverEncodes(tokenizer), chat, body, max_model_len=1024)
+    assert refused.value.status == 400 and refused.value.code == "context_length_exceeded"
+    assert refused.value.param == ("messages" if chat else "prompt")
+    short = {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    assert body_prompt_ids(tokenizer, chat, short, max_model_len=1024) == body_prompt_ids(
+        tokenizer, chat, short
+    )

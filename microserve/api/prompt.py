@@ -4,12 +4,13 @@ markers); a text prompt is encoded with them; a token-id prompt is checked again
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from microserve.api.errors import bad_request
+from microserve.api.errors import APIError, bad_request
 from microserve.api.protocol import ChatMessage, validation_error
 
 
@@ -65,15 +66,49 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
     return [m.for_template() for m in parsed]
 
 
-def body_prompt_ids(tokenizer: PromptTokenizer, chat: bool, body: Mapping[str, Any]) -> list[int]:
-    """The ids the engine computes for a raw request body (one prompt)."""
+def body_prompt_ids(
+    tokenizer: PromptTokenizer, chat: bool, body: Mapping[str, Any], max_model_len: int | None = None
+) -> list[int]:
+    """The ids the engine computes for a raw request body (one prompt). With `max_model_len`, a prompt
+    whose characters alone show it cannot fit is refused before it is tokenized (as the engine does)."""
+    bound = None
+    if max_model_len is not None:
+        chars = max_token_chars(tokenizer)
+        bound = functools.partial(check_prompt_chars, max_model_len=max_model_len, chars_per_token=chars)
     if chat:
-        return chat_prompt_ids(tokenizer, template_messages(body["messages"]))
+        check = None if bound is None else functools.partial(bound, param="messages")
+        return chat_prompt_ids(tokenizer, template_messages(body["messages"]), check)
     prompt = body["prompt"]
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
+    if isinstance(prompt, str) and bound is not None:
+        bound(prompt, param="prompt")
     if isinstance(prompt, str) or (
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         return text_prompt_ids(tokenizer, prompt)
     raise bad_request("prompt must be one string or one list of token ids here.", param="prompt")
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of `tokenizer` covers (1 when the tokenizer cannot tell: a
+    byte-level tokenizer without a vocabulary)."""
+    return max(1, int(getattr(tokenizer, "max_token_chars", 1)))
+
+
+def check_prompt_chars(text: str, max_model_len: int, chars_per_token: int, param: str) -> None:
+    """Refuse a prompt that cannot fit the context, from its length alone: every token covers at most
+    `chars_per_token` characters, so a longer text has more than `max_model_len` tokens. Exact, never a
+    guess: a prompt this lets through may still be too long, and the tokenizer (off the loop) says so."""
+    bound = max_model_len * chars_per_token
+    if len(text) > bound:
+        raise context_length_exceeded(
+            f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+            f"{len(text)} characters: more than {max_model_len} tokens of at most {chars_per_token} "
+            "characters each can hold.",
+            param,
+        )
+
+
+def context_length_exceeded(message: str, param: str) -> APIError:
+    return APIError(400, message, param=param, code="context_length_exceeded")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from microserve.api.prompt import body_prompt_ids
@@ -22,8 +22,14 @@ log = logging.getLogger(__name__)
 class TokenizerCache:
     """Served model name -> its tokenizer, loaded on first use (`sources` maps a name to a model path)."""
 
-    def __init__(self, sources: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        sources: Mapping[str, str] | None = None,
+        context_of: Callable[[str], int | None] = lambda model: None,
+    ) -> None:
+        """`context_of(model)` is the model's max_model_len as its engines report it (None: not known)."""
         self._sources = dict(sources or {})
+        self._context_of = context_of
         self._loaded: dict[str, Tokenizer] = {}
         self._lock = threading.Lock()  # preload runs in a thread; two loads of one model would waste seconds
 
@@ -57,9 +63,15 @@ class TokenizerCache:
     def prompt_ids(self, model: str | None, route: Route, body: Mapping[str, Any]) -> list[int]:
         if model is None:
             raise LookupError("the request names no model, so no tokenizer can be chosen")
-        return prompt_ids(self.get(model), route, body)
+        return prompt_ids(self.get(model), route, body, self._context_of(model))
 
 
-def prompt_ids(tokenizer: Tokenizer, route: Route, body: Mapping[str, Any]) -> list[int]:
-    """The ids the engine computes for this body (`microserve.api.prompt`, shared with the engine)."""
-    return body_prompt_ids(tokenizer, route is Route.CHAT, body)
+def prompt_ids(
+    tokenizer: Tokenizer, route: Route, body: Mapping[str, Any], max_model_len: int | None = None
+) -> list[int]:
+    """The ids the engine computes for this body (`microserve.api.prompt`, shared with the engine).
+
+    Tokenizing runs on the event loop (the strategies ask for ids synchronously), so a prompt longer
+    than the context can hold in characters is refused before it is tokenized, with the engine's 400:
+    what is tokenized here is bounded by max_model_len times the longest token's characters."""
+    return body_prompt_ids(tokenizer, route is Route.CHAT, body, max_model_len)

@@ -72,7 +72,7 @@ class Router:
             on_retry=self.metrics.retries.inc,
             on_budget_exhausted=self.metrics.retry_budget_exhausted.inc,
         )
-        self.tokenizers = TokenizerCache(config.tokenizers)
+        self.tokenizers = TokenizerCache(config.tokenizers, self._max_model_len)
         self._static = {spec.url for spec in config.workers}  # the rest came from the admin API or discovery
         sources = [make_discovery(url) for url in config.discovery]
         self.discovery = DiscoveryFleet(self.pool, sources, config.drain_timeout_s)
@@ -291,6 +291,11 @@ class Router:
     def source_of(self, url: str) -> str:
         """Where a worker in the pool came from: `static` (flags, YAML), `admin`, or a discovery URL."""
         return self.discovery.source_of(url) or ("static" if url in self._static else "admin")
+
+    def _max_model_len(self, model: str) -> int | None:
+        """The model's context as its engines report it in /v1/models (None before any did)."""
+        value = self.pool.model_card(model).get("max_model_len")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
 
     def drain_worker(self, url: str, draining: bool = True) -> Worker:
         worker = self.pool.get(url)

@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from microserve.api.answer import Answer
 from microserve.api.errors import APIError, bad_request
-from microserve.api.prompt import PromptTokenizer, chat_prompt_ids, text_prompt_ids
+from microserve.api.prompt import (
+    PromptTokenizer,
+    chat_prompt_ids,
+    check_prompt_chars,
+    max_token_chars,
+    text_prompt_ids,
+)
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from microserve.api.shapes import ChatShape, CompletionShape, ResponseShape, TokenText
 from microserve.api.sse import SSE_HEADERS, frame
@@ -27,7 +33,6 @@ from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.http.server import Request, Response, Stream
 from microserve.server import errors
 from microserve.server.metrics import RequestTimer, ServerMetrics
-from microserve.server.prompt_limits import check_prompt_chars, max_token_chars
 from microserve.server.tracing import GenerationSpan, Watch, generation_span
 from microserve.tracing import Tracing
 

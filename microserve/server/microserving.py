@@ -24,6 +24,7 @@ import aiohttp
 from pydantic import Field
 
 from microserve.api.errors import APIError, bad_request
+from microserve.api.prompt import check_prompt_chars, max_token_chars
 from microserve.api.protocol import CompletionRequest, RequestModel, parse_request
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
@@ -34,7 +35,7 @@ from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_c
 from microserve.server import errors
 from microserve.server.app import EngineApp
 from microserve.server.handlers import prepare_completion, serve
-from microserve.server.prompt_limits import check_prompt_chars, kv_body_limit, max_token_chars
+from microserve.server.prompt_limits import kv_body_limit
 from microserve.server.tracing import EngineSpan, SendSpan
 
 log = logging.getLogger(__name__)
