@@ -128,7 +128,9 @@ def test_pool_signals_count_the_queue_in_flight_or_reported_load_and_skip_draini
 
 
 def test_after_the_wait_down_to_what_the_load_needs_in_one_step() -> None:
-    a = scaler(max_replicas=8)
+    a = Autoscaler(AutoscalerConfig(0, 8, target_load=4, scale_down_after_s=10, down_step=None))
     low = PoolSignals(replicas=8, running=3)  # needs 2 replicas at half their target of 4
     assert a.decide(0.0, low) == 8
     assert a.decide(10.0, low) == 2
+    b = Autoscaler(AutoscalerConfig(0, 8, target_load=4, scale_down_after_s=10, down_step=3))
+    assert [b.decide(t, low) for t in (0.0, 10.0)] == [8, 5]

@@ -31,12 +31,15 @@ class AutoscalerConfig:
     ttft_slo_s: float | None = None  # a recent TTFT p99 above it counts as overloaded
     scale_up_cooldown_s: float = 5.0  # after a step up, before the next one (new replicas take time to help)
     scale_down_after_s: float = 30.0  # low load this long before each step down
+    down_step: int | None = 1  # replicas one step down may remove; None: straight to what the load needs
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ValueError("need 0 <= min replicas <= max replicas and max replicas >= 1")
         if self.target_load <= 0 or not 0 < self.down_ratio < 1:
             raise ValueError("need target load > 0 and 0 < down ratio < 1")
+        if self.down_step is not None and self.down_step < 1:
+            raise ValueError("a step down removes at least one replica")
         if self.scale_up_cooldown_s < 0 or self.scale_down_after_s < 0:
             raise ValueError("cooldowns must be >= 0 seconds")
 
@@ -98,7 +101,8 @@ class Autoscaler:
                 # To what the load needs at `down_ratio` of the target (at least one while it is not 0).
                 fitted = math.ceil(s.load / (cfg.down_ratio * cfg.target_load))
                 desired = max(cfg.min_replicas, fitted, 1 if s.load else 0)
-                desired = min(desired, current - 1)
+                step = current - 1 if self.config.down_step is None else self.config.down_step
+                desired = min(current - 1, max(desired, current - step))
                 self.low_since = now  # the next step down waits as long again
                 self.reason = "idle" if s.load == 0 else "low load"
         else:

@@ -88,6 +88,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--scale-down-after", type=float, default=30.0, help="seconds of low load per step down"
     )
     scale.add_argument("--scale-up-cooldown", type=float, default=5.0, help="seconds between steps up (5)")
+    scale.add_argument(
+        "--scale-down-step",
+        type=int,
+        default=0,
+        help="replicas a step down may remove (0: to what the load needs)",
+    )
     scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
     scale.add_argument(
         "--load-shape",
@@ -151,6 +157,7 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         target_load=args.scale_target,
         scale_down_after_s=args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
+        down_step=args.scale_down_step or None,
     )
     return SimScaling(config, startup_s=args.engine_startup)
 
