@@ -1,12 +1,13 @@
 """In-process engine step times in bf16, dense weights: what each of the engine's CPU speed-ups buys.
 
 Variants (each a fresh engine, same run): `plain` weights, which F.linear hands oneDNN to reorder on
-every call; `oneDNN` ones, kept in oneDNN's layout from load (`model/quant.pack_for_onednn`); `AMX`
-tiles for microserve's own GEMM (`model/quant.pack_for_amx`); with torch's ops only, or with
+every call; `oneDNN` ones, kept in oneDNN's layout from load (`model/layers/linear.pack_for_onednn`);
+`AMX` tiles for microserve's own GEMM (`model/layers/linear.pack_for_amx`); with torch's ops only, or with
 microserve's CPU kernels (`microserve/kernels`: decode attention over the paged blocks, fused RMSNorm,
 SwiGLU and RoPE, greedy argmax) — AMX + kernels is today's engine on a CPU with AMX. Decode steps at
 several batch sizes (every sequence decoding, 192-token contexts) and one 512-token prefill. Run it with
-PYTHONPATH set to another checkout to time an older engine the same way (variants it lacks are skipped).
+PYTHONPATH set to another checkout to time an older engine the same way (variants it lacks are skipped;
+checkouts from before `model/layers` keep the linear layers in `model/quant`).
 
 Usage: python benchmarks/decode_steps.py [--threads 2] [--batches 1,8,32] [--steps 20] [--out x.json]
 """
@@ -20,18 +21,23 @@ import json
 import random
 import statistics
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+import microserve.kernels
 from microserve.engine.config import CacheConfig, EngineConfig
 from microserve.engine.core import EngineCore
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.engine_builder import build_core
 from microserve.machine import describe_machine
-from microserve.model import quant
+
+try:
+    from microserve.model.layers import linear as quant  # where the linear layers live
+except ImportError:  # an older checkout: the linear layers in model/quant
+    from microserve.model import quant  # type: ignore[no-redef]
 
 CONTEXT_LEN, PREFILL_LEN = 192, 512
 
@@ -78,6 +84,22 @@ def step_times(core: EngineCore, batches: list[int], steps: int, context: int) -
     row = {f"decode b={b}": decode_step_ms(core, b, steps, rng, context) for b in batches}
     row["prefill 512"] = prefill_ms(core, 5, rng)
     return row
+
+
+@contextmanager
+def kernels_off():
+    """Build with microserve's CPU kernels off, as where they cannot be built: the model's layers (and the
+    sampler) choose torch's ops when built."""
+    saved = list(microserve.kernels._loaded)
+    microserve.kernels._loaded[:] = [None]
+    try:
+        yield
+    finally:
+        microserve.kernels._loaded[:] = saved
+
+
+def _linears(layer) -> list:
+    return list(layer.values()) if isinstance(layer, dict) else list(layer.linears())
 
 
 @contextmanager
@@ -134,19 +156,15 @@ def main() -> None:
     for name, layout, kernels in variants:
         if not available[layout]:
             continue
-        with weight_layout(layout):
+        with weight_layout(layout), kernels_off() if not kernels else nullcontext():
             core = build(args.threads, args.quantization)
         model = core.runner.model
         if layout == "AMX" and not any(
-            getattr(lin, "tiles", None) is not None for lin in model.layers[0].values()
+            getattr(lin, "tiles", None) is not None for lin in _linears(model.layers[0])
         ):
             continue  # no AMX here (or no kernels): the same as oneDNN
-        has_kernels = getattr(model, "kernels", None) is not None
-        if kernels and not has_kernels:
+        if kernels and getattr(model, "kernels", None) is None:
             continue
-        if has_kernels and not kernels:
-            model.kernels = None  # torch's ops for every step
-            core.runner.sampler._argmax = None
         results[name] = step_times(core, batches, args.steps, CONTEXT_LEN)
         print(name, {k: round(v, 1) for k, v in results[name].items()}, flush=True)
         del core

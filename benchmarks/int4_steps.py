@@ -21,7 +21,7 @@ from microserve.engine.core import EngineCore
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.engine_builder import build_core
 from microserve.machine import describe_machine
-from microserve.model.quant import Int4Linear
+from microserve.model.layers.linear import Int4Linear
 
 PROMPT_LEN = 128
 
@@ -31,7 +31,7 @@ def _set_kernel_rows(core: EngineCore, rows: int | str | None) -> None:
     if rows == "auto":
         return
     for layer in core.runner.model.layers:
-        for lin in layer.values():
+        for lin in layer.linears():
             if isinstance(lin, Int4Linear):
                 lin.max_kernel_rows = rows
 

@@ -116,7 +116,7 @@ def _build_runner(
     block_size = config.cache.block_size
     dtype = resolve_dtype(config.dtype, config.device)
     if config.backend == "torch":
-        from microserve.model.quant import load_model, resolve_quantization
+        from microserve.model.loader import load_model, resolve_quantization
         from microserve.runner.torch_runner import TorchRunner
 
         quantization = resolve_quantization(config.quantization, path, config.device, dtype)

@@ -107,7 +107,7 @@ def test_add_rms_norm_and_silu_mul_round_as_the_eager_ops(dtype, rows, dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 2, 128), (2, 1, 40)])
 def test_rope_qkv_rotates_and_fills_the_cache_as_the_eager_ops(dtype, heads, kv_heads, dim):
-    from microserve.model.llama import _rope
+    from microserve.model.layers.rope import apply_rope
 
     torch.manual_seed(dim)
     tokens, num_slots = 11, 64
@@ -121,8 +121,8 @@ def test_rope_qkv_rotates_and_fills_the_cache_as_the_eager_ops(dtype, heads, kv_
     )
     q, k = ops.rope_qkv(qkv, cos, sin, heads, kv_heads, slots, k_cache, v_cache)
     q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    q_ref = _rope(q_ref.view(tokens, heads, dim), cos[:, None], sin[:, None])
-    k_ref = _rope(k_ref.reshape(tokens, kv_heads, dim), cos[:, None], sin[:, None])
+    q_ref = apply_rope(q_ref.view(tokens, heads, dim), cos[:, None], sin[:, None])
+    k_ref = apply_rope(k_ref.reshape(tokens, kv_heads, dim), cos[:, None], sin[:, None])
     if dtype == torch.bfloat16:
         assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
     else:
@@ -351,8 +351,8 @@ def test_a_decode_step_in_one_call_equals_the_layer_loop(bias):
         torch.manual_seed(0)
         width = model.q_size + 2 * model.kv_size
         for layer in model.layers:
-            layer["qkv_bias"] = torch.randn(width).bfloat16()
-        model._qkv_biases = [layer["qkv_bias"] for layer in model.layers]
+            layer.qkv_bias = torch.randn(width).bfloat16()
+        model._qkv_biases = [layer.qkv_bias for layer in model.layers]
     forward, compared = model.forward, []
 
     def both(input_ids, positions, meta, k_cache, v_cache, logit_rows):
@@ -376,15 +376,18 @@ def test_a_decode_step_in_one_call_equals_the_layer_loop(bias):
 
 
 @needs_kernels
-def test_the_engine_decodes_the_same_with_and_without_the_kernel():
+def test_the_engine_decodes_the_same_with_and_without_the_kernel(monkeypatch):
+    import microserve.kernels as kernels
+
     prompts = {f"p{i}": list(range(1000 + 97 * i, 1000 + 97 * i + 20 + 13 * i)) for i in range(6)}
     core = make_core()
     assert core.runner.model.kernels is ops
     with_kernel = run_to_completion(
         core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()}
     )
-    core.runner.model.kernels = None  # the runner then prepares the gather path
-    core.kv.pool.reset_prefix_cache()
+    monkeypatch.setattr(kernels, "_loaded", [None])  # as where they cannot be built
+    core = make_core()  # every layer chooses torch's ops; the runner prepares the gather path
+    assert core.runner.model.kernels is None
     without = run_to_completion(core, {rid: (p, greedy(24, ignore_eos=True)) for rid, p in prompts.items()})
     assert {r: completion_ids(o) for r, o in with_kernel.items()} == {
         r: completion_ids(o) for r, o in without.items()
@@ -404,7 +407,7 @@ def test_kernels_that_cannot_be_built_fall_back_and_say_why(monkeypatch, tmp_pat
 
     bad = tmp_path / "cpu_ops.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "SOURCE", bad)
+    monkeypatch.setattr(kernels, "SOURCES", [bad])
     monkeypatch.setenv("MICROSERVE_KERNELS", "1")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     with caplog.at_level(logging.WARNING, logger="microserve.kernels"):
@@ -421,13 +424,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("answer", &answer); }
 
 
 def _tiny_source(monkeypatch, tmp_path):
-    """A one-function extension in place of cpu_ops.cpp (seconds to build, not half a minute), built
+    """A one-function extension in place of csrc/ (seconds to build, not half a minute), built
     under tmp_path; returns the build directory `_load` will use."""
     import microserve.kernels as kernels
 
     source = tmp_path / "tiny_ops.cpp"
     source.write_text(_TINY_EXTENSION)
-    monkeypatch.setattr(kernels, "SOURCE", source)
+    monkeypatch.setattr(kernels, "SOURCES", [source])
     monkeypatch.setenv("MICROSERVE_KERNELS", "1")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))
     return kernels.build_directory(kernels._build_key())

@@ -16,23 +16,19 @@ from gguf.quants import dequantize, quantize
 from microserve.cli import build_parser, engine_config
 from microserve.engine.config import EngineConfig
 from microserve.kernels import cpu_ops
-from microserve.model import quant
-from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
-from microserve.model.loader import QuantizedTensor, load_quantized, load_weights, unpermute_rotary_rows
-from microserve.model.quant import (
+from microserve.model.layers import linear as linear_layers
+from microserve.model.layers.linear import (
     INT4_AMX_MAX_ROWS,
     INT4_KERNEL_MAX_ROWS,
     INT4_TORCH_MAX_ROWS_WITH_AMX,
-    INT4_TYPES,
     Q8_KERNEL_MIN_ROWS,
-    Q8_TYPES,
     DenseLinear,
     Int4Linear,
     Int8Linear,
-    dequantize_int4,
-    int4_groups,
-    resolve_quantization,
 )
+from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
+from microserve.model.loader import load_quantized, load_weights, resolve_quantization, unpermute_rotary_rows
+from microserve.model.quant import INT4_TYPES, Q8_TYPES, QuantizedTensor, dequantize_int4, int4_groups
 from microserve.model.tokenizer import Tokenizer
 from tests.conftest import completion_ids, greedy, make_core, run_to_completion
 from tests.test_loader import TINY, _gguf_name, _llama_cpp_permute, _tiny_hf_weights, _write_gguf
@@ -113,7 +109,7 @@ def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """The int4 kernel `Int4Linear` is built on: microserve's AMX one (bf16 where the CPU has AMX; its
     results are the dense GEMM's to the bit) or torch's CPU kernel (its own rounding)."""
     if request.param == "torch":
-        monkeypatch.setattr(quant, "pack_q4_for_amx", lambda *args: None)
+        monkeypatch.setattr(linear_layers, "pack_q4_for_amx", lambda *args: None)
     else:
         kernels = cpu_ops()
         if kernels is None or not kernels.amx_available():
@@ -134,12 +130,12 @@ def test_tiny_int4_model_runs_every_projection_through_the_kernel(tmp_path: Path
 
     # 37 rows: beyond the kernel's limit, so the int4 layers use their dequantized copy, exactly.
     assert torch.equal(a, b)
-    for lin in [int4.lm_head, *(layer[k] for layer in int4.layers for k in ("qkv", "o", "gate_up", "down"))]:
+    for lin in [int4.lm_head, *(lin for layer in int4.layers for lin in layer.linears())]:
         assert isinstance(lin, Int4Linear)
         lin.max_kernel_rows = None
     b = _teacher_forced_logits(int4, ids)
     if int4_kernel == "amx":  # dequantized in registers exactly as at load: the dense model's logits
-        assert all(lin.tiles is not None for lin in [int4.lm_head, *(layer["qkv"] for layer in int4.layers)])
+        assert all(lin.tiles is not None for lin in [int4.lm_head, *(layer.qkv for layer in int4.layers)])
         assert torch.equal(a, b)
         return
     # Random weights amplify bf16 rounding, so measure both against float32 rather than each other.
@@ -159,8 +155,8 @@ def test_a_fused_layer_of_mixed_types_runs_on_its_dequantized_weights(tmp_path: 
 
     model = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
 
-    assert all(isinstance(layer["qkv"], DenseLinear) for layer in model.layers)
-    assert all(isinstance(layer["gate_up"], Int4Linear) for layer in model.layers)
+    assert all(isinstance(layer.qkv, DenseLinear) for layer in model.layers)
+    assert all(isinstance(layer.mlp.gate_up, Int4Linear) for layer in model.layers)
     reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
     ids = list(range(3, 40))  # 37 rows: the int4 layers use their dequantized copy, exactly
     assert torch.equal(_teacher_forced_logits(model, ids), _teacher_forced_logits(reference, ids))
@@ -256,7 +252,7 @@ def _teacher_forced_logits(model: Llama, ids: list[int]) -> torch.Tensor:
     """Logits at every position of `ids` as one prefill (every row through the same linear layers)."""
     c = model.config
     n = len(ids)
-    cache = torch.zeros(c.num_layers, n, c.num_kv_heads, c.head_dim, dtype=model.cos.dtype)
+    cache = torch.zeros(c.num_layers, n, c.num_kv_heads, c.head_dim, dtype=model.rotary.cos.dtype)
     meta = AttentionMetadata(slot_mapping=torch.arange(n), prefills=[PrefillChunk(0, n, None, None)])
     rows = torch.arange(n)
     return model(torch.tensor(ids), rows, meta, cache, cache.clone(), rows)
@@ -271,7 +267,7 @@ def test_int4_model_agrees_with_the_dequantized_bf16_model(
     (config, dense), (_, weights, quantized) = bundled
     reference = Llama(config, dense, torch.bfloat16, torch.device("cpu"))
     int4 = Llama(config, weights, torch.bfloat16, torch.device("cpu"), quantized)
-    linears = [layer[k] for layer in int4.layers for k in ("qkv", "o", "gate_up", "down")]
+    linears = [lin for layer in int4.layers for lin in layer.linears()]
     assert len(linears) == 4 * 30 and all(isinstance(lin, Int4Linear) for lin in linears)
     for lin in linears:  # every row through the int4 kernel, as in decode
         lin.max_kernel_rows = None
@@ -302,7 +298,7 @@ def test_int4_model_agrees_with_the_dequantized_bf16_model(
 def test_engine_serves_with_int4() -> None:
     core = make_core(dtype="bfloat16", quantization="int4")
     assert core.runner.quantization == "int4"
-    assert isinstance(core.runner.model.layers[0]["gate_up"], Int4Linear)
+    assert isinstance(core.runner.model.layers[0].mlp.gate_up, Int4Linear)
     tok = core.tokenizer
     prompts = [
         tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), add_special_tokens=False)
@@ -391,7 +387,7 @@ def test_gate_up_layers_silu_mul_equals_silu_mul_of_their_output(int4_kernel: st
     for layer in (int4, dense):
         got = layer.silu_mul(x)
         assert got.shape == (rows, 32)
-        assert torch.equal(got, quant.silu_mul(layer(x)))
+        assert torch.equal(got, linear_layers.silu_mul(layer(x)))
     if int4_kernel == "amx":
         assert int4.tiles.shape == (2, 2, 3, 384) and dense.tiles.shape == (2, 2, 3, 16, 16, 2)  # paired
 
@@ -442,6 +438,6 @@ def test_gate_up_halves_not_in_whole_tile_pairs_keep_plain_tiles(int4_kernel: st
     dense = DenseLinear(torch.from_numpy(weights).bfloat16(), gate_up=True)
     x = torch.randn(20, 96, generator=torch.Generator().manual_seed(0)).bfloat16()
     for layer in (int4, dense):
-        assert torch.equal(layer.silu_mul(x), quant.silu_mul(layer(x)))
+        assert torch.equal(layer.silu_mul(x), linear_layers.silu_mul(layer(x)))
     if int4_kernel == "amx":
         assert int4.tiles.dim() == 3 and dense.tiles.dim() == 5

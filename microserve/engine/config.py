@@ -29,7 +29,7 @@ class EngineConfig:
     backend: str = "torch"  # torch | sim
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto: see resolve_dtype
     device: str = "cpu"
-    quantization: str = "auto"  # auto | none | int4; see microserve.model.quant.resolve_quantization
+    quantization: str = "auto"  # auto | none | int4; see microserve.model.loader.resolve_quantization
     threads: int | None = None  # torch intra-op threads; None = leave torch's default
     max_model_len: int | None = None  # None = the model's context length, capped at 8192
     cache: CacheConfig | None = None

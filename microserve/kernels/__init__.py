@@ -1,4 +1,4 @@
-"""microserve's own CPU kernels (`cpu_ops.cpp`), compiled for this machine at first use.
+"""microserve's own CPU kernels (`csrc/`, one file per op family), compiled for this machine at first use.
 
 On a CPU a decode step spends much of its time outside the GEMMs: torch's attention over paged K/V
 gathers every context into a padded copy and runs SDPA over it, and the glue between the GEMMs (norms,
@@ -7,11 +7,16 @@ blocks and do each piece of glue in one pass; on a CPU with AMX they also run th
 (`amx_linear`, on weights packed as tiles at load), which oneDNN runs at ~2/3 of the speed for a decode
 step's few rows, the same GEMM on a GGUF's int4 and int8 groups (`amx_linear_q4`, `amx_linear_q8`),
 the MLP's gate/up GEMM with SiLU(gate) * up on its output (`amx_silu_mul`), and greedy sampling's argmax.
-They are built with the C++ toolchain torch's extension loader uses (g++, ninja) and cached under
-torch's extensions directory (`microserve/cpu_ops_<key>`), one build per checkout, version of the source
-and CPU, so only the first engine pays the ~30 s build; `scripts/setup.sh` builds it ahead
-(`python -m microserve.kernels`). Builders take turns on an flock, which dies with its holder, so a
-build killed midway never leaves the next one waiting forever on torch's own lock file.
+The sources are split by op family as sgl-kernel's `csrc/cpu` is: `vec.h` (the AVX-512 helpers every
+file shares), `attention.cpp`, `norm.cpp`, `activation.cpp`, `rope.cpp`, `gemm/amx.h` and
+`gemm/linear.cpp` (the AMX tile GEMM), `quant.cpp` (the same GEMM on int4/int8 groups), `decode.cpp`,
+`sampling.cpp`, and `bindings.cpp`, which binds them as one extension (`ops.h` declares what crosses
+files; `ops.py` types it for Python). They are built with the C++ toolchain torch's extension loader
+uses (g++, ninja) and cached under torch's extensions directory (`microserve/cpu_ops_<key>`), one build
+per checkout, version of the sources (every file under `csrc/`, headers included) and CPU, so only the
+first engine pays the build (~30 s; ninja compiles the files in parallel); `scripts/setup.sh` builds it
+ahead (`python -m microserve.kernels`). Builders take turns on an flock, which dies with its holder, so
+a build killed midway never leaves the next one waiting forever on torch's own lock file.
 
 Where they cannot be built or loaded (no compiler, another platform), or with `MICROSERVE_KERNELS=0`,
 `cpu_ops()` returns None and the model runs on torch's ops alone: the same results within float rounding.
@@ -35,7 +40,8 @@ __all__ = ["CpuOps", "build_directory", "cpu_ops", "loaded_cpu_ops"]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = sorted(CSRC.rglob("*.cpp"))  # compiled, then linked as one extension
 _lock = threading.Lock()
 _loaded: list[CpuOps | None] = []  # empty until the first call
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -72,7 +78,7 @@ def _load() -> CpuOps | None:
         with _ninja_on_path(), _build_turn(directory):
             module: CpuOps = load(  # the compiled module, with what ops.py says it binds
                 name=f"microserve_cpu_ops_{digest}",
-                sources=[str(SOURCE)],
+                sources=[str(source) for source in SOURCES],
                 extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
@@ -89,10 +95,21 @@ def _load() -> CpuOps | None:
 
 
 def _build_key() -> str:
-    """One build per source file, content, flags and CPU: no checkout ever rebuilds another's build, and
-    a home directory shared between machines never loads code built for another CPU."""
-    key = b"\0".join([str(SOURCE).encode(), SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _cpu_flags()])
-    return hashlib.sha256(key).hexdigest()[:12]
+    """One build per set of source files, their contents, flags and CPU: no checkout ever rebuilds
+    another's build, and a home directory shared between machines never loads code built for another CPU.
+    Headers count as sources: every .cpp and .h beside and below the compiled files."""
+    parts = [" ".join(_FLAGS).encode(), _cpu_flags()]
+    for path in _key_files():
+        parts += [str(path).encode(), path.read_bytes()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def _key_files() -> list[Path]:
+    """The compiled sources and every C++ file (headers too) in their folders and below."""
+    files = set(SOURCES)
+    for folder in {source.parent for source in SOURCES}:
+        files.update(p for p in folder.rglob("*") if p.suffix in (".cpp", ".h") and p.is_file())
+    return sorted(files)
 
 
 def build_directory(digest: str) -> Path:

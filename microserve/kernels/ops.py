@@ -1,6 +1,7 @@
-"""What `cpu_ops.cpp` binds, as a type: `cpu_ops()` returns the compiled module typed as `CpuOps`.
+"""What `csrc/bindings.cpp` binds, as a type: `cpu_ops()` returns the compiled module typed as `CpuOps`.
 
-Keep it in step with the `m.def` lines at the end of cpu_ops.cpp (tests/test_kernels.py checks the names).
+Keep it in step with the `m.def` lines of csrc/bindings.cpp and the declarations in csrc/ops.h
+(tests/test_kernels.py checks the names).
 """
 
 from __future__ import annotations

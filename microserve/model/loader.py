@@ -1,7 +1,9 @@
 """Find a model by name or path and load its weights as float32 tensors under Hugging Face Llama names.
 
 Reads GGUF files (dequantized at load, or kept as raw blocks on request) and local Hugging Face folders;
-nothing is downloaded.
+nothing is downloaded. The loading policy lives here too: which quantization a model runs in
+(`resolve_quantization`) and so which weights come back as blocks (`load_model`); `model.quant` unpacks
+those blocks and `model.layers.linear` runs them.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import json
 import logging
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from microserve.model.config import ModelConfig
+from microserve.model.quant import INT4_TYPES, Q8_TYPES, QuantizedTensor
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +48,7 @@ _GGUF_GLOBAL_NAMES = {
 }
 _GGUF_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
-
-@dataclass(frozen=True, slots=True)
-class QuantizedTensor:
-    """One GGUF weight still in its quantized blocks, rows in HF order (q/k un-permuted for rotary)."""
-
-    name: str  # the HF name
-    qtype: str  # GGML type name: Q4_0, Q4_1, Q8_0...
-    shape: tuple[int, int]  # [out_features, in_features]
-    blocks: np.ndarray  # uint8 [out_features, bytes per row]: each row's blocks run along in_features
+QUANTIZATIONS = ("auto", "none", "int4")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -291,3 +285,52 @@ def unpermute_rotary_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """
     half = w.shape[0] // n_heads // 2
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+# --- Loading policy: which weights stay quantized -------------------------------------------------
+
+
+def resolve_quantization(requested: str, path: Path, device: str, dtype: str) -> str:
+    """`auto` -> int4 for a GGUF with Q4_0/Q4_1 layers run in bf16 on CPU, else none; int4 may fail.
+
+    Only torch's CPU int4 kernel is wired in (elsewhere auto keeps today's dequantized weights), and it
+    is vectorised for bf16 activations only: fp32/fp16 run a scalar loop several times slower than dense.
+    """
+    if requested not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {requested!r}")
+    if requested == "none":
+        return "none"
+    why_not = _int4_unavailable(path, device, dtype)
+    if why_not is None:
+        return "int4"
+    if requested == "int4":
+        raise ValueError(f"--quantization int4 is not possible: {why_not}")
+    log.info("quantization: none (%s)", why_not)
+    return "none"
+
+
+def _int4_unavailable(path: Path, device: str, dtype: str) -> str | None:
+    if torch.device(device).type != "cpu":
+        return f"the int4 kernel is wired for CPU only, not {device}"
+    if dtype != "bfloat16":
+        return f"torch's CPU int4 kernel is vectorised for bfloat16 activations only, not {dtype}"
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} lacks the CPU int4 kernel"
+    if Path(path).is_dir():
+        return "the model is a Hugging Face folder, not a GGUF file with Q4_0/Q4_1 weights"
+    import gguf
+
+    types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    if not types & INT4_TYPES:
+        return f"the GGUF holds no Q4_0/Q4_1 weights (types: {', '.join(sorted(types))})"
+    return None
+
+
+def load_model(
+    path: Path, quantization: str
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """Config, float32 weights, and the raw blocks of the layers a resolved scheme keeps packed."""
+    if quantization == "int4":
+        return load_quantized(path, INT4_TYPES, keep_embedding=Q8_TYPES)
+    config, weights = load_weights(path)
+    return config, weights, {}

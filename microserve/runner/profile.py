@@ -351,8 +351,7 @@ def profile_model(
     log: Callable[[str], None] | None = None,
 ) -> CostModel:
     """Load `model`, build a TorchRunner and a KV cache just big enough for `grid`, and profile it."""
-    from microserve.model.loader import resolve_model
-    from microserve.model.quant import load_model, resolve_quantization
+    from microserve.model.loader import load_model, resolve_model, resolve_quantization
 
     if threads:
         torch.set_num_threads(threads)
