@@ -71,6 +71,11 @@ def router_args(objects: list[dict[str, Any]]) -> list[str]:
     return list(container(find(objects, "Deployment", "ms-microserve-router")[0])["args"])
 
 
+def router_flags() -> set[str]:
+    router = build_parser()._subparsers._group_actions[0].choices["router"]  # type: ignore[union-attr]
+    return {option for action in router._actions for option in action.option_strings}
+
+
 def parse_microserve(args: list[str]) -> Any:
     """argparse errors exit: turned into a test failure naming the arguments."""
     try:
@@ -152,9 +157,9 @@ def test_the_crds_carry_the_fields_their_operators_read() -> None:
 def test_router_and_engine_arguments_are_what_microserve_accepts(rendered: Rendered) -> None:
     name, objects = rendered
     args = router_args(objects)
-    known = {a for action in build_parser()._subparsers._group_actions[0].choices["router"]._actions  # type: ignore[union-attr]
-             for a in action.option_strings}  # fmt: skip
-    if "--shared-state" not in known:  # the flag of router replicas (issue 16) lands on main separately
+    if (
+        "--shared-state" not in router_flags()
+    ):  # the flag of router replicas (issue 16) lands on main separately
         args = [a for a in args if not a.startswith("--shared-state=")]
     router = parse_microserve(args)
     assert router.command == "router" and router.host == "0.0.0.0"
@@ -226,11 +231,11 @@ def kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path
     yield path
 
 
-def engine_pod(deployment: dict[str, Any], index: int) -> dict[str, Any]:
+def engine_pod(deployment: dict[str, Any], index: int, ip: str = "") -> dict[str, Any]:
     """A Ready pod as the Deployment's template makes it."""
     meta = deployment["spec"]["template"]["metadata"]
-    return make_pod(f"{deployment['metadata']['name']}-{index}", f"10.0.0.{index}", labels=meta["labels"],
-                    annotations=meta["annotations"], namespace=NAMESPACE)  # fmt: skip
+    return make_pod(f"{deployment['metadata']['name']}-{index}", ip or f"10.0.0.{index}",
+                    labels=meta["labels"], annotations=meta["annotations"], namespace=NAMESPACE)  # fmt: skip
 
 
 @pytest.mark.parametrize("values", ["default", "router-scales", "keda"])
