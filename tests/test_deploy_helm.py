@@ -6,6 +6,7 @@ discovery and autoscaler, built from the rendered arguments, against the fake AP
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,14 +210,27 @@ def test_shared_state_and_the_secrets(rendered: Rendered) -> None:
 
 
 def test_values_that_cannot_work_are_refused_with_one_line() -> None:
-    for values, message in [
+    for values, message in [  # the templates' checks
         ({"engines": {"both": {"enabled": False}}}, "enable at least one role"),
         ({"engines": {"both": {"enabled": False}, "prefill": {"enabled": True}}}, "prefill needs decode"),
-        ({"discovery": "dns"}, 'discovery: kubernetes or etcd, got "dns"'),
         ({"discovery": "etcd"}, "set etcd.enabled or etcd.url"),
-        ({"autoscaling": {"mode": "hpa"}}, 'none, router or keda, got "hpa"'),
     ]:
         with pytest.raises(helm.HelmRenderError, match=message):
+            render(values)
+    for values, message in [  # values.schema.json
+        (
+            {"engines": {"both": {"replica": 2}}},
+            "at '/engines/both': additional properties 'replica' not allowed",
+        ),
+        ({"discovery": "dns"}, "at '/discovery': value must be one of 'kubernetes', 'etcd'"),
+        (
+            {"autoscaling": {"mode": "hpa"}},
+            "at '/autoscaling/mode': value must be one of 'none', 'router', 'keda'",
+        ),
+        ({"redis": {"url": "localhost:6379"}}, "at '/redis/url': 'localhost:6379' does not match"),
+        ({"engineDefaults": {"backend": "vllm"}}, "at '/engineDefaults/backend'"),
+    ]:
+        with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
             render(values)
 
 

@@ -89,7 +89,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "app.kubernetes.io/name%%3D%s,app.kubernetes.io/instance%%3D%s,app.kubernetes.io/component%%3Dengine" (include "microserve.name" .) .Release.Name -}}
 {{- end -}}
 
-{{/* Checks on values that would render a broken release; fail with one line saying what to change. */}}
+{{/* Checks across values that would render a broken release (values.schema.json checks each value);
+fail with one line saying what to change. */}}
 {{- define "microserve.validate" -}}
 {{- $roles := include "microserve.roles" . | fromJsonArray -}}
 {{- if not $roles -}}
@@ -98,13 +99,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (has "prefill" $roles) (not (has "decode" $roles)) -}}
 {{- fail "engines: prefill needs decode enabled too (a PD strategy sends each request to one of each)" -}}
 {{- end -}}
-{{- if not (has .Values.discovery (list "kubernetes" "etcd")) -}}
-{{- fail (printf "discovery: kubernetes or etcd, got %q" .Values.discovery) -}}
-{{- end -}}
 {{- if and (eq .Values.discovery "etcd") (not (include "microserve.etcdURL" .)) -}}
 {{- fail "discovery etcd: set etcd.enabled or etcd.url" -}}
-{{- end -}}
-{{- if not (has .Values.autoscaling.mode (list "none" "router" "keda")) -}}
-{{- fail (printf "autoscaling.mode: none, router or keda, got %q" .Values.autoscaling.mode) -}}
 {{- end -}}
 {{- end -}}
