@@ -110,6 +110,8 @@ def test_the_image_installs_what_setup_sh_installs_and_runs_microserve() -> None
     (expose,) = [s for s in steps if s.cmd == "EXPOSE"]
     values = yaml.safe_load((ROOT / "deploy" / "helm" / "microserve" / "values.yaml").read_text())
     assert list(expose.value) == [str(values["router"]["port"]), str(values["engineDefaults"]["port"])]
+    (user,) = [s for s in steps if s.cmd == "USER"]  # the chart runs pods as the image's user
+    assert list(user.value) == [str(values["podSecurityContext"]["runAsUser"])]
 
 
 def interpolate(value: Any, env: dict[str, str]) -> Any:
