@@ -76,6 +76,7 @@ class FleetConfig:
     admission: AdmissionConfig | None = None
     deadlines: DeadlineConfig | None = None
     autoscale: SimScaling | None = None  # the autoscaler sizes the fleet (admission holds requests meanwhile)
+    fair_share: bool = True  # within a priority class, tenants share the admission queue fairly (else FIFO)
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -134,7 +135,7 @@ class SimRouter:
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
         self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
         self.admission: AdmissionQueue | None = None
-        self.fair_share = FairShare()  # one tenant here: the admission queue in arrival order
+        self.fair_share = FairShare(enabled=fleet.fair_share)
         if fleet.admission is not None:
             per_worker = fleet.admission.per_worker
             capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
@@ -208,7 +209,9 @@ class SimRouter:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
                     cost = len(req.prompt_ids) + req.params.max_tokens
-                    granted = await admit(self.fair_share, admission, "", 1, cost, req.remaining_s())
+                    granted = await admit(
+                        self.fair_share, admission, req.tenant, req.rank, cost, req.remaining_s()
+                    )
                 self.retry_budget.on_request()
                 await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
@@ -220,7 +223,7 @@ class SimRouter:
         finally:
             if admission is not None and granted is not None:
                 admission.release(granted)
-                self.fair_share.running("", -1)
+                self.fair_share.running(req.tenant, -1)
 
     async def _attempt(self, req: SimRequest) -> None:
         try:
