@@ -29,7 +29,7 @@ from microserve.router.recent import RecentRequests
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import RetryBudget
 from microserve.router.strategies import Strategy, make_strategy
-from microserve.router.upstream import Upstream, WorkerHandle
+from microserve.router.upstream import HTTPWorkerHandle, Upstream
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
@@ -216,7 +216,7 @@ class Router:
         *,
         exclude_picked: bool = False,
         least_busy: bool = False,
-    ) -> WorkerHandle:
+    ) -> HTTPWorkerHandle:
         """A worker for `req` in `role` from the current policy, counted in flight from now.
 
         `exclude_picked` prefers a worker not yet picked for this request (a PD pair on two engines);
@@ -232,7 +232,7 @@ class Router:
             exclude_picked=exclude_picked,
             least_busy=least_busy,
         )
-        handle = WorkerHandle(worker, self.upstream)
+        handle = HTTPWorkerHandle(worker, self.upstream)
         req.handles.append(handle)
         if req.trace is not None:
             reason = "least_busy" if least_busy else self.policy.name

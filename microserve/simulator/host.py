@@ -21,6 +21,7 @@ from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
 from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
+from microserve.router.request import RoutedRequest
 from microserve.router.retry import RetryBudget, RetryConfig
 from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
@@ -131,7 +132,7 @@ class SimRouter:
             self.replicas[url] = replica
         self.policy = build_policy(fleet.policy, fleet.policy_options, self.rng, loop.time)
         self.strategy: Strategy = make_strategy(fleet.strategy, fleet.strategy_options)
-        self.strategy.bind(self)  # type: ignore[arg-type]
+        self.strategy.bind(self)
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
         self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
         self.admission: AdmissionQueue | None = None
@@ -176,7 +177,7 @@ class SimRouter:
     def pick(
         self,
         role: Role,
-        req: SimRequest,
+        req: RoutedRequest,
         kind: WorkerKind | None = None,
         *,
         exclude_picked: bool = False,
