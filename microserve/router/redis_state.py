@@ -37,6 +37,7 @@ STREAM_MAX = 20_000  # stream entries kept (about one a tick a replica): what a 
 READ_MAX = 2_000  # entries read a tick
 PENDING_MAX = 20_000  # inserts kept while Redis is unreachable, newest first to survive
 WARN_EVERY_S = 10.0
+CIRCUIT_EVENT_MAX_AGE_S = 5.0  # older circuit events (a replay) are not applied
 
 
 class RedisState(SharedState):
@@ -64,7 +65,9 @@ class RedisState(SharedState):
         self._others: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._warned = 0.0
-        self.round_trips: deque[float] = deque(maxlen=4096)  # seconds, for the benchmark and /metrics
+        self.round_trips: deque[float] = deque(maxlen=4096)  # seconds, for the benchmark and /ready
+        self.published = 0  # prefix inserts sent to the others
+        self.learned = 0  # prefix inserts learned from the others
 
     @property
     def replicas(self) -> int:
@@ -88,7 +91,13 @@ class RedisState(SharedState):
     def describe(self) -> dict[str, Any]:
         trips = sorted(self.round_trips)
         p50 = round(trips[len(trips) // 2] * 1000, 3) if trips else None
-        return {**super().describe(), "replica": self.replica, "sync_round_trip_p50_ms": p50}
+        return {
+            **super().describe(),
+            "replica": self.replica,
+            "sync_round_trip_p50_ms": p50,
+            "prefixes_published": self.published,
+            "prefixes_learned": self.learned,
+        }
 
     def _key(self, name: str) -> str:
         return self.prefix + name
@@ -142,6 +151,7 @@ class RedisState(SharedState):
         # Published: drop what was sent (more may have arrived while the round trip ran).
         for _ in range(len(inserts)):
             self._inserts.popleft()
+        self.published += len(inserts)
         for url in opened:
             self._opened.pop(url, None)
         self._closed -= closed
@@ -182,6 +192,7 @@ class RedisState(SharedState):
         self._index = index if isinstance(index, PrefixIndex) else None
         if self._index is not None:
             self._index.on_insert = self._on_insert
+            self._last_id = "0"  # a new index (a policy swapped in) learns the fleet's history too
 
     def _note_circuits(self) -> None:
         for worker in self._workers():
@@ -212,9 +223,11 @@ class RedisState(SharedState):
         if not stream:
             return
         pool = self._pool() if self._pool is not None else None
+        now_ms = time.time() * 1000
         for _name, entries in stream:
             for entry_id, fields in entries:
                 self._last_id = entry_id
+                age_s = max(0.0, now_ms - int(entry_id.split("-")[0])) / 1000  # ids are Redis's ms clock
                 try:
                     event = orjson.loads(fields["d"])
                 except (KeyError, orjson.JSONDecodeError):
@@ -224,11 +237,12 @@ class RedisState(SharedState):
                 if self._index is not None:
                     for url, packed in event.get("p", ()):
                         self._index.learn(unpack(packed), url)
-                if pool is None:
-                    continue
+                        self.learned += 1
+                if pool is None or age_s > CIRCUIT_EVENT_MAX_AGE_S:
+                    continue  # replayed history: prefixes only, circuits have moved on since
                 for url, seconds in event.get("o", ()):
-                    if url in pool and seconds > 0:
-                        pool.get(url).breaker.open_for(seconds)
+                    if url in pool and seconds - age_s > 0:
+                        pool.get(url).breaker.open_for(seconds - age_s)
                         self._circuits[url] = CircuitState.OPEN
                 for url in event.get("c", ()):
                     if url in pool:

@@ -225,6 +225,7 @@ class Worker:
             "draining": self.draining,
             "circuit": self.breaker.state.name.lower(),
             "in_flight": self.in_flight,
+            "remote_in_flight": self.remote_in_flight,
             "requests": self.requests,
             "errors": dict(self.errors),
             "load": None
