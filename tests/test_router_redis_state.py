@@ -10,11 +10,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from microserve.router.breaker import BreakerConfig, CircuitState
-from microserve.router.config import RouterConfig
 from microserve.router.policies import PrefixAware
 from microserve.router.redis_state import RedisState, pack, unpack
 from microserve.router.request import Route, RoutedRequest
-from microserve.router.shared_state import LocalState, Mode, make_shared_state
+from microserve.router.shared_state import Mode
 from microserve.router.workers import WorkerPool, WorkerSpec
 from tests.redis_server import RedisServer
 
@@ -54,15 +53,6 @@ async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
 def test_hashes_pack_and_unpack() -> None:
     hashes = [0, 1, 2**64 - 1, 0xDEADBEEF]
     assert unpack(pack(hashes)) == hashes
-
-
-def test_make_shared_state_checks_the_url() -> None:
-    assert isinstance(make_shared_state(None), LocalState)
-    assert make_shared_state(None).describe() == {"mode": "local", "replicas": 1}
-    with pytest.raises(ValueError, match="redis://"):
-        make_shared_state("etcd://127.0.0.1:2379")
-    with pytest.raises(ValueError, match="--shared-state takes redis://"):
-        RouterConfig(shared_state="localhost:6379")
 
 
 async def test_replicas_share_prefixes_loads_and_circuits(redis: RedisServer) -> None:
