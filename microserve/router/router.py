@@ -21,7 +21,7 @@ from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
-from microserve.router.kube_scaler import DeploymentScaler
+from microserve.router.kube_scaler import DeploymentScaler, ScalerCollector
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
@@ -131,6 +131,7 @@ class Router:
             self.k8s_scaler = DeploymentScaler.from_urls(
                 self.config.k8s_scale, lambda: self.pool, lambda: self.admission.queued
             )
+            self.metrics.registry.register(ScalerCollector(self.k8s_scaler))
             self._k8s_task = asyncio.create_task(self.k8s_scaler.run(), name="k8s-scale")
         await self._preload_tokenizers(self.strategy, self.policy)
 
