@@ -61,6 +61,7 @@ class RouterConfig:
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
+    shared_state: str | None = None  # redis://…: prefix index, loads and circuits shared by replicas
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -74,6 +75,10 @@ class RouterConfig:
             or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if self.shared_state is not None and not self.shared_state.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"--shared-state takes redis://HOST:PORT[/db], not {self.shared_state!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
@@ -275,6 +280,12 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     p.add_argument(
         "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
     )
+    p.add_argument(
+        "--shared-state",
+        default=None,
+        metavar="redis://HOST:PORT[/db]",
+        help="share the prefix index, loads and circuits with other router replicas through Redis",
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -372,6 +383,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["response_cache_ttl_s"] = args.response_cache_ttl
     if args.response_cache_size is not None:
         changes["response_cache_bytes"] = args.response_cache_size
+    if args.shared_state is not None:
+        changes["shared_state"] = args.shared_state
     if args.no_reuse_port:
         changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)
