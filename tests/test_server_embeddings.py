@@ -39,6 +39,11 @@ def test_embeddings_match_transformers(core: EngineCore, hf_model) -> None:
         assert np.linalg.norm(row) == pytest.approx(1.0, abs=1e-5)
         assert float(row @ want) > 0.9999
         np.testing.assert_allclose(row, want, atol=2e-3)
+    last = np.array(core.embed(prompts, "last"))
+    for row, ids in zip(last, prompts, strict=True):
+        with torch.inference_mode():
+            want = hf_model.model(torch.tensor([ids])).last_hidden_state[0, -1]
+        np.testing.assert_allclose(row, (want / want.norm()).numpy(), atol=2e-3)
     alone = np.array(core.embed([prompts[1]]))[0]
     np.testing.assert_allclose(alone, got[1], atol=1e-5)  # batching changes nothing
     assert not core.has_work()
@@ -86,6 +91,7 @@ async def test_openai_client_floats_and_base64(sdk, core: EngineCore) -> None:
         ({"input": [[1, 2], [10**9]]}, "prompt"),
         ({"input": "hi", "model": "other"}, "model"),
         ({"input": "hi", "pooling": "cls"}, "pooling"),
+        ({"input": "hi", "normalize": False}, "normalize"),
     ],
 )
 async def test_bad_inputs_are_400s(sdk, extra: dict, param: str) -> None:

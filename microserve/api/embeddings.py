@@ -22,6 +22,9 @@ class EmbeddingRequest(RequestModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None
+    # microserve's extension: the mean of every token's final hidden state (default), or the last
+    # token's (for a prompt written to end on a summary of the text, as the semantic cache sends).
+    pooling: Literal["mean", "last"] = "mean"
 
     def inputs(self) -> list[str | list[int]]:
         """The inputs, one per embedding: a list of ints is one tokenized input, not several."""

@@ -66,7 +66,7 @@ class _Request:
 class Embedder(Protocol):
     """A runner that can pool a prompt's final hidden states (the torch runner)."""
 
-    def embed(self, prompts: list[list[int]]) -> Any: ...
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> Any: ...
 
 
 class EngineCore:
@@ -260,7 +260,7 @@ class EngineCore:
         seq.arrival_time = time.monotonic()  # its queue wait starts now, not at prep_recv
         return seq
 
-    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
         """Each prompt's embedding (see `TorchRunner.embed`); runs between steps, outside the scheduler."""
         if not isinstance(self.runner, Embedder):
             raise EmbeddingsUnsupported("This engine's backend computes no embeddings.")
@@ -271,7 +271,7 @@ class EngineCore:
                 raise PromptTooLong(
                     f"An input has {len(ids)} tokens; this model's context is {self.max_model_len}."
                 )
-        result: list[list[float]] = self.runner.embed(prompts).tolist()
+        result: list[list[float]] = self.runner.embed(prompts, pooling).tolist()
         return result
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

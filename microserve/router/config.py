@@ -20,6 +20,7 @@ from microserve.router.health import HealthConfig
 from microserve.router.kube_scaler import check_scale_targets
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
+from microserve.tenants.semantic import DEFAULT_THRESHOLD
 from microserve.tokens import ADMIN_TOKEN_ENV, INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, resolve_token
 
 
@@ -61,6 +62,10 @@ class RouterConfig:
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
+    semantic_cache: float | None = (
+        None  # cosine threshold: reuse the answer to a question that means the same
+    )
+    semantic_cache_model: str | None = None  # embed with this served model (default: the request's)
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -76,6 +81,13 @@ class RouterConfig:
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if self.semantic_cache is not None:
+            if self.response_cache is None:
+                raise ValueError("--semantic-cache needs --response-cache (the answers are kept there)")
+            if not 0.0 < self.semantic_cache <= 1.0:
+                raise ValueError(
+                    f"--semantic-cache takes a cosine threshold in (0, 1], not {self.semantic_cache}"
+                )
         if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
             raise ValueError("the response cache needs a positive TTL and size")
         if isinstance(self.discovery, str):
@@ -275,6 +287,22 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     p.add_argument(
         "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
     )
+    p.add_argument(
+        "--semantic-cache",
+        type=float,
+        nargs="?",
+        const=DEFAULT_THRESHOLD,
+        default=None,
+        metavar="THRESHOLD",
+        help="also reuse the answer to a question that means the same (cosine of the fleet's embeddings at "
+        f"or above THRESHOLD, default {DEFAULT_THRESHOLD}); needs --response-cache",
+    )
+    p.add_argument(
+        "--semantic-cache-model",
+        default=None,
+        metavar="MODEL",
+        help="the served model whose /v1/embeddings the semantic cache uses (default: the request's model)",
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -372,6 +400,10 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["response_cache_ttl_s"] = args.response_cache_ttl
     if args.response_cache_size is not None:
         changes["response_cache_bytes"] = args.response_cache_size
+    if args.semantic_cache is not None:
+        changes["semantic_cache"] = args.semantic_cache
+    if args.semantic_cache_model is not None:
+        changes["semantic_cache_model"] = args.semantic_cache_model
     if args.no_reuse_port:
         changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)

@@ -34,6 +34,7 @@ from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKin
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
+from microserve.tenants.semantic import FleetEmbedder, SemanticCache
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,21 @@ class Router:
             if config.response_cache
             else None
         )
+        self.semantic_cache = (
+            SemanticCache.open(
+                config.semantic_cache,
+                config.response_cache,
+                config.response_cache_ttl_s,
+                self.response_cache.backend,
+                FleetEmbedder(self.forward_to_engine, config.semantic_cache_model),
+            )
+            if config.semantic_cache is not None and config.response_cache and self.response_cache
+            else None
+        )
         if self.tenants is not None or self.response_cache is not None:
-            self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
+            self.metrics.registry.register(
+                TenantsCollector(self.tenants, self.response_cache, self.semantic_cache)
+            )
         self._http: HTTPClient | None = None
         self._control: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -141,6 +155,8 @@ class Router:
             await self.tenants.close()
         if self.response_cache is not None:
             await self.response_cache.close()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
 

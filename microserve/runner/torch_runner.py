@@ -77,22 +77,23 @@ class TorchRunner:
         return [by_seq.get(id(seq)) for seq in batch.seqs]
 
     @torch.inference_mode()
-    def embed(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Each prompt's embedding: the mean of its tokens' final hidden states, L2-normalised, float32
-        [len(prompts), hidden]. Prompts run together, each attending to itself only, with K/V written to a
-        scratch cache of their own: nothing of the paged cache (nor its blocks) is touched."""
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> torch.Tensor:
+        """Each prompt's embedding: the mean of its tokens' final hidden states (or, `pooling="last"`, its
+        last token's), L2-normalised, float32 [len(prompts), hidden]. Prompts run together, each attending
+        to itself only, with K/V written to a scratch cache of their own: nothing of the paged cache (nor
+        its blocks) is touched."""
         out: list[torch.Tensor] = []
         group: list[list[int]] = []
         for ids in prompts:
             if group and sum(map(len, group)) + len(ids) > EMBED_BATCH_TOKENS:
-                out.append(self._embed_group(group))
+                out.append(self._embed_group(group, pooling))
                 group = []
             group.append(ids)
         if group:
-            out.append(self._embed_group(group))
+            out.append(self._embed_group(group, pooling))
         return torch.cat(out)
 
-    def _embed_group(self, prompts: list[list[int]]) -> torch.Tensor:
+    def _embed_group(self, prompts: list[list[int]], pooling: str) -> torch.Tensor:
         c = self.model.config
         lengths = [len(ids) for ids in prompts]
         total = sum(lengths)
@@ -107,7 +108,8 @@ class TorchRunner:
         k = torch.empty(shape, dtype=self.dtype, device=self.device)
         v = torch.empty(shape, dtype=self.dtype, device=self.device)
         hidden = self.model.hidden_states(tokens, positions, meta, k, v).float()
-        pooled = torch.stack([rows.mean(0) for rows in hidden.split(lengths)])
+        rows = hidden.split(lengths)
+        pooled = torch.stack([r[-1] for r in rows] if pooling == "last" else [r.mean(0) for r in rows])
         return F.normalize(pooled, dim=-1).cpu()
 
     @staticmethod

@@ -17,7 +17,7 @@ OFFLOAD_CHARS = 64 * 1024
 
 @runtime_checkable
 class EmbeddingEngine(Protocol):
-    async def embed(self, prompts: list[list[int]]) -> list[list[float]]: ...
+    async def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]: ...
 
 
 async def embeddings(state: ServerState, req: EmbeddingRequest, body_size: int) -> dict[str, object]:
@@ -32,7 +32,7 @@ async def embeddings(state: ServerState, req: EmbeddingRequest, body_size: int) 
     else:
         prompts = input_ids(tokenizer, req, limit)
     try:
-        vectors = await engine.embed(prompts)
+        vectors = await engine.embed(prompts, req.pooling)
     except EmbeddingsUnsupported:
         raise unsupported() from None
     except EngineDead as exc:
