@@ -73,9 +73,11 @@ def chat(question: str, stream: bool = False) -> dict:
             "temperature": 0, "stream": stream}  # fmt: skip
 
 
-async def timed(session: aiohttp.ClientSession, url: str, payload: dict, expect: str) -> float:
+async def timed(
+    session: aiohttp.ClientSession, url: str, payload: dict, expect: str, headers: dict | None = None
+) -> float:
     start = time.perf_counter()
-    async with session.post(url, json=payload) as resp:
+    async with session.post(url, json=payload, headers=headers) as resp:
         await resp.read()
         got = resp.headers.get(CACHE_HEADER)
         assert resp.status == 200 and got == expect, (resp.status, got, payload)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 
 from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
+from microserve.http.tls import client_context
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
 from microserve.router.deadlines import DeadlineConfig
@@ -62,9 +64,11 @@ class RouterConfig:
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
-    semantic_cache: float | None = (
-        None  # cosine threshold: reuse the answer to a question that means the same
-    )
+    worker_tls_ca: str | None = None  # https:// workers: verified against this CA
+    worker_tls_cert: str | None = None  # with worker_tls_key: presented to workers (mutual TLS)
+    worker_tls_key: str | None = None
+    # A cosine threshold: reuse the answer to a question that means the same (needs response_cache).
+    semantic_cache: float | None = None
     semantic_cache_model: str | None = None  # embed with this served model (default: the request's)
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class RouterConfig:
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if (self.worker_tls_cert is None) != (self.worker_tls_key is None):
+            raise ValueError("--worker-tls-cert and --worker-tls-key go together")
         if self.semantic_cache is not None:
             if self.response_cache is None:
                 raise ValueError("--semantic-cache needs --response-cache (the answers are kept there)")
@@ -97,6 +103,12 @@ class RouterConfig:
         if isinstance(self.k8s_scale, str):
             self.k8s_scale = [self.k8s_scale]
         check_scale_targets(self.k8s_scale)
+
+    def worker_tls(self) -> ssl.SSLContext | None:
+        """The client context for https:// workers; None: the system's CAs, no client certificate."""
+        if self.worker_tls_ca is None and self.worker_tls_cert is None:
+            return None
+        return client_context(self.worker_tls_ca, self.worker_tls_cert, self.worker_tls_key)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -288,6 +300,18 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
     )
     p.add_argument(
+        "--worker-tls-ca", default=None, metavar="PEM", help="verify https:// workers against this CA"
+    )
+    p.add_argument(
+        "--worker-tls-cert",
+        default=None,
+        metavar="PEM",
+        help="present this certificate to workers (engines started with --tls-client-ca require one)",
+    )
+    p.add_argument(
+        "--worker-tls-key", default=None, metavar="PEM", help="the private key of --worker-tls-cert"
+    )
+    p.add_argument(
         "--semantic-cache",
         type=float,
         nargs="?",
@@ -400,6 +424,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["response_cache_ttl_s"] = args.response_cache_ttl
     if args.response_cache_size is not None:
         changes["response_cache_bytes"] = args.response_cache_size
+    for name in ("worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     if args.semantic_cache is not None:
         changes["semantic_cache"] = args.semantic_cache
     if args.semantic_cache_model is not None:

@@ -116,8 +116,13 @@ class Router:
 
     async def start(self) -> None:
         # One client stack, two pools: requests' traffic, and verbs/health/load (see `Upstream`).
-        self._http = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
-        self._control = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
+        tls = self.config.worker_tls()  # https:// workers: their CA, and our certificate (mutual TLS)
+        self._http = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
+        self._control = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
         self._upstream = Upstream(
             http=self._http,
             control=self._control,

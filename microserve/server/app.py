@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -87,11 +88,18 @@ class EngineApp:
     def port(self) -> int:
         return self.http.port
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         for hook in self.on_startup:
             await hook()
         try:
-            await self.http.start(host, port, reuse_port=reuse_port)
+            await self.http.start(host, port, reuse_port=reuse_port, tls=tls)
         except BaseException:
             await self.cleanup()
             raise
