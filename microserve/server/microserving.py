@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -101,7 +102,11 @@ def normalize_index(index: int | None, length: int, default: int) -> int:
     return min(max(index, 0), length)
 
 
-def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token: str | None) -> None:
+def add_microserving_routes(
+    app: EngineApp, engine: AsyncEngine, internal_token: str | None, peer_tls: ssl.SSLContext | None = None
+) -> None:
+    """`peer_tls`: the client context KV pushes to peers use (an engine under mutual TLS presents its
+    certificate to them)."""
     ms = Microserving(engine, app, internal_token or "")
     body = app.max_body_bytes
     for path, verb in (
@@ -119,7 +124,8 @@ def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token:
     app.routes.add("POST", PROOF_PATH, functools.partial(peer_proof, ms))
 
     async def open_session() -> None:
-        ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT)
+        connector = aiohttp.TCPConnector(ssl=peer_tls) if peer_tls is not None else None
+        ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT, connector=connector)
         ms.peers = PeerVerifier(ms.token or None, ms.session)
 
     async def close_session() -> None:
