@@ -154,6 +154,31 @@ class Llama(torch.nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """Run the flattened batch; return the logits of the rows in `logit_rows`, in the model's dtype."""
+        x = self._residual(input_ids, positions, meta, k_cache, v_cache)
+        return self.lm_head(self.final_norm(x[logit_rows]))
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every row's final hidden state (after the final norm, as transformers' `last_hidden_state`):
+        the same layers as `forward`, without the head. For embeddings."""
+        return self.final_norm(self._residual(input_ids, positions, meta, k_cache, v_cache))
+
+    def _residual(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """The residual stream after the last layer, for every row of the batch."""
         cos, sin = self.rotary(positions)
         x = self.embed(input_ids)
         tiles = self._decode_tiles(meta, len(input_ids))
@@ -183,7 +208,7 @@ class Llama(torch.nn.Module):
                 residual = layer(x, residual, cos, sin, meta, k_cache[i], v_cache[i])
             if residual is not None:
                 x += residual
-        return self.lm_head(self.final_norm(x[logit_rows]))
+        return x
 
     def _decode_tiles(self, meta: AttentionMetadata, rows: int) -> list[torch.Tensor] | None:
         """For an all-decode batch whose every linear layer runs on AMX tiles at `rows` rows: those tiles,
