@@ -108,7 +108,7 @@ def weight_layout(layout: str):
     patched = {"plain": ["pack_for_amx", "pack_for_onednn"], "oneDNN": ["pack_for_amx"], "AMX": []}[layout]
     saved = {name: getattr(quant, name) for name in patched if hasattr(quant, name)}
     for name in saved:
-        setattr(quant, name, lambda weight: None)
+        setattr(quant, name, lambda *args, **kwargs: None)
     try:
         yield
     finally:
