@@ -10,6 +10,7 @@ PYTHONPATH set to another checkout to time an older engine the same way (variant
 checkouts from before `model/layers` keep the linear layers in `model/quant`).
 
 Usage: python benchmarks/decode_steps.py [--threads 2] [--batches 1,8,32] [--steps 20] [--out x.json]
+       [--variants 'AMX, kernels;oneDNN, torch ops']
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quantization", default="none", choices=["none", "auto"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--variants", help="semicolon-separated subset of the variants' names (default: all)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     header = f"{describe_machine()}; torch {torch.__version__}; {args.threads} threads; bf16"
@@ -153,6 +155,9 @@ def main() -> None:
         ("oneDNN, kernels", "oneDNN", True),
         ("AMX, kernels", "AMX", True),
     ]
+    if args.variants:
+        wanted = {v.strip() for v in args.variants.split(";")}
+        variants = [v for v in variants if v[0] in wanted]
     for name, layout, kernels in variants:
         if not available[layout]:
             continue
