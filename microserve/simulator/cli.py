@@ -96,6 +96,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
     scale.add_argument(
+        "--handoff-tokens",
+        type=int,
+        default=0,
+        help="KV tokens of its hottest prefixes a leaving replica hands to a survivor (0: off)",
+    )
+    scale.add_argument(
         "--load-shape",
         choices=["diurnal", "bursty"],
         default=None,
@@ -140,6 +146,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scaling_from_args(args: argparse.Namespace) -> Any:
     """`--autoscale MIN:MAX` and its knobs as a SimScaling, or None; ValueError with a one-line message."""
     from microserve.router.autoscaler import AutoscalerConfig
+    from microserve.router.handoff import HandoffConfig
     from microserve.simulator.scaling import SimScaling
 
     if args.autoscale is None:
@@ -159,7 +166,10 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         scale_up_cooldown_s=args.scale_up_cooldown,
         down_step=args.scale_down_step or None,
     )
-    return SimScaling(config, startup_s=args.engine_startup)
+    if args.handoff_tokens < 0:
+        raise ValueError(f"--handoff-tokens must be >= 0, got {args.handoff_tokens}")
+    handoff = HandoffConfig(max_tokens=args.handoff_tokens) if args.handoff_tokens else None
+    return SimScaling(config, startup_s=args.engine_startup, handoff=handoff)
 
 
 def shaped_from_args(args: argparse.Namespace, base: float, seed: int) -> Any:

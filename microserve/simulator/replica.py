@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from microserve.engine.config import CacheConfig
+from microserve.engine.hot_prefixes import hot_prefixes
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
@@ -172,6 +173,9 @@ class SimReplica:
         released = self.core.release(request_id)
         self._kick()  # its blocks may let a waiting request in
         return released
+
+    def hot_prefixes(self, max_tokens: int, limit: int) -> list[list[int]]:
+        return hot_prefixes(self.core.kv.pool, max_tokens, limit)
 
     async def send(self, request_id: str, prompt_ids: list[int], begin: int, dst: SimReplica) -> int:
         """Compute `prompt_ids`' KV here and push [begin, end) into `dst`'s reservation, piece by piece.

@@ -119,6 +119,12 @@ class Simulator:
         if scaler is not None:
             extra["engine_seconds"] = scaler.engine_seconds(end)
             extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+            if scaler.scaling.handoff is not None:
+                extra["handoffs"] = [
+                    {"prefixes": len(h.prefixes), "sent_tokens": h.sent_tokens, "sent_bytes": h.sent_bytes,
+                     "seconds": h.seconds, "error": h.error}
+                    for h in scaler.handoffs
+                ]  # fmt: skip
         else:
             extra["engine_seconds"] = len(replicas) * (end - start)
         return result, router.replica_stats(), router.retries
