@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microserve.router.autoscaler import Autoscaler, idlest, pool_signals
+from microserve.router.autoscaler import Autoscaler, idlest, pool_signals, recent_ttft_p99
 from microserve.router.handoff import EnginePeer, HandoffConfig, HandoffResult, hand_off
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerSpec
@@ -111,7 +111,11 @@ class LocalFleet:
             await asyncio.sleep(self.interval_s)
 
     def tick(self) -> None:
-        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting))
+        ttft = None
+        if self.scaler.config.ttft_slo_s is not None:  # the router's recent answers, on its wall clock
+            finished = self.router.recent.latest(len(self.router.recent))
+            ttft = recent_ttft_p99(((f.at, f.ttft_s) for f in finished if f.ttft_s is not None), time.time())
+        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting), ttft)
         desired = self.scaler.decide(self.clock(), signals)
         current = signals.replicas
         for _ in range(desired - current):

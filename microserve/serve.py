@@ -243,6 +243,7 @@ def autoscaler_config(args: argparse.Namespace) -> AutoscalerConfig | None:
         target_load=args.scale_target,
         scale_down_after_s=60.0 if args.scale_down_after is None else args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
+        ttft_slo_s=args.scale_ttft_slo,
     )
 
 
@@ -298,6 +299,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--scale-target", type=float, default=8.0, help="requests per engine to aim at (8)")
     scale.add_argument("--scale-up-cooldown", type=float, default=5.0, help="seconds between steps up (5)")
+    scale.add_argument(
+        "--scale-ttft-slo",
+        type=float,
+        default=None,
+        help="seconds: a TTFT p99 over the last 30 s above it adds an engine and holds scale-down (off)",
+    )
     scale.add_argument(
         "--handoff-tokens",
         type=int,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from microserve.bench.runner import RunConfig
@@ -51,6 +53,18 @@ def test_the_fleet_grows_for_a_burst_shrinks_after_it_and_loses_nothing(tokenize
         assert replica["left_in_engine"] == 0 and replica["kv_blocks_free"] == replica["kv_blocks_total"]
     assert len(scaled.replicas) > 1
     assert scaled.extra["engine_seconds"] < 0.8 * fixed.extra["engine_seconds"]
+
+
+def test_a_ttft_over_the_slo_grows_the_fleet_the_load_alone_would_not(tokenizer: Tokenizer) -> None:
+    """A target so high that the load never asks for a second replica; the TTFT signal (first tokens and
+    the waits of requests still without one) does."""
+    config = AutoscalerConfig(min_replicas=1, max_replicas=4, target_load=1000, scale_up_cooldown_s=2)
+    blind = bursty_run(tokenizer, SimScaling(config, startup_s=5.0), replicas=1)
+    watching = replace(config, ttft_slo_s=0.5)
+    guarded = bursty_run(tokenizer, SimScaling(watching, startup_s=5.0), replicas=1)
+    assert max(n for _, n in blind.extra["replicas_timeline"]) == 1
+    assert max(n for _, n in guarded.extra["replicas_timeline"]) > 1
+    assert guarded.summary.completed == blind.summary.completed == len(guarded.result.records)
 
 
 def test_shaped_rates() -> None:

@@ -128,7 +128,9 @@ class PoolAutoscaler:
         return {role: scaler.desired for role, scaler in self.scalers.items()}
 
 
-def pool_signals(workers: Iterable[Worker], queued: int, starting: int) -> PoolSignals:
+def pool_signals(
+    workers: Iterable[Worker], queued: int, starting: int, ttft_p99_s: float | None = None
+) -> PoolSignals:
     """The pool as the autoscaler sees it: engines up and not draining plus those starting; the load is
     what the router holds plus, per engine, the larger of its in-flight count and its last load report."""
     serving = [w for w in workers if not w.draining]
@@ -142,7 +144,18 @@ def pool_signals(workers: Iterable[Worker], queued: int, starting: int) -> PoolS
         else:
             running += w.in_flight
         kv = max(kv, load.kv_usage if load is not None else 0.0)
-    return PoolSignals(len(serving) + starting, queued, waiting, running, kv)
+    return PoolSignals(len(serving) + starting, queued, waiting, running, kv, ttft_p99_s)
+
+
+def recent_ttft_p99(
+    samples: Iterable[tuple[float, float]], now: float, window_s: float = 30.0, min_samples: int = 20
+) -> float | None:
+    """The p99 of the TTFTs (`(when, seconds)` pairs) seen in the last `window_s`, or None with fewer
+    than `min_samples` of them: the TTFT signal, from the router's recent requests or the simulator's."""
+    recent = sorted(ttft for at, ttft in samples if now - at <= window_s)
+    if len(recent) < min_samples:
+        return None
+    return recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)]
 
 
 def idlest(workers: Iterable[Worker]) -> Worker | None:

@@ -96,6 +96,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
     scale.add_argument(
+        "--scale-down-ratio",
+        type=float,
+        default=0.5,
+        help="share of the target the load must fall to before a replica goes (0.5)",
+    )
+    scale.add_argument(
+        "--scale-ttft-slo",
+        type=float,
+        default=None,
+        help="seconds: a recent TTFT p99 above it adds a replica and holds scale-down (off)",
+    )
+    scale.add_argument(
         "--handoff-tokens",
         type=int,
         default=0,
@@ -165,6 +177,8 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         scale_down_after_s=args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
         down_step=args.scale_down_step or None,
+        down_ratio=args.scale_down_ratio,
+        ttft_slo_s=args.scale_ttft_slo,
     )
     if args.handoff_tokens < 0:
         raise ValueError(f"--handoff-tokens must be >= 0, got {args.handoff_tokens}")

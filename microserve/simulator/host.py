@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from microserve.simulator.handle import SimRequest, SimWorkerHandle
 from microserve.simulator.replica import ReplicaConfig, SimReplica
 
 if TYPE_CHECKING:
+    from microserve.bench.sender import RequestRecord
     from microserve.simulator.scaling import SimScaling
 
 MODEL = "sim"  # the one model every simulated replica serves
@@ -141,6 +142,10 @@ class SimRouter:
             self.admission = AdmissionQueue(fleet.admission, capacity, loop.time)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.retries = 0
+        # (when, seconds) of recent first tokens, for the autoscaler's TTFT signal; and the requests
+        # still waiting for theirs (id -> start), whose wait so far counts too.
+        self.ttfts: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.pending: dict[int, RequestRecord] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -204,6 +209,7 @@ class SimRouter:
         record = req.answer.record
         admission = self.admission
         granted: int | None = None  # the admission ticket
+        self.pending[id(req)] = record
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
@@ -218,6 +224,9 @@ class SimRouter:
         except APIError as exc:  # refused by admission (429, or 503 while no replica is ready)
             record.error = f"{exc.status}: {exc.message}"
         finally:
+            del self.pending[id(req)]
+            if record.chunk_times:
+                self.ttfts.append((record.chunk_times[0], record.chunk_times[0] - record.start))
             if admission is not None and granted is not None:
                 admission.release(granted)
                 self.fair_share.running("", -1)
@@ -252,6 +261,11 @@ class SimRouter:
                     max_num_seqs=replica.config.max_num_seqs,
                 )
             await asyncio.sleep(self.fleet.load_interval_s)
+
+    def ttft_samples(self, now: float) -> list[tuple[float, float]]:
+        """Recent TTFTs, and the waits so far of requests without a first token yet (a lower bound)."""
+        waits = ((now, now - r.start) for r in self.pending.values() if not r.chunk_times)
+        return [*self.ttfts, *waits]
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Per replica: role, requests routed to it, engine steps, busy time, preemptions, prefix hits."""

@@ -16,7 +16,13 @@ from typing import Any
 
 from microserve.engine.errors import EngineOverloaded
 from microserve.engine_client import KVAddress
-from microserve.router.autoscaler import AutoscalerConfig, PoolAutoscaler, idlest, pool_signals
+from microserve.router.autoscaler import (
+    AutoscalerConfig,
+    PoolAutoscaler,
+    idlest,
+    pool_signals,
+    recent_ttft_p99,
+)
 from microserve.router.handoff import HandoffConfig, HandoffPeer, HandoffResult, hand_off
 from microserve.router.workers import Role
 from microserve.simulator.host import SimRouter
@@ -31,6 +37,7 @@ class SimScaling:
     startup_s: float = 20.0
     interval_s: float = 1.0
     handoff: HandoffConfig | None = None  # move a leaving replica's hottest prefixes to a survivor
+    ttft_window_s: float = 10.0  # the TTFT signal's window (with the config's ttft_slo_s)
 
     def __post_init__(self) -> None:
         if self.startup_s < 0 or self.interval_s <= 0:
@@ -68,11 +75,14 @@ class SimScaler:
     def tick(self, now: float) -> None:
         router = self.router
         queued = router.admission.queued if router.admission is not None else 0
+        ttft = None
+        if self.scaling.config.ttft_slo_s is not None:
+            ttft = recent_ttft_p99(router.ttft_samples(now), now, self.scaling.ttft_window_s)
         total = 0
         for role in self.autoscaler.scalers:
             workers = [w for w in router.pool if str(w.role) == role]
             # Requests held in the router wait for any pool; each pool sees them all (PD needs both).
-            signals = pool_signals(workers, queued, self.starting[role])
+            signals = pool_signals(workers, queued, self.starting[role], ttft)
             desired = self.autoscaler.scalers[role].decide(now, signals)
             for _ in range(desired - signals.replicas):
                 self._spawn(self._start(Role(role), now))
