@@ -32,6 +32,9 @@ class AutoscalerConfig:
     scale_up_cooldown_s: float = 5.0  # after a step up, before the next one (new replicas take time to help)
     scale_down_after_s: float = 30.0  # low load this long before each step down
     down_step: int | None = 1  # replicas one step down may remove; None: straight to what the load needs
+    # Scale up for the load expected this many seconds ahead at its current growth rate (a replica's
+    # start-up is the natural value: what it will face once it is up); 0 sizes on the load now.
+    growth_lookahead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -40,8 +43,8 @@ class AutoscalerConfig:
             raise ValueError("need target load > 0 and 0 < down ratio < 1")
         if self.down_step is not None and self.down_step < 1:
             raise ValueError("a step down removes at least one replica")
-        if self.scale_up_cooldown_s < 0 or self.scale_down_after_s < 0:
-            raise ValueError("cooldowns must be >= 0 seconds")
+        if self.scale_up_cooldown_s < 0 or self.scale_down_after_s < 0 or self.growth_lookahead_s < 0:
+            raise ValueError("cooldowns and the growth lookahead must be >= 0 seconds")
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,12 +72,15 @@ class Autoscaler:
     last_up_at: float = -math.inf
     low_since: float | None = None  # when the load last became low enough to lose a replica
     reason: str = "start"
+    last_seen: tuple[float, int] | None = None  # (time, load) at the previous decision
+    growth: float = 0.0  # the load's recent growth, requests per second (smoothed, >= 0)
 
     def decide(self, now: float, s: PoolSignals) -> int:
         cfg = self.config
         current = s.replicas
         desired = min(max(current, cfg.min_replicas), cfg.max_replicas)
-        need = math.ceil(s.load / cfg.target_load)
+        self._track_growth(now, s.load)
+        need = math.ceil((s.load + self.growth * cfg.growth_lookahead_s) / cfg.target_load)
         overloaded = s.kv_usage >= cfg.kv_high or (
             cfg.ttft_slo_s is not None and s.ttft_p99_s is not None and s.ttft_p99_s > cfg.ttft_slo_s
         )
@@ -109,6 +115,12 @@ class Autoscaler:
             self.low_since = None
         self.desired = desired
         return desired
+
+    def _track_growth(self, now: float, load: int) -> None:
+        if self.last_seen is not None and now > self.last_seen[0]:
+            rate = (load - self.last_seen[1]) / (now - self.last_seen[0])
+            self.growth = max(0.0, 0.5 * self.growth + 0.5 * rate)
+        self.last_seen = (now, load)
 
 
 @dataclass(slots=True)

@@ -102,6 +102,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of the target the load must fall to before a replica goes (0.5)",
     )
     scale.add_argument(
+        "--scale-lookahead",
+        type=float,
+        default=0.0,
+        help="seconds: scale up for the load expected this far ahead at its growth rate (0: the load now)",
+    )
+    scale.add_argument(
         "--scale-ttft-slo",
         type=float,
         default=None,
@@ -179,6 +185,7 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         down_step=args.scale_down_step or None,
         down_ratio=args.scale_down_ratio,
         ttft_slo_s=args.scale_ttft_slo,
+        growth_lookahead_s=args.scale_lookahead,
     )
     if args.handoff_tokens < 0:
         raise ValueError(f"--handoff-tokens must be >= 0, got {args.handoff_tokens}")
