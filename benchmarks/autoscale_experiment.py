@@ -64,13 +64,13 @@ BURST_REPLICAS = 12  # the autoscaler may go past the peak's fleet to drain a bu
 HANDOFF_TOKENS = 8192
 
 
-def scaled(startup: float, target: float) -> list[str]:
-    """The autoscaler's settings: scale up for the load expected one start-up ahead, down one replica
-    at a time after 10 s under 70% of the target."""
-    return ["--autoscale", f"1:{BURST_REPLICAS}", "--engine-startup", str(startup),
+def scaled(startup: float, target: float, lookahead: float, low: int = 1) -> list[str]:
+    """The autoscaler's settings: down one replica at a time after 10 s under 70% of the target; up for
+    the load expected `lookahead` seconds ahead; `low` replicas kept as a warm spare."""
+    return ["--autoscale", f"{low}:{BURST_REPLICAS}", "--engine-startup", str(startup),
             "--scale-target", str(target), "--scale-down-after", "10", "--scale-down-step", "1",
             "--scale-down-ratio", "0.7", "--scale-up-cooldown", "2",
-            "--scale-lookahead", str(startup)]  # fmt: skip
+            "--scale-lookahead", str(lookahead)]  # fmt: skip
 
 
 def one(trace: str, fleet: list[str], workload: list[str] = COMMON) -> dict[str, Any]:
@@ -123,13 +123,22 @@ def main() -> int:
     handoff = ["--handoff-tokens", str(HANDOFF_TOKENS)]
     fixed = ["--replicas", str(PEAK_REPLICAS)]
     runs: dict[str, tuple[str, list[str], list[str]]] = {}
+    slow = scaled(a.startup, a.target, 0.0)
+    fast = scaled(a.fast_startup, a.target, a.fast_startup)
     for trace in TRACES:
         runs[f"{trace}/fixed"] = (trace, fixed, COMMON)
-        runs[f"{trace}/autoscaled"] = (trace, scaled(a.startup, a.target), COMMON)
-        runs[f"{trace}/fast-wake"] = (trace, scaled(a.fast_startup, a.target), COMMON)
+        runs[f"{trace}/autoscaled"] = (trace, slow, COMMON)
+        runs[f"{trace}/fast-wake"] = (trace, fast, COMMON)
         runs[f"{trace}/docs-fixed"] = (trace, fixed, PREFIXED)
-        runs[f"{trace}/docs-autoscaled"] = (trace, scaled(a.startup, a.target), PREFIXED)
-        runs[f"{trace}/docs-handoff"] = (trace, [*scaled(a.startup, a.target), *handoff], PREFIXED)
+        runs[f"{trace}/docs-autoscaled"] = (trace, slow, PREFIXED)
+        runs[f"{trace}/docs-handoff"] = (trace, [*slow, *handoff], PREFIXED)
+    for spare in (2, 4):  # the bursty frontier: warm spares that absorb a step while replicas start
+        runs[f"bursty/spare-{spare}"] = ("bursty", scaled(a.startup, a.target, 0.0, spare), COMMON)
+        runs[f"bursty/fast-spare-{spare}"] = (
+            "bursty",
+            scaled(a.fast_startup, a.target, a.fast_startup, spare),
+            COMMON,
+        )
     with concurrent.futures.ProcessPoolExecutor(a.jobs) as pool:
         futures = {key: pool.submit(one, *spec) for key, spec in runs.items()}
         results = {key: measure(f.result(), a.slo) for key, f in futures.items()}
@@ -191,6 +200,26 @@ def plot(results: dict[str, dict[str, Any]], folder: Path) -> None:
     fig.tight_layout()
     fig.savefig(folder / "autoscale-traces.png", dpi=100)
     print(f"plot: {folder / 'autoscale-traces.png'}")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, trace in enumerate(TRACES):
+        fixed = results[f"{trace}/fixed"]["engine_seconds"]
+        points = {k.split("/")[1]: r for k, r in results.items() if k.startswith(trace + "/")}
+        points = {k: r for k, r in points.items() if not k.startswith("docs")}
+        xs = [r["engine_seconds"] / fixed for r in points.values()]
+        ys = [100 * r["attainment"] for r in points.values()]
+        ax.scatter(xs, ys, color=f"C{i}", label=trace)
+        for name, x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(99, color="grey", linestyle=":")
+    ax.axvline(0.6, color="grey", linestyle=":")
+    ax.set_xlabel("engine-seconds / fixed fleet's")
+    ax.set_ylabel("% of requests within the TTFT SLO")
+    ax.set_title("goal: top left of the dotted lines (>= 99% at <= 0.60)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "autoscale-frontier.png", dpi=100)
+    print(f"plot: {folder / 'autoscale-frontier.png'}")
 
 
 if __name__ == "__main__":

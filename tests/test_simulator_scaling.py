@@ -52,6 +52,9 @@ def test_the_fleet_grows_for_a_burst_shrinks_after_it_and_loses_nothing(tokenize
     for replica in scaled.replicas:  # retired replicas included: each drained before it stopped
         assert replica["left_in_engine"] == 0 and replica["kv_blocks_free"] == replica["kv_blocks_total"]
     assert len(scaled.replicas) > 1
+    # Replicas joined and left through the router's membership code, as registered engines do.
+    started = len(scaled.replicas) - 1  # all but the fleet's first replica
+    assert scaled.extra["membership"] == {"joined": started, "left": started - (counts[-1] - 1)}
     assert scaled.extra["engine_seconds"] < 0.8 * fixed.extra["engine_seconds"]
 
 

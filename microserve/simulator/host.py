@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from microserve.api.errors import APIError
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
+from microserve.router.discovery.membership import Membership
 from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
 from microserve.router.retry import RetryBudget, RetryConfig
@@ -142,6 +144,10 @@ class SimRouter:
             self.admission = AdmissionQueue(fleet.admission, capacity, loop.time)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.retries = 0
+        # Replicas an autoscaler starts register here and join through the router's membership code;
+        # those of the fleet's configuration are static, as workers named by flags.
+        self.registered: dict[str, WorkerSpec] = {}
+        self.membership = Membership(self.pool, "simulator", drain_timeout_s=math.inf)
         # (when, seconds) of recent first tokens, for the autoscaler's TTFT signal; and the requests
         # still waiting for theirs (id -> start), whose wait so far counts too.
         self.ttfts: deque[tuple[float, float]] = deque(maxlen=4096)
@@ -156,17 +162,27 @@ class SimRouter:
             self._tasks.append(asyncio.create_task(self._poll_loads()))
 
     def add_replica(self, url: str, replica: SimReplica, role: Role) -> None:
-        """A replica joins (an autoscaler started it): in the pool and stepping from now."""
-        self.pool.add(WorkerSpec(url, role=role, models=(MODEL,)))
+        """A replica joins (an autoscaler started it and it registered): the router's membership code adds
+        it to the pool, as for an engine registering in etcd; it is ready at once (no health check runs
+        here), stepping from now."""
+        loop = asyncio.get_running_loop()
+        self.registered[url] = WorkerSpec(url, role=role, models=(MODEL,))
         self.replicas[url] = replica
-        replica.start(asyncio.get_running_loop())
+        for worker in self.membership.apply(list(self.registered.values()), loop.time()).joined:
+            worker.healthy = True  # its first health check, passed
+        replica.start(loop)
         if self.admission is not None:
             self.admission.wake()
 
     def retire_replica(self, url: str) -> None:
-        """A drained replica leaves the pool and stops; its stats stay."""
-        self.retired.append(self.pool.remove(url))
-        self.replicas[url].stop()
+        """A drained, idle replica withdraws its registration: membership drains it and takes it out of
+        the pool, and it stops; its stats stay."""
+        now = asyncio.get_running_loop().time()
+        del self.registered[url]
+        self.membership.apply(list(self.registered.values()), now)
+        for worker in self.membership.sweep(now):
+            self.retired.append(worker)
+            self.replicas[worker.url].stop()
 
     async def stop(self) -> None:
         for replica in self.replicas.values():

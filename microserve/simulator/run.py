@@ -119,6 +119,7 @@ class Simulator:
         if scaler is not None:
             extra["engine_seconds"] = scaler.engine_seconds(end)
             extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+            extra["membership"] = {"joined": router.membership.joins, "left": router.membership.leaves}
             if scaler.scaling.handoff is not None:
                 extra["handoffs"] = [
                     {"prefixes": len(h.prefixes), "sent_tokens": h.sent_tokens, "sent_bytes": h.sent_bytes,
