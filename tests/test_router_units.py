@@ -235,7 +235,11 @@ def test_yaml_config_then_flags(tmp_path: Path) -> None:
         (Route.CHAT, b"[]", "JSON object"),
         (Route.CHAT, b'{"messages": []}', "messages"),
         (Route.CHAT, b'{"messages": ["hi"]}', "messages.0"),
-        (Route.CHAT, b'{"messages": [{"role": "user", "content": "x"}], "tools": []}', "tools"),
+        (
+            Route.CHAT,
+            b'{"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}',
+            "tool_choice",
+        ),
         (Route.CHAT, b'{"model": 3, "messages": [{}]}', "model"),
         (Route.COMPLETIONS, b'{"prompt": ""}', "prompt"),
         (Route.COMPLETIONS, b'{"prompt": 12}', "prompt"),

@@ -131,7 +131,9 @@ class StreamProgress:
             text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
             reason = choice.get("finish_reason")
             self._advance(new or [], text or "", reason)
-            if strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
+            if delta.get("tool_calls"):  # the engine read a call from the text: that text is delivered
+                self.delivered = len(self.generated)
+            elif strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
                 return None  # only there for the ids the router asked for: the client gets no empty delta
         elif chunk.get("usage"):
             self.usage_sent = True
