@@ -12,8 +12,10 @@ from microserve.api.tool_calls import (
     ChatToolCalls,
     SSEToolCalls,
     ToolCallStream,
+    chat_tool_calls,
     parse_tool_calls,
     syntax_for_template,
+    tool_choice_schema,
 )
 
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
@@ -160,3 +162,40 @@ def test_sse_bytes_split_anywhere() -> None:
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert sum(1 for c in chunks if "tool_calls" in c["choices"][0]["delta"]) == 2
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now"}},
+]  # fmt: skip
+
+
+def test_forced_choices_decode_under_a_schema_of_calls() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    assert tool_choice_schema(TOOLS, "auto") is None and tool_choice_schema(TOOLS, None) is None
+    named = tool_choice_schema(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    assert named is not None
+    jsonschema.validate({"name": "get_weather", "arguments": {"city": "Paris"}}, named)
+    for bad in (
+        {"name": "now", "arguments": {}},
+        {"name": "get_weather", "arguments": {}},
+        {"name": "get_weather"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, named)
+    required = tool_choice_schema(TOOLS, "required")
+    assert required is not None
+    calls = [{"name": "now", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    jsonschema.validate(calls, required)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([], required)
+    single = tool_choice_schema(TOOLS, "required", parallel=False)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(calls, single)
+    # what the grammar lets through parses as calls, whatever the template's syntax
+    content, parsed = parse_tool_calls(json.dumps(calls), "json")
+    assert content == "" and [c.name for c in parsed] == ["now", "get_weather"]
+    assert chat_tool_calls({"tools": TOOLS, "tool_choice": "required"}, "hermes") == ChatToolCalls("json")
+    assert chat_tool_calls({"tools": TOOLS, "tool_choice": "auto"}, "hermes") == ChatToolCalls("hermes")
+    assert chat_tool_calls({"tools": TOOLS, "tool_choice": "none"}, "hermes") is None

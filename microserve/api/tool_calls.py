@@ -268,8 +268,49 @@ class SSEToolCalls:
 
 
 def chat_tool_calls(body: dict[str, Any], syntax: Any) -> ChatToolCalls | None:
-    """The rewriter for a raw chat request body (None when its answer is not read for tool calls)."""
-    if not body.get("tools") or body.get("tool_choice") == "none":
+    """The rewriter for a raw chat request body (None when its answer is not read for tool calls).
+    A forced choice (required, or a named function) is written in the grammar's JSON, whatever the
+    template teaches."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not tools or choice == "none":
         return None
-    syntax = syntax if syntax in SYNTAXES else "json"
+    syntax = "json" if forces_call(choice) else syntax if syntax in SYNTAXES else "json"
     return ChatToolCalls(syntax, parallel=body.get("parallel_tool_calls") is not False)
+
+
+def forces_call(tool_choice: Any) -> bool:
+    """ "required" or a named function (a dict, or the request model's object)."""
+    return tool_choice is not None and tool_choice not in ("none", "auto")
+
+
+def tool_choice_schema(
+    tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True
+) -> dict[str, Any] | None:
+    """The JSON schema the answer is decoded under when `tool_choice` forces a call (None otherwise):
+    a named function -> one `{"name", "arguments"}` object for it; "required" -> a list of one (or,
+    with parallel calls, more) such objects, each for one of `tools`. `arguments` follows the
+    function's `parameters` schema, so they always parse and match it."""
+    if not forces_call(tool_choice):
+        return None
+    functions = [t["function"] for t in tools]
+    if tool_choice != "required":
+        name = tool_choice["function"]["name"]
+        return _call_schema(next(f for f in functions if f["name"] == name))
+    schema: dict[str, Any] = {
+        "type": "array",
+        "minItems": 1,
+        "items": {"anyOf": [_call_schema(f) for f in functions]},
+    }
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    return {
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [function["name"]]}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }

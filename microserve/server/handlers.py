@@ -26,7 +26,7 @@ from microserve.api.prompt import (
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from microserve.api.shapes import ChatShape, CompletionShape, ResponseShape, TokenText
 from microserve.api.sse import SSE_HEADERS, frame
-from microserve.api.tool_calls import ChatToolCalls, syntax_for_template
+from microserve.api.tool_calls import ChatToolCalls, forces_call, syntax_for_template
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
 from microserve.engine.outputs import RequestOutput
 from microserve.engine.reservations import ReservationError
@@ -172,7 +172,8 @@ def tool_calls_for(req: ChatCompletionRequest, template: str | None) -> ChatTool
     """How the answer is read for tool calls (None: it is not), in the syntax the template teaches."""
     if not req.calls_tools:
         return None
-    return ChatToolCalls(syntax_for_template(template), parallel=req.parallel_tool_calls is not False)
+    syntax = "json" if forces_call(req.tool_choice) else syntax_for_template(template)
+    return ChatToolCalls(syntax, parallel=req.parallel_tool_calls is not False)
 
 
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
