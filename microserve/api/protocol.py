@@ -349,6 +349,13 @@ class ChatCompletionRequest(_GenerationRequest):
                 f"tool_choice names function {choice.function.name!r}, which is not in tools.",
                 param="tool_choice",
             )
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            # Enforced by grammar-constrained decoding, which this build does not have yet: refused
+            # rather than answered with free text.
+            raise bad_request(
+                "tool_choice 'required' or a named function is not supported yet; use 'auto'.",
+                param="tool_choice",
+            )
 
 
 RequestT = TypeVar("RequestT", bound=RequestModel)
