@@ -16,6 +16,7 @@ import pytest
 
 from microserve.api.prompt import body_prompt_ids, chat_prompt_ids
 from microserve.api.protocol import ChatCompletionRequest, parse_request
+from microserve.api.tokenize import TokenizeRequest, tokenize
 from microserve.model.tokenizer import Tokenizer
 
 QWEN25 = r"""{%- if tools %}
@@ -199,3 +200,15 @@ def test_tools_render_as_transformers_does(
     assert body_prompt_ids(ours, True, body) == ids
     if template is not None:
         assert "get_weather" in theirs and "Paris" in theirs.split("get_weather", 1)[1]
+
+
+@pytest.mark.slow
+def test_tokenize_renders_tools_as_a_chat_request_does(tok: Tokenizer) -> None:
+    qwen = with_template(tok, QWEN25)
+    body = {"messages": ROUND_TRIP, "tools": TOOLS}
+    counted = tokenize(qwen, parse_request(TokenizeRequest, body), 1024)
+    assert counted["tokens"] == body_prompt_ids(qwen, True, body)
+    assert (
+        counted["count"]
+        > tokenize(qwen, parse_request(TokenizeRequest, {"messages": ROUND_TRIP}), 1024)["count"]
+    )
