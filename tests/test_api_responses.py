@@ -55,7 +55,9 @@ def test_chat_body_carries_instructions_history_and_limits() -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "input.0"),
+        ({"input": [{"type": "input_image"}]}, "input.0"),
         ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"input": "x", "temperature": "hot"}, "temperature"),
@@ -124,3 +126,93 @@ def test_store_is_bounded_and_per_tenant() -> None:
     store.put("c", "y", Stored({}, []))
     assert store.get("b", "x") is None and store.get("a", "r1") is not None
     assert store.delete("a", "r1") and not store.delete("a", "r1")
+
+
+def test_function_tools_and_call_items_become_chat() -> None:
+    req = parse_responses_request(
+        {
+            "input": [
+                {"role": "user", "content": "Weather in Paris and Oslo?"},
+                {
+                    "type": "function_call",
+                    "call_id": "c1",
+                    "name": "weather",
+                    "arguments": '{"city": "Paris"}',
+                },
+                {
+                    "type": "function_call",
+                    "call_id": "c2",
+                    "name": "weather",
+                    "arguments": '{"city": "Oslo"}',
+                },
+                {"type": "function_call_output", "call_id": "c1", "output": "21C"},
+                {"type": "function_call_output", "call_id": "c2", "output": "3C"},
+            ],
+            "tools": [{"type": "function", "name": "weather", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "weather"},
+            "parallel_tool_calls": False,
+        }
+    )
+    body = chat_body(req, [])
+    assert body["tools"] == [
+        {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    ]
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "weather"}}
+    assert body["parallel_tool_calls"] is False
+    call = body["messages"][1]
+    assert call["role"] == "assistant" and call["content"] is None
+    assert [c["id"] for c in call["tool_calls"]] == ["c1", "c2"]
+    assert call["tool_calls"][1]["function"] == {"name": "weather", "arguments": '{"city": "Oslo"}'}
+    assert body["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "c1", "content": "21C"},
+        {"role": "tool", "tool_call_id": "c2", "content": "3C"},
+    ]
+
+
+def test_tool_calls_become_function_call_items_whole_and_streamed() -> None:
+    req = parse_responses_request({"input": "x", "stream": True})
+    events = ResponseEvents(ResponseBuilder(req))
+
+    def frame(delta: dict, reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        return b"data: " + orjson.dumps({"model": "m", "choices": [choice]}) + b"\n\n"
+
+    head = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}}
+    args = {"index": 0, "function": {"arguments": '{"x": 1}'}}
+    data = frame({"role": "assistant", "content": ""}) + frame({"content": "Let me see."})
+    data += frame({"tool_calls": [head]}) + frame({"tool_calls": [args]}) + frame({}, "tool_calls")
+    got = events_of(events.feed(data + b"data: [DONE]\n\n"))
+    assert [e["type"] for e in got] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    output = got[-1]["response"]["output"]
+    assert [i["type"] for i in output] == ["message", "function_call"]
+    assert output[1] == {
+        **output[1],
+        "call_id": "call_a",
+        "name": "f",
+        "arguments": '{"x": 1}',
+        "status": "completed",
+    }
+    assert got[8]["output_index"] == 1 and got[10]["arguments"] == '{"x": 1}'
+    # the whole answer gives the same items; the conversation keeps the call
+    chat = {"model": "m", "choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
+        "finish_reason": "tool_calls"}]}  # fmt: skip
+    builder = ResponseBuilder(parse_responses_request({"input": "x"}))
+    whole = builder.take_chat(chat)
+    assert [i["type"] for i in whole["output"]] == ["function_call"] and whole["status"] == "completed"
+    assert builder.chat_message() == {"role": "assistant", "content": None,
+                                      "tool_calls": chat["choices"][0]["message"]["tool_calls"]}  # fmt: skip

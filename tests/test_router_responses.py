@@ -176,3 +176,60 @@ async def test_message_items_through_pd(engine: ManagedProcess) -> None:
         )
         deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
         assert whole.output_text and "".join(deltas) == whole.output_text
+
+
+async def test_function_call_round_trip(engine: ManagedProcess) -> None:
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    items = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"city": "Paris"}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "21C, clear"},
+    ]
+    async with client(engine) as sdk:
+        response = await sdk.responses.create(
+            model=MODEL,
+            input=items,  # type: ignore[arg-type]
+            tools=tools,  # type: ignore[arg-type]
+            max_output_tokens=6,
+            temperature=0,
+        )
+        chat = await sdk.chat.completions.create(
+            model=MODEL,
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "call_1", "content": "21C, clear"},
+            ],
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "parameters": tools[0]["parameters"]},
+                }
+            ],  # type: ignore[list-item]
+            max_tokens=6,
+            temperature=0,
+        )
+        assert response.output_text == chat.choices[0].message.content
+        assert response.tools[0].name == "get_weather"  # type: ignore[union-attr]
+        assert response.usage is not None and chat.usage is not None
+        assert response.usage.input_tokens == chat.usage.prompt_tokens
+        # the next turn continues after the tool's answer
+        after = await sdk.responses.create(
+            model=MODEL, input="Thanks!", previous_response_id=response.id, max_output_tokens=4, temperature=0
+        )
+        assert after.usage is not None and after.usage.input_tokens > response.usage.input_tokens

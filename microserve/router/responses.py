@@ -144,8 +144,7 @@ def _keep(
     b: ResponseBuilder,
 ) -> None:
     if req.store:
-        answer = {"role": "assistant", "content": b.text}
-        store.put(tenant, b.id, Stored(b.body(), history + input_messages(req.input) + [answer]))
+        store.put(tenant, b.id, Stored(b.body(), history + input_messages(req.input) + [b.chat_message()]))
 
 
 async def retrieve(router: Router, store: ResponseStore, request: Request) -> Response:
