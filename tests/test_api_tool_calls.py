@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from microserve.api.errors import APIError
+from microserve.api.protocol import ChatCompletionRequest, parse_request
 from microserve.api.tool_calls import (
     ChatToolCalls,
     SSEToolCalls,
@@ -199,3 +201,19 @@ def test_forced_choices_decode_under_a_schema_of_calls() -> None:
     assert chat_tool_calls({"tools": TOOLS, "tool_choice": "required"}, "hermes") == ChatToolCalls("json")
     assert chat_tool_calls({"tools": TOOLS, "tool_choice": "auto"}, "hermes") == ChatToolCalls("hermes")
     assert chat_tool_calls({"tools": TOOLS, "tool_choice": "none"}, "hermes") is None
+
+
+def test_a_forced_choice_is_the_request_grammar() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    named = parse_request(
+        ChatCompletionRequest, {**chat, "tool_choice": {"type": "function", "function": {"name": "now"}}}
+    )
+    spec = named.grammar_spec()
+    assert spec is not None and spec.param == "tool_choice"
+    assert parse_request(ChatCompletionRequest, {**chat, "tool_choice": "auto"}).grammar_spec() is None
+    with pytest.raises(APIError) as both:
+        parse_request(
+            ChatCompletionRequest,
+            {**chat, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        )
+    assert both.value.param == "tool_choice"

@@ -1,14 +1,18 @@
 """Tools through the router over a real torch engine (the bundled model), with the official `openai`
-client: a tool-result round trip (assistant tool_calls with null content, then the tool's answer), the
-same answer whole and streamed, and tool_choice "none" never yielding calls; through data_parallel and pd
-(where the router builds the chat answer from the engine's completion stream)."""
+client: tool_choice "required" always yields parseable calls to listed functions whose arguments match
+their schema, a named function yields that function, streamed deltas reassemble to the whole answer's
+calls, a tool-result round trip (assistant tool_calls with null content, then the tool's answer) works,
+and tool_choice "none" never yields calls; through data_parallel and pd (where the router builds the
+chat answer from the engine's completion stream)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 
@@ -31,12 +35,22 @@ WEATHER = {
         "description": "The weather in a city.",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
             "required": ["city"],
+            "additionalProperties": False,  # what OpenAI's strict mode requires; else a small model rambles
         },
     },
 }
-NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
+NOW = {
+    "type": "function",
+    "function": {
+        "name": "now",
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
 TOOLS = [WEATHER, NOW]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL = {
@@ -96,6 +110,56 @@ def calls_of(message: Any) -> list[dict[str, str]]:
         {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
         for c in message.tool_calls or []
     ]
+
+
+PARAMETERS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}  # type: ignore[index]
+QUESTIONS = ["What is the weather in Paris?", "What time is it?", "Tell me a joke."]
+FORCED: dict[str, Any] = {**GREEDY, "max_tokens": 96}  # room for FORCED_MAX_CALLS short calls
+
+
+def check_calls(calls: list[dict[str, str]], names: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call["name"] in names and call["id"]
+        jsonschema.validate(json.loads(call["arguments"]), PARAMETERS[call["name"]])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_required_always_calls_a_listed_function(engine: ManagedProcess, strategy: str) -> None:
+    async with routed(engine, strategy) as sdk:
+        for i, question in enumerate(QUESTIONS):
+            sampling = {**FORCED, "temperature": 1.0, "seed": i} if i else FORCED
+            ask = [{"role": "user", "content": question}]
+            answer = await sdk.chat.completions.create(
+                messages=ask, tools=TOOLS, tool_choice="required", **sampling
+            )
+            choice = answer.choices[0]
+            assert choice.finish_reason == "tool_calls", choice.message
+            check_calls(calls_of(choice.message), {"get_weather", "now"})
+        single = await sdk.chat.completions.create(
+            messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, **FORCED
+        )
+        assert len(single.choices[0].message.tool_calls or []) == 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_named_function_streams_the_same_call(engine: ManagedProcess, strategy: str) -> None:
+    async with routed(engine, strategy) as sdk:
+        for name in ("get_weather", "now"):
+            choice_of = {"type": "function", "function": {"name": name}}
+            answer = await sdk.chat.completions.create(
+                messages=ASK, tools=TOOLS, tool_choice=choice_of, **FORCED
+            )  # type: ignore[arg-type]
+            whole = calls_of(answer.choices[0].message)
+            check_calls(whole, {name})
+            assert len(whole) == 1 and answer.choices[0].message.content is None
+            content, calls, reason = await streamed(
+                sdk, messages=ASK, tools=TOOLS, tool_choice=choice_of, **FORCED
+            )
+            assert content == "" and reason == "tool_calls"
+            assert [(c["name"], c["arguments"]) for c in calls] == [
+                (c["name"], c["arguments"]) for c in whole
+            ]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, fie
 
 from microserve.api.errors import APIError, bad_request
 from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
+from microserve.api.tool_calls import tool_choice_schema
 from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
@@ -349,6 +350,26 @@ class ChatCompletionRequest(_GenerationRequest):
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
 
+    def grammar_spec(self) -> GrammarSpec | None:
+        """A forced tool_choice decodes under the schema of its calls (api/tool_calls.py), so the
+        arguments always parse and match the function's parameters; else the structured output's."""
+        other = super().grammar_spec()
+        tools = self.template_tools()
+        schema = tool_choice_schema(
+            tools or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
+        )
+        if schema is None:
+            return other
+        if other is not None:
+            raise InvalidParams(
+                f"tool_choice forcing a call cannot be combined with {other.param}", "tool_choice"
+            )
+        return GrammarSpec.json_schema(schema, "tool_choice")
+
+    def _plain_tool_choice(self) -> Any:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
     def template_tools(self) -> list[dict[str, Any]] | None:
         """`tools` as the chat template sees them (None when there are none)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
@@ -366,13 +387,6 @@ class ChatCompletionRequest(_GenerationRequest):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise bad_request(
                 f"tool_choice names function {choice.function.name!r}, which is not in tools.",
-                param="tool_choice",
-            )
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            # Enforced by grammar-constrained decoding, which this build does not have yet: refused
-            # rather than answered with free text.
-            raise bad_request(
-                "tool_choice 'required' or a named function is not supported yet; use 'auto'.",
                 param="tool_choice",
             )
 

@@ -283,27 +283,28 @@ def forces_call(tool_choice: Any) -> bool:
     return tool_choice is not None and tool_choice not in ("none", "auto")
 
 
+# The most calls a forced answer holds: a small model, once it may call again, tends to repeat its
+# call until max_tokens; a bound lets the answer end with calls that parse.
+FORCED_MAX_CALLS = 4
+
+
 def tool_choice_schema(
     tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True
 ) -> dict[str, Any] | None:
     """The JSON schema the answer is decoded under when `tool_choice` forces a call (None otherwise):
-    a named function -> one `{"name", "arguments"}` object for it; "required" -> a list of one (or,
-    with parallel calls, more) such objects, each for one of `tools`. `arguments` follows the
+    a named function -> one `{"name", "arguments"}` object for it; "required" -> a list of one (with
+    parallel calls, up to FORCED_MAX_CALLS) such objects, each for one of `tools`. `arguments` follows the
     function's `parameters` schema, so they always parse and match it."""
-    if not forces_call(tool_choice):
+    if not forces_call(tool_choice) or not tools:
         return None
     functions = [t["function"] for t in tools]
     if tool_choice != "required":
         name = tool_choice["function"]["name"]
-        return _call_schema(next(f for f in functions if f["name"] == name))
-    schema: dict[str, Any] = {
-        "type": "array",
-        "minItems": 1,
-        "items": {"anyOf": [_call_schema(f) for f in functions]},
-    }
-    if not parallel:
-        schema["maxItems"] = 1
-    return schema
+        named = [f for f in functions if f["name"] == name]
+        return _call_schema(named[0]) if named else None  # the request model says what is wrong
+    calls = [_call_schema(f) for f in functions]
+    most = FORCED_MAX_CALLS if parallel else 1
+    return {"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}}
 
 
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
