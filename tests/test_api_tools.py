@@ -207,3 +207,34 @@ async def test_tool_fields_are_checked(engine: ManagedProcess) -> None:
                 **GREEDY,  # type: ignore[list-item]
             )
         assert shape.value.body["param"] == "tools.0.function.name"  # type: ignore[index]
+
+
+async def test_responses_api_function_call(engine: ManagedProcess) -> None:
+    """The Responses API's function tools over the same engine: a forced call comes back as a
+    function_call output item, whole and streamed, and its output continues the conversation."""
+    function = {"type": "function", **WEATHER["function"]}  # type: ignore[dict-item]
+    forced = {"type": "function", "name": "get_weather"}
+    async with routed(engine, "data_parallel") as sdk:
+        response = await sdk.responses.create(
+            model=MODEL, input="Weather in Paris?", tools=[function], tool_choice=forced,  # type: ignore[list-item, arg-type]
+            max_output_tokens=48, temperature=0,
+        )  # fmt: skip
+        assert [item.type for item in response.output] == ["function_call"]
+        call = response.output[0]
+        assert call.name == "get_weather" and call.call_id  # type: ignore[union-attr]
+        jsonschema.validate(json.loads(call.arguments), PARAMETERS["get_weather"])  # type: ignore[union-attr]
+        stream = await sdk.responses.create(
+            model=MODEL, input="Weather in Paris?", tools=[function], tool_choice=forced,  # type: ignore[list-item, arg-type]
+            max_output_tokens=48, temperature=0, stream=True,
+        )  # fmt: skip
+        done = [e async for e in stream if e.type == "response.function_call_arguments.done"]
+        assert [e.arguments for e in done] == [call.arguments]  # type: ignore[union-attr]
+        after = await sdk.responses.create(
+            model=MODEL,
+            previous_response_id=response.id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "21C"}],  # type: ignore[union-attr]
+            tools=[function],  # type: ignore[list-item]
+            max_output_tokens=6,
+            temperature=0,
+        )
+        assert after.output_text and after.status in ("completed", "incomplete")
