@@ -117,6 +117,8 @@ class ToolCallStream:
     _mode: str = ""  # json: "" undecided, "content", or "json" (held whole until the end)
 
     def feed(self, text: str) -> list[dict[str, Any]]:
+        if self.syntax == "hermes" and not self._inside and not self._pending and "<" not in text:
+            return self._content(text)  # the common token: plain text, nothing held
         self._pending += text
         if self.syntax == "json":
             return self._feed_json()
