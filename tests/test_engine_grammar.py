@@ -1,19 +1,24 @@
 """Grammar-constrained decoding units on a tiny byte-level tokenizer: the spec, the compiler's cache,
-a matcher's masks and termination, a continued stream's rebuilt state, and the batched mask apply."""
+a matcher's masks and termination, a continued stream's rebuilt state, and the batched mask apply;
+then in a sim engine core: n choices, a continuation resumed mid-grammar, a bad grammar refused."""
 
 from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
+from microserve.engine.core import EngineCore
 from microserve.engine.grammar import GrammarCompiler, GrammarMatcher, GrammarSpec
-from microserve.engine.sampling import InvalidParams
+from microserve.engine.outputs import FinishReason, RequestOutput
+from microserve.engine.sampling import InvalidParams, SamplingParams
 from microserve.runner.grammar_mask import BitmaskFiller, apply_bitmask, unpack_bitmask
+from tests.conftest import make_core, run_to_completion
 
 # Tokens beyond the 256 byte tokens: whole JSON pieces and words, so that a test can spell its answer.
 WORDS = ['{"', '":', ' "', '"}', "name", "age", "yes", "no", "maybe", "12"]
@@ -169,3 +174,63 @@ def test_batched_masks_apply_to_their_rows_only(compiler: GrammarCompiler) -> No
         assert finite == allowed(matcher)
         assert torch.equal(logits[row][list(finite)], before[row][list(finite)])
     assert unpack_bitmask(masks, vocab + 5)[:, vocab:].sum() == 0
+
+
+# -- in the engine core (the sim runner follows the grammar too) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim() -> EngineCore:
+    return make_core(backend="sim", max_model_len=256)
+
+
+def texts(outs: list[RequestOutput]) -> dict[int, str]:
+    by_choice: dict[int, str] = {}
+    for out in outs:
+        by_choice[out.index] = by_choice.get(out.index, "") + out.text
+    return by_choice
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_the_core_decodes_under_the_grammar_for_every_choice(sim: EngineCore) -> None:
+    spec = GrammarSpec.json_schema(PERSON)
+    outs = run_to_completion(sim, {"p": ([5, 6, 7], SamplingParams(max_tokens=40, n=2, grammar=spec))})["p"]
+    answers = texts(outs)
+    assert sorted(answers) == [0, 1] and answers[0] != answers[1]  # the sim's choices differ
+    for text in answers.values():
+        jsonschema.validate(json.loads(text), PERSON)
+    assert {o.finish_reason for o in outs if o.finished} == {FinishReason.STOP}
+    choice = GrammarSpec.choice(["alpha", "beta"])
+    outs = run_to_completion(sim, {"c": ([5, 6, 7], SamplingParams(max_tokens=10, grammar=choice))})["c"]
+    assert texts(outs)[0] in ("alpha", "beta")
+
+
+def test_a_continued_request_resumes_mid_grammar(sim: EngineCore) -> None:
+    spec = GrammarSpec.json_schema(PERSON)
+    prompt = [5, 6, 7]
+    whole = run_to_completion(sim, {"w": (prompt, SamplingParams(max_tokens=40, grammar=spec))})["w"]
+    tokens = [t for o in whole for t in o.token_ids]
+    k = len(tokens) // 2
+    params = SamplingParams(max_tokens=40 - k, grammar=spec, num_prior_output_tokens=k)
+    rest = run_to_completion(sim, {"r": (prompt + tokens[:k], params)})["r"]
+    # The sim's tokens depend on the sequence alone: the continuation ends exactly as the whole did.
+    assert tokens[:k] + [t for o in rest for t in o.token_ids] == tokens
+    with pytest.raises(InvalidParams) as info:  # tokens the grammar cannot have produced
+        sim.add_request("bad", [*prompt, 5, 6], SamplingParams(grammar=spec, num_prior_output_tokens=2))
+    assert info.value.param == "prior_output_tokens" and "bad" not in sim.requests
+
+
+def test_a_bad_grammar_is_refused_before_the_request_is_queued(sim: EngineCore) -> None:
+    with pytest.raises(InvalidParams) as info:
+        sim.add_request("x", [5, 6], SamplingParams(grammar=GrammarSpec.regex("a(", "guided_regex")))
+    assert info.value.param == "guided_regex" and "x" not in sim.requests and not sim.has_work()

@@ -424,7 +424,9 @@ def validation_error(exc: ValidationError) -> APIError:
     return bad_request("Invalid request: " + "; ".join(messages), param=param)
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]"})
+_TYPE_TAGS = frozenset(
+    {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]", "dict[str,any]"}
+)
 
 
 def _is_token_id(value: Any) -> bool:

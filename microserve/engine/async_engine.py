@@ -112,6 +112,10 @@ class AsyncEngine:
     async def import_kv(self, request_id: str, payload: bytes) -> tuple[int, int]:
         return await self._call(lambda core: core.import_kv(request_id, payload))
 
+    async def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
+        """Each prompt's embedding, computed on the engine thread between two steps."""
+        return await self._call(lambda core: core.embed(prompts, pooling))
+
     async def release(self, request_id: str) -> bool:
         return await self._call(lambda core: core.release(request_id))
 

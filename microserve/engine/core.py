@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from microserve.engine.errors import EngineOverloaded, PromptTooLong
+from microserve.engine.errors import EmbeddingsUnsupported, EngineOverloaded, PromptTooLong
 from microserve.engine.grammar import GrammarCompiler, GrammarMatcher
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
@@ -61,6 +61,13 @@ class _Request:
     sent_tokens: int = 0
     stop_reason: str | int | None = None
     group: str = ""  # the request id the client knows (its choices' sequences have ids of their own)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """A runner that can pool a prompt's final hidden states (the torch runner)."""
+
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> Any: ...
 
 
 class EngineCore:
@@ -274,6 +281,20 @@ class EngineCore:
         seq.num_cached_tokens = start
         seq.arrival_time = time.monotonic()  # its queue wait starts now, not at prep_recv
         return seq
+
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
+        """Each prompt's embedding (see `TorchRunner.embed`); runs between steps, outside the scheduler."""
+        if not isinstance(self.runner, Embedder):
+            raise EmbeddingsUnsupported("This engine's backend computes no embeddings.")
+        for ids in prompts:
+            if not ids:
+                raise ValueError("An input to embed must have at least one token.")
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(
+                    f"An input has {len(ids)} tokens; this model's context is {self.max_model_len}."
+                )
+        result: list[list[float]] = self.runner.embed(prompts, pooling).tolist()
+        return result
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its blocks at once; returns its final output if it was live."""

@@ -87,12 +87,12 @@ class Random(Policy):
 
 
 class LeastConnections(Policy):
-    """Fewest requests in flight from this router, counted at dispatch, so a burst spreads at once."""
+    """Fewest requests in flight (from every router replica that shares state), counted at dispatch."""
 
     name = "least_connections"
 
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
 
 class LeastLoaded(Policy):
@@ -122,7 +122,7 @@ class LeastLoaded(Policy):
         now = self._clock()
         if all(w.load is not None and now - w.load.at <= self.max_staleness_s for w in workers):
             return _least(workers, self._score, self)
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
     def _score(self, w: Worker) -> tuple[bool, int, float]:
         load = w.load
@@ -149,7 +149,7 @@ class Weighted(Policy):
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
         if self.mode == "least_connections":
             # Higher weight wins a tie in load: it has more room left.
-            return _least(workers, lambda w: (w.in_flight / w.weight, -w.weight), self)
+            return _least(workers, lambda w: (w.fleet_in_flight / w.weight, -w.weight), self)
         total = 0
         best: Worker | None = None
         for w in workers:
@@ -214,7 +214,7 @@ class ConsistentHash(Policy):
         points, urls = self._ring(workers)
         by_url = {w.url: w for w in workers}
         total_weight = sum(w.weight for w in workers)
-        in_flight = sum(w.in_flight for w in workers) + 1  # this request included
+        in_flight = sum(w.fleet_in_flight for w in workers) + 1  # this request included
 
         def capacity(w: Worker) -> int:
             return math.ceil(self.load_factor * in_flight * w.weight / total_weight)
@@ -227,9 +227,9 @@ class ConsistentHash(Policy):
                 continue
             seen.add(url)
             worker = by_url[url]
-            if worker.in_flight < capacity(worker):
+            if worker.fleet_in_flight < capacity(worker):
                 return worker
-        return _least(workers, lambda w: w.in_flight / w.weight, self)  # only if capacities round down
+        return _least(workers, lambda w: w.fleet_in_flight / w.weight, self)  # only if capacities round down
 
 
 def _xxh64(text: str) -> int:
@@ -267,7 +267,7 @@ class PowerOfTwo(Policy):
             if fresh:
                 assert w.load is not None
                 return w.load.waiting + w.load.running + w.sent_since_report
-            return w.in_flight
+            return w.fleet_in_flight
 
         return b if load(b) < load(a) else a
 
@@ -330,14 +330,14 @@ class PrefixAware(Policy):
         return chosen
 
     def _choose(self, workers: Sequence[Worker], hashes: list[int]) -> Worker:
-        low = min(w.in_flight for w in workers)
-        fit = [w for w in workers if not self._overloaded(w.in_flight, low)]  # the idlest always fits
+        low = min(w.fleet_in_flight for w in workers)
+        fit = [w for w in workers if not self._overloaded(w.fleet_in_flight, low)]  # the idlest always fits
         matched = self.index.match(hashes)
         blocks = sorted((matched.get(w.url, 0) for w in fit), reverse=True)
         best, runner_up = blocks[0], blocks[1] if len(blocks) > 1 else 0
         if (best - runner_up) * self.index.block_size >= self.min_match:
             return next(w for w in fit if matched.get(w.url, 0) == best)
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
     def _overloaded(self, in_flight: int, low: int) -> bool:
         return in_flight - low > self.balance_abs and in_flight > low * self.balance_rel

@@ -21,6 +21,7 @@ from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
 from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
+from microserve.router.request import RoutedRequest
 from microserve.router.retry import RetryBudget, RetryConfig
 from microserve.router.router import select_worker
 from microserve.router.strategies import Strategy, make_strategy
@@ -76,6 +77,7 @@ class FleetConfig:
     admission: AdmissionConfig | None = None
     deadlines: DeadlineConfig | None = None
     autoscale: SimScaling | None = None  # the autoscaler sizes the fleet (admission holds requests meanwhile)
+    fair_share: bool = True  # within a priority class, tenants share the admission queue fairly (else FIFO)
 
     def __post_init__(self) -> None:
         if not self.roles:
@@ -130,11 +132,11 @@ class SimRouter:
             self.replicas[url] = replica
         self.policy = build_policy(fleet.policy, fleet.policy_options, self.rng, loop.time)
         self.strategy: Strategy = make_strategy(fleet.strategy, fleet.strategy_options)
-        self.strategy.bind(self)  # type: ignore[arg-type]
+        self.strategy.bind(self)
         self.retry_budget = RetryBudget(fleet.retry, clock=loop.time)
         self.retry_loop = RetryLoop(fleet.retry, self.retry_budget, self.rng, on_retry=self._count_retry)
         self.admission: AdmissionQueue | None = None
-        self.fair_share = FairShare()  # one tenant here: the admission queue in arrival order
+        self.fair_share = FairShare(enabled=fleet.fair_share)
         if fleet.admission is not None:
             per_worker = fleet.admission.per_worker
             capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
@@ -175,7 +177,7 @@ class SimRouter:
     def pick(
         self,
         role: Role,
-        req: SimRequest,
+        req: RoutedRequest,
         kind: WorkerKind | None = None,
         *,
         exclude_picked: bool = False,
@@ -208,7 +210,9 @@ class SimRouter:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
                     cost = len(req.prompt_ids) + req.params.max_tokens
-                    granted = await admit(self.fair_share, admission, "", 1, cost, req.remaining_s())
+                    granted = await admit(
+                        self.fair_share, admission, req.tenant, req.rank, cost, req.remaining_s()
+                    )
                 self.retry_budget.on_request()
                 await self.retry_loop.run(req, lambda: self._attempt(req))
         except TimeoutError:
@@ -220,7 +224,7 @@ class SimRouter:
         finally:
             if admission is not None and granted is not None:
                 admission.release(granted)
-                self.fair_share.running("", -1)
+                self.fair_share.running(req.tenant, -1)
 
     async def _attempt(self, req: SimRequest) -> None:
         try:
