@@ -12,6 +12,7 @@ from microserve.kube.client import KubeClient
 from microserve.kube.config import KubeConfig
 from microserve.router.kube_scaler import DeploymentScaler, ScalerCollector, ScaleTarget
 from microserve.router.workers import Role, WorkerPool, WorkerSpec
+from tests.clocks import Clock
 from tests.kube_fake import FakeKubeAPI
 
 
@@ -21,14 +22,6 @@ async def api() -> AsyncIterator[FakeKubeAPI]:
     await server.start()
     yield server
     await server.stop()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def scaler(api: FakeKubeAPI, pool: WorkerPool, urls: list[str], queued: list[int] | None = None,

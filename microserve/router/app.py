@@ -94,6 +94,9 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/version", version)
     for path in ("/tokenize", "/detokenize"):
         table.add("POST", path, functools.partial(engine_route, router, path))
+    table.add(
+        "POST", "/v1/embeddings", functools.partial(embeddings, router), max_body=router.config.max_body_bytes
+    )
     table.add("GET", "/health", health)
     table.add("GET", "/ready", functools.partial(ready, router))
     table.add("GET", "/metrics", functools.partial(metrics, router))
@@ -137,6 +140,18 @@ async def version(request: Request) -> Response:
 async def engine_route(router: Router, path: str, request: Request) -> Response:
     """/tokenize and /detokenize: answered by an engine that serves the request's model."""
     status, body = await router.forward_to_engine(path, request.body)
+    return Response(body, status=status)
+
+
+async def embeddings(router: Router, request: Request) -> Response:
+    """/v1/embeddings: answered by an engine of the request's model; with keys on, for a valid key that
+    may use the model (embeddings count against no token limit)."""
+    if router.tenants is not None:
+        key = await router.tenants.authenticate(request.headers)
+        model = request.json().get("model") if request.body else None
+        if isinstance(model, str):
+            router.tenants.check_model(key, model)
+    status, body = await router.forward_to_engine("/v1/embeddings", request.body)
     return Response(body, status=status)
 
 

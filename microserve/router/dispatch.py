@@ -25,6 +25,7 @@ from microserve.router.workers import NoWorkerAvailable
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
 from microserve.tenants.keys import PRIORITIES
+from microserve.tenants.semantic import SEMANTIC_HIT, Probe
 from microserve.tenants.usage import StreamMeter, usage_total
 
 
@@ -56,14 +57,21 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             req.priority = ticket.rank - PRIORITIES["normal"]
         tenant = ticket.tenant if ticket is not None else ""
         cache_key: str | None = None
+        probe: Probe | None = None
         if router.response_cache is not None:
             cache_key, stored = await router.response_cache.lookup(
                 tenant, route.value, req.body, request.headers
             )
+            hit = "hit"
+            if stored is None and cache_key is not None and router.semantic_cache is not None:
+                probe, stored = await router.semantic_cache.lookup(
+                    tenant, route.value, req.body, request.headers
+                )
+                hit = SEMANTIC_HIT
             if stored is not None:  # no worker, no admission slot, no tokens
                 status, used_tokens = 200, 0
                 ttft = time.perf_counter() - start
-                return await replay(request, stored, extra)
+                return await replay(request, stored, extra, hit)
             extra[CACHE_HEADER] = "miss"
         if trace is not None and router.admission.full:  # a span only for a request that will wait
             trace.admission_begins(router.admission.queued)
@@ -88,8 +96,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
             req.output_tokens, req.cached_tokens = usage_tokens(first)
             if ticket is not None:
                 used_tokens = usage_total(first)
-            if cache_key is not None and router.response_cache is not None:
-                await router.response_cache.store(cache_key, False, first)
+            if cache_key is not None:
+                await keep(router, cache_key, probe, False, first)
             return Response(first, headers=extra)
         response = await request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
         status = 200
@@ -99,8 +107,8 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if meter is not None or sent is not None:
             response.tap = functools.partial(_tap, meter, sent)
         await stream_out(router, strategy, req, response, gen, first)
-        if cache_key is not None and sent is not None and router.response_cache is not None:
-            await router.response_cache.store(cache_key, True, b"".join(sent))
+        if cache_key is not None and sent is not None:
+            await keep(router, cache_key, probe, True, b"".join(sent))
         return response
     except APIError as exc:
         status = exc.status
@@ -141,9 +149,19 @@ def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> N
         sent.append(chunk)
 
 
-async def replay(request: Request, stored: bytes, headers: dict[str, str]) -> Response | Stream:
+async def keep(router: Router, key: str, probe: Probe | None, stream: bool, answer: bytes) -> None:
+    """Store a complete answer in the exact cache and, once kept there, index it for the semantic one."""
+    if router.response_cache is None or not await router.response_cache.store(key, stream, answer):
+        return
+    if probe is not None and router.semantic_cache is not None:
+        await router.semantic_cache.remember(probe, key)
+
+
+async def replay(
+    request: Request, stored: bytes, headers: dict[str, str], hit: str = "hit"
+) -> Response | Stream:
     """A cached answer, whole or as the stream of events it was first sent as."""
-    headers = {**headers, CACHE_HEADER: "hit"}
+    headers = {**headers, CACHE_HEADER: hit}
     if stored[:1] == WHOLE:
         return Response(stored[1:], headers=headers)
     response = await request.stream(headers={**SSE_HEADERS, **headers})

@@ -30,11 +30,12 @@ from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import RetryBudget
 from microserve.router.shared_state import SharedStateCollector, make_shared_state
 from microserve.router.strategies import Strategy, make_strategy
-from microserve.router.upstream import Upstream, WorkerHandle
+from microserve.router.upstream import HTTPWorkerHandle, Upstream
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
+from microserve.tenants.semantic import FleetEmbedder, SemanticCache
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,21 @@ class Router:
             if config.response_cache
             else None
         )
+        self.semantic_cache = (
+            SemanticCache.open(
+                config.semantic_cache,
+                config.response_cache,
+                config.response_cache_ttl_s,
+                self.response_cache.backend,
+                FleetEmbedder(self.forward_to_engine, config.semantic_cache_model),
+            )
+            if config.semantic_cache is not None and config.response_cache and self.response_cache
+            else None
+        )
         if self.tenants is not None or self.response_cache is not None:
-            self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
+            self.metrics.registry.register(
+                TenantsCollector(self.tenants, self.response_cache, self.semantic_cache)
+            )
         self._http: HTTPClient | None = None
         self._control: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -109,8 +123,13 @@ class Router:
 
     async def start(self) -> None:
         # One client stack, two pools: requests' traffic, and verbs/health/load (see `Upstream`).
-        self._http = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
-        self._control = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
+        tls = self.config.worker_tls()  # https:// workers: their CA, and our certificate (mutual TLS)
+        self._http = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
+        self._control = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
         self._upstream = Upstream(
             http=self._http,
             control=self._control,
@@ -151,6 +170,8 @@ class Router:
         await self.shared_state.close()
         if self.response_cache is not None:
             await self.response_cache.close()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
 
@@ -225,7 +246,7 @@ class Router:
         *,
         exclude_picked: bool = False,
         least_busy: bool = False,
-    ) -> WorkerHandle:
+    ) -> HTTPWorkerHandle:
         """A worker for `req` in `role` from the current policy, counted in flight from now.
 
         `exclude_picked` prefers a worker not yet picked for this request (a PD pair on two engines);
@@ -241,7 +262,7 @@ class Router:
             exclude_picked=exclude_picked,
             least_busy=least_busy,
         )
-        handle = WorkerHandle(worker, self.upstream)
+        handle = HTTPWorkerHandle(worker, self.upstream)
         req.handles.append(handle)
         if req.trace is not None:
             reason = "least_busy" if least_busy else self.policy.name

@@ -329,7 +329,8 @@ class WorkerPool:
 class PickedWorker:
     """A worker picked for one request: counted in flight from the pick until `release`.
 
-    The base of the router's `WorkerHandle` (HTTP) and the simulator's handle (in-process).
+    The base of the router's `HTTPWorkerHandle` and the simulator's `SimWorkerHandle` (in-process), the two
+    `WorkerHandle`s (`worker_handle.py`).
     """
 
     __slots__ = ("_released", "worker")
