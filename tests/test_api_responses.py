@@ -8,7 +8,7 @@ import pytest
 
 from microserve.api.errors import APIError
 from microserve.api.responses import ResponseBuilder, ResponseEvents, chat_body, parse_responses_request
-from microserve.router.responses import ResponseStore, Stored
+from microserve.router.responses import LocalResponses, Stored
 
 
 def chat_frames(words: list[str], reason: str = "stop") -> bytes:
@@ -116,7 +116,7 @@ def test_length_is_incomplete_and_an_error_event_ends_the_stream() -> None:
 
 
 def test_store_is_bounded_and_per_tenant() -> None:
-    store = ResponseStore(per_tenant=2, tenants=2)
+    store = LocalResponses(per_tenant=2, tenants=2)
     for i in range(3):
         store.put("a", f"r{i}", Stored({"id": i}, []))
     assert store.get("a", "r0") is None and store.get("a", "r2") is not None

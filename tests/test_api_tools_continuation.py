@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -53,6 +54,14 @@ def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedPr
             engine.stop()
 
 
+async def generated(http: httpx.AsyncClient) -> float:
+    """The engine's generation tokens so far (its /metrics)."""
+    for line in (await http.get("/metrics")).text.splitlines():
+        if line.startswith("vllm:generation_tokens_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def question(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Question {i}: the weather somewhere?"}]
 
@@ -68,11 +77,12 @@ async def test_forced_calls_continue_exactly_after_an_engine_dies(engines: list[
             await direct.chat.completions.create(messages=question(99), **{**ASK, "max_tokens": 2})
             await direct.close()
         tasks = [asyncio.create_task(streamed(sdk, messages=question(i), **ASK)) for i in range(6)]
+        # kill the victim a few tokens into the answers it is streaming (its own token counter says so)
         deadline = time.monotonic() + 30
-        while victim.in_flight < 2:
-            assert time.monotonic() < deadline, "streams did not start on the victim"
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.6)  # a few tokens into each answer (about 30 tokens, 60 ms each)
+        async with httpx.AsyncClient(base_url=engines[0].url) as http:
+            while victim.in_flight < 2 or await generated(http) < 2 + 2 * 5:  # 2: the warm-up's
+                assert time.monotonic() < deadline, "streams did not start on the victim"
+                await asyncio.sleep(0.01)
         engines[0].kill()
         results = await asyncio.gather(*tasks)
         continued = router.metrics.registry.get_sample_value(

@@ -16,6 +16,7 @@ from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -233,3 +234,37 @@ async def test_function_call_round_trip(engine: ManagedProcess) -> None:
             model=MODEL, input="Thanks!", previous_response_id=response.id, max_output_tokens=4, temperature=0
         )
         assert after.usage is not None and after.usage.input_tokens > response.usage.input_tokens
+
+
+async def test_replicas_share_conversations_through_redis(engine: ManagedProcess) -> None:
+    """Two routers on one Redis (--shared-state): a conversation started on one continues, is read and
+    is deleted on the other."""
+    redis = RedisServer().start()
+    try:
+        workers = [WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE)]
+        servers = [
+            RouterServer(Router(RouterConfig(workers=workers, shared_state=redis.url))) for _ in range(2)
+        ]
+        for server in servers:
+            await server.start()
+        sdks = [openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0) for s in servers]
+        try:
+            first = await sdks[0].responses.create(
+                model=MODEL, input="Hi.", max_output_tokens=4, temperature=0
+            )
+            second = await sdks[1].responses.create(
+                model=MODEL, input="More.", previous_response_id=first.id, max_output_tokens=4, temperature=0
+            )
+            assert second.usage is not None and first.usage is not None
+            assert second.usage.input_tokens > first.usage.input_tokens
+            assert (await sdks[1].responses.retrieve(first.id)).output_text == first.output_text
+            await sdks[1].responses.delete(first.id)
+            with pytest.raises(openai.NotFoundError):
+                await sdks[0].responses.retrieve(first.id)
+        finally:
+            for sdk in sdks:
+                await sdk.close()
+            for server in servers:
+                await server.stop()
+    finally:
+        redis.kill()
