@@ -485,7 +485,7 @@ async def test_bad_request_then_good_request(
 
 async def test_unknown_route_and_method_are_openai_errors(engine: FakeEngine) -> None:
     async with serving(engine) as client:
-        resp = await client.post("/v1/embeddings", json={})
+        resp = await client.post("/v1/audio/speech", json={})
         assert resp.status == 404
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
         resp = await client.get("/v1/completions")
