@@ -20,14 +20,15 @@ from microserve.router.config import RouterConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from microserve.tenants.cache import CACHE_HEADER
-from microserve.tenants.semantic import DEFAULT_THRESHOLD
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 ENGINE_ARGS = ("--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory", "128MiB")
 KEYS = {"A": "sk-ms-tenant-a", "B": "sk-ms-tenant-b"}
-# A pair of the paraphrase set far above the default threshold, and an unrelated question.
+# A pair of the paraphrase set at 0.984 with the bundled model (PromptEOL), an unrelated question far
+# below; the threshold between (the default, 0.99, is stricter: see docs/tenants.md).
+THRESHOLD = 0.95
 QUESTION = "How many legs does a spider have?"
 PARAPHRASE = "What is the number of legs on a spider?"
 UNRELATED = "How do I bake bread?"
@@ -51,7 +52,7 @@ async def tenants(engine: ManagedProcess, tmp_path: Path) -> AsyncIterator[dict[
         workers=[WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE)],
         api_keys=str(keys),
         response_cache="memory",
-        semantic_cache=DEFAULT_THRESHOLD,
+        semantic_cache=THRESHOLD,
     )
     async with RouterServer(Router(config)) as server:
         clients = {
