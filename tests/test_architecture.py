@@ -81,3 +81,7 @@ def test_the_packages_import_one_way() -> None:
     graph = package_graph()
     assert {"engine", "router", "server", "simulator", "runner", "model"} <= graph.keys()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_router_reaches_engines_only_through_their_http_api() -> None:
+    assert "server" not in package_graph()["router"]

@@ -174,3 +174,39 @@ async def test_requests_wait_for_the_first_engine_then_get_their_answer(tmp_path
         finally:
             if engine is not None:
                 engine.stop()
+
+
+async def test_admission_runs_queues_in_order_and_refuses_beyond() -> None:
+    queue = AdmissionQueue(
+        AdmissionConfig(max_concurrent=1, max_queued=2, queue_timeout_s=5, retry_after_s=2)
+    )
+    await queue.acquire()
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        await queue.acquire()
+        order.append(i)
+
+    waiters = [asyncio.create_task(wait(i)) for i in range(2)]
+    await asyncio.sleep(0)
+    assert (queue.running, queue.queued) == (1, 2)
+    with pytest.raises(APIError) as refused:
+        await queue.acquire()
+    assert refused.value.status == 429 and refused.value.headers == {"Retry-After": "2"}
+    queue.release()
+    await waiters[0]
+    assert order == [0] and (queue.running, queue.queued) == (1, 1)
+    queue.release()
+    await waiters[1]
+    queue.release()
+    assert (queue.running, queue.queued) == (0, 0)
+
+
+async def test_admission_times_out_a_waiter_and_forgets_it() -> None:
+    queue = AdmissionQueue(AdmissionConfig(max_concurrent=1, max_queued=1, queue_timeout_s=0.05))
+    await queue.acquire()
+    with pytest.raises(APIError, match="waited"):
+        await queue.acquire()
+    assert queue.queued == 0
+    queue.release()
+    assert queue.running == 0

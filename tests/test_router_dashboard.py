@@ -16,6 +16,7 @@ from microserve.router.recent import Hop, RecentRequests, usage_tokens
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerPool, WorkerSpec
 from microserve.server.metrics import ServerMetrics
+from tests.clocks import Clock
 from tests.router_fakes import fakes, serving
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -28,6 +29,9 @@ ROUTER_METRICS = {
     "microserve_router_retries_total": "counter",
     "microserve_router_retry_budget_exhausted_total": "counter",
     "microserve_router_stream_continuations_total": "counter",
+    "microserve_router_shared_state_up": "gauge",
+    "microserve_router_shared_state_mode": "gauge",
+    "microserve_router_shared_state_replicas": "gauge",
     "microserve_router_requests_running": "gauge",
     "microserve_router_requests_waiting": "gauge",
     "microserve_router_max_concurrent_requests": "gauge",
@@ -50,20 +54,12 @@ ROUTER_METRICS = {
 }
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def add(ring: RecentRequests, status: int = 200, ttft: float | None = 0.1, e2e: float = 1.0, **kw) -> None:
     ring.record("/v1/chat/completions", "m", "pd", status, True, ttft, e2e, **kw)
 
 
 def test_the_ring_keeps_the_newest_requests_and_tallies_their_calls() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ring = RecentRequests(size=3, clock=clock)
     assert ring.complete_since() == -math.inf
     for i in range(5):

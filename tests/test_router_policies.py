@@ -22,6 +22,7 @@ from microserve.router.policies import (
 from microserve.router.prefix_index import PrefixIndex
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.workers import Worker, WorkerSpec
+from tests.clocks import Clock
 
 
 def workers(n: int = 3, weights: Sequence[int] | None = None) -> list[Worker]:
@@ -61,14 +62,6 @@ class ScriptedRng:
         return list(value)
 
 
-class Clock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_round_robin_cycles_in_pool_order() -> None:
     pool = workers()
     policy = RoundRobin()
@@ -102,7 +95,7 @@ def test_least_connections_counts_at_dispatch() -> None:
 
 
 def test_least_loaded_reads_fresh_reports_queue_then_kv() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     pool = workers()
     pool[0].report_load(waiting=2, running=1, kv_usage=0.1, at=100.0)
     pool[1].report_load(waiting=0, running=1, kv_usage=0.5, at=100.0)
@@ -117,7 +110,7 @@ def test_least_loaded_reads_fresh_reports_queue_then_kv() -> None:
 
 
 def test_least_loaded_falls_back_to_in_flight_when_a_report_is_stale() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     pool = workers(2)
     pool[0].report_load(waiting=0, running=0, kv_usage=0.0, at=100.0)
     pool[1].report_load(waiting=9, running=9, kv_usage=0.9, at=100.0)
@@ -193,13 +186,13 @@ def test_power_of_two_compares_its_two_samples() -> None:
     pool = workers(4)
     pool[0].in_flight, pool[1].in_flight, pool[2].in_flight, pool[3].in_flight = 3, 0, 1, 1
     rng = ScriptedRng((0, 2), (2, 3), (3, 1), (0, 0 + 3))
-    policy = PowerOfTwo(rng=rng, clock=Clock())  # type: ignore[arg-type]
+    policy = PowerOfTwo(rng=rng, clock=Clock(100.0))  # type: ignore[arg-type]
     picks = names([policy.select(pool, request()) for _ in range(4)])
     assert picks == ["w2", "w2", "w1", "w3"]  # the less loaded of each pair; a tie keeps the first
 
 
 def test_power_of_two_prefers_fresh_engine_reports() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     pool = workers(2)
     pool[0].report_load(waiting=5, running=1, kv_usage=0.5, at=100.0)
     pool[1].report_load(waiting=0, running=1, kv_usage=0.5, at=100.0)

@@ -1,11 +1,13 @@
 """Every built-in strategy end to end over two real torch engines: pd, pd_cache_aware, pd_balanced and
-context migration must answer with the same greedy text as data_parallel, streamed or not."""
+context migration must answer with the same greedy text as data_parallel, streamed or not; and strategies
+loaded by name or from a file."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -15,9 +17,8 @@ from microserve.processes import ManagedProcess, start_engine
 from microserve.router.app import RouterServer
 from microserve.router.config import RouterConfig
 from microserve.router.router import Router
+from microserve.router.strategies import DataParallel, Strategy, make_strategy
 from microserve.router.workers import WorkerKind, WorkerSpec
-
-pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 ENGINE_ARGS = ("--dtype", "float32", "--max-model-len", "2048", "--kv-cache-memory", "256MiB")
@@ -87,6 +88,7 @@ def reference(engines) -> dict[str, str]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "options"), STRATEGIES, ids=[f"{s}{o}" for s, o in STRATEGIES])
 async def test_strategy_answers_like_data_parallel(engines, reference, strategy, options):
     async with routed(engines, strategy, options) as (sdk, router):
@@ -94,3 +96,47 @@ async def test_strategy_answers_like_data_parallel(engines, reference, strategy,
         assert got == reference
         assert router.strategy.describe() == {"name": strategy, "options": options}
         assert all(w.in_flight == 0 for w in router.pool)
+
+
+USER_STRATEGY = """
+from microserve.router.strategies import Strategy
+
+class Twice(Strategy):
+    name = "twice"
+
+    def __init__(self, times: int = 2):
+        super().__init__()
+        self.times = times
+
+    def options(self):
+        return {"times": self.times}
+
+    async def serve(self, req):
+        for _ in range(self.times):
+            yield b"x"
+
+class NotAGenerator(Strategy):
+    async def serve(self, req):
+        return None
+"""
+
+
+def test_strategies_by_name_and_from_a_file(tmp_path: Path) -> None:
+    assert isinstance(make_strategy("data_parallel"), DataParallel)
+    path = tmp_path / "mine.py"
+    path.write_text(USER_STRATEGY)
+    strategy = make_strategy(f"{path}:Twice", {"times": 3})
+    assert isinstance(strategy, Strategy) and strategy.describe() == {
+        "name": "twice",
+        "options": {"times": 3},
+    }
+    for spec, message in [
+        ("pd_magic", "unknown strategy"),
+        (f"{tmp_path}/nope.py:X", "does not exist"),
+        (f"{path}:Missing", "no Strategy subclass"),
+        (f"{path}:NotAGenerator", "async generator"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_strategy(spec)
+    with pytest.raises(ValueError, match="bad options"):
+        make_strategy("data_parallel", {"ratio": 0.5})

@@ -9,14 +9,7 @@ from microserve.server.errors import APIError
 from microserve.tenants.keys import KeyRecord
 from microserve.tenants.limits import Limiter, duration
 from microserve.tenants.store import MemoryStore
-
-
-class Clock:
-    def __init__(self, now: float = 360_020.0) -> None:  # 20 s into a minute
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clocks import Clock
 
 
 def limiter(clock: Clock) -> Limiter:
@@ -32,7 +25,7 @@ def test_duration_reads_like_openai() -> None:
 
 
 async def test_requests_per_minute_with_headers_then_a_new_window() -> None:
-    clock = Clock()
+    clock = Clock(360_020.0)
     lim, record = limiter(clock), key(rpm=2)
     first = await lim.admit(record, 10)
     assert first.headers["x-ratelimit-limit-requests"] == "2"
@@ -49,7 +42,7 @@ async def test_requests_per_minute_with_headers_then_a_new_window() -> None:
 
 
 async def test_tokens_are_reserved_then_settled_on_the_real_count() -> None:
-    clock = Clock()
+    clock = Clock(360_020.0)
     lim, record = limiter(clock), key(tpm=100)
     grant = await lim.admit(record, 60)
     assert grant.headers["x-ratelimit-remaining-tokens"] == "40"
@@ -60,14 +53,14 @@ async def test_tokens_are_reserved_then_settled_on_the_real_count() -> None:
 
 
 async def test_a_request_larger_than_the_limit_is_refused_with_why() -> None:
-    lim = limiter(Clock())
+    lim = limiter(Clock(360_020.0))
     with pytest.raises(APIError, match="Request too large"):
         await lim.admit(key(tpm=100, rpm=5), 101)
     assert lim.refused == {"tpm": 1}
 
 
 async def test_daily_budget_and_a_refusal_that_counts_nothing() -> None:
-    clock = Clock()
+    clock = Clock(360_020.0)
     lim, record = limiter(clock), key(daily_tokens=100, rpm=10)
     await lim.admit(record, 70)
     with pytest.raises(APIError, match="Daily token budget") as refused:
@@ -80,7 +73,7 @@ async def test_daily_budget_and_a_refusal_that_counts_nothing() -> None:
 
 
 async def test_requests_at_once_are_freed_when_settled() -> None:
-    lim, record = limiter(Clock()), key(max_concurrent=1)
+    lim, record = limiter(Clock(360_020.0)), key(max_concurrent=1)
     grant = await lim.admit(record, 1)
     with pytest.raises(APIError, match="at once"):
         await lim.admit(record, 1)

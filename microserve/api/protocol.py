@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from microserve.api.errors import APIError, bad_request
+from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
+from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,13 @@ class _GenerationRequest(RequestModel):
     prior_output_tokens: NonNegativeInt = 0
     # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
     priority: int = 0
+    # Structured output (microserve/api/structured.py): OpenAI's, vLLM's, and vLLM's legacy fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -99,6 +108,15 @@ class _GenerationRequest(RequestModel):
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
         if not 1 <= self.n <= 128:
             raise bad_request(f"n must be between 1 and 128, got {self.n}.", param="n")
+        try:  # the fields' shapes (cheap); the grammar itself is compiled by the engine
+            self.grammar_spec()
+        except InvalidParams as exc:
+            raise bad_request(str(exc), param=exc.param) from None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The grammar the answer must match (structured output), or None."""
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        return grammar_spec(self.response_format, self.structured_outputs, guided)
 
     def check_ranges(self) -> None:
         """Build the sampling parameters once to check their ranges (a 400 naming the field): the router
@@ -148,6 +166,7 @@ class _GenerationRequest(RequestModel):
                 skip_special_tokens=self.skip_special_tokens,
                 num_prior_output_tokens=self.prior_output_tokens,
                 priority=self.priority,
+                grammar=self.grammar_spec(),
             )
         except InvalidParams as exc:
             if exc.param == "max_tokens":
@@ -311,7 +330,9 @@ def validation_error(exc: ValidationError) -> APIError:
     return bad_request("Invalid request: " + "; ".join(messages), param=param)
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]"})
+_TYPE_TAGS = frozenset(
+    {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]", "dict[str,any]"}
+)
 
 
 def _is_token_id(value: Any) -> bool:

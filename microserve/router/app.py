@@ -165,6 +165,8 @@ async def ready(router: Router, request: Request) -> Response:
     body: dict[str, object] = {"ready": available > 0, "workers_available": available}
     if router.discovery:  # a registry that blinked: still ready on the last membership, and says so
         body["discovery"] = router.discovery.describe()
+    # Degraded (Redis unreachable) still serves, on local state: ready, and says so.
+    body["shared_state"] = router.shared_state.describe()
     return Response.json(body, status=200 if available else 503)
 
 

@@ -91,6 +91,16 @@ class CircuitBreaker:
         half_open = self._state is CircuitState.HALF_OPEN
         self._open(min(self._open_for * 2, self.config.max_open_s) if half_open else self.config.open_s)
 
+    def open_remaining_s(self) -> float:
+        """Seconds left before an open circuit turns half-open (0 when not open)."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self._open_for - (self._clock() - self._opened_at))
+
+    def open_for(self, seconds: float) -> None:
+        """Open for `seconds` from now: another router replica opened this worker's circuit."""
+        self._open(seconds)
+
     def _open(self, seconds: float) -> None:
         self._state = CircuitState.OPEN
         self._opened_at = self._clock()

@@ -64,6 +64,7 @@ class RouterConfig:
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
+    shared_state: str | None = None  # redis://…: prefix index, loads and circuits shared by replicas
     worker_tls_ca: str | None = None  # https:// workers: verified against this CA
     worker_tls_cert: str | None = None  # with worker_tls_key: presented to workers (mutual TLS)
     worker_tls_key: str | None = None
@@ -83,6 +84,10 @@ class RouterConfig:
             or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if self.shared_state is not None and not self.shared_state.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"--shared-state takes redis://HOST:PORT[/db], not {self.shared_state!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
         if (self.worker_tls_cert is None) != (self.worker_tls_key is None):
@@ -300,6 +305,12 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
         "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
     )
     p.add_argument(
+        "--shared-state",
+        default=None,
+        metavar="redis://HOST:PORT[/db]",
+        help="share the prefix index, loads and circuits with other router replicas through Redis",
+    )
+    p.add_argument(
         "--worker-tls-ca", default=None, metavar="PEM", help="verify https:// workers against this CA"
     )
     p.add_argument(
@@ -424,6 +435,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["response_cache_ttl_s"] = args.response_cache_ttl
     if args.response_cache_size is not None:
         changes["response_cache_bytes"] = args.response_cache_size
+    if args.shared_state is not None:
+        changes["shared_state"] = args.shared_state
     for name in ("worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)

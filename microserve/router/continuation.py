@@ -18,6 +18,7 @@ import orjson
 
 from microserve.api.shapes import SYSTEM_FINGERPRINT, chat_logprobs_from_completion
 from microserve.api.sse import DONE_FRAME
+from microserve.api.structured import STRUCTURED_FIELDS
 from microserve.router.request import Route, RoutedRequest
 
 # The sampling fields a continuation carries over; min_tokens and max_tokens are reduced by what was sent.
@@ -36,6 +37,9 @@ _CARRIED = (
     "logit_bias",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    # Structured output: a continuation's engine rebuilds the grammar's state from the tokens already
+    # streamed (the prompt's last prior_output_tokens), so the rest of the answer still matches.
+    *STRUCTURED_FIELDS,
 )
 # Carried to a strategy's first engine call (start_generate), not to a continuation: they concern the
 # prompt, or several choices (a stream with n > 1 is not tracked, so never continued).

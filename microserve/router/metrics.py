@@ -11,12 +11,12 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from microserve.metrics_text import E2E_BUCKETS, TTFT_BUCKETS, render_text
 from microserve.router.admission import AdmissionQueue
 from microserve.router.breaker import CircuitState
 from microserve.router.recent import RecentRequests
 from microserve.router.request import Route
 from microserve.router.workers import WorkerPool
-from microserve.server.metrics import E2E_BUCKETS, TTFT_BUCKETS, render_text
 
 PREFIX = "microserve_router_"
 # The statuses the alert rules and dashboards take ratios of, exported at 0 before the first request.

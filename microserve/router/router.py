@@ -22,15 +22,16 @@ from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
-from microserve.router.kube_scaler import DeploymentScaler
+from microserve.router.kube_scaler import DeploymentScaler, ScalerCollector
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
 from microserve.router.recent import RecentRequests
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import RetryBudget
+from microserve.router.shared_state import SharedStateCollector, make_shared_state
 from microserve.router.strategies import Strategy, make_strategy
-from microserve.router.upstream import Upstream, WorkerHandle
+from microserve.router.upstream import HTTPWorkerHandle, Upstream
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
@@ -84,7 +85,13 @@ class Router:
             None  # --k8s-scale: made in `start` (it reads a kubeconfig)
         )
         self._k8s_task: asyncio.Task[None] | None = None
-        self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
+        # Prefix index, loads and circuits shared with other replicas (--shared-state), else in-process.
+        self.shared_state = make_shared_state(config.shared_state)
+        self.shared_state.bind(lambda: self.pool, lambda: self.policy)
+        self.metrics.registry.register(SharedStateCollector(self.shared_state))
+        same_redis = config.api_keys is not None and config.api_keys == config.shared_state
+        redis_client = getattr(self.shared_state, "client", None) if same_redis else None
+        self.tenants = Gateway(open_store(config.api_keys, redis_client)) if config.api_keys else None
         self.response_cache = (
             ResponseCache.open(
                 config.response_cache, config.response_cache_ttl_s, config.response_cache_bytes
@@ -143,10 +150,12 @@ class Router:
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
+        await self.shared_state.start()
         if self.config.k8s_scale:
             self.k8s_scaler = DeploymentScaler.from_urls(
                 self.config.k8s_scale, lambda: self.pool, lambda: self.admission.queued
             )
+            self.metrics.registry.register(ScalerCollector(self.k8s_scaler))
             self._k8s_task = asyncio.create_task(self.k8s_scaler.run(), name="k8s-scale")
         await self._preload_tokenizers(self.strategy, self.policy)
 
@@ -163,6 +172,7 @@ class Router:
                 await client.close()
         if self.tenants is not None:
             await self.tenants.close()
+        await self.shared_state.close()
         if self.response_cache is not None:
             await self.response_cache.close()
         if self.semantic_cache is not None:
@@ -244,7 +254,7 @@ class Router:
         *,
         exclude_picked: bool = False,
         least_busy: bool = False,
-    ) -> WorkerHandle:
+    ) -> HTTPWorkerHandle:
         """A worker for `req` in `role` from the current policy, counted in flight from now.
 
         `exclude_picked` prefers a worker not yet picked for this request (a PD pair on two engines);
@@ -260,7 +270,7 @@ class Router:
             exclude_picked=exclude_picked,
             least_busy=least_busy,
         )
-        handle = WorkerHandle(worker, self.upstream)
+        handle = HTTPWorkerHandle(worker, self.upstream)
         req.handles.append(handle)
         if req.trace is not None:
             reason = "least_busy" if least_busy else self.policy.name
@@ -367,7 +377,7 @@ def select_worker(
             f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
         )
     if least_busy:
-        worker = min(candidates, key=lambda w: w.in_flight)
+        worker = min(candidates, key=lambda w: w.fleet_in_flight)
         decisions[("least_busy", worker.url)] += 1
     else:
         worker = policy.select(candidates, req)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from microserve.router.request import RoutedRequest
-from microserve.router.upstream import BrokenStream, WorkerHandle
+from microserve.router.upstream import BrokenStream
+from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import Role, WorkerKind
 
 

@@ -1,4 +1,4 @@
-"""Calls from the router to one worker: a `WorkerHandle` is what a strategy holds for a picked worker.
+"""Calls from the router to one worker: `HTTPWorkerHandle` is the `WorkerHandle` a strategy holds.
 
 Non-streamed answers and untracked streams pass through as bytes; streams from microserve engines are
 tracked (token ids asked for, then stripped) so that they can continue elsewhere if the engine dies.
@@ -27,6 +27,7 @@ from microserve.router.continuation import (
 from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import RoutedRequest
 from microserve.router.tracing import call_span
+from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
 
 
@@ -122,7 +123,7 @@ class Upstream:
         return EngineClient(worker.url, self.control, self.internal_token, headers)
 
 
-class WorkerHandle(PickedWorker):
+class HTTPWorkerHandle(PickedWorker):
     """A picked worker, in flight from the pick until `release` (called when its part of the request ends).
 
     Strategies call `generate` (the whole request on this worker) or `resume` (continue a broken stream

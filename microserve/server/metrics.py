@@ -10,35 +10,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from microserve.engine.outputs import RequestOutput
-
-# The text format would carry each counter's and histogram's `_created` time as a series of its own, which
-# no dashboard uses (a process-wide switch of prometheus_client, read at scrape time).
-disable_created_metrics()
+from microserve.metrics_text import E2E_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, render_text
 
 # The names below are the ones the Gateway API Inference Extension's model-server protocol reads from vLLM
 # (docs/proposals/003-model-server-protocol): num_requests_waiting, num_requests_running,
 # kv_cache_usage_perc and cache_config_info{block_size, num_gpu_blocks}. gpu_cache_usage_perc is the
 # pre-v0.10 name of kv_cache_usage_perc, still read by older gateways.
 _LABELS = ["model_name"]
-
-# Bucket bounds follow vLLM's, so dashboards and SLO queries written for vLLM carry over unchanged.
-TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
-TPOT_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
-E2E_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
 
 
 class EngineLoadCollector:
@@ -142,13 +124,6 @@ class ServerMetrics:
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type (`accept` is not negotiated: see `render_text`)."""
         return render_text(self.registry)
-
-
-def render_text(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """The registry in Prometheus' text format 0.0.4, whatever the scraper accepts. Negotiating OpenMetrics
-    would rename `vllm:*` to `vllm_*` (prometheus_client escapes colons there), and a real Prometheus asks
-    for OpenMetrics first: its series would no longer carry the names gateways and dashboards use."""
-    return generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
 class RequestTimer:

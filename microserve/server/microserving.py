@@ -16,7 +16,6 @@ import hmac
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -29,7 +28,9 @@ from microserve.api.prompt import check_prompt_chars, max_token_chars
 from microserve.api.protocol import CompletionRequest, RequestModel, parse_request
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.errors import EngineDead, EngineOverloaded
+from microserve.engine.kv_send import KVSender, PrefillEnded, send_id
 from microserve.engine.kv_storage import KVLayout, KVPayloadError
+from microserve.engine.outputs import KVPiece
 from microserve.engine.reservations import ReservationError, ReservationQuotaExceeded
 from microserve.http.server import Request, Response, Stream
 from microserve.peer_auth import PROOF_PATH, PeerRefused, PeerVerifier, answer_challenge
@@ -87,6 +88,11 @@ class ReleaseRequest(RequestModel):
     request_id: str = Field(min_length=1)
 
 
+class PrefixesRequest(RequestModel):
+    max_tokens: int = Field(default=8192, ge=1)
+    limit: int = Field(default=32, ge=1, le=1024)
+
+
 class StartGenerateRequest(CompletionRequest):
     request_id: str = Field(min_length=1)
     begin: int = 0
@@ -113,6 +119,7 @@ def add_microserving_routes(
         ("/microserving/remote_send", remote_send),
         ("/microserving/start_generate", start_generate),
         ("/microserving/release", release),
+        ("/microserving/prefixes", prefixes),
     ):
         app.routes.add("POST", path, _guarded(ms, verb), max_body=body)
     # The largest KV transfer is a whole context's K and V.
@@ -226,29 +233,22 @@ async def _remote_send(ms: Microserving, request: Request, span: SendSpan | None
         return Response.json({"sent_tokens": 0, "bytes": 0})
     url = f"{dst}{KV_ROUTE}{req.kv_addr_info.get('request_id', req.request_id)}"
     headers = {"Authorization": f"Bearer {ms.token}"} if ms.token else {}
-    sent = size = 0
-    # A private id: this engine may also hold the receiving side's reservation under request_id.
-    prefill = engine.prefill(f"{req.request_id}/send", ids[:end], begin)
-    async with aclosing(prefill):
-        try:
-            progress = await _engine_call(anext(prefill))
-            while True:
-                if span is not None:
-                    span.exported(progress)
-                for piece in progress.payloads:
-                    await asyncio.sleep(engine.transfer_time(piece.num_tokens))  # the sim backend's model
-                    if span is None:
-                        await _push(ms.session, url, piece.data, headers)
-                    else:
-                        with span.push(piece, url) as push:
-                            await _push(ms.session, url, piece.data, {**headers, **push.headers})
-                    sent += piece.num_tokens
-                    size += len(piece.data)
-                if progress.finished:
-                    break
-                progress = await _engine_call(anext(prefill))
-        except StopAsyncIteration:
-            raise errors.internal_error() from None
+    session = ms.session
+
+    async def push(piece: KVPiece) -> None:
+        if span is None:
+            await _push(session, url, piece.data, headers)
+        else:
+            with span.push(piece, url) as pushed:
+                await _push(session, url, piece.data, {**headers, **pushed.headers})
+
+    # transfer_time: the sim backend's model (0 on a real engine).
+    sender = KVSender(push, engine.transfer_time, on_progress=None if span is None else span.exported)
+    try:
+        result = await _engine_call(sender.send(engine.prefill(send_id(req.request_id), ids[:end], begin)))
+    except PrefillEnded:
+        raise errors.internal_error() from None
+    sent, size = result.tokens, result.bytes
     if span is not None:
         span.set(
             microserve__request_id=req.request_id,
@@ -261,7 +261,7 @@ async def _remote_send(ms: Microserving, request: Request, span: SendSpan | None
     return Response.json({"sent_tokens": sent, "bytes": size})
 
 
-async def _push(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str]) -> None:
+async def _push(session: aiohttp.ClientSession, url: str, data: memoryview, headers: dict[str, str]) -> None:
     try:
         async with session.post(url, data=data, headers=headers, allow_redirects=False) as r:
             if r.status != 200:
@@ -328,3 +328,11 @@ async def release(ms: Microserving, request: Request) -> Response:
     req = parse_request(ReleaseRequest, request.json())
     released = await _engine_call(ms.engine.release(req.request_id))
     return Response.json({"released": released})
+
+
+async def prefixes(ms: Microserving, request: Request) -> Response:
+    """The hottest prefixes this engine's KV cache holds (token ids, whole blocks), hottest first: what
+    a leaving engine hands to a survivor (`microserve/router/handoff.py`)."""
+    req = parse_request(PrefixesRequest, request.json())
+    found = await _engine_call(ms.engine.hot_prefixes(req.max_tokens, req.limit))
+    return Response.json({"prefixes": [{"prompt": ids, "tokens": len(ids)} for ids in found]})

@@ -15,11 +15,14 @@ from microserve.engine.errors import EngineOverloaded
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine_client import KVAddress
+from microserve.router.continuation import StreamProgress
 from microserve.router.deadlines import DeadlineConfig, attempt_deadlines
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.upstream import WorkerFailure
+from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import PickedWorker, Worker
 from microserve.simulator.replica import SimReplica
+from microserve.tenants.keys import PRIORITIES
 
 T = TypeVar("T")
 
@@ -52,7 +55,7 @@ class Answer:
 class SimRequest(RoutedRequest):
     """A routed request carrying its bench record and sampling, with an id that is the same every run."""
 
-    __slots__ = ("answer", "params")
+    __slots__ = ("answer", "params", "rank", "tenant")
 
     def __init__(
         self,
@@ -63,16 +66,27 @@ class SimRequest(RoutedRequest):
         answer: Answer,
         params: SamplingParams,
         timeout_s: float = 600.0,
+        tenant: str = "",
+        rank: int = PRIORITIES["normal"],
     ) -> None:
         super().__init__(route, body, b"", timeout_s=timeout_s, clock=asyncio.get_running_loop().time)
         self._id = request_id
         self.prompt_ids = prompt_ids
         self.answer = answer
         self.params = params
+        self.tenant = tenant  # whose request, for the admission queue's fair share
+        self.rank = rank  # its priority class (`tenants.keys.PRIORITIES`)
+
+
+def sim_request(req: RoutedRequest) -> SimRequest:
+    """The simulator routes only its own requests; they carry the record and sampling the replica needs."""
+    if not isinstance(req, SimRequest):
+        raise TypeError(f"the simulator serves SimRequests, not {type(req).__name__}")
+    return req
 
 
 class SimWorkerHandle(PickedWorker):
-    """A picked replica, in flight from the pick until `release` (as `WorkerHandle`)."""
+    """A picked replica, in flight from the pick until `release`: a `WorkerHandle`, as the router's."""
 
     __slots__ = ("deadlines", "replica")
 
@@ -83,22 +97,26 @@ class SimWorkerHandle(PickedWorker):
 
     # -- whole requests -----------------------------------------------------------------------------
 
-    async def generate(self, req: SimRequest) -> AsyncIterator[bytes]:
+    async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         try:
-            await self._run(req, None)
+            await self._run(sim_request(req), None)
             yield DONE
         finally:
             self.release()
 
     # -- microserving verbs -------------------------------------------------------------------------
 
-    async def prep_recv(self, req: SimRequest, end: int) -> KVAddress:
+    async def prep_recv(self, req: RoutedRequest, end: int) -> KVAddress:
+        req = sim_request(req)
         matched = self._verb(lambda: self.replica.prep_recv(req.id, req.prompt_ids, end))
         return KVAddress({"request_id": req.id, "begin": matched, "end": end}, matched)
 
     async def remote_send(
-        self, req: SimRequest, addr: KVAddress, dst: SimWorkerHandle, begin: int, end: int
+        self, req: RoutedRequest, addr: KVAddress, dst: WorkerHandle, begin: int, end: int
     ) -> dict[str, int]:
+        req = sim_request(req)
+        if not isinstance(dst, SimWorkerHandle):
+            raise TypeError(f"a simulated replica sends KV only to another one, not to {dst!r}")
         try:
             if begin >= end:
                 return {"sent_tokens": 0, "bytes": 0}
@@ -110,14 +128,21 @@ class SimWorkerHandle(PickedWorker):
         finally:
             self.release()
 
-    async def start_generate(self, req: SimRequest, begin: int) -> AsyncIterator[bytes]:
+    async def start_generate(self, req: RoutedRequest, begin: int) -> AsyncIterator[bytes]:
         try:
-            await self._run(req, begin)
+            await self._run(sim_request(req), begin)
             yield DONE
         finally:
             self.release()
 
-    async def release_kv(self, req: SimRequest) -> None:
+    async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
+        """Never called: a replica's stream does not break after its first byte (a stall or a refusal
+        fails the attempt as a whole, `WorkerFailure`), so there is nothing to continue."""
+        self.release()
+        raise WorkerFailure(self.worker, "the simulator does not continue broken streams")
+        yield b""  # an async generator, as the protocol's
+
+    async def release_kv(self, req: RoutedRequest) -> None:
         self.replica.release(req.id)
 
     # -- plumbing -----------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ Each step runs the core at once, waits its modelled seconds on the virtual clock
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from microserve.engine.config import CacheConfig
-from microserve.engine.outputs import PrefillProgress, RequestOutput
+from microserve.engine.hot_prefixes import hot_prefixes
+from microserve.engine.kv_send import KVSender, send_id
+from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.scheduler import SchedulerConfig
 from microserve.engine_builder import assemble_core, check_capacity
@@ -173,32 +175,40 @@ class SimReplica:
         self._kick()  # its blocks may let a waiting request in
         return released
 
-    async def send(self, request_id: str, prompt_ids: list[int], begin: int, dst: SimReplica) -> int:
-        """Compute `prompt_ids`' KV here and push [begin, end) into `dst`'s reservation, piece by piece.
+    def hot_prefixes(self, max_tokens: int, limit: int) -> list[list[int]]:
+        return hot_prefixes(self.core.kv.pool, max_tokens, limit)
 
-        As the engine's remote_send: each prefill chunk's pieces leave while the next chunk computes,
-        each after its modelled transfer time. Returns the tokens sent.
-        """
-        send_id = f"{request_id}/send"  # this engine may hold the receiving reservation under request_id
+    async def prefill(
+        self, request_id: str, prompt_ids: list[int], begin: int
+    ) -> AsyncGenerator[PrefillProgress, None]:
+        """`prompt_ids`' KV computed for another engine, as `AsyncEngine.prefill` yields it from `begin`."""
         progress: asyncio.Queue[RequestOutput | PrefillProgress] = asyncio.Queue()
-        self.core.add_prefill(send_id, prompt_ids, begin)
-        self._sinks[send_id] = lambda out, now: progress.put_nowait(out)
+        self.core.add_prefill(request_id, prompt_ids, begin)
+        self._sinks[request_id] = lambda out, now: progress.put_nowait(out)
         self._kick()
-        sent = 0
+        finished = False
         try:
-            while True:
+            while not finished:
                 step = await progress.get()
                 if not isinstance(step, PrefillProgress):  # the engine core gives a prefill nothing else
-                    raise RuntimeError(f"{send_id}: a request's output came for a prefill")
-                for piece in step.payloads:
-                    await asyncio.sleep(self.runner.transfer_time(piece.num_tokens))
-                    dst.import_kv(request_id, piece.data)
-                    sent += piece.num_tokens
-                if step.finished:
-                    return sent
-        except BaseException:
-            self.abort(send_id)
-            raise
+                    raise RuntimeError(f"{request_id}: a request's output came for a prefill")
+                finished = step.finished
+                yield step
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def send(self, request_id: str, prompt_ids: list[int], begin: int, dst: SimReplica) -> int:
+        """Compute `prompt_ids`' KV here and push [begin, end) into `dst`'s reservation: the engine's own
+        send loop (`KVSender`), each piece imported in process after its modelled transfer time on the
+        virtual clock. Returns the tokens sent."""
+
+        async def push(piece: KVPiece) -> None:
+            dst.import_kv(request_id, piece.data)
+
+        sender = KVSender(push, self.runner.transfer_time)
+        sent = await sender.send(self.prefill(send_id(request_id), prompt_ids, begin))
+        return sent.tokens
 
     def load(self) -> tuple[int, int, float]:
         """(waiting, running, KV usage), what the router's load poll reads."""
