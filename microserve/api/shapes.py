@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from microserve.api.tool_calls import ChatToolCalls
 from microserve.engine.outputs import TokenLogprobs
 
 SYSTEM_FINGERPRINT = "microserve"
@@ -221,6 +222,9 @@ class CompletionShape:
     def finish_chunk(self, index: int, reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
         return self._chunk([self._choice(index, "", [], None, reason, stop_reason)])
 
+    def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return [chunk]
+
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         body = self._envelope([])
         body["usage"] = usage.body()
@@ -235,6 +239,7 @@ class ChatShape:
     include_usage: bool = False
     prompt_token_ids: list[int] | None = None
     token_text: TokenText | None = None  # set when the request asked for logprobs
+    tool_calls: ChatToolCalls | None = None  # set when the answer is read for tool calls
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -299,7 +304,7 @@ class ChatShape:
         if choices and choices[0].prompt_logprobs is not None and self.token_text is not None:
             body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.token_text)
         body["usage"] = usage.body()
-        return body
+        return body if self.tool_calls is None else self.tool_calls.whole(body)
 
     def opening_chunks(self, indices: range) -> list[dict[str, Any]]:
         chunks = [self._chunk(i, {"role": "assistant", "content": ""}, []) for i in indices]
@@ -318,6 +323,10 @@ class ChatShape:
 
     def finish_chunk(self, index: int, reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
         return self._chunk(index, {}, [], None, reason, stop_reason)
+
+    def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks to send for `chunk`: itself, or its content read for tool calls."""
+        return [chunk] if self.tool_calls is None else self.tool_calls.chunks(chunk)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk", [])
