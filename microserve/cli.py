@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.bench.cli import add_arguments as add_bench_args
 from microserve.http.limits import ConnectionLimits
+from microserve.http.tls import add_engine_tls_args, engine_tls
 from microserve.machine import resolve_device
 from microserve.registry.args import add_register_args, registration_from_args
 from microserve.router.config import add_router_args, config_from_args
@@ -114,6 +115,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_server_args(p: argparse.ArgumentParser) -> None:
     """The engine's HTTP server: the router's connection limits, drain and port hand-over."""
     add_connection_args(p)
+    add_engine_tls_args(p)
     p.add_argument(
         "--max-body-size",
         type=parse_size,
@@ -247,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_body_bytes=args.max_body_size,
                 drain_timeout_s=args.drain_timeout,
                 reuse_port=not args.no_reuse_port,
+                tls=engine_tls(args),
             )
     except KeyboardInterrupt:
         return 130

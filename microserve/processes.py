@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,7 @@ class ManagedProcess:
     def __init__(self, cmd: list[str], url: str, env: Mapping[str, str] | None = None) -> None:
         """`env` adds to this process's environment (a token travels there, not in argv)."""
         self.url = url
+        self.ssl_context: ssl.SSLContext | None = None  # what /ready is polled with, for an HTTPS url
         self._log = tempfile.NamedTemporaryFile(prefix="microserve-", suffix=".log", delete=False)  # noqa: SIM115
         env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
@@ -46,7 +48,11 @@ class ManagedProcess:
                 raise RuntimeError(
                     f"process exited with {self.proc.returncode} before becoming ready:\n{self.output()}"
                 )
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.url}/ready", timeout=1.0) as r:
+            ready = f"{self.url}/ready"
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(ready, timeout=1.0, context=self.ssl_context) as r,
+            ):
                 if r.status == 200:
                     return
             time.sleep(0.1)

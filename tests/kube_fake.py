@@ -69,6 +69,7 @@ class FakeKubeAPI:
         self.lists = 0
         self.watches = 0
         self.requests: list[str] = []
+        self.used: set[tuple[str, str, str]] = set()  # (API group, resource, verb) of authorized calls
         self._changed = asyncio.Condition()
         self._streams: set[web.StreamResponse] = set()
         self._runner: web.AppRunner | None = None
@@ -167,6 +168,7 @@ class FakeKubeAPI:
             message = f'cannot {verb} resource "{resource}" in API group "{group}"'
             raise web.HTTPForbidden(text=json.dumps(_status(403, message, reason="Forbidden")),
                                     content_type="application/json")  # fmt: skip
+        self.used.add((group, resource, verb))
 
     async def _pods(self, request: web.Request) -> web.StreamResponse:
         self._authorized(request)

@@ -144,9 +144,11 @@ async def test_stop_fields_and_special_tokens(engines: list[ManagedProcess], str
         )
         assert "<|im_end|>" in (special.choices[0].message.content or "")
         with pytest.raises(
-            openai.BadRequestError, match="Unrecognized request argument supplied: guided_json"
+            openai.BadRequestError, match="Unrecognized request argument supplied: guided_decoding_backend"
         ):
-            await sdk.chat.completions.create(messages=CHAT, extra_body={"guided_json": {}}, **GREEDY)
+            await sdk.chat.completions.create(
+                messages=CHAT, extra_body={"guided_decoding_backend": "xgrammar"}, **GREEDY
+            )
 
 
 async def test_routes_and_nulls_through_the_router(engines: list[ManagedProcess]) -> None:

@@ -141,3 +141,65 @@ async def test_admit_overtakes_below_the_share_and_withdraws_a_refusal() -> None
     with pytest.raises(APIError):
         await admit(fair, queue, "noisy", 1, 10, 5.0)  # at its share, and nowhere to queue
     assert fair.arrive("noisy", 1, 10) == (1, 20.0)  # the refusal took nothing
+
+
+def test_a_tenant_served_less_than_an_equal_share_is_owed_service() -> None:
+    fair = FairShare(half_life_s=10.0)
+    fair.running("noisy", 4)
+    fair.waiting("noisy", 2)
+    for _ in range(4):
+        fair.served("noisy", 100, now=0.0)
+    fair.served("quiet", 100, now=0.0)
+    fair.waiting("quiet", 1)  # (the request asking counts as waiting)
+    assert fair.owed("quiet", 4, now=1.0)  # 100 of 500 tokens lately, an equal share is 250
+    assert not fair.owed("quiet", 1, now=1.0)  # one slot for two tenants: nobody goes past the limit
+    assert not fair.owed("noisy", 4, now=1.0)  # backlogged itself
+    fair.waiting("quiet", 1)  # a second quiet request waiting: it is backlogged
+    assert not fair.owed("quiet", 4, now=1.0)
+    fair.waiting("quiet", -1)
+    fair.refused("quiet", now=2.0)  # refused a slot lately: it asks for more than it gets
+    assert not fair.owed("quiet", 4, now=2.5) and fair.owed("quiet", 4, now=3.5)
+    fair.waiting("noisy", -2)
+    assert not fair.owed("quiet", 4, now=3.5)  # nobody backlogged: nothing to go past
+    fair.refused("noisy", now=3.5)
+    assert fair.owed("quiet", 4, now=3.5)  # the noisy tenant is refused: backlogged again
+    for _ in range(5):
+        fair.served("quiet", 100, now=4.0)
+    assert not fair.owed("quiet", 4, now=4.0)  # now served more than the noisy tenant lately
+    alone = FairShare()
+    alone.waiting("solo", 1)
+    assert not alone.owed("solo", 4, now=0.0)  # nobody to compete with
+    assert not FairShare(enabled=False).owed("quiet", 4, now=0.0)
+
+
+async def test_admit_lets_an_owed_tenant_past_a_full_share_of_slots() -> None:
+    queue, fair = AdmissionQueue(AdmissionConfig(max_concurrent=2)), FairShare()
+    for _ in range(2):
+        await admit(fair, queue, "noisy", 1, 10, 5.0)
+    waiting = asyncio.ensure_future(admit(fair, queue, "noisy", 1, 10, 5.0))
+    await asyncio.sleep(0)
+    assert queue.queued == 1
+    await admit(fair, queue, "quiet", 1, 10, 5.0)  # below its one-slot share: at once
+    assert queue.running == 3
+    # Now at its share of slots, but served 10 tokens to the noisy tenant's 20: owed, so it starts now
+    # instead of behind the slot the noisy tenant waits for.
+    await admit(fair, queue, "quiet", 1, 10, 5.0)
+    assert queue.running == 4 and queue.queued == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+
+async def test_nobody_overtakes_a_more_urgent_class() -> None:
+    queue, fair = AdmissionQueue(AdmissionConfig(max_concurrent=2)), FairShare()
+    for _ in range(2):
+        await admit(fair, queue, "busy", 0, 10, 5.0)
+    urgent = asyncio.ensure_future(admit(fair, queue, "busy", 0, 10, 5.0))
+    await asyncio.sleep(0)
+    # Below its share of slots, but a high-priority request waits: the low one queues behind it.
+    low = asyncio.ensure_future(admit(fair, queue, "batch", 2, 10, 5.0))
+    await asyncio.sleep(0)
+    assert queue.running == 2 and queue.queued == 2
+    for task in (urgent, low):
+        task.cancel()
+    await asyncio.gather(urgent, low, return_exceptions=True)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from microserve.kube.client import KubeClient
 from microserve.kube.config import KubeConfig
-from microserve.router.kube_scaler import DeploymentScaler, ScaleTarget
+from microserve.router.kube_scaler import DeploymentScaler, ScalerCollector, ScaleTarget
 from microserve.router.workers import Role, WorkerPool, WorkerSpec
 from tests.clocks import Clock
 from tests.kube_fake import FakeKubeAPI
@@ -41,7 +42,8 @@ def test_the_url_names_the_deployment_role_and_bounds() -> None:
     t = ScaleTarget.parse("k8s://serving/engine-decode?role=decode&min=0&max=6&target=4&down-after=30")
     assert (t.namespace, t.deployment, t.role) == ("serving", "engine-decode", Role.DECODE)
     assert (t.config.min_replicas, t.config.max_replicas, t.config.target_load) == (0, 6, 4.0)
-    assert t.config.scale_down_after_s == 30.0
+    assert t.config.scale_down_after_s == 30.0 and t.patch
+    assert not ScaleTarget.parse("k8s://serving/engine?patch=false").patch
     for bad, message in [
         ("k8s://serving", "looks like k8s://NAMESPACE/DEPLOYMENT"),
         ("etcd://serving/engine", "looks like k8s://NAMESPACE/DEPLOYMENT"),
@@ -49,6 +51,7 @@ def test_the_url_names_the_deployment_role_and_bounds() -> None:
         ("k8s://serving/engine?role=gpu", "role is one of prefill, decode, both, got 'gpu'"),
         ("k8s://serving/engine?min=4&max=2", "min replicas <= max replicas"),
         ("k8s://serving/engine?max=many", "min and max must be integers"),
+        ("k8s://serving/engine?patch=maybe", "patch is true or false, got 'maybe'"),
     ]:
         with pytest.raises(ValueError, match=message):
             ScaleTarget.parse(bad)
@@ -129,6 +132,26 @@ async def test_a_request_held_scales_from_zero(api: FakeKubeAPI) -> None:
         queued[0] = 1
         await s.tick()
         assert api.patches == [("engine", 1)]
+    finally:
+        await s.close()
+
+
+async def test_without_patch_the_decision_is_only_exported(api: FakeKubeAPI) -> None:
+    api.deployment("engine", 1)
+    pool = WorkerPool()
+    add(pool, 1, in_flight=20)
+    s = scaler(api, pool, ["k8s://serving/engine?max=4&up-cooldown=0&patch=false"])
+    registry = CollectorRegistry()
+    registry.register(ScalerCollector(s))
+    try:
+        await s.tick()
+        assert api.patches == [] and api.deployments[("serving", "engine")] == 1
+        assert api.used == {("apps", "deployments/scale", "get")}  # what the Role needs for KEDA's mode
+        assert registry.get_sample_value("microserve_router_desired_replicas", {"role": "both"}) == 3
+        assert registry.get_sample_value("microserve_router_replicas", {"role": "both"}) == 1
+        api.deployments[("serving", "engine")] = 3  # KEDA applied it
+        await s.tick()
+        assert registry.get_sample_value("microserve_router_replicas", {"role": "both"}) == 3
     finally:
         await s.close()
 

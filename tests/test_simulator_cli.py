@@ -59,6 +59,11 @@ def simulate(*flags: str) -> int | str | None:
         (["--policy", "nope"], "unknown policy"),
         (["--num-kv-blocks", "10"], "less than one request"),
         (["--strategy-options", "[1]"], "expected a JSON object"),
+        (["--tenant", "quiet"], "NAME:RATE[:PRIORITY]"),
+        (["--tenant", "quiet:fast"], "requests/s"),
+        (["--tenant", "quiet:1:urgent"], "priority must be one of high, normal, low"),
+        (["--tenant", "a:1", "--tenant", "a:2"], "names must differ"),
+        (["--tenant", "a:1", "--request-rate", "3"], "does not combine with --request-rate"),
     ],
 )
 def test_bad_flags_fail_in_one_line_with_exit_2(flags: list[str], message: str, capsys) -> None:
@@ -79,3 +84,28 @@ def test_simulate_runs_the_routers_admission_and_deadlines(tmp_path: Path) -> No
     # Far over what two replicas of 8 serve: most are refused at once, the admitted start within budget.
     assert run["failed"] > run["completed"] > 0
     assert max(t for t in run["requests"]["ttfts"] if t is not None) < 1.0 + 1.0
+
+
+def tenant_runs(tmp_path: Path, *extra: str) -> dict[str, dict]:
+    """Per tenant, a quiet tenant at half its share beside one sending ten times its share, on one replica
+    costed as the bundled model on a 2-core CPU (docs/tenants.md measures the same at length)."""
+    out = tmp_path / "sim.json"
+    flags = shlex.split(
+        "--replicas 1 --profile docs/profiles/smollm2-135m-fp32-2threads.json --max-concurrent 4 "
+        "--input-len 40 --output-len 16 --duration 40 --tenant quiet:1.25 --tenant noisy:25"
+    )
+    assert main(["simulate", *flags, *extra, "--out", str(out)]) == 0
+    [run] = orjson.loads(out.read_bytes())["runs"]
+    return {row["tenant"]: row for row in run["tenants"]}
+
+
+def test_tenants_share_the_admission_queue_fairly(tmp_path: Path) -> None:
+    fair, fifo = tenant_runs(tmp_path), tenant_runs(tmp_path, "--no-fair-share")
+    for runs in (fair, fifo):
+        for row in runs.values():
+            assert row["sent"] == row["completed"] + row["refused"] and row["failed"] == 0
+    # FIFO: the noisy backlog fills the queue and crowds the quiet tenant out; fair share: it is answered,
+    # and the noisy tenant's excess is what is refused.
+    assert fair["quiet"]["refused"] == 0 and fifo["quiet"]["refused"] > fifo["quiet"]["sent"] / 2
+    assert fair["noisy"]["refused"] > fair["noisy"]["sent"] / 2
+    assert fair["quiet"]["ttft_ms"]["p99"] < fifo["quiet"]["ttft_ms"]["median"] / 2

@@ -7,12 +7,16 @@ drop: a field this server does not know is a 400 naming it, except the habit fie
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from microserve.api.errors import APIError, bad_request
+from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
+from microserve.api.tool_calls import tool_choice_schema
+from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,13 @@ class _GenerationRequest(RequestModel):
     prior_output_tokens: NonNegativeInt = 0
     # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
     priority: int = 0
+    # Structured output (microserve/api/structured.py): OpenAI's, vLLM's, and vLLM's legacy fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -99,6 +110,15 @@ class _GenerationRequest(RequestModel):
             raise bad_request("stream_options is only allowed when stream is true.", param="stream_options")
         if not 1 <= self.n <= 128:
             raise bad_request(f"n must be between 1 and 128, got {self.n}.", param="n")
+        try:  # the fields' shapes (cheap); the grammar itself is compiled by the engine
+            self.grammar_spec()
+        except InvalidParams as exc:
+            raise bad_request(str(exc), param=exc.param) from None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The grammar the answer must match (structured output), or None."""
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        return grammar_spec(self.response_format, self.structured_outputs, guided)
 
     def check_ranges(self) -> None:
         """Build the sampling parameters once to check their ranges (a 400 naming the field): the router
@@ -148,6 +168,7 @@ class _GenerationRequest(RequestModel):
                 skip_special_tokens=self.skip_special_tokens,
                 num_prior_output_tokens=self.prior_output_tokens,
                 priority=self.priority,
+                grammar=self.grammar_spec(),
             )
         except InvalidParams as exc:
             if exc.param == "max_tokens":
@@ -237,7 +258,55 @@ class ChatMessage(BaseModel):
         message = self.model_dump(exclude_none=True)
         if self.content is None and "content" in self.model_fields_set:
             message["content"] = ""  # sent as null: "" (left out, the template says what is missing)
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [template_tool_call(c) for c in message["tool_calls"]]
         return message
+
+
+def template_tool_call(call: Any) -> Any:
+    """An OpenAI tool call as chat templates expect it (as vLLM hands it): `arguments` an object, not
+    the JSON text OpenAI sends, so `arguments | tojson` renders the object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    """One entry of `tools`: OpenAI's function tool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call exactly that function."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -248,11 +317,15 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if not self.messages:
             raise bad_request("messages must contain at least one message.", param="messages")
+        self._check_tools()
         for i, message in enumerate(self.messages):
             message.check(f"messages.{i}.content")
         if self.top_logprobs is not None:
@@ -276,6 +349,46 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """A forced tool_choice decodes under the schema of its calls (api/tool_calls.py), so the
+        arguments always parse and match the function's parameters; else the structured output's."""
+        other = super().grammar_spec()
+        tools = self.template_tools()
+        schema = tool_choice_schema(
+            tools or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
+        )
+        if schema is None:
+            return other
+        if other is not None:
+            raise InvalidParams(
+                f"tool_choice forcing a call cannot be combined with {other.param}", "tool_choice"
+            )
+        return GrammarSpec.json_schema(schema, "tool_choice")
+
+    def _plain_tool_choice(self) -> Any:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """`tools` as the chat template sees them (None when there are none)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer is parsed for tool calls: tools given and tool_choice is not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if choice == "required" and not names:
+            raise bad_request('tool_choice "required" needs at least one tool in tools.', param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise bad_request(
+                f"tool_choice names function {choice.function.name!r}, which is not in tools.",
+                param="tool_choice",
+            )
 
 
 RequestT = TypeVar("RequestT", bound=RequestModel)
@@ -311,7 +424,9 @@ def validation_error(exc: ValidationError) -> APIError:
     return bad_request("Invalid request: " + "; ".join(messages), param=param)
 
 
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]"})
+_TYPE_TAGS = frozenset(
+    {"str", "int", "float", "bool", "list[int]", "list[str]", "list[list[int]]", "dict[str,any]"}
+)
 
 
 def _is_token_id(value: Any) -> bool:

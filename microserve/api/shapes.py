@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from microserve.api.tool_calls import ChatToolCalls
 from microserve.engine.outputs import TokenLogprobs
 
 SYSTEM_FINGERPRINT = "microserve"
@@ -240,6 +241,9 @@ class CompletionShape(_Shape):
     def finish_chunk(self, index: int, reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
         return self._chunk_of([self._choice(index, "", [], None, reason, stop_reason)])
 
+    def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return [chunk]
+
 
 @dataclass(slots=True)
 class ChatShape(_Shape):
@@ -248,6 +252,7 @@ class ChatShape(_Shape):
     CHUNK: ClassVar[str] = "chat.completion.chunk"
 
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    tool_calls: ChatToolCalls | None = None  # set when the answer is read for tool calls
 
     def _logprobs(self, entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
         if entries is None or self.token_text is None:
@@ -293,7 +298,7 @@ class ChatShape(_Shape):
         if choices and choices[0].prompt_logprobs is not None and self.token_text is not None:
             body["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.token_text)
         body["usage"] = usage.body()
-        return body
+        return body if self.tool_calls is None else self.tool_calls.whole(body)
 
     def opening_chunks(self, indices: range) -> list[dict[str, Any]]:
         chunks = [self._chunk(i, {"role": "assistant", "content": ""}, []) for i in indices]
@@ -312,6 +317,10 @@ class ChatShape(_Shape):
 
     def finish_chunk(self, index: int, reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
         return self._chunk(index, {}, [], None, reason, stop_reason)
+
+    def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks to send for `chunk`: itself, or its content read for tool calls."""
+        return [chunk] if self.tool_calls is None else self.tool_calls.chunks(chunk)
 
 
 ResponseShape = CompletionShape | ChatShape

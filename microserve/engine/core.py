@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from microserve.engine.errors import EngineOverloaded, PromptTooLong
+from microserve.engine.errors import EmbeddingsUnsupported, EngineOverloaded, PromptTooLong
+from microserve.engine.grammar import GrammarCompiler, GrammarMatcher
 from microserve.engine.kv_cache import KVCacheManager
 from microserve.engine.kv_storage import KVLayout, KVPayloadError, KVStorage
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput, Timeline
@@ -62,6 +63,13 @@ class _Request:
     group: str = ""  # the request id the client knows (its choices' sequences have ids of their own)
 
 
+@runtime_checkable
+class Embedder(Protocol):
+    """A runner that can pool a prompt's final hidden states (the torch runner)."""
+
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> Any: ...
+
+
 class EngineCore:
     def __init__(
         self,
@@ -95,6 +103,7 @@ class EngineCore:
         # Off in the simulator: nobody reads the text there, and decoding is per-token work on its hot
         # path. A request with stop strings is decoded anyway, since they are matched on its text.
         self.detokenize = detokenize
+        self._grammars: GrammarCompiler | None = None  # made on the first structured-output request
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -122,10 +131,12 @@ class EngineCore:
         """Queue a request; with `begin`, start it from the KV reserved (and received) under its id."""
         self._check_new_id(request_id, reserved_ok=begin is not None)
         self.validate(prompt_ids, params)
+        grammar = self._grammar_matcher(prompt_ids, params)  # before anything is taken: it may refuse
         if begin is None:
             seq = Sequence(request_id, list(prompt_ids), params)
         else:
             seq = self._take_reservation(request_id, prompt_ids, params, begin)
+        seq.grammar = grammar
         self.requests[request_id] = _Request(seq, self._detokenizer(params), group=request_id)
         self.scheduler.add(seq)
         if params.n > 1:
@@ -134,9 +145,27 @@ class EngineCore:
                 Sequence(f"{request_id}#{i}", list(prompt_ids), params, index=i) for i in range(1, params.n)
             ]
             for child in children:
+                child.grammar = self._grammar_matcher(prompt_ids, params)  # each choice its own state
                 self.requests[child.request_id] = _Request(child, self._detokenizer(params), group=request_id)
             self._forks[request_id] = children
             self.groups[request_id] = [request_id] + [c.request_id for c in children]
+
+    def _grammar_matcher(self, prompt_ids: list[int], params: SamplingParams) -> GrammarMatcher | None:
+        """A matcher for the request's grammar, advanced over the tokens an earlier engine generated
+        (the prompt's last `num_prior_output_tokens`): a continued stream resumes mid-grammar."""
+        if params.grammar is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_tokenizer(self.tokenizer)
+        matcher = self._grammars.matcher(params.grammar)
+        prior = params.num_prior_output_tokens
+        if prior and not matcher.advance(prompt_ids[len(prompt_ids) - prior :]):
+            raise InvalidParams(
+                f"the prompt's last {prior} tokens (prior_output_tokens) do not match the grammar of "
+                f"{params.grammar.param}: {matcher.error}",
+                "prior_output_tokens",
+            )
+        return matcher
 
     def _detokenizer(self, params: SamplingParams) -> IncrementalDetokenizer | None:
         if not (self.detokenize or params.stop):
@@ -253,6 +282,20 @@ class EngineCore:
         seq.arrival_time = time.monotonic()  # its queue wait starts now, not at prep_recv
         return seq
 
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> list[list[float]]:
+        """Each prompt's embedding (see `TorchRunner.embed`); runs between steps, outside the scheduler."""
+        if not isinstance(self.runner, Embedder):
+            raise EmbeddingsUnsupported("This engine's backend computes no embeddings.")
+        for ids in prompts:
+            if not ids:
+                raise ValueError("An input to embed must have at least one token.")
+            if len(ids) > self.max_model_len:
+                raise PromptTooLong(
+                    f"An input has {len(ids)} tokens; this model's context is {self.max_model_len}."
+                )
+        result: list[list[float]] = self.runner.embed(prompts, pooling).tolist()
+        return result
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its blocks at once; returns its final output if it was live."""
         prefill = self.prefills.pop(request_id, None)
@@ -305,6 +348,8 @@ class EngineCore:
                 self._fork_choices(seq)
             req = self.requests[seq.request_id]
             seq.token_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)  # a forbidden token fails the matcher, which then terminates
             if seq.first_token_time is None:
                 seq.first_token_time = done
             status = self._check_stop(req, token)
@@ -343,6 +388,8 @@ class EngineCore:
             req.text += req.detok.add(token)
             if p.stop and self._cut_at_stop_string(req):
                 return SequenceStatus.FINISHED_STOPPED
+        if seq.grammar is not None and seq.grammar.terminated:
+            return SequenceStatus.FINISHED_STOPPED  # the answer is complete: the grammar allows no more
         if seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return SequenceStatus.FINISHED_LENGTH
         return None

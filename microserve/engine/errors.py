@@ -22,3 +22,7 @@ class PromptTooLong(ValueError):
 
 class EngineDead(RuntimeError):
     """The engine loop crashed; no request can make progress until the process restarts (HTTP 503)."""
+
+
+class EmbeddingsUnsupported(ValueError):
+    """This engine's backend computes no hidden states (the sim backend models time, not values)."""

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microserve.engine.grammar import GrammarSpec
 
 MAX_LOGPROBS = 20  # top logprobs a token may carry (vLLM's default max_logprobs)
 
@@ -40,6 +44,7 @@ class SamplingParams:
     # and min_tokens count them as output, so a continuation samples as the first engine would have.
     num_prior_output_tokens: int = 0
     priority: int = 0  # the scheduler admits lower values first, FCFS within one (vLLM's convention)
+    grammar: GrammarSpec | None = None  # structured output: each token masked to what the grammar allows
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

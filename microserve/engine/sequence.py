@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from microserve.engine.outputs import FinishReason, TokenLogprobs
 from microserve.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from microserve.engine.grammar import GrammarMatcher
 
 
 class SequenceStatus(IntEnum):
@@ -51,6 +55,7 @@ class Sequence:
     num_preemptions: int = 0
     prefill_only: bool = False  # compute KV for another engine: never sample
     index: int = 0  # which of the request's n choices
+    grammar: GrammarMatcher | None = None  # structured output: where this choice is in its grammar
     # Filled by the runner when the params ask: one entry per sampled token, and per prompt token.
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)

@@ -171,6 +171,32 @@ class Llama(torch.nn.Module):
         logit_rows: torch.Tensor,
     ) -> torch.Tensor:
         """Run the flattened batch; return the logits of the rows in `logit_rows`, in the model's dtype."""
+        x = self._residual(input_ids, positions, meta, k_cache, v_cache)
+        x = self.rms_norm(x[logit_rows], self.final_norm)
+        return self.linear(x, self.lm_head)
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every row's final hidden state (after the final norm, as transformers' `last_hidden_state`):
+        the same layers as `forward`, without the head. For embeddings."""
+        return self.rms_norm(self._residual(input_ids, positions, meta, k_cache, v_cache), self.final_norm)
+
+    def _residual(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """The residual stream after the last layer, for every row of the batch."""
         cos, sin = self.cos[positions], self.sin[positions]
         x = F.embedding(input_ids, self.embed)
         tiles = self._decode_tiles(meta, len(input_ids))
@@ -196,8 +222,7 @@ class Llama(torch.nn.Module):
             )
         else:
             self._layers(x, cos, sin, meta, k_cache, v_cache)
-        x = self.rms_norm(x[logit_rows], self.final_norm)
-        return self.linear(x, self.lm_head)
+        return x
 
     def _layers(
         self,

@@ -118,6 +118,10 @@ class AdmissionQueue:
         self._granted: dict[int, float] = {}
         self._tickets = itertools.count(1)
 
+    def now(self) -> float:
+        """The queue's clock (the simulator's virtual one under simulation)."""
+        return self._clock()
+
     @property
     def queued(self) -> int:
         return len(self._waiters)
@@ -250,6 +254,10 @@ class AdmissionQueue:
         """Waiters that would start before a request of `priority`: all of them, unless fair sharing
         puts it ahead of some."""
         return sum(1 for entry in self._waiters if entry[0] <= priority)
+
+    def outranked(self, rank: int) -> bool:
+        """Whether a request of a more urgent priority class than `rank` waits."""
+        return any(entry[0][0] < rank for entry in self._waiters)
 
     def _evict_after(self, priority: Order) -> bool:
         """Full: refuse the waiter that would be served last instead, if it comes after `priority` (a

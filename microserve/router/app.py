@@ -29,6 +29,7 @@ from microserve.router.config import RouterConfig
 from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
+from microserve.router.responses import add_responses_routes
 from microserve.router.router import Router
 from microserve.tokens import bearer_matches
 from microserve.tracing import Tracing
@@ -94,10 +95,14 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/version", version)
     for path in ("/tokenize", "/detokenize"):
         table.add("POST", path, functools.partial(engine_route, router, path))
+    table.add(
+        "POST", "/v1/embeddings", functools.partial(embeddings, router), max_body=router.config.max_body_bytes
+    )
     table.add("GET", "/health", health)
     table.add("GET", "/ready", functools.partial(ready, router))
     table.add("GET", "/metrics", functools.partial(metrics, router))
     table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
+    add_responses_routes(table, router)
     add_admin_routes(table, router)
     add_key_routes(table, router)
     add_dashboard_routes(table, router, started)
@@ -140,6 +145,18 @@ async def engine_route(router: Router, path: str, request: Request) -> Response:
     return Response(body, status=status)
 
 
+async def embeddings(router: Router, request: Request) -> Response:
+    """/v1/embeddings: answered by an engine of the request's model; with keys on, for a valid key that
+    may use the model (embeddings count against no token limit)."""
+    if router.tenants is not None:
+        key = await router.tenants.authenticate(request.headers)
+        model = request.json().get("model") if request.body else None
+        if isinstance(model, str):
+            router.tenants.check_model(key, model)
+    status, body = await router.forward_to_engine("/v1/embeddings", request.body)
+    return Response(body, status=status)
+
+
 async def health(request: Request) -> Response:
     return Response.json({"status": "ok"})
 
@@ -150,6 +167,8 @@ async def ready(router: Router, request: Request) -> Response:
     body: dict[str, object] = {"ready": available > 0, "workers_available": available}
     if router.discovery:  # a registry that blinked: still ready on the last membership, and says so
         body["discovery"] = router.discovery.describe()
+    # Degraded (Redis unreachable) still serves, on local state: ready, and says so.
+    body["shared_state"] = router.shared_state.describe()
     return Response.json(body, status=200 if available else 503)
 
 

@@ -34,7 +34,7 @@ class BreakerConfig:
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_open_for", "_opened_at", "_state", "_trials", "config", "failures")
+    __slots__ = ("_clock", "_open_for", "_opened_at", "_state", "_trials", "config", "failures", "openings")
 
     def __init__(self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or BreakerConfig()
@@ -44,6 +44,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._open_for = self.config.open_s
         self._trials = 0  # trial requests in flight while half-open
+        self.openings = 0  # times it opened (router replicas publish each new one)
 
     @property
     def state(self) -> CircuitState:
@@ -91,8 +92,19 @@ class CircuitBreaker:
         half_open = self._state is CircuitState.HALF_OPEN
         self._open(min(self._open_for * 2, self.config.max_open_s) if half_open else self.config.open_s)
 
+    def open_remaining_s(self) -> float:
+        """Seconds left before an open circuit turns half-open (0 when not open)."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self._open_for - (self._clock() - self._opened_at))
+
+    def open_for(self, seconds: float) -> None:
+        """Open for `seconds` from now: another router replica opened this worker's circuit."""
+        self._open(seconds)
+
     def _open(self, seconds: float) -> None:
         self._state = CircuitState.OPEN
+        self.openings += 1
         self._opened_at = self._clock()
         self._open_for = seconds
         self.failures = 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ssl
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 
 from microserve.args import add_connection_args, connection_limits, parse_size
 from microserve.http.limits import ConnectionLimits, MiB
+from microserve.http.tls import client_context
 from microserve.router.admission import AdmissionConfig
 from microserve.router.breaker import BreakerConfig
 from microserve.router.deadlines import DeadlineConfig
@@ -20,6 +22,7 @@ from microserve.router.health import HealthConfig
 from microserve.router.kube_scaler import check_scale_targets
 from microserve.router.retry import RetryConfig
 from microserve.router.workers import WorkerSpec
+from microserve.tenants.semantic import DEFAULT_THRESHOLD
 from microserve.tokens import ADMIN_TOKEN_ENV, INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, resolve_token
 
 
@@ -61,6 +64,13 @@ class RouterConfig:
     response_cache: str | None = None  # memory or redis://…: deterministic answers served again
     response_cache_ttl_s: float = 3600.0
     response_cache_bytes: int = 256 * MiB  # the memory cache's bound (Redis: the server's maxmemory)
+    shared_state: str | None = None  # redis://…: prefix index, loads and circuits shared by replicas
+    worker_tls_ca: str | None = None  # https:// workers: verified against this CA
+    worker_tls_cert: str | None = None  # with worker_tls_key: presented to workers (mutual TLS)
+    worker_tls_key: str | None = None
+    # A cosine threshold: reuse the answer to a question that means the same (needs response_cache).
+    semantic_cache: float | None = None
+    semantic_cache_model: str | None = None  # embed with this served model (default: the request's)
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0 or self.connect_timeout_s <= 0 or self.drain_timeout_s < 0:
@@ -74,8 +84,21 @@ class RouterConfig:
             or self.response_cache.startswith(("redis://", "rediss://", "unix://"))
         ):
             raise ValueError(f"--response-cache takes memory or redis://…, not {self.response_cache!r}")
+        if self.shared_state is not None and not self.shared_state.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"--shared-state takes redis://HOST:PORT[/db], not {self.shared_state!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together")
+        if (self.worker_tls_cert is None) != (self.worker_tls_key is None):
+            raise ValueError("--worker-tls-cert and --worker-tls-key go together")
+        if self.semantic_cache is not None:
+            if self.response_cache is None:
+                raise ValueError("--semantic-cache needs --response-cache (the answers are kept there)")
+            if not 0.0 < self.semantic_cache <= 1.0:
+                raise ValueError(
+                    f"--semantic-cache takes a cosine threshold in (0, 1], not {self.semantic_cache}"
+                )
         if self.response_cache_ttl_s <= 0 or self.response_cache_bytes < 1:
             raise ValueError("the response cache needs a positive TTL and size")
         if isinstance(self.discovery, str):
@@ -85,6 +108,12 @@ class RouterConfig:
         if isinstance(self.k8s_scale, str):
             self.k8s_scale = [self.k8s_scale]
         check_scale_targets(self.k8s_scale)
+
+    def worker_tls(self) -> ssl.SSLContext | None:
+        """The client context for https:// workers; None: the system's CAs, no client certificate."""
+        if self.worker_tls_ca is None and self.worker_tls_cert is None:
+            return None
+        return client_context(self.worker_tls_ca, self.worker_tls_cert, self.worker_tls_key)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
@@ -275,6 +304,40 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     p.add_argument(
         "--response-cache-size", type=parse_size, default=None, help="the memory cache's bound (256MiB)"
     )
+    p.add_argument(
+        "--shared-state",
+        default=None,
+        metavar="redis://HOST:PORT[/db]",
+        help="share the prefix index, loads and circuits with other router replicas through Redis",
+    )
+    p.add_argument(
+        "--worker-tls-ca", default=None, metavar="PEM", help="verify https:// workers against this CA"
+    )
+    p.add_argument(
+        "--worker-tls-cert",
+        default=None,
+        metavar="PEM",
+        help="present this certificate to workers (engines started with --tls-client-ca require one)",
+    )
+    p.add_argument(
+        "--worker-tls-key", default=None, metavar="PEM", help="the private key of --worker-tls-cert"
+    )
+    p.add_argument(
+        "--semantic-cache",
+        type=float,
+        nargs="?",
+        const=DEFAULT_THRESHOLD,
+        default=None,
+        metavar="THRESHOLD",
+        help="also reuse the answer to a question that means the same (cosine of the fleet's embeddings at "
+        f"or above THRESHOLD, default {DEFAULT_THRESHOLD}); needs --response-cache",
+    )
+    p.add_argument(
+        "--semantic-cache-model",
+        default=None,
+        metavar="MODEL",
+        help="the served model whose /v1/embeddings the semantic cache uses (default: the request's model)",
+    )
     p.add_argument("--drain-timeout", type=float, default=None, help="seconds to drain on stop (30)")
     p.add_argument(
         "--no-reuse-port",
@@ -308,6 +371,12 @@ _PLAIN_FLAGS = (
     ("response_cache", "response_cache"),
     ("response_cache_ttl", "response_cache_ttl_s"),
     ("response_cache_size", "response_cache_bytes"),
+    ("shared_state", "shared_state"),
+    ("worker_tls_ca", "worker_tls_ca"),
+    ("worker_tls_cert", "worker_tls_cert"),
+    ("worker_tls_key", "worker_tls_key"),
+    ("semantic_cache", "semantic_cache"),
+    ("semantic_cache_model", "semantic_cache_model"),
     ("host", "host"),
     ("port", "port"),
 )

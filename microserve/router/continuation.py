@@ -18,6 +18,8 @@ import orjson
 
 from microserve.api.shapes import SYSTEM_FINGERPRINT, chat_logprobs_from_completion
 from microserve.api.sse import DONE_FRAME
+from microserve.api.structured import STRUCTURED_FIELDS
+from microserve.api.tool_calls import tool_choice_schema
 from microserve.router.request import Route, RoutedRequest
 
 # The sampling fields a continuation carries over; min_tokens and max_tokens are reduced by what was sent.
@@ -36,6 +38,9 @@ _CARRIED = (
     "logit_bias",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    # Structured output: a continuation's engine rebuilds the grammar's state from the tokens already
+    # streamed (the prompt's last prior_output_tokens), so the rest of the answer still matches.
+    *STRUCTURED_FIELDS,
 )
 # Carried to a strategy's first engine call (start_generate), not to a continuation: they concern the
 # prompt, or several choices (a stream with n > 1 is not tracked, so never continued).
@@ -131,7 +136,9 @@ class StreamProgress:
             text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
             reason = choice.get("finish_reason")
             self._advance(new or [], text or "", reason)
-            if strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
+            if delta.get("tool_calls"):  # the engine read a call from the text: that text is delivered
+                self.delivered = len(self.generated)
+            elif strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
                 return None  # only there for the ids the router asked for: the client gets no empty delta
         elif chunk.get("usage"):
             self.usage_sent = True
@@ -342,6 +349,11 @@ def sampling_fields(req: RoutedRequest, first: bool = True) -> dict[str, Any]:
     if req.route is Route.CHAT:
         if req.body.get("logprobs"):
             fields["logprobs"] = req.body.get("top_logprobs") or 0
+        # a forced tool_choice: the engine decodes the completion under the schema of the calls
+        tools, parallel = req.body.get("tools") or [], req.body.get("parallel_tool_calls") is not False
+        schema = tool_choice_schema(tools, req.body.get("tool_choice"), parallel)
+        if schema is not None:
+            fields["structured_outputs"] = {"json": schema}
     elif req.body.get("logprobs") is not None:
         fields["logprobs"] = req.body["logprobs"]
     if first and req.route is Route.COMPLETIONS and req.body.get("echo"):

@@ -26,6 +26,7 @@ from microserve.router.workers import NoWorkerAvailable
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
 from microserve.tenants.keys import PRIORITIES, KeyRecord
+from microserve.tenants.semantic import SEMANTIC_HIT, Probe
 from microserve.tenants.usage import StreamMeter, usage_total
 
 
@@ -45,6 +46,8 @@ class Exchange:
     tenant: str = ""
     extra: dict[str, str] = field(default_factory=dict)  # headers the answer carries (limits, cache)
     cache_key: str | None = None
+    probe: Probe | None = None  # the question's embedding, kept for the semantic cache with the answer
+    hit: str = "hit"  # how a cached answer was found: exactly, or by meaning
     granted: int | None = None  # the admission ticket
     strategy: Strategy | None = None
     ttft: float | None = None
@@ -64,7 +67,7 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
         if stored is not None:  # no worker, no admission slot, no tokens
             ex.status, ex.used_tokens = 200, 0
             ex.ttft = time.perf_counter() - ex.start
-            return await replay(request, stored, ex.extra)
+            return await replay(request, stored, ex.extra, ex.hit)
         await admit_request(ex, req)
         return await answer(ex, req)
     except APIError as exc:
@@ -95,6 +98,11 @@ async def gate(ex: Exchange) -> tuple[RoutedRequest, bytes | None]:
         ex.cache_key, stored = await router.response_cache.lookup(
             ex.tenant, ex.route.value, req.body, request.headers
         )
+        if stored is None and ex.cache_key is not None and router.semantic_cache is not None:
+            ex.probe, stored = await router.semantic_cache.lookup(
+                ex.tenant, ex.route.value, req.body, request.headers
+            )
+            ex.hit = SEMANTIC_HIT
         if stored is not None:
             return req, stored
         ex.extra[CACHE_HEADER] = "miss"
@@ -126,26 +134,25 @@ async def answer(ex: Exchange, req: RoutedRequest) -> Response | Stream:
     gen, first = await first_output(router, strategy, req)
     ex.ttft = time.perf_counter() - ex.start
     router.metrics.first_byte(ex.route, ex.ttft)
-    cache = router.response_cache if ex.cache_key is not None else None
     if gen is None:
         ex.status = 200
         req.output_tokens, req.cached_tokens = usage_tokens(first)
         if ex.ticket is not None:
             ex.used_tokens = usage_total(first)
-        if cache is not None and ex.cache_key is not None:
-            await cache.store(ex.cache_key, False, first)
+        if ex.cache_key is not None:
+            await keep(router, ex.cache_key, ex.probe, False, first)
         return Response(first, headers=ex.extra)
     extra = ex.extra
     response = await ex.request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
     ex.status = 200
-    sent: list[bytes] | None = [] if cache is not None else None
+    sent: list[bytes] | None = [] if ex.cache_key is not None else None
     if ex.ticket is not None:
         ex.meter = StreamMeter()
     if ex.meter is not None or sent is not None:
         response.tap = functools.partial(_tap, ex.meter, sent)
     await stream_out(router, strategy, req, response, gen, first)
-    if cache is not None and ex.cache_key is not None and sent is not None:
-        await cache.store(ex.cache_key, True, b"".join(sent))
+    if ex.cache_key is not None and sent is not None:
+        await keep(router, ex.cache_key, ex.probe, True, b"".join(sent))
     return response
 
 
@@ -184,9 +191,19 @@ def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> N
         sent.append(chunk)
 
 
-async def replay(request: Request, stored: bytes, headers: dict[str, str]) -> Response | Stream:
+async def keep(router: Router, key: str, probe: Probe | None, stream: bool, answer: bytes) -> None:
+    """Store a complete answer in the exact cache and, once kept there, index it for the semantic one."""
+    if router.response_cache is None or not await router.response_cache.store(key, stream, answer):
+        return
+    if probe is not None and router.semantic_cache is not None:
+        await router.semantic_cache.remember(probe, key)
+
+
+async def replay(
+    request: Request, stored: bytes, headers: dict[str, str], hit: str = "hit"
+) -> Response | Stream:
     """A cached answer, whole or as the stream of events it was first sent as."""
-    headers = {**headers, CACHE_HEADER: "hit"}
+    headers = {**headers, CACHE_HEADER: hit}
     if stored[:1] == WHOLE:
         return Response(stored[1:], headers=headers)
     response = await request.stream(headers={**SSE_HEADERS, **headers})

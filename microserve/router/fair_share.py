@@ -8,10 +8,14 @@ by (class, S) serves every backlogged tenant's tokens at the same pace; a tenant
 (it banks no credit). With one tenant (or keys off) the tags grow with arrival: plain FIFO.
 
 Ordering alone cannot keep a quiet tenant's TTFT near what it is alone: its request would still wait for
-one of the slots the noisy tenant holds to free up. So a tenant holding fewer than its share of the slots
-(the limit over the tenants with requests running or waiting) is admitted at once, over the limit if need
-be (`AdmissionQueue.admit_now`); the queue refills only below the limit, so the other tenants' slots
-shrink until each holds its share.
+one of the slots the noisy tenant holds to free up. So a request is admitted at once, over the limit if
+need be (`AdmissionQueue.admit_now`, up to twice it), when its tenant holds fewer than its share of the
+slots (the limit over the tenants with requests running or waiting), or when it is owed service: none of
+its tenant's requests wait and its start tag is behind every competing tenant's latest finish tag (it has
+been served fewer tokens than each). The second covers a quiet tenant's bursts: a tenant sending half its
+share of tokens still has, now and then, more requests in flight than its share of slots, since each
+lasts longer beside a busy batch. The queue refills only below the limit, so the other tenants' slots
+shrink to make room.
 
 Pure logic, no clock: the router and the simulator drive the same object.
 """
@@ -22,8 +26,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from microserve.api.errors import APIError
+
 if TYPE_CHECKING:
     from microserve.router.admission import AdmissionQueue
+
+# A tenant refused a slot within this many seconds is backlogged (it asks for more than it gets), so it is
+# not owed service. A tenant over its share is refused many times a second; a quiet one refused once in a
+# rare burst is owed again soon after.
+REFUSED_MEMORY_S = 1.0
 
 # Admission order of one request: (priority rank, start tag); compared as a tuple, lower first.
 Order = tuple[int, float]
@@ -33,9 +44,12 @@ Order = tuple[int, float]
 class FairShare:
     enabled: bool = True  # False: every request counts as one tenant's (FIFO within a class)
     virtual: float = 0.0  # V: the start tag of the request admitted last
+    half_life_s: float = 10.0  # how fast a tenant's recent service (for `owed`) is forgotten
     _finish: dict[str, float] = field(default_factory=dict)  # F per tenant
     _running: Counter[str] = field(default_factory=Counter)
     _waiting: Counter[str] = field(default_factory=Counter)
+    _served: dict[str, tuple[float, float]] = field(default_factory=dict)  # (decayed tokens, as of when)
+    _refused: dict[str, float] = field(default_factory=dict)  # when each tenant was last refused a slot
 
     def tenant(self, name: str) -> str:
         return name if self.enabled else ""
@@ -67,6 +81,44 @@ class FairShare:
         others = sum(1 for t in {*self._running, *self._waiting} if t != tenant)
         return others > 0 and self._running[tenant] < slots // (others + 1)
 
+    def owed(self, tenant: str, slots: int, now: float) -> bool:
+        """Whether `tenant` is owed service: another tenant is backlogged (requests waiting, or refused
+        a slot within `REFUSED_MEMORY_S`) and `tenant` is not; `slots` give each tenant with requests
+        running or waiting at least one; and `tenant` has been served less than an equal share of the
+        tokens admitted lately (an average over about `half_life_s`) among them. Its request need not
+        queue behind the backlogged tenants' requests."""
+        tenant = self.tenant(tenant)
+        active = {*self._running, *self._waiting, tenant}
+        if len(active) < 2 or slots < len(active) or self._backlogged(tenant, now, own=1):
+            return False
+        if not any(self._backlogged(t, now) for t in active if t != tenant):
+            return False
+        served = {t: self._decayed(t, now) for t in active}
+        return served[tenant] < sum(served.values()) / len(active)
+
+    def _backlogged(self, tenant: str, now: float, own: int = 0) -> bool:
+        """Requests of `tenant` wait (besides `own` of them), or one was refused a slot lately."""
+        refused = self._refused.get(tenant)
+        return self._waiting[tenant] > own or (refused is not None and now - refused < REFUSED_MEMORY_S)
+
+    def refused(self, tenant: str, now: float) -> None:
+        """A request of `tenant` was refused for want of a slot: it asks for more than it gets."""
+        self._refused[self.tenant(tenant)] = now
+        if len(self._refused) > 10_000:
+            self._refused = {t: at for t, at in self._refused.items() if now - at < REFUSED_MEMORY_S}
+
+    def served(self, tenant: str, cost: int, now: float) -> None:
+        """A request of `tenant` got a slot: its tokens join the tenant's recent service."""
+        tenant = self.tenant(tenant)
+        self._served[tenant] = (self._decayed(tenant, now) + max(1, cost), now)
+        if len(self._served) > 10_000:  # forget tenants whose service has decayed away
+            horizon = 20 * self.half_life_s
+            self._served = {t: v for t, v in self._served.items() if now - v[1] < horizon}
+
+    def _decayed(self, tenant: str, now: float) -> float:
+        value, at = self._served.get(tenant, (0.0, now))
+        return float(value * 0.5 ** (max(0.0, now - at) / self.half_life_s))
+
     def waiting(self, tenant: str, delta: int) -> None:
         _count(self._waiting, self.tenant(tenant), delta)
 
@@ -89,14 +141,20 @@ async def admit(
     order = fair.arrive(tenant, rank, cost)
     fair.waiting(tenant, 1)
     try:
-        granted = admission.admit_now() if fair.below_share(tenant, admission.limit) else None
+        now = admission.now()
+        limit = admission.limit
+        ahead = fair.below_share(tenant, limit) or fair.owed(tenant, limit, now)
+        granted = admission.admit_now() if ahead and not admission.outranked(rank) else None
         if granted is None:
             granted = await admission.acquire(order, timeout_s=timeout_s)
             fair.admitted(order)  # (one that overtook leaves virtual time with the queue's order)
-    except BaseException:
+    except BaseException as exc:
         fair.withdraw(tenant, order, cost)
+        if isinstance(exc, APIError):
+            fair.refused(tenant, admission.now())
         raise
     finally:
         fair.waiting(tenant, -1)
     fair.running(tenant, 1)
+    fair.served(tenant, cost, admission.now())
     return granted

@@ -9,16 +9,21 @@ finishes what it holds within its termination grace period.
 
 Query parameters: role (both, prefill or decode; default both), min, max, target (requests per replica,
 default 8), down-after (seconds of low load before each step down, default 60), up-cooldown (seconds
-between steps up, default 5), kubeconfig, context."""
+between steps up, default 5), patch (false: decide and export the decision as
+`microserve_router_desired_replicas{role}`, and leave the Deployment to KEDA or an HPA; default true),
+kubeconfig, context."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from microserve.kube.client import KubeClient, KubeError
 from microserve.kube.config import KubeConfig
@@ -27,7 +32,8 @@ from microserve.router.workers import Role, Worker
 
 log = logging.getLogger(__name__)
 
-PARAMS = {"role", "min", "max", "target", "down-after", "up-cooldown", "kubeconfig", "context"}
+PARAMS = {"role", "min", "max", "target", "down-after", "up-cooldown", "patch", "kubeconfig", "context"}
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,6 +46,7 @@ class ScaleTarget:
     config: AutoscalerConfig
     kubeconfig: str | None = None
     context: str | None = None
+    patch: bool = True  # False: the decision is only exported (KEDA or an HPA applies it)
 
     @classmethod
     def parse(cls, url: str) -> ScaleTarget:
@@ -75,8 +82,11 @@ class ScaleTarget:
         if query.get("role", "both") not in roles:
             raise ValueError(f"{url}: role is one of {', '.join(roles)}, got {query['role']!r}")
         role = Role(query.get("role", "both"))
+        patch = BOOLEANS.get(query.get("patch", "true").lower())
+        if patch is None:
+            raise ValueError(f"{url}: patch is true or false, got {query['patch']!r}")
         return cls(unquote(parts.netloc), unquote(name), role, config, query.get("kubeconfig"),
-                   query.get("context"))  # fmt: skip
+                   query.get("context"), patch)  # fmt: skip
 
 
 def check_scale_targets(urls: list[str]) -> list[ScaleTarget]:
@@ -116,6 +126,7 @@ class DeploymentScaler:
         self.clock = clock
         self.scalers = {t.role: Autoscaler(t.config) for t in targets}
         self.replicas: dict[Role, int] = {}  # the Deployment's spec.replicas, as last read or set
+        self.desired: dict[Role, int] = {}  # the autoscaler's last decision, patched or only exported
         self.patches = 0
         self.error: str | None = None
 
@@ -152,7 +163,8 @@ class DeploymentScaler:
         signals = replace(pool_signals(workers, self.queued(), 0), replicas=current)
         scaler = self.scalers[t.role]
         desired = scaler.decide(self.clock(), signals)
-        if desired != current:
+        self.desired[t.role] = desired
+        if desired != current and t.patch:
             log.info("k8s scale %s/%s: %d -> %d replicas (%s)", t.namespace, t.deployment, current, desired,
                      scaler.reason)  # fmt: skip
             current = await self.client.patch_scale(t.namespace, t.deployment, desired)
@@ -166,3 +178,24 @@ class DeploymentScaler:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+class ScalerCollector(Collector):
+    """`microserve_router_desired_replicas{role}` and `microserve_router_replicas{role}` of the Deployments
+    the router sizes: what KEDA or an HPA follows when the router only decides (`patch=false`)."""
+
+    def __init__(self, scaler: DeploymentScaler) -> None:
+        self._scaler = scaler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        desired = GaugeMetricFamily(
+            "microserve_router_desired_replicas", "Engines the autoscaler wants, by role.", labels=["role"]
+        )
+        current = GaugeMetricFamily(
+            "microserve_router_replicas", "The scaled Deployment's replicas, by role.", labels=["role"]
+        )
+        for role, replicas in self._scaler.replicas.items():
+            desired.add_metric([str(role)], float(self._scaler.desired.get(role, replicas)))
+            current.add_metric([str(role)], float(replicas))
+        yield desired
+        yield current

@@ -43,6 +43,11 @@ class Policy(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options()}
 
+    def handed_off(self, src: str, dst: str, prefixes: Sequence[Sequence[int]]) -> None:
+        """Worker `src` is leaving and `dst` now holds `prefixes` (token ids) from its cache (the
+        autoscaler's prefix hand-off): a policy that remembers where prefixes are updates itself."""
+        return None
+
     def _rotate(self, tied: Sequence[Worker]) -> Worker:
         # Ties go round robin, so that an idle fleet is not served by its first worker alone.
         return tied[next(self._turn) % len(tied)]
@@ -87,12 +92,12 @@ class Random(Policy):
 
 
 class LeastConnections(Policy):
-    """Fewest requests in flight from this router, counted at dispatch, so a burst spreads at once."""
+    """Fewest requests in flight (from every router replica that shares state), counted at dispatch."""
 
     name = "least_connections"
 
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
 
 class LeastLoaded(Policy):
@@ -122,7 +127,7 @@ class LeastLoaded(Policy):
         now = self._clock()
         if all(w.load is not None and now - w.load.at <= self.max_staleness_s for w in workers):
             return _least(workers, self._score, self)
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
     def _score(self, w: Worker) -> tuple[bool, int, float]:
         load = w.load
@@ -149,7 +154,7 @@ class Weighted(Policy):
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
         if self.mode == "least_connections":
             # Higher weight wins a tie in load: it has more room left.
-            return _least(workers, lambda w: (w.in_flight / w.weight, -w.weight), self)
+            return _least(workers, lambda w: (w.fleet_in_flight / w.weight, -w.weight), self)
         total = 0
         best: Worker | None = None
         for w in workers:
@@ -214,7 +219,7 @@ class ConsistentHash(Policy):
         points, urls = self._ring(workers)
         by_url = {w.url: w for w in workers}
         total_weight = sum(w.weight for w in workers)
-        in_flight = sum(w.in_flight for w in workers) + 1  # this request included
+        in_flight = sum(w.fleet_in_flight for w in workers) + 1  # this request included
 
         def capacity(w: Worker) -> int:
             return math.ceil(self.load_factor * in_flight * w.weight / total_weight)
@@ -227,9 +232,9 @@ class ConsistentHash(Policy):
                 continue
             seen.add(url)
             worker = by_url[url]
-            if worker.in_flight < capacity(worker):
+            if worker.fleet_in_flight < capacity(worker):
                 return worker
-        return _least(workers, lambda w: w.in_flight / w.weight, self)  # only if capacities round down
+        return _least(workers, lambda w: w.fleet_in_flight / w.weight, self)  # only if capacities round down
 
 
 def _xxh64(text: str) -> int:
@@ -267,7 +272,7 @@ class PowerOfTwo(Policy):
             if fresh:
                 assert w.load is not None
                 return w.load.waiting + w.load.running + w.sent_since_report
-            return w.in_flight
+            return w.fleet_in_flight
 
         return b if load(b) < load(a) else a
 
@@ -329,15 +334,25 @@ class PrefixAware(Policy):
         self.index.insert(hashes, chosen.url)
         return chosen
 
+    def handed_off(self, src: str, dst: str, prefixes: Sequence[Sequence[int]]) -> None:
+        if self.tokens:  # the moved prefixes themselves
+            for ids in prefixes:
+                self.index.insert(self.index.hashes(ids), dst)
+        elif prefixes:
+            # A text index cannot name token ids: what `src` was sent goes to `dst`, which holds the
+            # hottest of it now; the rest costs one cache miss there, as it would anywhere.
+            self.index.reassign(src, dst)
+        self.index.forget_worker(src)
+
     def _choose(self, workers: Sequence[Worker], hashes: list[int]) -> Worker:
-        low = min(w.in_flight for w in workers)
-        fit = [w for w in workers if not self._overloaded(w.in_flight, low)]  # the idlest always fits
+        low = min(w.fleet_in_flight for w in workers)
+        fit = [w for w in workers if not self._overloaded(w.fleet_in_flight, low)]  # the idlest always fits
         matched = self.index.match(hashes)
         blocks = sorted((matched.get(w.url, 0) for w in fit), reverse=True)
         best, runner_up = blocks[0], blocks[1] if len(blocks) > 1 else 0
         if (best - runner_up) * self.index.block_size >= self.min_match:
             return next(w for w in fit if matched.get(w.url, 0) == best)
-        return _least(workers, lambda w: w.in_flight, self)
+        return _least(workers, lambda w: w.fleet_in_flight, self)
 
     def _overloaded(self, in_flight: int, low: int) -> bool:
         return in_flight - low > self.balance_abs and in_flight > low * self.balance_rel

@@ -7,7 +7,7 @@ KV cache keys its blocks; the index keeps a bounded number of blocks and forgets
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import xxhash
 
@@ -25,6 +25,8 @@ class PrefixIndex:
         self.block_size = block_size
         self.max_blocks = max_blocks
         self._blocks: OrderedDict[int, set[str]] = OrderedDict()
+        # Told of every insert made here (router replicas publish them to the others), not of `learn`.
+        self.on_insert: Callable[[Sequence[int], str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -60,6 +62,12 @@ class PrefixIndex:
         return lengths
 
     def insert(self, hashes: Sequence[int], url: str) -> None:
+        self.learn(hashes, url)
+        if self.on_insert is not None and hashes:
+            self.on_insert(hashes, url)
+
+    def learn(self, hashes: Sequence[int], url: str) -> None:
+        """Insert what another router replica inserted (not told to `on_insert`)."""
         for h in hashes:
             holders = self._blocks.get(h)
             if holders is None:
@@ -76,6 +84,12 @@ class PrefixIndex:
             holders.discard(url)
             if not holders:
                 del self._blocks[h]
+
+    def reassign(self, src: str, dst: str) -> None:
+        """Every block believed held by `src` is believed held by `dst` too."""
+        for holders in self._blocks.values():
+            if src in holders:
+                holders.add(dst)
 
     def _touch(self, hashes: Sequence[int]) -> None:
         # Deepest first, so a prompt's root ends most recent: eviction takes leaves before the blocks

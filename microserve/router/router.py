@@ -21,19 +21,21 @@ from microserve.router.config import RouterConfig
 from microserve.router.discovery import DiscoveryCollector, DiscoveryFleet, make_discovery
 from microserve.router.fair_share import FairShare
 from microserve.router.health import HealthChecker
-from microserve.router.kube_scaler import DeploymentScaler
+from microserve.router.kube_scaler import DeploymentScaler, ScalerCollector
 from microserve.router.metrics import RouterMetrics
 from microserve.router.policies import Policy, make_policy
 from microserve.router.prompt_ids import TokenizerCache
 from microserve.router.recent import RecentRequests
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import RetryBudget
+from microserve.router.shared_state import SharedStateCollector, make_shared_state
 from microserve.router.strategies import Strategy, make_strategy
 from microserve.router.upstream import HTTPWorkerHandle, Upstream
 from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKind, WorkerPool, WorkerSpec
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
+from microserve.tenants.semantic import FleetEmbedder, SemanticCache
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,13 @@ class Router:
             None  # --k8s-scale: made in `start` (it reads a kubeconfig)
         )
         self._k8s_task: asyncio.Task[None] | None = None
-        self.tenants = Gateway(open_store(config.api_keys)) if config.api_keys else None
+        # Prefix index, loads and circuits shared with other replicas (--shared-state), else in-process.
+        self.shared_state = make_shared_state(config.shared_state)
+        self.shared_state.bind(lambda: self.pool, lambda: self.policy)
+        self.metrics.registry.register(SharedStateCollector(self.shared_state))
+        same_redis = config.api_keys is not None and config.api_keys == config.shared_state
+        redis_client = getattr(self.shared_state, "client", None) if same_redis else None
+        self.tenants = Gateway(open_store(config.api_keys, redis_client)) if config.api_keys else None
         self.response_cache = (
             ResponseCache.open(
                 config.response_cache, config.response_cache_ttl_s, config.response_cache_bytes
@@ -90,8 +98,21 @@ class Router:
             if config.response_cache
             else None
         )
+        self.semantic_cache = (
+            SemanticCache.open(
+                config.semantic_cache,
+                config.response_cache,
+                config.response_cache_ttl_s,
+                self.response_cache.backend,
+                FleetEmbedder(self.forward_to_engine, config.semantic_cache_model),
+            )
+            if config.semantic_cache is not None and config.response_cache and self.response_cache
+            else None
+        )
         if self.tenants is not None or self.response_cache is not None:
-            self.metrics.registry.register(TenantsCollector(self.tenants, self.response_cache))
+            self.metrics.registry.register(
+                TenantsCollector(self.tenants, self.response_cache, self.semantic_cache)
+            )
         self._http: HTTPClient | None = None
         self._control: HTTPClient | None = None
         self._upstream: Upstream | None = None
@@ -102,8 +123,13 @@ class Router:
 
     async def start(self) -> None:
         # One client stack, two pools: requests' traffic, and verbs/health/load (see `Upstream`).
-        self._http = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
-        self._control = HTTPClient(max_connections=self.config.max_connections, keepalive_s=60.0)
+        tls = self.config.worker_tls()  # https:// workers: their CA, and our certificate (mutual TLS)
+        self._http = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
+        self._control = HTTPClient(
+            max_connections=self.config.max_connections, keepalive_s=60.0, ssl_context=tls
+        )
         self._upstream = Upstream(
             http=self._http,
             control=self._control,
@@ -119,10 +145,12 @@ class Router:
         await asyncio.gather(*(self._health.first_check(w) for w in self.pool))  # models known now
         await self.discovery.start(self._health.first_check, wait_s=self.config.connect_timeout_s)
         self._health.start()
+        await self.shared_state.start()
         if self.config.k8s_scale:
             self.k8s_scaler = DeploymentScaler.from_urls(
                 self.config.k8s_scale, lambda: self.pool, lambda: self.admission.queued
             )
+            self.metrics.registry.register(ScalerCollector(self.k8s_scaler))
             self._k8s_task = asyncio.create_task(self.k8s_scaler.run(), name="k8s-scale")
         await self._preload_tokenizers(self.strategy, self.policy)
 
@@ -139,8 +167,11 @@ class Router:
                 await client.close()
         if self.tenants is not None:
             await self.tenants.close()
+        await self.shared_state.close()
         if self.response_cache is not None:
             await self.response_cache.close()
+        if self.semantic_cache is not None:
+            await self.semantic_cache.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)
 
@@ -338,7 +369,7 @@ def select_worker(
             f"No {what} is available for model {req.model!r} (down, draining or failing); retry later."
         )
     if least_busy:
-        worker = min(candidates, key=lambda w: w.in_flight)
+        worker = min(candidates, key=lambda w: w.fleet_in_flight)
         decisions[("least_busy", worker.url)] += 1
     else:
         worker = policy.select(candidates, req)

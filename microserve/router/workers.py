@@ -133,6 +133,7 @@ class Worker:
         "load",
         "model_cards",
         "models",
+        "remote_in_flight",
         "requests",
         "sent_since_report",
         "spec",
@@ -148,7 +149,8 @@ class Worker:
         self.draining = False
         self.models: set[str] = set(spec.models)
         self.model_cards: dict[str, dict[str, Any]] = {}  # the worker's /v1/models entries, by id
-        self.in_flight = 0
+        self.in_flight = 0  # from this router
+        self.remote_in_flight = 0  # from the other router replicas sharing state (as last synchronised)
         self.load: LoadReport | None = None
         self.sent_since_report = 0  # dispatched after the last load report, so not in it yet
         self.requests = 0
@@ -165,6 +167,11 @@ class Worker:
     @property
     def weight(self) -> int:
         return self.spec.weight
+
+    @property
+    def fleet_in_flight(self) -> int:
+        """Requests in flight on this worker from every router replica: what policies balance on."""
+        return self.in_flight + self.remote_in_flight
 
     @property
     def available(self) -> bool:
@@ -218,6 +225,7 @@ class Worker:
             "draining": self.draining,
             "circuit": self.breaker.state.name.lower(),
             "in_flight": self.in_flight,
+            "remote_in_flight": self.remote_in_flight,
             "requests": self.requests,
             "errors": dict(self.errors),
             "load": None

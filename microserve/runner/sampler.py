@@ -1,5 +1,6 @@
 """Turn logits into tokens: greedy, temperature, top-k, top-p, min-p, logit bias, the presence,
-frequency and repetition penalties, per-request seeds, min_tokens, and the logprobs a request asks for.
+frequency and repetition penalties, per-request seeds, min_tokens, grammar masks (structured output),
+and the logprobs a request asks for.
 
 Rows sample independently, each from its own generator when it has a seed, so a seeded request draws
 the same tokens whatever it is batched with. Logprobs are the model's own (before bias, penalties and
@@ -13,6 +14,7 @@ import torch
 from microserve.engine.outputs import TokenLogprobs
 from microserve.engine.sequence import Sequence
 from microserve.kernels import cpu_ops
+from microserve.runner.grammar_mask import BitmaskFiller, apply_bitmask
 
 
 class Sampler:
@@ -24,6 +26,7 @@ class Sampler:
         self._generators: dict[str, torch.Generator] = {}
         kernels = cpu_ops() if device.type == "cpu" else None
         self._argmax = kernels.argmax_rows if kernels is not None else None
+        self._bitmasks = BitmaskFiller()
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -33,6 +36,7 @@ class Sampler:
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         logprobs = logits.float().log_softmax(-1) if wants_logprobs else None
         self._suppress_early_stops(logits, seqs)
+        self._mask_grammars(logits, seqs)
         if all(s.params.greedy and s.params.plain for s in seqs):
             # max().indices is argmax with the same first-index tie rule, 2.7x faster on CPU; the CPU
             # kernel gives the same indices (NaN rules included) in a quarter of max's time, and reads
@@ -62,9 +66,17 @@ class Sampler:
         # Below min_tokens neither EOS nor a stop token id may end the request.
         for i, seq in enumerate(seqs):
             p = seq.params
-            if seq.num_completion_tokens < p.min_tokens:
+            # A grammar decides where its answer ends: banning EOS there could leave no token at all.
+            if seq.num_completion_tokens < p.min_tokens and seq.grammar is None:
                 banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
                 logits[i, banned] = float("-inf")
+
+    def _mask_grammars(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        # One batched mask computation and one vectorised apply for all the constrained rows.
+        rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if rows:
+            matchers = [g for i in rows if (g := seqs[i].grammar) is not None]
+            apply_bitmask(logits, rows, self._bitmasks(matchers))
 
     @staticmethod
     def _process(row: torch.Tensor, seq: Sequence) -> torch.Tensor:

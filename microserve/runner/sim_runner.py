@@ -10,8 +10,10 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import xxhash
 
+from microserve.engine.grammar import GrammarMatcher
 from microserve.engine.kv_storage import KVLayout, KVStorage
 from microserve.engine.outputs import TokenLogprobs
 from microserve.engine.scheduler import ScheduledBatch
@@ -92,7 +94,7 @@ class SimRunner:
         if p.logit_bias:
             favoured = sorted((-b, t) for t, b in p.logit_bias.items() if b > 0)
             ranked = [t for _, t in favoured] + [t for t in ranked if p.logit_bias.get(t, 0.0) == 0.0]
-        token = ranked[0]
+        token = ranked[0] if seq.grammar is None else _allowed_first(seq.grammar, ranked)
         if p.prompt_logprobs is not None and not seq.prompt_logprobs:
             # Made up too: each prompt token as likely as the sim's own first choice.
             seq.prompt_logprobs = [None] + [
@@ -103,6 +105,17 @@ class SimRunner:
             top = [(t, -0.5 * (rank + 1)) for rank, t in enumerate(ranked[: p.logprobs])]
             seq.logprobs.append(TokenLogprobs(token, -0.5, top))
         return token
+
+
+def _allowed_first(grammar: GrammarMatcher, ranked: list[int]) -> int:
+    """Structured output on the sim: the first ranked word the grammar allows, else its lowest token."""
+    mask = np.empty(grammar.words, dtype=np.int32)
+    grammar.fill_bitmask(mask)
+    allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")
+    for token in ranked:
+        if token < allowed.size and allowed[token]:
+            return token
+    return int(np.flatnonzero(allowed)[0])
 
 
 class _Vocabulary(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from microserve.engine.kv_storage import KVLayout, KVStorage
 from microserve.engine.scheduler import ScheduledBatch
@@ -11,6 +12,9 @@ from microserve.model.config import ModelConfig
 from microserve.model.llama import AttentionMetadata, Llama, PrefillChunk
 from microserve.model.loader import QuantizedTensor
 from microserve.runner.sampler import Sampler, token_logprobs
+
+# Tokens run through the model at once when embedding: a batch of long inputs goes in pieces of this size.
+EMBED_BATCH_TOKENS = 8192
 
 # (sequence, first position, count): prompt positions whose logits give the next prompt token's logprob
 PromptRows = list[tuple[Sequence, int, int]]
@@ -71,6 +75,42 @@ class TorchRunner:
         sampled = self.sampler.sample(logits, samplers) if samplers else []
         by_seq = dict(zip(map(id, samplers), sampled, strict=True))
         return [by_seq.get(id(seq)) for seq in batch.seqs]
+
+    @torch.inference_mode()
+    def embed(self, prompts: list[list[int]], pooling: str = "mean") -> torch.Tensor:
+        """Each prompt's embedding: the mean of its tokens' final hidden states (or, `pooling="last"`, its
+        last token's), L2-normalised, float32 [len(prompts), hidden]. Prompts run together, each attending
+        to itself only, with K/V written to a scratch cache of their own: nothing of the paged cache (nor
+        its blocks) is touched."""
+        out: list[torch.Tensor] = []
+        group: list[list[int]] = []
+        for ids in prompts:
+            if group and sum(map(len, group)) + len(ids) > EMBED_BATCH_TOKENS:
+                out.append(self._embed_group(group, pooling))
+                group = []
+            group.append(ids)
+        if group:
+            out.append(self._embed_group(group, pooling))
+        return torch.cat(out)
+
+    def _embed_group(self, prompts: list[list[int]], pooling: str) -> torch.Tensor:
+        c = self.model.config
+        lengths = [len(ids) for ids in prompts]
+        total = sum(lengths)
+        tokens = torch.tensor([t for ids in prompts for t in ids], dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        chunks, row = [], 0
+        for n in lengths:
+            chunks.append(PrefillChunk(row, n, None, None))
+            row += n
+        meta = AttentionMetadata(slot_mapping=torch.arange(total, device=self.device), prefills=chunks)
+        shape = (c.num_layers, total, c.num_kv_heads, c.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        hidden = self.model.hidden_states(tokens, positions, meta, k, v).float()
+        rows = hidden.split(lengths)
+        pooled = torch.stack([r[-1] for r in rows] if pooling == "last" else [r.mean(0) for r in rows])
+        return F.normalize(pooled, dim=-1).cpu()
 
     @staticmethod
     def _prompt_rows(seqs: list[Sequence], counts: list[int]) -> PromptRows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -16,10 +17,13 @@ from typing import Any
 from urllib.parse import unquote
 
 from microserve.api import tokenize as api_tokenize
+from microserve.api.embeddings import EmbeddingRequest
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.api.tokenize import DetokenizeRequest, TokenizeRequest
+from microserve.api.tool_calls import syntax_for_template
 from microserve.http.limits import ConnectionLimits
 from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
+from microserve.server.embeddings import embeddings
 from microserve.server.handlers import ServerState, ServingEngine, prepare, serve
 from microserve.server.heap import HeapTrimmer
 from microserve.server.metrics import ServerMetrics
@@ -61,6 +65,7 @@ class EngineApp:
         self.routes = Routes()
         self.routes.add("POST", "/v1/completions", self.completions, max_body=self.max_body_bytes)
         self.routes.add("POST", "/v1/chat/completions", self.chat_completions, max_body=self.max_body_bytes)
+        self.routes.add("POST", "/v1/embeddings", self.embeddings, max_body=self.max_body_bytes)
         self.routes.add("GET", "/v1/models", self.models)
         self.routes.add_prefix("GET", "/v1/models/", self.model_card)
         self.routes.add("POST", "/tokenize", self.tokenize, max_body=self.max_body_bytes)
@@ -84,11 +89,18 @@ class EngineApp:
     def port(self) -> int:
         return self.http.port
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         for hook in self.on_startup:
             await hook()
         try:
-            await self.http.start(host, port, reuse_port=reuse_port)
+            await self.http.start(host, port, reuse_port=reuse_port, tls=tls)
         except BaseException:
             await self.cleanup()
             raise
@@ -142,6 +154,10 @@ class EngineApp:
         finally:
             self.heap.request_done(len(request.body))
 
+    async def embeddings(self, request: Request) -> Response:
+        req = parse_request(EmbeddingRequest, request.json())
+        return Response.json(await embeddings(self.state, req, len(request.body)))
+
     def _card(self, name: str) -> dict[str, Any]:
         engine = self.state.engine
         return {
@@ -151,6 +167,8 @@ class EngineApp:
             "owned_by": "microserve",
             "root": engine.model_name,
             "max_model_len": engine.max_model_len,
+            # how a chat answer is read for tool calls (the router reads answers it builds the same way)
+            "tool_call_parser": syntax_for_template(getattr(engine.tokenizer, "chat_template", None)),
         }
 
     async def models(self, request: Request) -> Response:

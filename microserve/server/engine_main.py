@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from microserve.engine.scheduler import SchedulerConfig
 from microserve.engine_builder import build_engine
 from microserve.http.limits import ConnectionLimits, raise_descriptor_limit
 from microserve.http.server import Handler, Request, Response, Stream
+from microserve.http.tls import EngineTLS
 from microserve.registry.args import RegisterOptions
 from microserve.registry.record import Registration
 from microserve.registry.register import Registrar
@@ -39,6 +41,7 @@ def engine_app(
     tracing: Tracing | None = None,
     limits: ConnectionLimits | None = None,
     max_body_bytes: int | None = None,
+    peer_tls: ssl.SSLContext | None = None,
 ) -> EngineApp:
     """The engine's app. With `own_thread`, the app starts and stops the engine's stepping thread;
     otherwise the caller steps it (`AsyncEngine.run_blocking`) and the app only stops it. With
@@ -46,7 +49,7 @@ def engine_app(
     flushes them as it stops."""
     # The engine itself refuses work beyond its max_waiting.
     app = create_app(engine, limits=limits, max_body_bytes=max_body_bytes, tracing=tracing)
-    add_microserving_routes(app, engine, internal_token)
+    add_microserving_routes(app, engine, internal_token, peer_tls)
     if metrics_token:
         app.routes.add("GET", "/metrics", _metrics_token(metrics_token, app.metrics))
 
@@ -85,8 +88,10 @@ class ServerThread:
         shutdown_timeout: float = 30.0,
         *,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.loop = _new_loop()
+        self._tls = tls
         self._app, self._host, self._port, self._timeout = app, host, port, shutdown_timeout
         self._reuse_port = reuse_port
         self._stop: asyncio.Event | None = None
@@ -119,7 +124,7 @@ class ServerThread:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         try:
-            await self._app.start(self._host, self._port, reuse_port=self._reuse_port)
+            await self._app.start(self._host, self._port, reuse_port=self._reuse_port, tls=self._tls)
         except BaseException as exc:
             self._error = exc
             self._started.set()
@@ -141,9 +146,12 @@ def run_engine(
     max_body_bytes: int | None = None,
     drain_timeout_s: float = 30.0,
     reuse_port: bool = False,
+    tls: EngineTLS | None = None,
 ) -> int:
-    # Before the model loads, so that a bad setting fails fast.
-    tracing = Tracing.from_env("microserve-engine", f"http://{host}:{port}")
+    # Before the model loads, so that a bad setting fails fast (a certificate that does not load, too).
+    scheme = "https" if tls is not None else "http"
+    server_tls, peer_tls = (tls.server(), tls.client()) if tls is not None else (None, None)
+    tracing = Tracing.from_env("microserve-engine", f"{scheme}://{host}:{port}")
     raise_descriptor_limit()
     engine = build_engine(config)
     app = engine_app(
@@ -154,14 +162,17 @@ def run_engine(
         tracing=tracing,
         limits=limits,
         max_body_bytes=max_body_bytes,
+        peer_tls=peer_tls,
     )
     if register is not None:
         add_registration(app, registrar(engine, config, register), engine.is_ready)
-    server = ServerThread(app, host, port, drain_timeout_s, reuse_port=reuse_port)
+    server = ServerThread(app, host, port, drain_timeout_s, reuse_port=reuse_port, tls=server_tls)
     server.start()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: server.request_stop())
-    print(f"microserve engine ({config.backend}, {engine.model_name}) on http://{host}:{port}", flush=True)
+    print(
+        f"microserve engine ({config.backend}, {engine.model_name}) on {scheme}://{host}:{port}", flush=True
+    )
     engine.run_blocking(server.loop)  # returns once the server's cleanup stopped the engine
     server.join()
     return 0

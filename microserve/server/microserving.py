@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -87,6 +88,11 @@ class ReleaseRequest(RequestModel):
     request_id: str = Field(min_length=1)
 
 
+class PrefixesRequest(RequestModel):
+    max_tokens: int = Field(default=8192, ge=1)
+    limit: int = Field(default=32, ge=1, le=1024)
+
+
 class StartGenerateRequest(CompletionRequest):
     request_id: str = Field(min_length=1)
     begin: int = 0
@@ -101,7 +107,11 @@ def normalize_index(index: int | None, length: int, default: int) -> int:
     return min(max(index, 0), length)
 
 
-def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token: str | None) -> None:
+def add_microserving_routes(
+    app: EngineApp, engine: AsyncEngine, internal_token: str | None, peer_tls: ssl.SSLContext | None = None
+) -> None:
+    """`peer_tls`: the client context KV pushes to peers use (an engine under mutual TLS presents its
+    certificate to them)."""
     ms = Microserving(engine, app, internal_token or "")
     body = app.max_body_bytes
     for path, verb in (
@@ -109,6 +119,7 @@ def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token:
         ("/microserving/remote_send", remote_send),
         ("/microserving/start_generate", start_generate),
         ("/microserving/release", release),
+        ("/microserving/prefixes", prefixes),
     ):
         app.routes.add("POST", path, _guarded(ms, verb), max_body=body)
     # The largest KV transfer is a whole context's K and V.
@@ -119,7 +130,8 @@ def add_microserving_routes(app: EngineApp, engine: AsyncEngine, internal_token:
     app.routes.add("POST", PROOF_PATH, functools.partial(peer_proof, ms))
 
     async def open_session() -> None:
-        ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT)
+        connector = aiohttp.TCPConnector(ssl=peer_tls) if peer_tls is not None else None
+        ms.session = aiohttp.ClientSession(timeout=TRANSFER_TIMEOUT, connector=connector)
         ms.peers = PeerVerifier(ms.token or None, ms.session)
 
     async def close_session() -> None:
@@ -316,3 +328,11 @@ async def release(ms: Microserving, request: Request) -> Response:
     req = parse_request(ReleaseRequest, request.json())
     released = await _engine_call(ms.engine.release(req.request_id))
     return Response.json({"released": released})
+
+
+async def prefixes(ms: Microserving, request: Request) -> Response:
+    """The hottest prefixes this engine's KV cache holds (token ids, whole blocks), hottest first: what
+    a leaving engine hands to a survivor (`microserve/router/handoff.py`)."""
+    req = parse_request(PrefixesRequest, request.json())
+    found = await _engine_call(ms.engine.hot_prefixes(req.max_tokens, req.limit))
+    return Response.json({"prefixes": [{"prompt": ids, "tokens": len(ids)} for ids in found]})

@@ -73,6 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument("--max-queue-wait", type=float, default=2.0, help="with --admission: seconds (2)")
     fleet.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="with --admission: requests running at once (default: the replicas' batch sizes)",
+    )
+    fleet.add_argument(
+        "--no-fair-share",
+        action="store_true",
+        help="admit waiting requests in arrival order within a priority class, whatever their tenant",
+    )
+    fleet.add_argument(
         "--deadlines",
         action="store_true",
         help="run the router's first-byte and stall deadlines per attempt (default floors 5 s and 2 s)",
@@ -96,6 +107,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
     scale.add_argument(
+        "--scale-down-ratio",
+        type=float,
+        default=0.5,
+        help="share of the target the load must fall to before a replica goes (0.5)",
+    )
+    scale.add_argument(
+        "--scale-lookahead",
+        type=float,
+        default=0.0,
+        help="seconds: scale up for the load expected this far ahead at its growth rate (0: the load now)",
+    )
+    scale.add_argument(
+        "--scale-ttft-slo",
+        type=float,
+        default=None,
+        help="seconds: a recent TTFT p99 above it adds a replica and holds scale-down (off)",
+    )
+    scale.add_argument(
+        "--handoff-tokens",
+        type=int,
+        default=0,
+        help="KV tokens of its hottest prefixes a leaving replica hands to a survivor (0: off)",
+    )
+    scale.add_argument(
         "--load-shape",
         choices=["diurnal", "bursty"],
         default=None,
@@ -108,6 +143,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     scale.add_argument("--burst-len", type=float, default=60.0, help="with --load-shape bursty: seconds (60)")
 
     load = p.add_argument_group("load (as microserve bench)")
+    load.add_argument(
+        "--tenant",
+        action="append",
+        default=[],
+        metavar="NAME:RATE[:PRIORITY]",
+        help="a tenant sending the workload at RATE requests/s in a priority class (high, normal, low); "
+        "repeat for several (turns --admission on; --request-rate is then unused)",
+    )
     load.add_argument("--request-rate", default="inf", help="requests/s, inf, or a comma list to sweep")
     load.add_argument("--arrival", choices=[k.value for k in ArrivalKind], default=None)
     load.add_argument("--burstiness", type=float, default=1.0)
@@ -140,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scaling_from_args(args: argparse.Namespace) -> Any:
     """`--autoscale MIN:MAX` and its knobs as a SimScaling, or None; ValueError with a one-line message."""
     from microserve.router.autoscaler import AutoscalerConfig
+    from microserve.router.handoff import HandoffConfig
     from microserve.simulator.scaling import SimScaling
 
     if args.autoscale is None:
@@ -158,8 +202,50 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         scale_down_after_s=args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
         down_step=args.scale_down_step or None,
+        down_ratio=args.scale_down_ratio,
+        ttft_slo_s=args.scale_ttft_slo,
+        growth_lookahead_s=args.scale_lookahead,
     )
-    return SimScaling(config, startup_s=args.engine_startup)
+    if args.handoff_tokens < 0:
+        raise ValueError(f"--handoff-tokens must be >= 0, got {args.handoff_tokens}")
+    handoff = HandoffConfig(max_tokens=args.handoff_tokens) if args.handoff_tokens else None
+    return SimScaling(config, startup_s=args.engine_startup, handoff=handoff)
+
+
+def tenants_from_args(args: argparse.Namespace) -> list[Any]:
+    """`--tenant NAME:RATE[:PRIORITY]`s as TenantLoads; ValueError with a one-line message."""
+    from microserve.simulator.tenants import TenantLoad, check_tenants
+
+    tenants = [TenantLoad.parse(text) for text in args.tenant]
+    check_tenants(tenants)
+    if tenants and args.load_shape is not None:
+        raise ValueError("--tenant sends at each tenant's rate: it does not combine with --load-shape")
+    return tenants
+
+
+def tenant_table(rows: list[dict[str, Any]], percentiles: tuple[float, ...]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="per tenant")
+    for column in ("tenant", "class", "req/s", "sent", "answered", "refused", "failed", "TTFT p50 ms"):
+        table.add_column(column, justify="left" if column in ("tenant", "class") else "right")
+    for p in percentiles:
+        table.add_column(f"TTFT p{p:g} ms", justify="right")
+    for row in rows:
+        ttft = row["ttft_ms"] or {}
+        keys = ("median", *(f"p{p:g}" for p in percentiles))
+        cells = [f"{ttft[k]:.1f}" if k in ttft else "-" for k in keys]
+        table.add_row(
+            row["tenant"],
+            row["priority"],
+            f"{row['rate']:g}",
+            str(row["sent"]),
+            str(row["completed"]),
+            str(row["refused"]),
+            str(row["failed"]),
+            *cells,
+        )
+    return table
 
 
 def shaped_from_args(args: argparse.Namespace, base: float, seed: int) -> Any:
@@ -191,6 +277,7 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     endpoint = Endpoint(args.endpoint)
     workload = workload_from_args(args)
     workload.check_endpoint(endpoint)
+    tenants = tenants_from_args(args)
     cost = CostModel.from_json(args.profile) if args.profile else CostModel.default()
     if args.transfer_bandwidth is not None:
         cost = dataclasses.replace(cost, transfer_bandwidth_bytes_per_s=float(args.transfer_bandwidth))
@@ -217,12 +304,21 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
         policy_options=args.policy_options,
         load_interval_s=args.load_interval,
         request_timeout_s=args.request_timeout,
-        admission=AdmissionConfig(max_queue_wait_s=args.max_queue_wait, queue_timeout_s=args.request_timeout)
-        if args.admission or scaling is not None
+        admission=AdmissionConfig(
+            max_concurrent=args.max_concurrent,
+            max_queue_wait_s=args.max_queue_wait,
+            queue_timeout_s=args.request_timeout,
+        )
+        if args.admission or scaling is not None or tenants
         else None,
         autoscale=scaling,
+        fair_share=not args.no_fair_share,
         deadlines=DeadlineConfig() if args.deadlines else None,
     )
+    if tenants:
+        if args.request_rate != "inf":
+            raise ValueError("--tenant sets each tenant's rate: it does not combine with --request-rate")
+        args.request_rate = f"{sum(t.rate for t in tenants):g}"  # the run's whole rate, for the report
     configs = run_configs(args, workload)
     percentiles = parse_percentiles(args.percentiles)
     slos = parse_goodput(args.goodput)
@@ -232,9 +328,12 @@ def run(args: argparse.Namespace, console: Console | None = None) -> int:
     runs = []
     for i, config in enumerate(configs):
         gaps = shaped_from_args(args, config.request_rate, config.seed)
-        runs.append(simulator.run(workload.for_run(i), config, percentiles, slos, gaps))
+        runs.append(simulator.run(workload.for_run(i), config, percentiles, slos, gaps, tenants))
     reports = [RunReport(r.result, r.summary) for r in runs]
     console.print(summary_table(reports, title=f"microserve simulate: {workload.name}"))
+    for r in runs:
+        if "tenants" in r.extra:
+            console.print(tenant_table(r.extra["tenants"], percentiles))
     roles = ", ".join(f"{n} {role}" for role, n in fleet.describe()["roles"].items())
     console.print(
         f"fleet: {roles}; {fleet.strategy}, {fleet.policy}; {blocks} KV blocks each", highlight=False

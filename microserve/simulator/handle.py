@@ -22,6 +22,7 @@ from microserve.router.upstream import WorkerFailure
 from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import PickedWorker, Worker
 from microserve.simulator.replica import SimReplica
+from microserve.tenants.keys import PRIORITIES
 
 T = TypeVar("T")
 
@@ -54,7 +55,7 @@ class Answer:
 class SimRequest(RoutedRequest):
     """A routed request carrying its bench record and sampling, with an id that is the same every run."""
 
-    __slots__ = ("answer", "params")
+    __slots__ = ("answer", "params", "rank", "tenant")
 
     def __init__(
         self,
@@ -65,12 +66,16 @@ class SimRequest(RoutedRequest):
         answer: Answer,
         params: SamplingParams,
         timeout_s: float = 600.0,
+        tenant: str = "",
+        rank: int = PRIORITIES["normal"],
     ) -> None:
         super().__init__(route, body, b"", timeout_s=timeout_s, clock=asyncio.get_running_loop().time)
         self._id = request_id
         self.prompt_ids = prompt_ids
         self.answer = answer
         self.params = params
+        self.tenant = tenant  # whose request, for the admission queue's fair share
+        self.rank = rank  # its priority class (`tenants.keys.PRIORITIES`)
 
 
 def sim_request(req: RoutedRequest) -> SimRequest:

@@ -6,8 +6,9 @@ Arrivals, max concurrency and multi-turn follow-ups behave as in bench's runner;
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from microserve.simulator.handle import Answer, SimRequest
 from microserve.simulator.host import MODEL, FleetConfig, SimRouter
 from microserve.simulator.replica import SimReplica
 from microserve.simulator.scaling import SimScaler
+from microserve.simulator.tenants import TenantLoad, check_tenants, tenant_report
+from microserve.tenants.keys import PRIORITIES
 
 
 @dataclass(slots=True)
@@ -58,19 +61,35 @@ class Simulator:
         percentiles: tuple[float, ...] = (90.0, 99.0),
         slos: dict[str, float] | None = None,
         gaps: Iterable[float] | None = None,
+        tenants: Sequence[TenantLoad] = (),
     ) -> SimRun:
         """One run on a fresh fleet (empty caches), to completion of every request. `gaps` (seconds between
-        arrivals, e.g. a diurnal trace's) replace the config's arrival process."""
+        arrivals, e.g. a diurnal trace's) replace the config's arrival process. With `tenants`, each sends
+        its own stream of the workload at its own rate (the config's rate is then unused), and
+        `extra["tenants"]` reports each."""
         workload.check_endpoint(self.endpoint)
+        check_tenants(tenants)
+        if tenants and gaps is not None:
+            raise ValueError("tenants send at their own rates: a load shape applies to one stream")
         wall = time.perf_counter()
         extra: dict[str, Any] = {}
-        result, replicas, retries = run_virtual(self._run(workload, config, gaps, extra))
+        by_tenant: dict[str, list[RequestRecord]] = {}
+        result, replicas, retries = run_virtual(self._run(workload, config, gaps, extra, tenants, by_tenant))
         wall_s = time.perf_counter() - wall
         summary = summarize(result.records, result.duration_s, percentiles, slos or {}, result.skipped)
+        if tenants:
+            extra["tenants"] = tenant_report(tenants, by_tenant, result.duration_s, percentiles)
         return SimRun(result, summary, replicas, wall_s, retries, extra)
 
-    def request(self, bench: BenchRequest, record: RequestRecord, keep_tokens: bool) -> SimRequest:
-        """The routed request the router would see for `bench`, with the engine's prompt ids."""
+    def request(
+        self,
+        bench: BenchRequest,
+        record: RequestRecord,
+        keep_tokens: bool,
+        tenant: TenantLoad | None = None,
+    ) -> SimRequest:
+        """The routed request the router would see for `bench` (from `tenant`), with the engine's prompt
+        ids."""
         route = Route.COMPLETIONS if self.endpoint is Endpoint.COMPLETIONS else Route.CHAT
         body = {
             "model": MODEL,
@@ -83,17 +102,35 @@ class Simulator:
         ids = (
             list(bench.prompt) if isinstance(bench.prompt, list) else prompt_ids(self.tokenizer, route, body)
         )
-        params = SamplingParams(max_tokens=bench.expected_output_len, ignore_eos=True)
+        rank = tenant.rank if tenant is not None else PRIORITIES["normal"]
+        # The engines' scheduler order, as the router sends it for a key's class: high -1, normal 0, low 1.
+        priority = rank - PRIORITIES["normal"]
+        params = SamplingParams(max_tokens=bench.expected_output_len, ignore_eos=True, priority=priority)
         answer = Answer(record, [] if keep_tokens else None)
+        name = tenant.name if tenant is not None else ""
         return SimRequest(
-            f"sim-{bench.index}", route, body, ids, answer, params, self.fleet.request_timeout_s
+            f"sim-{name}-{bench.index}" if name else f"sim-{bench.index}",
+            route,
+            body,
+            ids,
+            answer,
+            params,
+            self.fleet.request_timeout_s,
+            tenant=name,
+            rank=rank,
         )
 
     def _replica(self, name: str) -> SimReplica:
         return SimReplica(name, self.fleet.replica, self.tokenizer, self.vocab_words)
 
     async def _run(
-        self, workload: Workload, config: RunConfig, gaps: Iterable[float] | None, extra: dict[str, Any]
+        self,
+        workload: Workload,
+        config: RunConfig,
+        gaps: Iterable[float] | None,
+        extra: dict[str, Any],
+        tenants: Sequence[TenantLoad],
+        by_tenant: dict[str, list[RequestRecord]],
     ) -> tuple[RunResult, list[dict[str, Any]], int]:
         loop = asyncio.get_running_loop()
         replicas = [self._replica(f"replica-{i}") for i in range(len(self.fleet.roles))]
@@ -108,7 +145,10 @@ class Simulator:
             scaling = asyncio.create_task(scaler.run())
         start = loop.time()
         try:
-            result = await self._drive(router, workload, config, gaps)
+            if tenants:
+                result = await self._drive_tenants(router, workload, config, tenants, by_tenant)
+            else:
+                result = await self._drive(router, workload, config, gaps)
         finally:
             if scaling is not None and scaler is not None:
                 scaling.cancel()
@@ -119,12 +159,24 @@ class Simulator:
         if scaler is not None:
             extra["engine_seconds"] = scaler.engine_seconds(end)
             extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+            extra["membership"] = {"joined": router.membership.joins, "left": router.membership.leaves}
+            if scaler.scaling.handoff is not None:
+                extra["handoffs"] = [
+                    {"prefixes": len(h.prefixes), "sent_tokens": h.sent_tokens, "sent_bytes": h.sent_bytes,
+                     "seconds": h.seconds, "error": h.error}
+                    for h in scaler.handoffs
+                ]  # fmt: skip
         else:
             extra["engine_seconds"] = len(replicas) * (end - start)
         return result, router.replica_stats(), router.retries
 
     async def _drive(
-        self, router: SimRouter, workload: Workload, config: RunConfig, gaps: Iterable[float] | None = None
+        self,
+        router: SimRouter,
+        workload: Workload,
+        config: RunConfig,
+        gaps: Iterable[float] | None = None,
+        tenant: TenantLoad | None = None,
     ) -> RunResult:
         """bench's `run_benchmark`, on the virtual clock and with the simulated router as the target."""
         loop = asyncio.get_running_loop()
@@ -136,7 +188,7 @@ class Simulator:
         async def send(request: BenchRequest, record: RequestRecord) -> str | None:
             record.start = loop.time()
             try:
-                req = self.request(request, record, keep_tokens)
+                req = self.request(request, record, keep_tokens, tenant)
             except (ValueError, APIError) as exc:  # a trace line the endpoint or the template refuses
                 record.error = str(exc)
                 return None
@@ -159,3 +211,32 @@ class Simulator:
         )
         duration = loop.time() - start
         return RunResult(config, records, duration, skipped=source.skipped, workload=workload.describe())
+
+    async def _drive_tenants(
+        self,
+        router: SimRouter,
+        workload: Workload,
+        config: RunConfig,
+        tenants: Sequence[TenantLoad],
+        by_tenant: dict[str, list[RequestRecord]],
+    ) -> RunResult:
+        """One stream per tenant, at once: each its own prompts (the workload's next run) and arrivals (the
+        config's kind at the tenant's rate, its own seed); the run's records are all of theirs."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        runs = await asyncio.gather(
+            *(
+                self._drive(
+                    router,
+                    workload.for_run(i),
+                    dataclasses.replace(config, request_rate=tenant.rate, seed=config.seed + i),
+                    tenant=tenant,
+                )
+                for i, tenant in enumerate(tenants)
+            )
+        )
+        for tenant, run in zip(tenants, runs, strict=True):
+            by_tenant[tenant.name] = run.records
+        records = [r for run in runs for r in run.records]
+        skipped = sum(run.skipped for run in runs)
+        return RunResult(config, records, loop.time() - start, skipped=skipped, workload=workload.describe())

@@ -162,14 +162,17 @@ class ResponseCache:
             self.hits += 1
         return key, stored
 
-    async def store(self, key: str, stream: bool, answer: bytes) -> None:
-        """Keep a complete answer before the answer ends, so the client's next request finds it."""
+    async def store(self, key: str, stream: bool, answer: bytes) -> bool:
+        """Keep a complete answer before the answer ends, so the client's next request finds it; False
+        when it was not kept."""
         if stream and not answer.endswith(DONE):
-            return  # cut short, or ended by an error event
+            return False  # cut short, or ended by an error event
         try:
             await self.backend.put(key, (STREAM if stream else WHOLE) + answer)
         except Exception as exc:
             log.warning("response cache: store failed: %s", exc)
+            return False
+        return True
 
     async def close(self) -> None:
         await self.backend.close()

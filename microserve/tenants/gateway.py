@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from microserve.api.errors import APIError
 from microserve.tenants.keys import PRIORITIES, KeyRecord, digest
@@ -24,15 +25,16 @@ DEFAULT_RESERVE_TOKENS = 256  # a chat request without max_tokens reserves this 
 BYTES_PER_TOKEN = 4  # the prompt is estimated from its length until the answer's usage says exactly
 
 
-def open_store(source: str) -> TenantStore:
-    """`redis://…` (or `rediss://`, `unix://`): shared by replicas; `memory`: this process only, until
-    it stops; anything else is the path of a keys file."""
+def open_store(source: str, redis_client: Any = None) -> TenantStore:
+    """`redis://…` (or `rediss://`, `unix://`): shared by replicas (through `redis_client` when the
+    router already holds one for that Redis); `memory`: this process only, until it stops; anything else
+    is the path of a keys file."""
     if source == "memory":
         return MemoryStore()
     if source.startswith(("redis://", "rediss://", "unix://")):
         from microserve.tenants.redis_store import RedisStore  # only a router given Redis needs the client
 
-        return RedisStore(source)
+        return RedisStore(source, client=redis_client)
     return MemoryStore(source)
 
 

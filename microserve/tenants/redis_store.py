@@ -32,10 +32,12 @@ class StoreUnavailable(OSError):
 class RedisStore:
     """`{prefix}key:<digest>` holds a key's record (one GET a request); `{prefix}key_ids`: id -> digest."""
 
-    def __init__(self, url: str, prefix: str = "microserve:") -> None:
+    def __init__(self, url: str, prefix: str = "microserve:", client: aioredis.Redis | None = None) -> None:
+        """`client`: one the router already holds for this Redis (it must decode responses), shared."""
         self.url = url
         self.prefix = prefix
-        self._redis = aioredis.Redis.from_url(
+        self._owns_client = client is None
+        self._redis = client or aioredis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0, decode_responses=True
         )
         self._known: OrderedDict[str, KeyRecord] = OrderedDict()  # digest -> record, as last read
@@ -118,4 +120,5 @@ class RedisStore:
         return int(value)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        if self._owns_client:
+            await self._redis.aclose()
