@@ -153,7 +153,7 @@ async def embeddings(router: Router, request: Request) -> Response:
         model = request.json().get("model") if request.body else None
         if isinstance(model, str):
             router.tenants.check_model(key, model)
-    status, body = await router.forward_to_engine("/v1/embeddings", request.body)
+    status, body = await router.forward_to_engine("/v1/embeddings", request.body, kind=None)
     return Response(body, status=status)
 
 
