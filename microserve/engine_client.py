@@ -195,6 +195,11 @@ class EngineClient:
     async def release(self, request_id: str) -> bool:
         return (await self._post("/microserving/release", {"request_id": request_id}))["released"]
 
+    async def hot_prefixes(self, max_tokens: int = 8192, limit: int = 32) -> list[list[int]]:
+        """The engine's hottest cached prefixes (token ids), hottest first, up to `max_tokens` in all."""
+        r = await self._post("/microserving/prefixes", {"max_tokens": max_tokens, "limit": limit})
+        return [p["prompt"] for p in r["prefixes"]]
+
 
 def _error(status: int, data: bytes) -> EngineError:
     try:

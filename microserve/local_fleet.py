@@ -1,7 +1,8 @@
 """`serve`'s autoscaling actuator: the autoscaler's decisions, acted on with local engine processes.
 
 A new engine joins the router once it is ready (requests held by admission start then); the engine that
-leaves is the idlest, drained first (no new requests) and stopped only once nothing is in flight on it.
+leaves is the idlest, drained first (no new requests) and stopped only once nothing is in flight on it,
+after its hottest prefixes moved to the idlest survivor (`router/handoff.py`) when a hand-off is set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microserve.router.autoscaler import Autoscaler, idlest, pool_signals
+from microserve.router.autoscaler import Autoscaler, idlest, pool_signals, recent_ttft_p99
+from microserve.router.handoff import EnginePeer, HandoffConfig, HandoffResult, hand_off
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerSpec
 
@@ -73,6 +75,7 @@ class LocalFleet:
         ready_timeout_s: float,
         interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        handoff: HandoffConfig | None = None,
     ) -> None:
         self.router = router
         self.scaler = scaler
@@ -80,6 +83,8 @@ class LocalFleet:
         self.ready_timeout_s = ready_timeout_s
         self.interval_s = interval_s
         self.clock = clock
+        self.handoff = handoff
+        self.handoffs: list[HandoffResult] = []
         self.engines: dict[str, EngineLike] = {}  # up (in the router's pool), draining included
         self.starting: dict[str, EngineLike] = {}
         self.draining: set[str] = set()
@@ -106,7 +111,11 @@ class LocalFleet:
             await asyncio.sleep(self.interval_s)
 
     def tick(self) -> None:
-        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting))
+        ttft = None
+        if self.scaler.config.ttft_slo_s is not None:  # the router's recent answers, on its wall clock
+            finished = self.router.recent.latest(len(self.router.recent))
+            ttft = recent_ttft_p99(((f.at, f.ttft_s) for f in finished if f.ttft_s is not None), time.time())
+        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting), ttft)
         desired = self.scaler.decide(self.clock(), signals)
         current = signals.replicas
         for _ in range(desired - current):
@@ -159,6 +168,8 @@ class LocalFleet:
         worker = self.router.pool.get(url)
         while worker.in_flight > 0:
             await asyncio.sleep(0.1)
+        if self.handoff is not None:
+            await self._hand_off(url)
         self.router.remove_worker(url)
         supervisor = self._supervisors.pop(url, None)
         if supervisor is not None:
@@ -170,6 +181,26 @@ class LocalFleet:
         await engine.stop()
         self.stopped += 1
         log.info("autoscale: stopped the engine on %s", url)
+
+    async def _hand_off(self, url: str) -> None:
+        """Move the leaving engine's hottest prefixes to the idlest survivor, then point the router there."""
+        assert self.handoff is not None
+        pool = self.router.pool
+        leaving = pool.get(url)
+        survivor = idlest(
+            w
+            for w in pool
+            if w.url != url and not w.draining and w.role == leaving.role and w.url in self.engines
+        )
+        if survivor is None:
+            return
+        upstream = self.router.upstream
+        src = EnginePeer(upstream.engine_client(leaving))
+        dst = EnginePeer(upstream.engine_client(survivor))
+        result = await hand_off(src, dst, self.handoff, self.clock)
+        self.router.policy.handed_off(url, survivor.url, result.prefixes)
+        self.handoffs.append(result)
+        log.info("autoscale: handed off %s", result.describe())
 
     async def stop(self) -> None:
         """Cancel scaling and stop every engine (the router has drained its requests before this)."""

@@ -22,6 +22,7 @@ from microserve.local_fleet import LocalFleet
 from microserve.router.app import RouterServer, tune_gc
 from microserve.router.autoscaler import Autoscaler, AutoscalerConfig
 from microserve.router.config import config_from_args
+from microserve.router.handoff import HandoffConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
 from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
@@ -242,6 +243,7 @@ def autoscaler_config(args: argparse.Namespace) -> AutoscalerConfig | None:
         target_load=args.scale_target,
         scale_down_after_s=60.0 if args.scale_down_after is None else args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
+        ttft_slo_s=args.scale_ttft_slo,
     )
 
 
@@ -260,7 +262,8 @@ def start_fleet(
         port = engine_ports("127.0.0.1", first_port, 1, taken | used)[0]
         return EngineProcess(next(indexes), port, engine_argv(args, port, threads), env)
 
-    fleet = LocalFleet(router, scaler, make_engine, ready_timeout_s=args.ready_timeout)
+    handoff = HandoffConfig(max_tokens=args.handoff_tokens) if args.handoff_tokens > 0 else None
+    fleet = LocalFleet(router, scaler, make_engine, ready_timeout_s=args.ready_timeout, handoff=handoff)
     fleet.register_metrics()
     return fleet
 
@@ -296,6 +299,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--scale-target", type=float, default=8.0, help="requests per engine to aim at (8)")
     scale.add_argument("--scale-up-cooldown", type=float, default=5.0, help="seconds between steps up (5)")
+    scale.add_argument(
+        "--scale-ttft-slo",
+        type=float,
+        default=None,
+        help="seconds: a TTFT p99 over the last 30 s above it adds an engine and holds scale-down (off)",
+    )
+    scale.add_argument(
+        "--handoff-tokens",
+        type=int,
+        default=8192,
+        help="KV tokens of its hottest prefixes an engine hands to a survivor before it goes (8192; 0: off)",
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -159,13 +159,15 @@ def test_spec_shapes() -> None:
         GrammarSpec.json_schema([1], "guided_json")  # type: ignore[arg-type]
 
 
-def test_batched_masks_apply_to_their_rows_only(compiler: GrammarCompiler) -> None:
+@pytest.mark.parametrize("extra", [5, 40])  # a model's vocab wider than its tokenizer's: within the
+# mask's last word (267 tokens, 288 bits), or past it (the columns no mask covers are banned)
+def test_batched_masks_apply_to_their_rows_only(compiler: GrammarCompiler, extra: int) -> None:
     yes_no = compiler.matcher(GrammarSpec.choice(["yes", "no"]))
     digits = compiler.matcher(GrammarSpec.regex("[0-9]+"))
     masks = BitmaskFiller()([yes_no, digits])
     assert masks.shape == (2, (len(compiler.vocab) + 31) // 32)  # type: ignore[attr-defined]
     vocab = len(compiler.vocab)  # type: ignore[attr-defined]
-    logits = torch.randn(3, vocab + 5)  # a model's vocab may be wider than its tokenizer's
+    logits = torch.randn(3, vocab + extra)
     before = logits.clone()
     apply_bitmask(logits, [0, 2], masks)
     assert torch.equal(logits[1], before[1])
@@ -173,7 +175,7 @@ def test_batched_masks_apply_to_their_rows_only(compiler: GrammarCompiler) -> No
         finite = set(torch.isfinite(logits[row]).nonzero().flatten().tolist())
         assert finite == allowed(matcher)
         assert torch.equal(logits[row][list(finite)], before[row][list(finite)])
-    assert unpack_bitmask(masks, vocab + 5)[:, vocab:].sum() == 0
+    assert unpack_bitmask(masks, vocab + extra)[:, vocab:].sum() == 0
 
 
 # -- in the engine core (the sim runner follows the grammar too) ------------------------------------

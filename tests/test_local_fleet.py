@@ -113,6 +113,9 @@ def test_scale_to_zero_wake_on_a_request_grow_and_shrink_without_failing(tmp_pat
         surviving_url = str(survivor["url"])
         load = httpx.get(f"{surviving_url}/load", timeout=5).json()
         assert load["waiting"] == 0 and load["running"] == 0 and load["kv_usage"] == 0  # no KV block leaks
+        # Before it stopped, the engine that left handed its hottest prefixes to the survivor.
+        handed = rf"autoscale: handed off \d+ prefixes .* to {re.escape(surviving_url)}"
+        assert re.search(handed, serve.output())
 
         # Idle again: back to zero engines, every engine process gone.
         wait_for(lambda: workers(url) == [], "zero engines")

@@ -134,3 +134,23 @@ def test_after_the_wait_down_to_what_the_load_needs_in_one_step() -> None:
     assert a.decide(10.0, low) == 2
     b = Autoscaler(AutoscalerConfig(0, 8, target_load=4, scale_down_after_s=10, down_step=3))
     assert [b.decide(t, low) for t in (0.0, 10.0)] == [8, 5]
+
+
+def test_recent_ttft_p99_reads_only_the_window_and_needs_enough_samples() -> None:
+    from microserve.router.autoscaler import recent_ttft_p99
+
+    old = [(0.0, 9.0)] * 50  # outside a 30 s window at t=100
+    fresh = [(90.0 + i / 10, 0.1 * (i % 10)) for i in range(100)]
+    assert recent_ttft_p99([*old, *fresh], now=100.0) == pytest.approx(0.9)
+    assert recent_ttft_p99(fresh[:5], now=100.0) is None  # too few to say
+    assert recent_ttft_p99([*fresh, (100.0, 5.0), (100.0, 6.0)], now=100.0) == 5.0
+
+
+def test_a_growing_load_is_met_where_it_will_be_after_the_lookahead() -> None:
+    now_only = scaler(max_replicas=8, target_load=10)
+    ahead = scaler(max_replicas=8, target_load=10, growth_lookahead_s=10)
+    for a in (now_only, ahead):
+        a.decide(0.0, PoolSignals(replicas=1, running=2))
+    # +18 requests in a second: the load now needs 2 replicas; in 10 s at that rate, 8.
+    assert now_only.decide(1.0, PoolSignals(replicas=1, queued=10, running=10)) == 2
+    assert ahead.decide(1.0, PoolSignals(replicas=1, queued=10, running=10)) == 8

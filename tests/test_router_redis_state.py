@@ -31,7 +31,8 @@ class Replica:
     """What a router gives its shared state: a pool and a prefix_aware policy."""
 
     def __init__(self, url: str) -> None:
-        self.pool = WorkerPool(BreakerConfig(failure_threshold=1, open_s=30.0))
+        self.now = 0.0  # the circuits' clock
+        self.pool = WorkerPool(BreakerConfig(failure_threshold=1, open_s=30.0), clock=lambda: self.now)
         for u in URLS:
             self.pool.add(WorkerSpec(u, models=("m",)))
         self.policy = PrefixAware(min_match=64)
@@ -85,6 +86,18 @@ async def test_replicas_share_prefixes_loads_and_circuits(redis: RedisServer) ->
         await b.state.sync()
         await a.state.sync()  # B applied A's close: it does not echo it back as its own change
         assert a.pool.get(URLS[2]).breaker.state is CircuitState.CLOSED
+
+        # A failed half-open trial reopens the circuit for twice as long, between two ticks: shared too.
+        a.pool.get(URLS[2]).record_failure("http_500")
+        await a.state.sync()
+        await b.state.sync()
+        a.now += 31.0  # half-open on A
+        a.pool.get(URLS[2]).acquire()
+        a.pool.get(URLS[2]).record_failure("http_500")
+        assert a.pool.get(URLS[2]).breaker.open_remaining_s() == 60.0
+        await a.state.sync()
+        await b.state.sync()
+        assert 59.0 < b.pool.get(URLS[2]).breaker.open_remaining_s() <= 60.0
 
         # A replica that stops takes its loads with it.
         await a.state.close()

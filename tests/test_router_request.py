@@ -19,7 +19,7 @@ from microserve.server.errors import APIError
         (Route.CHAT, b"[]", "JSON object"),
         (Route.CHAT, b'{"messages": []}', "messages"),
         (Route.CHAT, b'{"messages": ["hi"]}', "messages.0"),
-        (Route.CHAT, b'{"messages": [{"role": "user", "content": "x"}], "tools": []}', "tools"),
+        (Route.CHAT, b'{"messages": [{"role": "user"}], "tool_choice": "required"}', "tool_choice"),
         (Route.CHAT, b'{"model": 3, "messages": [{}]}', "model"),
         (Route.COMPLETIONS, b'{"prompt": ""}', "prompt"),
         (Route.COMPLETIONS, b'{"prompt": 12}', "prompt"),

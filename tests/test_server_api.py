@@ -6,6 +6,7 @@ Exact JSON and SSE shapes, every bad input, overload, disconnects, metrics, and 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -358,7 +359,15 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str, str | None]] = [
     ("n_0", COMPLETIONS, {"prompt": "hi", "n": 0}, 400, "n must be between 1 and 128", "n"),
     ("best_of_2", COMPLETIONS, {"prompt": "hi", "best_of": 2}, 400, "best_of must equal n", "best_of"),
     ("unknown_field", COMPLETIONS, {"prompt": "hi", "suffix": "x"}, 400, "Unrecognized", "suffix"),
-    ("tools", CHATS, {**CHAT, "tools": []}, 400, "Unrecognized request argument supplied: tools", "tools"),
+    ("tool_type", CHATS, {**CHAT, "tools": [{"type": "retrieval"}]}, 400, "tools.0.type", "tools.0.type"),
+    (
+        "required_no_tools",
+        CHATS,
+        {**CHAT, "tool_choice": "required"},
+        400,
+        "needs at least one tool",
+        "tool_choice",
+    ),
     ("logprobs", COMPLETIONS, {"prompt": "hi", "logprobs": 21}, 400, "between 0 and 20", "logprobs"),
     (
         "penalty",
@@ -477,7 +486,7 @@ async def test_bad_request_then_good_request(
 
 async def test_unknown_route_and_method_are_openai_errors(engine: FakeEngine) -> None:
     async with serving(engine) as client:
-        resp = await client.post("/v1/embeddings", json={})
+        resp = await client.post("/v1/audio/speech", json={})
         assert resp.status == 404
         assert (await resp.json())["error"]["type"] == "invalid_request_error"
         resp = await client.get("/v1/completions")
@@ -555,7 +564,9 @@ async def test_a_body_over_the_context_sized_limit_is_413_before_it_is_read(engi
     assert app.max_body_bytes == prompt_body_limit(engine.max_model_len)
     big = orjson.dumps({"prompt": "x" * app.max_body_bytes})
     async with client_of(app) as client:
-        resp = await client.post("/v1/completions", data=big, headers={"Content-Type": "application/json"})
+        # A file-like body: aiohttp warns that a large bytes body may block its event loop.
+        body = io.BytesIO(big)
+        resp = await client.post("/v1/completions", data=body, headers={"Content-Type": "application/json"})
         assert resp.status == 413
         error = (await resp.json())["error"]
         assert error["type"] == "invalid_request_error"

@@ -15,6 +15,7 @@ from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.core import EngineCore
 from microserve.server.app import EngineApp
 from microserve.server.engine_main import engine_app
+from tests.conftest import make_core
 from tests.fake_engine import FakeEngine
 
 MODEL = "smollm2-135m"
@@ -116,5 +117,15 @@ async def test_an_engine_without_hidden_states_refuses() -> None:
         client = openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as info:
             await client.embeddings.create(model="fake-model", input="hi")
+        assert info.value.code == "embeddings_unsupported"
+        await client.close()
+
+
+async def test_the_sim_backend_refuses() -> None:
+    app = engine_app(AsyncEngine(make_core(backend="sim"), model_name=MODEL))
+    async with app:
+        client = openai.AsyncOpenAI(base_url=f"{app.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.embeddings.create(model=MODEL, input="hi")
         assert info.value.code == "embeddings_unsupported"
         await client.close()

@@ -8,11 +8,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
+from microserve.api.embeddings import encode_vector
 from microserve.router.config import RouterConfig
 from microserve.tenants.cache import MemoryCache, cache_key
-from microserve.tenants.semantic import SemanticCache, split_request
+from microserve.tenants.semantic import EmbeddingFailed, FleetEmbedder, SemanticCache, split_request
 from microserve.tenants.vector_index import MemoryIndex, RedisIndex
 from tests.tenant_fleet import start_redis
 
@@ -155,3 +157,27 @@ def test_config_needs_the_response_cache_and_a_threshold_in_range() -> None:
     with pytest.raises(ValueError, match="threshold"):
         RouterConfig(semantic_cache=1.5, response_cache="memory")
     assert RouterConfig(semantic_cache=0.9, response_cache="memory").semantic_cache == 0.9
+
+
+async def test_fleet_embedder_requests() -> None:
+    sent: list[dict[str, Any]] = []
+    vector = unit(3, 4)
+
+    async def forward(path: str, body: bytes) -> tuple[int, bytes]:
+        assert path == "/v1/embeddings"
+        sent.append(orjson.loads(body))
+        return 200, orjson.dumps({"data": [{"embedding": encode_vector(vector.tolist(), "base64")}]})
+
+    got = await FleetEmbedder(forward)("m", "Hi?")
+    np.testing.assert_allclose(got, vector, atol=1e-7)
+    assert sent[-1] == {"model": "m", "input": 'This sentence : "Hi?" means in one word:"',
+                        "encoding_format": "base64", "pooling": "last"}  # fmt: skip
+    embedder = FleetEmbedder(forward, "bge", "plain")
+    await embedder(embedder.model_for({"model": "m"}), "Hi?")
+    assert sent[-1] == {"model": "bge", "input": "Hi?", "encoding_format": "base64"}
+
+    async def refusing(path: str, body: bytes) -> tuple[int, bytes]:
+        return 400, b'{"error": {"code": "embeddings_unsupported"}}'
+
+    with pytest.raises(EmbeddingFailed, match="400"):
+        await FleetEmbedder(refusing)("m", "Hi?")

@@ -90,16 +90,17 @@ class Answer:
             text = self.echo[prompt] + text
             if logprobs is not None and out.prompt_logprobs is not None:
                 logprobs = [e for e in out.prompt_logprobs if e is not None] + logprobs
-        frames = []
+        frames: list[bytes] = []
         # With return_token_ids a token whose text is still held back (half a UTF-8 character, a
         # possible stop string) gets its own chunk too, so that every generated id is reported; so
         # does a token with logprobs.
-        if text or (out.token_ids and (self.shape.return_token_ids or logprobs)):
-            frames.append(frame(self.shape.delta_chunk(choice.index, text, out.token_ids, logprobs)))
+        shape = self.shape
+        if text or (out.token_ids and (shape.return_token_ids or logprobs)):
+            chunk = shape.delta_chunk(choice.index, text, out.token_ids, logprobs)
+            frames.extend(frame(c) for c in shape.rewrite(chunk))
         if out.finished:
-            frames.append(
-                frame(self.shape.finish_chunk(choice.index, choice.finish_reason, choice.stop_reason))
-            )
+            chunk = shape.finish_chunk(choice.index, choice.finish_reason, choice.stop_reason)
+            frames.extend(frame(c) for c in shape.rewrite(chunk))
         return frames
 
     def closing(self) -> list[bytes]:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from microserve.api.errors import APIError, bad_request
-from microserve.api.protocol import ChatMessage, validation_error
+from microserve.api.protocol import ChatMessage, ToolSpec, validation_error
 
 
 class PromptTokenizer(Protocol):
@@ -21,7 +21,10 @@ class PromptTokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str: ...
 
 
@@ -29,10 +32,13 @@ def chat_prompt_ids(
     tokenizer: PromptTokenizer,
     messages: list[dict[str, Any]],
     check_text: Callable[[str], None] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """`check_text` sees the rendered text before it is encoded (the engine bounds its length there)."""
+    """`check_text` sees the rendered text before it is encoded (the engine bounds its length there);
+    `tools` reach the template as transformers passes them."""
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        kwargs = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except ValueError as exc:  # ChatTemplateError: the template rejected the conversation
         raise bad_request(
             f"The chat template cannot render these messages: {exc}", param="messages"
@@ -66,6 +72,14 @@ def template_messages(messages: list[Any]) -> list[dict[str, Any]]:
     return [m.for_template() for m in parsed]
 
 
+def template_tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A raw chat body's `tools` as the template sees them (validated by the request model already)."""
+    tools = body.get("tools")
+    if not tools:
+        return None
+    return [ToolSpec.model_validate(t).model_dump(exclude_none=True) for t in tools]
+
+
 def body_prompt_ids(
     tokenizer: PromptTokenizer, chat: bool, body: Mapping[str, Any], max_model_len: int | None = None
 ) -> list[int]:
@@ -77,7 +91,7 @@ def body_prompt_ids(
         bound = functools.partial(check_prompt_chars, max_model_len=max_model_len, chars_per_token=chars)
     if chat:
         check = None if bound is None else functools.partial(bound, param="messages")
-        return chat_prompt_ids(tokenizer, template_messages(body["messages"]), check)
+        return chat_prompt_ids(tokenizer, template_messages(body["messages"]), check, template_tools(body))
     prompt = body["prompt"]
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]

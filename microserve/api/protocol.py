@@ -7,6 +7,7 @@ drop: a field this server does not know is a 400 naming it, except the habit fie
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal, TypeVar, get_args
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, fie
 
 from microserve.api.errors import APIError, bad_request
 from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
+from microserve.api.tool_calls import tool_choice_schema
 from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
@@ -256,7 +258,55 @@ class ChatMessage(BaseModel):
         message = self.model_dump(exclude_none=True)
         if self.content is None and "content" in self.model_fields_set:
             message["content"] = ""  # sent as null: "" (left out, the template says what is missing)
+        if isinstance(message.get("tool_calls"), list):
+            message["tool_calls"] = [template_tool_call(c) for c in message["tool_calls"]]
         return message
+
+
+def template_tool_call(call: Any) -> Any:
+    """An OpenAI tool call as chat templates expect it (as vLLM hands it): `arguments` an object, not
+    the JSON text OpenAI sends, so `arguments | tojson` renders the object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    """One entry of `tools`: OpenAI's function tool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call exactly that function."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -267,11 +317,15 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if not self.messages:
             raise bad_request("messages must contain at least one message.", param="messages")
+        self._check_tools()
         for i, message in enumerate(self.messages):
             message.check(f"messages.{i}.content")
         if self.top_logprobs is not None:
@@ -295,6 +349,46 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.for_template() for m in self.messages]
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """A forced tool_choice decodes under the schema of its calls (api/tool_calls.py), so the
+        arguments always parse and match the function's parameters; else the structured output's."""
+        other = super().grammar_spec()
+        tools = self.template_tools()
+        schema = tool_choice_schema(
+            tools or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
+        )
+        if schema is None:
+            return other
+        if other is not None:
+            raise InvalidParams(
+                f"tool_choice forcing a call cannot be combined with {other.param}", "tool_choice"
+            )
+        return GrammarSpec.json_schema(schema, "tool_choice")
+
+    def _plain_tool_choice(self) -> Any:
+        choice = self.tool_choice
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """`tools` as the chat template sees them (None when there are none)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the answer is parsed for tool calls: tools given and tool_choice is not "none"."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def _check_tools(self) -> None:
+        choice = self.tool_choice
+        names = [t.function.name for t in self.tools or []]
+        if choice == "required" and not names:
+            raise bad_request('tool_choice "required" needs at least one tool in tools.', param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise bad_request(
+                f"tool_choice names function {choice.function.name!r}, which is not in tools.",
+                param="tool_choice",
+            )
 
 
 RequestT = TypeVar("RequestT", bound=RequestModel)

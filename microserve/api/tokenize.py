@@ -9,7 +9,7 @@ from pydantic import NonNegativeInt
 
 from microserve.api.errors import bad_request
 from microserve.api.prompt import PromptTokenizer, chat_prompt_ids, template_messages
-from microserve.api.protocol import ChatMessage, RequestModel
+from microserve.api.protocol import ChatMessage, RequestModel, ToolSpec
 
 
 class TokenizeRequest(RequestModel):
@@ -18,6 +18,7 @@ class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ToolSpec] | None = None  # rendered with the messages, as a chat request renders them
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -35,14 +36,18 @@ def tokenize(
         raise bad_request("Send either prompt or messages.", param="prompt")
     if req.messages is not None:
         messages = template_messages(req.messages)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        with_tools: dict[str, Any] = {"tools": tools} if tools else {}
         if req.add_special_tokens:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=req.add_generation_prompt, **with_tools
+            )
             ids = tokenizer.encode(text, add_special_tokens=True)
         elif req.add_generation_prompt:
-            ids = chat_prompt_ids(tokenizer, messages)
+            ids = chat_prompt_ids(tokenizer, messages, tools=tools)
         else:
             ids = tokenizer.encode(
-                tokenizer.apply_chat_template(messages, add_generation_prompt=False), False
+                tokenizer.apply_chat_template(messages, add_generation_prompt=False, **with_tools), False
             )
     else:
         assert req.prompt is not None

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from microserve.engine.core import EngineCore
 from microserve.engine.errors import EngineDead, EngineOverloaded
+from microserve.engine.hot_prefixes import hot_prefixes
 from microserve.engine.kv_storage import KVLayout
 from microserve.engine.outputs import PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
@@ -118,6 +119,10 @@ class AsyncEngine:
 
     async def release(self, request_id: str) -> bool:
         return await self._call(lambda core: core.release(request_id))
+
+    async def hot_prefixes(self, max_tokens: int, limit: int) -> list[list[int]]:
+        """The hottest cached prefixes (token ids), read on the engine thread (`engine/hot_prefixes.py`)."""
+        return await self._call(lambda core: hot_prefixes(core.kv.pool, max_tokens, limit))
 
     async def _stream(
         self, request_id: str, add: _Command, validate: Callable[[], None] | None = None, choices: int = 1

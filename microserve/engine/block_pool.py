@@ -27,6 +27,8 @@ class Block:
     hash: int | None = None  # set while the block is registered in the prefix cache
     parent_hash: int = ROOT_HASH
     token_ids: tuple[int, ...] = ()  # kept for the collision check
+    hits: int = 0  # references taken to it while cached (prefix hits, forks): how hot it is
+    last_used: int = 0  # the pool's tick when it was last taken or let go: how recent it is
 
     @property
     def cached_hash(self) -> int:
@@ -51,6 +53,7 @@ class BlockPool:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[int, int] = {}  # hash -> block id
         self.num_evictions = 0
+        self._tick = 0  # counts takes and releases, for `Block.last_used`
 
     @property
     def num_blocks(self) -> int:
@@ -94,12 +97,18 @@ class BlockPool:
         if block.ref_count == 0:
             del self._evictable[block.block_id]
         block.ref_count += 1
+        if block.hash is not None:
+            block.hits += 1
+        self._tick += 1
+        block.last_used = self._tick
 
     def release(self, block: Block) -> None:
         """Drop one reference; an unreferenced block becomes free, or evictable if it is cached."""
         if block.ref_count <= 0:
             raise RuntimeError(f"block {block.block_id} released more often than taken")
         block.ref_count -= 1
+        self._tick += 1
+        block.last_used = self._tick
         if block.ref_count == 0:
             if block.hash is None:
                 self._free.append(block.block_id)
@@ -115,12 +124,22 @@ class BlockPool:
         block.token_ids = tuple(token_ids)
         self._cached[hash_] = block.block_id
 
+    def cached_block(self, hash_: int) -> Block | None:
+        """The block registered under `hash_` in the prefix cache, or None."""
+        block_id = self._cached.get(hash_)
+        return None if block_id is None else self.blocks[block_id]
+
+    def cached_blocks(self) -> list[Block]:
+        """Every block in the prefix cache (in use or evictable)."""
+        return [self.blocks[block_id] for block_id in self._cached.values()]
+
     def _uncache(self, block: Block) -> None:
         if block.hash is not None:
             del self._cached[block.hash]
         block.hash = None
         block.parent_hash = ROOT_HASH
         block.token_ids = ()
+        block.hits = 0
 
     def reset_prefix_cache(self) -> int:
         """Forget every evictable cached block; returns how many were dropped."""

@@ -29,6 +29,7 @@ from microserve.router.config import RouterConfig
 from microserve.router.dashboard import add_dashboard_routes
 from microserve.router.metrics import scrape_targets
 from microserve.router.request import Route
+from microserve.router.responses import add_responses_routes
 from microserve.router.router import Router
 from microserve.tokens import bearer_matches
 from microserve.tracing import Tracing
@@ -101,6 +102,7 @@ def routes(router: Router, started: int) -> Routes:
     table.add("GET", "/ready", functools.partial(ready, router))
     table.add("GET", "/metrics", functools.partial(metrics, router))
     table.add("GET", "/prometheus/targets", functools.partial(prometheus_targets, router))
+    add_responses_routes(table, router)
     add_admin_routes(table, router)
     add_key_routes(table, router)
     add_dashboard_routes(table, router, started)
@@ -151,7 +153,7 @@ async def embeddings(router: Router, request: Request) -> Response:
         model = request.json().get("model") if request.body else None
         if isinstance(model, str):
             router.tenants.check_model(key, model)
-    status, body = await router.forward_to_engine("/v1/embeddings", request.body)
+    status, body = await router.forward_to_engine("/v1/embeddings", request.body, kind=None)
     return Response(body, status=status)
 
 

@@ -32,6 +32,9 @@ class AutoscalerConfig:
     scale_up_cooldown_s: float = 5.0  # after a step up, before the next one (new replicas take time to help)
     scale_down_after_s: float = 30.0  # low load this long before each step down
     down_step: int | None = 1  # replicas one step down may remove; None: straight to what the load needs
+    # Scale up for the load expected this many seconds ahead at its current growth rate (a replica's
+    # start-up is the natural value: what it will face once it is up); 0 sizes on the load now.
+    growth_lookahead_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
@@ -40,8 +43,8 @@ class AutoscalerConfig:
             raise ValueError("need target load > 0 and 0 < down ratio < 1")
         if self.down_step is not None and self.down_step < 1:
             raise ValueError("a step down removes at least one replica")
-        if self.scale_up_cooldown_s < 0 or self.scale_down_after_s < 0:
-            raise ValueError("cooldowns must be >= 0 seconds")
+        if self.scale_up_cooldown_s < 0 or self.scale_down_after_s < 0 or self.growth_lookahead_s < 0:
+            raise ValueError("cooldowns and the growth lookahead must be >= 0 seconds")
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,12 +72,15 @@ class Autoscaler:
     last_up_at: float = -math.inf
     low_since: float | None = None  # when the load last became low enough to lose a replica
     reason: str = "start"
+    last_seen: tuple[float, int] | None = None  # (time, load) at the previous decision
+    growth: float = 0.0  # the load's recent growth, requests per second (smoothed, >= 0)
 
     def decide(self, now: float, s: PoolSignals) -> int:
         cfg = self.config
         current = s.replicas
         desired = min(max(current, cfg.min_replicas), cfg.max_replicas)
-        need = math.ceil(s.load / cfg.target_load)
+        self._track_growth(now, s.load)
+        need = math.ceil((s.load + self.growth * cfg.growth_lookahead_s) / cfg.target_load)
         overloaded = s.kv_usage >= cfg.kv_high or (
             cfg.ttft_slo_s is not None and s.ttft_p99_s is not None and s.ttft_p99_s > cfg.ttft_slo_s
         )
@@ -110,6 +116,12 @@ class Autoscaler:
         self.desired = desired
         return desired
 
+    def _track_growth(self, now: float, load: int) -> None:
+        if self.last_seen is not None and now > self.last_seen[0]:
+            rate = (load - self.last_seen[1]) / (now - self.last_seen[0])
+            self.growth = max(0.0, 0.5 * self.growth + 0.5 * rate)
+        self.last_seen = (now, load)
+
 
 @dataclass(slots=True)
 class PoolAutoscaler:
@@ -128,7 +140,9 @@ class PoolAutoscaler:
         return {role: scaler.desired for role, scaler in self.scalers.items()}
 
 
-def pool_signals(workers: Iterable[Worker], queued: int, starting: int) -> PoolSignals:
+def pool_signals(
+    workers: Iterable[Worker], queued: int, starting: int, ttft_p99_s: float | None = None
+) -> PoolSignals:
     """The pool as the autoscaler sees it: engines up and not draining plus those starting; the load is
     what the router holds plus, per engine, the larger of its in-flight count and its last load report."""
     serving = [w for w in workers if not w.draining]
@@ -142,7 +156,18 @@ def pool_signals(workers: Iterable[Worker], queued: int, starting: int) -> PoolS
         else:
             running += w.in_flight
         kv = max(kv, load.kv_usage if load is not None else 0.0)
-    return PoolSignals(len(serving) + starting, queued, waiting, running, kv)
+    return PoolSignals(len(serving) + starting, queued, waiting, running, kv, ttft_p99_s)
+
+
+def recent_ttft_p99(
+    samples: Iterable[tuple[float, float]], now: float, window_s: float = 30.0, min_samples: int = 20
+) -> float | None:
+    """The p99 of the TTFTs (`(when, seconds)` pairs) seen in the last `window_s`, or None with fewer
+    than `min_samples` of them: the TTFT signal, from the router's recent requests or the simulator's."""
+    recent = sorted(ttft for at, ttft in samples if now - at <= window_s)
+    if len(recent) < min_samples:
+        return None
+    return recent[min(len(recent) - 1, math.ceil(0.99 * len(recent)) - 1)]
 
 
 def idlest(workers: Iterable[Worker]) -> Worker | None:

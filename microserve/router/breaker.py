@@ -34,7 +34,7 @@ class BreakerConfig:
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_open_for", "_opened_at", "_state", "_trials", "config", "failures")
+    __slots__ = ("_clock", "_open_for", "_opened_at", "_state", "_trials", "config", "failures", "openings")
 
     def __init__(self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or BreakerConfig()
@@ -44,6 +44,7 @@ class CircuitBreaker:
         self._opened_at = 0.0
         self._open_for = self.config.open_s
         self._trials = 0  # trial requests in flight while half-open
+        self.openings = 0  # times it opened (router replicas publish each new one)
 
     @property
     def state(self) -> CircuitState:
@@ -103,6 +104,7 @@ class CircuitBreaker:
 
     def _open(self, seconds: float) -> None:
         self._state = CircuitState.OPEN
+        self.openings += 1
         self._opened_at = self._clock()
         self._open_for = seconds
         self.failures = 0

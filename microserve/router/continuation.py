@@ -19,6 +19,7 @@ import orjson
 from microserve.api.shapes import SYSTEM_FINGERPRINT, chat_logprobs_from_completion
 from microserve.api.sse import DONE_FRAME
 from microserve.api.structured import STRUCTURED_FIELDS
+from microserve.api.tool_calls import tool_choice_schema
 from microserve.router.request import Route, RoutedRequest
 
 # The sampling fields a continuation carries over; min_tokens and max_tokens are reduced by what was sent.
@@ -135,7 +136,9 @@ class StreamProgress:
             text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
             reason = choice.get("finish_reason")
             self._advance(new or [], text or "", reason)
-            if strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
+            if delta.get("tool_calls"):  # the engine read a call from the text: that text is delivered
+                self.delivered = len(self.generated)
+            elif strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
                 return None  # only there for the ids the router asked for: the client gets no empty delta
         elif chunk.get("usage"):
             self.usage_sent = True
@@ -346,6 +349,11 @@ def sampling_fields(req: RoutedRequest, first: bool = True) -> dict[str, Any]:
     if req.route is Route.CHAT:
         if req.body.get("logprobs"):
             fields["logprobs"] = req.body.get("top_logprobs") or 0
+        # a forced tool_choice: the engine decodes the completion under the schema of the calls
+        tools, parallel = req.body.get("tools") or [], req.body.get("parallel_tool_calls") is not False
+        schema = tool_choice_schema(tools, req.body.get("tool_choice"), parallel)
+        if schema is not None:
+            fields["structured_outputs"] = {"json": schema}
     elif req.body.get("logprobs") is not None:
         fields["logprobs"] = req.body["logprobs"]
     if first and req.route is Route.COMPLETIONS and req.body.get("echo"):

@@ -43,6 +43,11 @@ class Policy(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "options": self.options()}
 
+    def handed_off(self, src: str, dst: str, prefixes: Sequence[Sequence[int]]) -> None:
+        """Worker `src` is leaving and `dst` now holds `prefixes` (token ids) from its cache (the
+        autoscaler's prefix hand-off): a policy that remembers where prefixes are updates itself."""
+        return None
+
     def _rotate(self, tied: Sequence[Worker]) -> Worker:
         # Ties go round robin, so that an idle fleet is not served by its first worker alone.
         return tied[next(self._turn) % len(tied)]
@@ -328,6 +333,16 @@ class PrefixAware(Policy):
         chosen = self._choose(workers, hashes)
         self.index.insert(hashes, chosen.url)
         return chosen
+
+    def handed_off(self, src: str, dst: str, prefixes: Sequence[Sequence[int]]) -> None:
+        if self.tokens:  # the moved prefixes themselves
+            for ids in prefixes:
+                self.index.insert(self.index.hashes(ids), dst)
+        elif prefixes:
+            # A text index cannot name token ids: what `src` was sent goes to `dst`, which holds the
+            # hottest of it now; the rest costs one cache miss there, as it would anywhere.
+            self.index.reassign(src, dst)
+        self.index.forget_worker(src)
 
     def _choose(self, workers: Sequence[Worker], hashes: list[int]) -> Worker:
         low = min(w.fleet_in_flight for w in workers)

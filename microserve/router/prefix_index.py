@@ -85,6 +85,12 @@ class PrefixIndex:
             if not holders:
                 del self._blocks[h]
 
+    def reassign(self, src: str, dst: str) -> None:
+        """Every block believed held by `src` is believed held by `dst` too."""
+        for holders in self._blocks.values():
+            if src in holders:
+                holders.add(dst)
+
     def _touch(self, hashes: Sequence[int]) -> None:
         # Deepest first, so a prompt's root ends most recent: eviction takes leaves before the blocks
         # they chain from, and a shared root is the last to go.

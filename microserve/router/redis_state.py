@@ -60,7 +60,9 @@ class RedisState(SharedState):
         self._inserts: deque[tuple[str, Sequence[int]]] = deque(maxlen=PENDING_MAX)  # (url, hashes)
         self._opened: dict[str, float] = {}  # url -> seconds open, to publish
         self._closed: set[str] = set()
-        self._circuits: dict[str, CircuitState] = {}  # as last seen, to notice local changes
+        # (state, openings) as last seen, to notice local changes: a failed half-open trial reopens a
+        # circuit between two ticks, which only its count of openings shows.
+        self._circuits: dict[str, tuple[CircuitState, int]] = {}
         self._last_id = "0"  # replay the stream on start
         self._others: list[str] = []
         self._task: asyncio.Task[None] | None = None
@@ -196,15 +198,16 @@ class RedisState(SharedState):
 
     def _note_circuits(self) -> None:
         for worker in self._workers():
-            state = worker.breaker.state
-            before = self._circuits.get(worker.url, CircuitState.CLOSED)
-            if state is CircuitState.OPEN and before is not CircuitState.OPEN:
-                self._opened[worker.url] = worker.breaker.open_remaining_s()
+            breaker = worker.breaker
+            state, openings = breaker.state, breaker.openings
+            before, opened_before = self._circuits.get(worker.url, (CircuitState.CLOSED, 0))
+            if state is CircuitState.OPEN and openings != opened_before:
+                self._opened[worker.url] = breaker.open_remaining_s()
                 self._closed.discard(worker.url)
             elif state is CircuitState.CLOSED and before is not CircuitState.CLOSED:
                 self._closed.add(worker.url)
                 self._opened.pop(worker.url, None)
-            self._circuits[worker.url] = state
+            self._circuits[worker.url] = (state, openings)
 
     def _local_counts(self) -> dict[Any, Any]:  # redis-py's mapping type is invariant in its keys
         return {w.url: w.in_flight for w in self._workers() if w.in_flight > 0}
@@ -242,12 +245,14 @@ class RedisState(SharedState):
                     continue  # replayed history: prefixes only, circuits have moved on since
                 for url, seconds in event.get("o", ()):
                     if url in pool and seconds - age_s > 0:
-                        pool.get(url).breaker.open_for(seconds - age_s)
-                        self._circuits[url] = CircuitState.OPEN
+                        breaker = pool.get(url).breaker
+                        breaker.open_for(seconds - age_s)
+                        self._circuits[url] = (CircuitState.OPEN, breaker.openings)
                 for url in event.get("c", ()):
                     if url in pool:
-                        pool.get(url).breaker.on_success()
-                        self._circuits[url] = CircuitState.CLOSED
+                        breaker = pool.get(url).breaker
+                        breaker.on_success()
+                        self._circuits[url] = (CircuitState.CLOSED, breaker.openings)
 
 
 def pack(hashes: Sequence[int]) -> str:

@@ -4,6 +4,7 @@ checks, admission and metrics; strategies reach workers through its `pick`. One 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -35,7 +36,7 @@ from microserve.router.workers import NoWorkerAvailable, Role, Worker, WorkerKin
 from microserve.tenants.cache import ResponseCache
 from microserve.tenants.gateway import Gateway, open_store
 from microserve.tenants.metrics import TenantsCollector
-from microserve.tenants.semantic import FleetEmbedder, SemanticCache
+from microserve.tenants.semantic import DEFAULT_STYLE, FleetEmbedder, SemanticCache
 from microserve.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,11 @@ class Router:
                 config.response_cache,
                 config.response_cache_ttl_s,
                 self.response_cache.backend,
-                FleetEmbedder(self.forward_to_engine, config.semantic_cache_model),
+                FleetEmbedder(
+                    functools.partial(self.forward_to_engine, kind=None),
+                    config.semantic_cache_model,
+                    "plain" if config.semantic_cache_model else DEFAULT_STYLE,
+                ),
             )
             if config.semantic_cache is not None and config.response_cache and self.response_cache
             else None
@@ -211,9 +216,12 @@ class Router:
             raise model_not_found(req.model)
         req.model = default
 
-    async def forward_to_engine(self, path: str, body: bytes) -> tuple[int, bytes]:
-        """POST `body` to `path` on a microserve engine serving its model (/tokenize, /detokenize):
-        the status and body it answers. Any such engine will do; these routes hold no state."""
+    async def forward_to_engine(
+        self, path: str, body: bytes, kind: WorkerKind | None = WorkerKind.MICROSERVE
+    ) -> tuple[int, bytes]:
+        """POST `body` to `path` on a microserve engine serving its model (/tokenize, /detokenize), or
+        on any worker of the model with `kind=None` (/v1/embeddings: OpenAI-compatible servers have it
+        too): the status and body it answers. Any such worker will do; these routes hold no state."""
         try:
             model = orjson.loads(body).get("model") if body else None
         except (orjson.JSONDecodeError, AttributeError):
@@ -222,9 +230,9 @@ class Router:
             raise bad_request("model must be a string.", param="model")
         if model is not None and not self.pool.serves(model):
             raise model_not_found(model)
-        workers = self.pool.candidates(model, kind=WorkerKind.MICROSERVE)
+        workers = self.pool.candidates(model, kind=kind)
         if not workers:
-            raise no_worker_available("No microserve engine is available to answer this.")
+            raise no_worker_available("No worker is available to answer this.")
         worker = workers[0]
         up = self.upstream
         headers = {**up.headers_for(worker), "Content-Type": "application/json"}

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from microserve.api.errors import APIError
+from microserve.api.tool_calls import SSEToolCalls, chat_tool_calls
 from microserve.engine_client import EngineClient, EngineError, KVAddress
 from microserve.http.client import ClientError, ConnectFailed, HTTPClient, Response
 from microserve.router.continuation import (
@@ -25,7 +26,7 @@ from microserve.router.continuation import (
     whole_as_client,
 )
 from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
-from microserve.router.request import RoutedRequest
+from microserve.router.request import Route, RoutedRequest
 from microserve.router.tracing import call_span
 from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import PickedWorker, Worker, WorkerKind
@@ -296,9 +297,10 @@ class HTTPWorkerHandle(PickedWorker):
                 deadlines,
                 trace_headers=call.headers,
             )
+            tools = self._tool_calls(req)
             try:
                 async for data in self._frames(resp, progress, progress.reshape, deadlines):
-                    yield data
+                    yield data if tools is None else tools.feed(data)
                 progress.count_into(req)
             finally:
                 resp.close()
@@ -318,7 +320,9 @@ class HTTPWorkerHandle(PickedWorker):
             whole = {**body, "stream": False, "return_token_ids": req.wants_token_ids}
             resp = await self._post(path, orjson.dumps(whole), req, trace_headers=call.headers)
             try:
-                return whole_as_client(req, await self._read_whole(resp))
+                answer = whole_as_client(req, await self._read_whole(resp))
+                tools = self._tool_calls(req)
+                return answer if tools is None else orjson.dumps(tools.calls.whole(orjson.loads(answer)))
             finally:
                 resp.close()
         except BaseException as exc:
@@ -329,6 +333,15 @@ class HTTPWorkerHandle(PickedWorker):
             call.end()
 
     # -- plumbing -----------------------------------------------------------------------------------
+
+    def _tool_calls(self, req: RoutedRequest) -> SSEToolCalls | None:
+        """For a chat answer this router builds: its content read for tool calls, in the syntax the
+        engine says its template teaches (`tool_call_parser` in /v1/models)."""
+        if req.route is not Route.CHAT:
+            return None
+        syntax = self.worker.model_cards.get(req.model or "", {}).get("tool_call_parser")
+        calls = chat_tool_calls(req.body, syntax)
+        return None if calls is None else SSEToolCalls(calls)
 
     def deadlines(self) -> _StreamClock:
         """This attempt's stream deadlines, from the worker's last load report; the first-byte clock runs

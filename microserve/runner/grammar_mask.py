@@ -43,10 +43,18 @@ def unpack_bitmask(masks: np.ndarray[Any, Any], vocab: int) -> torch.Tensor:
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], masks: np.ndarray[Any, Any]) -> None:
     """Set the disallowed tokens' logits to -inf, in place, for `rows` of `logits` (one mask each)."""
-    allowed = unpack_bitmask(masks, logits.shape[1]).to(logits.device)
+    # The bits inverted as words (1,536 a row) give the banned tokens directly: no pass to negate the
+    # unpacked [rows, vocab] tensor. Columns past the mask's width (a model's padding) stay banned.
+    vocab = logits.shape[1]
+    if masks.shape[1] * 32 >= vocab:
+        bits = np.unpackbits(np.invert(masks).view(np.uint8), axis=1, bitorder="little")
+        banned = torch.from_numpy(bits.view(np.bool_))[:, :vocab]
+    else:
+        banned = ~unpack_bitmask(masks, vocab)
+    banned = banned.to(logits.device)
     if len(rows) == logits.shape[0]:
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits.masked_fill_(banned, float("-inf"))
         return
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    sub = logits.index_select(0, index).masked_fill_(~allowed, float("-inf"))
+    sub = logits.index_select(0, index).masked_fill_(banned, float("-inf"))
     logits.index_copy_(0, index, sub)

@@ -20,6 +20,7 @@ from microserve.api import tokenize as api_tokenize
 from microserve.api.embeddings import EmbeddingRequest
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
 from microserve.api.tokenize import DetokenizeRequest, TokenizeRequest
+from microserve.api.tool_calls import syntax_for_template
 from microserve.http.limits import ConnectionLimits
 from microserve.http.server import HTTPServer, Request, Response, Routes, Stream
 from microserve.server.embeddings import embeddings
@@ -166,6 +167,8 @@ class EngineApp:
             "owned_by": "microserve",
             "root": engine.model_name,
             "max_model_len": engine.max_model_len,
+            # how a chat answer is read for tool calls (the router reads answers it builds the same way)
+            "tool_call_parser": syntax_for_template(getattr(engine.tokenizer, "chat_template", None)),
         }
 
     async def models(self, request: Request) -> Response:

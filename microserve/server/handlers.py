@@ -26,6 +26,7 @@ from microserve.api.prompt import (
 from microserve.api.protocol import ChatCompletionRequest, CompletionRequest
 from microserve.api.shapes import ChatShape, CompletionShape, ResponseShape, TokenText
 from microserve.api.sse import SSE_HEADERS, frame
+from microserve.api.tool_calls import ChatToolCalls, forces_call, syntax_for_template
 from microserve.engine.errors import EngineDead, EngineOverloaded, PromptTooLong
 from microserve.engine.outputs import RequestOutput
 from microserve.engine.reservations import ReservationError
@@ -167,6 +168,14 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
     )
 
 
+def tool_calls_for(req: ChatCompletionRequest, template: str | None) -> ChatToolCalls | None:
+    """How the answer is read for tool calls (None: it is not), in the syntax the template teaches."""
+    if not req.calls_tools:
+        return None
+    syntax = "json" if forces_call(req.tool_choice) else syntax_for_template(template)
+    return ChatToolCalls(syntax, parallel=req.parallel_tool_calls is not False)
+
+
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
     model = state.resolve_model(req.model)
     tokenizer = state.engine.tokenizer
@@ -175,6 +184,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
         tokenizer,
         req.template_messages(),
         lambda text: check_prompt_chars(text, state.engine.max_model_len, limit, "messages"),
+        req.template_tools(),
     )
     requested = req.requested_max_tokens
     max_tokens = requested if requested is not None else _room(state, prompt_ids)
@@ -187,6 +197,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> Prepared:
             include_usage=req.include_usage,
             prompt_token_ids=prompt_ids if req.return_token_ids else None,
             token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
+            tool_calls=tool_calls_for(req, getattr(tokenizer, "chat_template", None)),
         ),
         stream=req.stream,
         prompt_param="messages",

@@ -88,6 +88,11 @@ class ReleaseRequest(RequestModel):
     request_id: str = Field(min_length=1)
 
 
+class PrefixesRequest(RequestModel):
+    max_tokens: int = Field(default=8192, ge=1)
+    limit: int = Field(default=32, ge=1, le=1024)
+
+
 class StartGenerateRequest(CompletionRequest):
     request_id: str = Field(min_length=1)
     begin: int = 0
@@ -114,6 +119,7 @@ def add_microserving_routes(
         ("/microserving/remote_send", remote_send),
         ("/microserving/start_generate", start_generate),
         ("/microserving/release", release),
+        ("/microserving/prefixes", prefixes),
     ):
         app.routes.add("POST", path, _guarded(ms, verb), max_body=body)
     # The largest KV transfer is a whole context's K and V.
@@ -322,3 +328,11 @@ async def release(ms: Microserving, request: Request) -> Response:
     req = parse_request(ReleaseRequest, request.json())
     released = await _engine_call(ms.engine.release(req.request_id))
     return Response.json({"released": released})
+
+
+async def prefixes(ms: Microserving, request: Request) -> Response:
+    """The hottest prefixes this engine's KV cache holds (token ids, whole blocks), hottest first: what
+    a leaving engine hands to a survivor (`microserve/router/handoff.py`)."""
+    req = parse_request(PrefixesRequest, request.json())
+    found = await _engine_call(ms.engine.hot_prefixes(req.max_tokens, req.limit))
+    return Response.json({"prefixes": [{"prompt": ids, "tokens": len(ids)} for ids in found]})

@@ -107,6 +107,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     scale.add_argument("--engine-startup", type=float, default=20.0, help="seconds a new replica takes (20)")
     scale.add_argument(
+        "--scale-down-ratio",
+        type=float,
+        default=0.5,
+        help="share of the target the load must fall to before a replica goes (0.5)",
+    )
+    scale.add_argument(
+        "--scale-lookahead",
+        type=float,
+        default=0.0,
+        help="seconds: scale up for the load expected this far ahead at its growth rate (0: the load now)",
+    )
+    scale.add_argument(
+        "--scale-ttft-slo",
+        type=float,
+        default=None,
+        help="seconds: a recent TTFT p99 above it adds a replica and holds scale-down (off)",
+    )
+    scale.add_argument(
+        "--handoff-tokens",
+        type=int,
+        default=0,
+        help="KV tokens of its hottest prefixes a leaving replica hands to a survivor (0: off)",
+    )
+    scale.add_argument(
         "--load-shape",
         choices=["diurnal", "bursty"],
         default=None,
@@ -159,6 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def scaling_from_args(args: argparse.Namespace) -> Any:
     """`--autoscale MIN:MAX` and its knobs as a SimScaling, or None; ValueError with a one-line message."""
     from microserve.router.autoscaler import AutoscalerConfig
+    from microserve.router.handoff import HandoffConfig
     from microserve.simulator.scaling import SimScaling
 
     if args.autoscale is None:
@@ -177,8 +202,14 @@ def scaling_from_args(args: argparse.Namespace) -> Any:
         scale_down_after_s=args.scale_down_after,
         scale_up_cooldown_s=args.scale_up_cooldown,
         down_step=args.scale_down_step or None,
+        down_ratio=args.scale_down_ratio,
+        ttft_slo_s=args.scale_ttft_slo,
+        growth_lookahead_s=args.scale_lookahead,
     )
-    return SimScaling(config, startup_s=args.engine_startup)
+    if args.handoff_tokens < 0:
+        raise ValueError(f"--handoff-tokens must be >= 0, got {args.handoff_tokens}")
+    handoff = HandoffConfig(max_tokens=args.handoff_tokens) if args.handoff_tokens else None
+    return SimScaling(config, startup_s=args.engine_startup, handoff=handoff)
 
 
 def tenants_from_args(args: argparse.Namespace) -> list[Any]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from microserve.api.errors import APIError
 from microserve.router.admission import AdmissionConfig, AdmissionQueue, pool_capacity
 from microserve.router.attempts import RetryLoop
 from microserve.router.deadlines import DeadlineConfig
+from microserve.router.discovery.membership import Membership
 from microserve.router.fair_share import FairShare, admit
 from microserve.router.policies import POLICIES, Policy, make_policy
 from microserve.router.request import RoutedRequest
@@ -31,6 +33,7 @@ from microserve.simulator.handle import SimRequest, SimWorkerHandle
 from microserve.simulator.replica import ReplicaConfig, SimReplica
 
 if TYPE_CHECKING:
+    from microserve.bench.sender import RequestRecord
     from microserve.simulator.scaling import SimScaling
 
 MODEL = "sim"  # the one model every simulated replica serves
@@ -143,6 +146,14 @@ class SimRouter:
             self.admission = AdmissionQueue(fleet.admission, capacity, loop.time)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.retries = 0
+        # Replicas an autoscaler starts register here and join through the router's membership code;
+        # those of the fleet's configuration are static, as workers named by flags.
+        self.registered: dict[str, WorkerSpec] = {}
+        self.membership = Membership(self.pool, "simulator", drain_timeout_s=math.inf)
+        # (when, seconds) of recent first tokens, for the autoscaler's TTFT signal; and the requests
+        # still waiting for theirs (id -> start), whose wait so far counts too.
+        self.ttfts: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.pending: dict[int, RequestRecord] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -153,17 +164,31 @@ class SimRouter:
             self._tasks.append(asyncio.create_task(self._poll_loads()))
 
     def add_replica(self, url: str, replica: SimReplica, role: Role) -> None:
-        """A replica joins (an autoscaler started it): in the pool and stepping from now."""
-        self.pool.add(WorkerSpec(url, role=role, models=(MODEL,)))
+        """A replica joins (an autoscaler started it and it registered): the router's membership code adds
+        it to the pool, as for an engine registering in etcd; it is ready at once (no health check runs
+        here), stepping from now."""
+        loop = asyncio.get_running_loop()
+        self.registered[url] = WorkerSpec(url, role=role, models=(MODEL,))
         self.replicas[url] = replica
-        replica.start(asyncio.get_running_loop())
+        for worker in self.membership.apply(list(self.registered.values()), loop.time()).joined:
+            worker.healthy = True  # its first health check, passed
+        replica.start(loop)
         if self.admission is not None:
             self.admission.wake()
 
     def retire_replica(self, url: str) -> None:
-        """A drained replica leaves the pool and stops; its stats stay."""
-        self.retired.append(self.pool.remove(url))
-        self.replicas[url].stop()
+        """A drained, idle replica withdraws its registration: membership drains it and takes it out of
+        the pool (one of the fleet's configured replicas is removed as a static worker is), and it stops;
+        its stats stay."""
+        now = asyncio.get_running_loop().time()
+        if self.registered.pop(url, None) is None:  # one of the fleet's own replicas: static, removed
+            self.retired.append(self.pool.remove(url))
+            self.replicas[url].stop()
+            return
+        self.membership.apply(list(self.registered.values()), now)
+        for worker in self.membership.sweep(now):
+            self.retired.append(worker)
+            self.replicas[worker.url].stop()
 
     async def stop(self) -> None:
         for replica in self.replicas.values():
@@ -206,6 +231,7 @@ class SimRouter:
         record = req.answer.record
         admission = self.admission
         granted: int | None = None  # the admission ticket
+        self.pending[id(req)] = record
         try:
             async with asyncio.timeout(self.fleet.request_timeout_s):
                 if admission is not None:
@@ -222,6 +248,9 @@ class SimRouter:
         except APIError as exc:  # refused by admission (429, or 503 while no replica is ready)
             record.error = f"{exc.status}: {exc.message}"
         finally:
+            del self.pending[id(req)]
+            if record.chunk_times:
+                self.ttfts.append((record.chunk_times[0], record.chunk_times[0] - record.start))
             if admission is not None and granted is not None:
                 admission.release(granted)
                 self.fair_share.running(req.tenant, -1)
@@ -256,6 +285,11 @@ class SimRouter:
                     max_num_seqs=replica.config.max_num_seqs,
                 )
             await asyncio.sleep(self.fleet.load_interval_s)
+
+    def ttft_samples(self, now: float) -> list[tuple[float, float]]:
+        """Recent TTFTs, and the waits so far of requests without a first token yet (a lower bound)."""
+        waits = ((now, now - r.start) for r in self.pending.values() if not r.chunk_times)
+        return [*self.ttfts, *waits]
 
     def replica_stats(self) -> list[dict[str, Any]]:
         """Per replica: role, requests routed to it, engine steps, busy time, preemptions, prefix hits."""

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from microserve.engine.config import CacheConfig
+from microserve.engine.hot_prefixes import hot_prefixes
 from microserve.engine.kv_send import KVSender, send_id
 from microserve.engine.outputs import KVPiece, PrefillProgress, RequestOutput
 from microserve.engine.sampling import SamplingParams
@@ -173,6 +174,9 @@ class SimReplica:
         released = self.core.release(request_id)
         self._kick()  # its blocks may let a waiting request in
         return released
+
+    def hot_prefixes(self, max_tokens: int, limit: int) -> list[list[int]]:
+        return hot_prefixes(self.core.kv.pool, max_tokens, limit)
 
     async def prefill(
         self, request_id: str, prompt_ids: list[int], begin: int

@@ -159,6 +159,13 @@ class Simulator:
         if scaler is not None:
             extra["engine_seconds"] = scaler.engine_seconds(end)
             extra["replicas_timeline"] = [(t - start, n) for t, n in scaler.timeline]
+            extra["membership"] = {"joined": router.membership.joins, "left": router.membership.leaves}
+            if scaler.scaling.handoff is not None:
+                extra["handoffs"] = [
+                    {"prefixes": len(h.prefixes), "sent_tokens": h.sent_tokens, "sent_bytes": h.sent_bytes,
+                     "seconds": h.seconds, "error": h.error}
+                    for h in scaler.handoffs
+                ]  # fmt: skip
         else:
             extra["engine_seconds"] = len(replicas) * (end - start)
         return result, router.replica_stats(), router.retries

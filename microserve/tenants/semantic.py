@@ -25,9 +25,11 @@ from microserve.tenants.vector_index import MemoryIndex, RedisIndex, VectorIndex
 log = logging.getLogger(__name__)
 
 SEMANTIC_HIT = "semantic-hit"
-# From benchmarks/semantic_cache.py on benchmarks/data/paraphrases.jsonl (docs/tenants.md): the lowest
-# threshold with no false hit on the set, with the bundled model's embeddings.
-DEFAULT_THRESHOLD = 0.95
+# From benchmarks/semantic_cache.py on benchmarks/data/paraphrases.jsonl (docs/tenants.md): with the
+# bundled model's own embeddings no threshold separates paraphrases from near misses ("capital of France"
+# against "of Germany"); 0.99 keeps false hits near 5% of near misses and catches ~10% of paraphrases. A
+# real embedding model (`--semantic-cache-model`) is what makes the cache worth turning on.
+DEFAULT_THRESHOLD = 0.99
 CHAT_ROUTE = "/v1/chat/completions"
 
 # POST `body` to `path` on an engine of the body's model: (status, body) — `Router.forward_to_engine`.
@@ -85,7 +87,7 @@ class EmbedStyle:
     """How a text is embedded: the prompt it is wrapped in, and the engine's pooling."""
 
     template: str
-    pooling: str
+    pooling: str | None  # microserve's `pooling` field; None: not sent (any OpenAI-compatible server)
 
 
 STYLES = {
@@ -95,6 +97,8 @@ STYLES = {
     # tokens, which mostly measures shared words (benchmarks/semantic_cache.py, docs/tenants.md).
     "prompt-last": EmbedStyle('This sentence : "{text}" means in one word:"', "last"),
     "mean": EmbedStyle("{text}", "mean"),
+    # For a dedicated embedding model (`--semantic-cache-model`, e.g. on a vLLM worker): the text as is.
+    "plain": EmbedStyle("{text}", None),
 }
 DEFAULT_STYLE = "prompt-last"
 
@@ -116,8 +120,9 @@ class FleetEmbedder:
         request: dict[str, Any] = {
             "input": self.style.template.format(text=text),
             "encoding_format": "base64",
-            "pooling": self.style.pooling,
         }
+        if self.style.pooling is not None:
+            request["pooling"] = self.style.pooling
         if model is not None:
             request["model"] = model
         status, answer = await self.forward("/v1/embeddings", orjson.dumps(request))
