@@ -4,8 +4,8 @@
 the K/V cache write), `attention` (over the paged K/V storage), `mlp` (SwiGLU), `embedding`; `model.llama`
 composes them. A factory per layer (`rms_norm`, `qkv_rope`, `paged_attention`, `silu_and_mul`) takes the
 kernels (`kernels_for`) and returns the class that runs on them, or torch's, so no call asks again.
-Plain classes, not nn.Modules: a decode step calls ~10 of them a layer, and nn.Module's __call__ costs
-more than some of the kernels do.
+Plain classes, not nn.Modules: a decode step calls ~9 of them a layer, and a call through nn.Module's
+__call__ took ~2 us against ~0.2 us for a plain one (docs/architecture.md).
 """
 
 from __future__ import annotations
