@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, fie
 
 from microserve.api.errors import APIError, bad_request
 from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
-from microserve.api.tool_calls import tool_choice_schema
+from microserve.api.tool_calls import forces_call, tool_choice_schema
 from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
@@ -117,7 +117,9 @@ class _GenerationRequest(RequestModel):
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The grammar the answer must match (structured output), or None."""
-        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        guided = {name: value for name in GUIDED_FIELDS if (value := getattr(self, name)) is not None}
+        if not guided and self.response_format is None and self.structured_outputs is None:
+            return None  # the common case, on the router's hot path
         return grammar_spec(self.response_format, self.structured_outputs, guided)
 
     def check_ranges(self) -> None:
@@ -354,9 +356,10 @@ class ChatCompletionRequest(_GenerationRequest):
         """A forced tool_choice decodes under the schema of its calls (api/tool_calls.py), so the
         arguments always parse and match the function's parameters; else the structured output's."""
         other = super().grammar_spec()
-        tools = self.template_tools()
+        if not forces_call(self.tool_choice) or not self.tools:
+            return other  # no forced call: the tools are not dumped (the router's hot path)
         schema = tool_choice_schema(
-            tools or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
+            self.template_tools() or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
         )
         if schema is None:
             return other
