@@ -138,6 +138,9 @@ class CompletionShape:
     include_usage: bool = False
     prompt_token_ids: list[int] | None = None
     token_text: TokenText | None = None  # set when the request asked for logprobs
+    # A batch of prompts: each prompt's ids, for its n choices' prompt_token_ids (else prompt_token_ids).
+    batch_prompt_ids: list[list[int]] | None = None
+    n: int = 1
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     _prompt_ids_sent: set[int] = field(default_factory=set)
@@ -189,7 +192,8 @@ class CompletionShape:
         }
         if self.prompt_token_ids is not None:
             if index not in self._prompt_ids_sent:
-                choice["prompt_token_ids"] = self.prompt_token_ids
+                batch = self.batch_prompt_ids
+                choice["prompt_token_ids"] = batch[index // self.n] if batch else self.prompt_token_ids
                 self._prompt_ids_sent.add(index)
             choice["token_ids"] = token_ids
         return choice

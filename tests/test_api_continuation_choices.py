@@ -1,0 +1,135 @@
+"""Streams of several choices across a mid-stream continuation: two sim engines behind the router, one
+killed while chat streams with n = 3 and batched completion streams (two prompts, n = 2) run on it.
+The sim's tokens depend only on the sequence and the choice, so each continued choice must carry exactly
+the text of the same request answered whole, under its own index, with usage counting every choice once."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from microserve.processes import ManagedProcess, free_port
+from microserve.router.config import RouterConfig
+from microserve.router.health import HealthConfig
+from microserve.router.router import Router
+from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.router_fakes import serving
+from tests.test_router_e2e import write_profile
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+TOKENS = 30
+GREEDY: dict[str, Any] = {"model": MODEL, "max_tokens": TOKENS, "temperature": 0}
+SEEDED: dict[str, Any] = {"model": MODEL, "max_tokens": TOKENS, "temperature": 1.0, "seed": 7}
+USAGE = {"stream_options": {"include_usage": True}}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
+    profile = write_profile(tmp_path_factory.mktemp("engines") / "profile.json", 0.02)
+    started: list[ManagedProcess] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
+                   "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
+            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
+        for engine in started:
+            engine.wait_ready(timeout=180)
+        yield started
+    finally:
+        for engine in started:
+            engine.stop()
+
+
+Streamed = tuple[dict[int, str], dict[int, str], Any]
+
+
+async def chat(sdk: openai.AsyncOpenAI, i: int, ask: dict[str, Any], started: set[int]) -> Streamed:
+    messages = [{"role": "user", "content": f"Question {i}: tell me a story."}]
+    stream = await sdk.chat.completions.create(messages=messages, stream=True, n=3, **ask, **USAGE)  # type: ignore[call-overload]
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason is not None:
+                assert c.index not in reasons, "a choice finished twice"
+                reasons[c.index] = c.finish_reason
+            if c.delta.content:
+                started.add(i)
+        if chunk.usage is not None:
+            assert usage is None, "usage came twice"
+            usage = chunk.usage
+    return texts, reasons, usage
+
+
+async def batch(sdk: openai.AsyncOpenAI, i: int, ask: dict[str, Any], started: set[int]) -> Streamed:
+    prompts = [f"Batch {i}, first prompt:", f"Batch {i}, second prompt, a longer one:"]
+    stream = await sdk.completions.create(prompt=prompts, stream=True, n=2, **ask, **USAGE)
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    async for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason is not None:
+                assert c.index not in reasons, "a choice finished twice"
+                reasons[c.index] = c.finish_reason
+            if c.text:
+                started.add(i)
+        if chunk.usage is not None:
+            assert usage is None, "usage came twice"
+            usage = chunk.usage
+    return texts, reasons, usage
+
+
+async def test_choices_continue_exactly_after_an_engine_dies(engines: list[ManagedProcess]) -> None:
+    workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
+    router = Router(RouterConfig(workers=workers, health=HealthConfig(interval_s=0.2, timeout_s=1.0)))
+    async with serving(router) as client:
+        sdk = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="unused", max_retries=0)
+        victim = router.pool.get(engines[0].url)
+        started: set[int] = set()
+        asks = [GREEDY, SEEDED, GREEDY, SEEDED]
+        tasks = [asyncio.create_task(chat(sdk, i, asks[i], started)) for i in range(4)]
+        tasks += [asyncio.create_task(batch(sdk, 10 + i, asks[i], started)) for i in range(4)]
+        deadline = time.monotonic() + 30
+        while not (len(started) == 8 and victim.in_flight >= 2):
+            assert time.monotonic() < deadline, "streams did not start on the victim"
+            await asyncio.sleep(0.01)
+        engines[0].kill()
+        results = await asyncio.gather(*tasks)
+        continued = router.metrics.registry.get_sample_value(
+            "microserve_router_stream_continuations_total", {"outcome": "completed"}
+        )
+        assert continued and continued >= 1
+
+        for i, (texts, reasons, usage) in enumerate(results[:4]):
+            messages = [{"role": "user", "content": f"Question {i}: tell me a story."}]
+            whole = await sdk.chat.completions.create(messages=messages, n=3, **asks[i])  # type: ignore[call-overload]
+            assert sorted(texts) == [0, 1, 2]
+            assert {c.index: c.message.content for c in whole.choices} == texts
+            assert len(set(texts.values())) == 3  # each choice its own words
+            assert reasons == {c.index: c.finish_reason for c in whole.choices}
+            assert usage is not None and whole.usage is not None
+            assert usage.completion_tokens == 3 * TOKENS == whole.usage.completion_tokens
+            assert usage.prompt_tokens == whole.usage.prompt_tokens
+        for i, (texts, reasons, usage) in enumerate(results[4:]):
+            prompts = [f"Batch {10 + i}, first prompt:", f"Batch {10 + i}, second prompt, a longer one:"]
+            done = await sdk.completions.create(prompt=prompts, n=2, **asks[i])
+            assert sorted(texts) == [0, 1, 2, 3]
+            assert {c.index: c.text for c in done.choices} == texts
+            assert reasons == {c.index: c.finish_reason for c in done.choices}
+            assert usage is not None and done.usage is not None
+            assert usage.completion_tokens == 4 * TOKENS == done.usage.completion_tokens
+            assert usage.prompt_tokens == done.usage.prompt_tokens
+        await sdk.close()
