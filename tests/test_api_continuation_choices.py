@@ -92,6 +92,42 @@ async def batch(sdk: openai.AsyncOpenAI, i: int, ask: dict[str, Any], started: s
     return texts, reasons, usage
 
 
+async def test_prompt_logprobs_come_in_the_first_chunk_of_each_choice(engines: list[ManagedProcess]) -> None:
+    workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
+    router = Router(RouterConfig(workers=workers, health=HealthConfig(interval_s=0.2, timeout_s=1.0)))
+    async with serving(router) as client:
+        sdk = openai.AsyncOpenAI(base_url=f"{client.server.url}/v1", api_key="unused", max_retries=0)
+        ask: dict[str, Any] = {**GREEDY, "max_tokens": 5, "n": 2, "extra_body": {"prompt_logprobs": 1}}
+        prompts = ["A first prompt:", "A second prompt, longer:"]
+        whole = await sdk.completions.create(prompt=prompts, **ask)
+        expected = {c.index: (c.model_extra or {})["prompt_logprobs"] for c in whole.choices}
+        assert expected[0][0] is None and expected[0][1]  # the first prompt token has none
+        seen: dict[int, list[Any]] = {}
+        async for chunk in await sdk.completions.create(prompt=prompts, stream=True, **ask):
+            for c in chunk.choices:
+                entries = (c.model_extra or {}).get("prompt_logprobs")
+                if entries is not None:
+                    assert c.index not in seen, "prompt_logprobs came twice for one choice"
+                    seen[c.index] = entries
+                else:
+                    assert c.index in seen, "a choice's first chunk had no prompt_logprobs"
+        assert seen == expected
+
+        messages = [{"role": "user", "content": "Say something."}]
+        chat_whole = await sdk.chat.completions.create(messages=messages, **ask)  # type: ignore[call-overload]
+        chat_expected = (chat_whole.model_extra or {})["prompt_logprobs"]
+        chat_seen: dict[int, list[Any]] = {}
+        stream = await sdk.chat.completions.create(messages=messages, stream=True, **ask)  # type: ignore[call-overload]
+        async for chunk in stream:
+            for c in chunk.choices:
+                entries = (c.model_extra or {}).get("prompt_logprobs")
+                if entries is not None:
+                    assert c.index not in chat_seen
+                    chat_seen[c.index] = entries
+        assert chat_seen == {0: chat_expected, 1: chat_expected}
+        await sdk.close()
+
+
 async def test_choices_continue_exactly_after_an_engine_dies(engines: list[ManagedProcess]) -> None:
     workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
     router = Router(RouterConfig(workers=workers, health=HealthConfig(interval_s=0.2, timeout_s=1.0)))

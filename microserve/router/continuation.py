@@ -85,6 +85,8 @@ class StreamProgress:
     index: int = 0  # a part's choice index in the client's stream
     n: int = 1  # choices per prompt (a batch's prompt p has parts p * n to p * n + n - 1)
     is_part: bool = False
+    prompt: Any = None  # a part's prompt as the client gave it: where it starts if nothing came yet
+    started: bool = False  # the client has had a chunk of this choice
 
     @classmethod
     def for_request(cls, req: RoutedRequest, prompt_ids: list[int] | None = None) -> StreamProgress:
@@ -101,6 +103,7 @@ class StreamProgress:
         )
         if req.choices > 1:
             batched = req.route is Route.COMPLETIONS and req.batched
+            prompts = req.body.get("prompt") if batched else [req.body.get("prompt")]
             progress.parts = [
                 cls(
                     route=req.route,
@@ -110,6 +113,7 @@ class StreamProgress:
                     index=i,
                     is_part=True,
                     opened=True,
+                    prompt=prompts[i // progress.n] if isinstance(prompts, list) else None,
                 )
                 for i in range(req.choices)
             ]
@@ -118,8 +122,14 @@ class StreamProgress:
     @property
     def resumable(self) -> bool:
         if self.parts:
-            return self.id is not None and all(p.prompt_ids is not None for p in self.unfinished())
+            return self.id is not None and all(p.can_start() for p in self.unfinished())
         return self.id is not None and self.prompt_ids is not None
+
+    def can_start(self) -> bool:
+        """A part can continue: its prompt ids are known, or nothing came yet and it starts over."""
+        if self.prompt_ids is not None:
+            return True
+        return self.route is Route.COMPLETIONS and not self.generated and self.prompt is not None
 
     def unfinished(self) -> list[StreamProgress]:
         """The parts (choices) whose finish the client has not had yet."""
@@ -189,6 +199,8 @@ class StreamProgress:
             target.prompt_ids = ids
         new = choice.pop("token_ids", None) if strip else choice.get("token_ids")
         delta = choice.get("delta") or {}
+        if "role" not in delta:  # chat's opening chunk is not the choice's first
+            target.started = True
         text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
         reason = choice.get("finish_reason")
         target._advance(new or [], text or "", reason)
@@ -223,9 +235,10 @@ class StreamProgress:
         self.skip = 0
         if decode is not None and holds_back(req):
             k, self.skip = _boundary(self.generated, "".join(self.text), decode)
-        assert self.prompt_ids is not None
+        prompt = self.prompt if self.prompt_ids is None else self.prompt_ids + self.generated[:k]
+        assert prompt is not None
         body: dict[str, Any] = {
-            "prompt": self.prompt_ids + self.generated[:k],
+            "prompt": prompt,
             "stream": True,
             "return_token_ids": True,
         }
@@ -244,7 +257,10 @@ class StreamProgress:
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
         if self.is_part and req.choices > 1:
+            body.pop("stream_options", None)  # the stream's one usage chunk is the router's
             body["choice_index"] = self.index % max(1, int(req.body.get("n") or 1))
+            if not self.started and req.body.get("prompt_logprobs") is not None:
+                body["prompt_logprobs"] = req.body["prompt_logprobs"]  # its first chunk is still to come
         # What follows replaces whatever the dead engine generated past the resume point.
         del self.generated[k:]
         return body
@@ -300,17 +316,28 @@ class StreamProgress:
             self.generated.extend(ids)  # ids of text the client already has: count them, send nothing new
             ids, text, logprobs = [], text[cut:], None
         index = int(choice.get("index") or 0)
+        prompt_logprobs = choice.get("prompt_logprobs")
         if self.is_part:
             index = self.index
+            if self.prompt_ids is None:
+                self.prompt_ids = choice.get("prompt_token_ids")
             self._advance(ids, text, reason)
         elif self.parts:  # a strategy's own stream of several choices
             if index < len(self.parts):
                 self.parts[index]._advance(ids, text, reason)
         elif index == 0:
             self._advance(ids, text, reason)
-        if not text and reason is None and not (self.keep_ids and ids) and not logprobs:
+        if (
+            not text
+            and reason is None
+            and not (self.keep_ids and ids)
+            and not logprobs
+            and not prompt_logprobs
+        ):
             return opening or None
-        frame = self._client_frame(text, ids, reason, index, logprobs, choice.get("stop_reason"))
+        frame = self._client_frame(
+            text, ids, reason, index, logprobs, choice.get("stop_reason"), prompt_logprobs
+        )
         return opening + frame
 
     def _adopt(self, chunk: dict[str, Any]) -> None:
@@ -361,6 +388,7 @@ class StreamProgress:
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
         stop_reason: str | int | None = None,
+        prompt_logprobs: list[Any] | None = None,
     ) -> bytes:
         if self.route is Route.CHAT:
             delta = {"content": text} if text or reason is None else {}
@@ -372,6 +400,8 @@ class StreamProgress:
             obj = "text_completion"
         choice["finish_reason"] = reason
         choice["stop_reason"] = stop_reason
+        if prompt_logprobs is not None:  # vLLM's, in the first chunk of each choice
+            choice["prompt_logprobs"] = prompt_logprobs
         if self.keep_ids:
             choice["token_ids"] = ids
         body: dict[str, Any] = {
