@@ -6,7 +6,6 @@ the text of the same request answered whole, under its own index, with usage cou
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,17 +13,16 @@ from typing import Any
 import openai
 import pytest
 
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.fleet import MODEL, sim_fleet
 from tests.router_fakes import serving
-from tests.test_router_e2e import write_profile
 
 pytestmark = pytest.mark.slow
 
-MODEL = "smollm2-135m"
 TOKENS = 30
 GREEDY: dict[str, Any] = {"model": MODEL, "max_tokens": TOKENS, "temperature": 0}
 SEEDED: dict[str, Any] = {"model": MODEL, "max_tokens": TOKENS, "temperature": 1.0, "seed": 7}
@@ -33,20 +31,8 @@ USAGE = {"stream_options": {"include_usage": True}}
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
-    profile = write_profile(tmp_path_factory.mktemp("engines") / "profile.json", 0.02)
-    started: list[ManagedProcess] = []
-    try:
-        for _ in range(2):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-                   "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for engine in started:
-            engine.wait_ready(timeout=180)
+    with sim_fleet(tmp_path_factory.mktemp("engines"), 2, 0.02) as started:
         yield started
-    finally:
-        for engine in started:
-            engine.stop()
 
 
 Streamed = tuple[dict[int, str], dict[int, str], Any]
