@@ -226,3 +226,22 @@ def test_a_batch_continues_each_unfinished_choice_under_its_index() -> None:
     # prompts counted once each (p0: 2, p1: 2 ids); every choice's tokens once
     assert usage["prompt_tokens"] == 4 and usage["completion_tokens"] == 5
     assert ending.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_strategys_own_stream_of_several_choices_tracks_each_choice() -> None:
+    """start_generate's stream (pd, migration) with n = 2: reshaped as chat, each choice tracked."""
+    raw = orjson.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3, "stream": True}
+    )
+    req = RoutedRequest.parse(Route.CHAT, raw)
+    progress = StreamProgress.for_request(req, [7, 8])
+    out = progress.reshape(completion_chunk(0, " a", [11], prompt_token_ids=[7, 8]))
+    assert out is not None and out.count(b'"role":"assistant"') == 2  # an opening for each choice
+    out = progress.reshape(completion_chunk(1, " b", [12]))
+    assert out is not None and orjson.loads(out[6:])["choices"][0]["index"] == 1
+    progress.reshape(completion_chunk(1, "", [], "length"))
+    assert [p.generated for p in progress.parts] == [[11], [12]] and progress.resumable
+    (part,) = progress.unfinished()
+    body = progress.part_for_resume(part).resume_body(req)
+    assert body is not None and body["prompt"] == [7, 8, 11] and body["choice_index"] == 0
+    assert body["max_tokens"] == 2 and progress.completion_tokens == 2
