@@ -132,7 +132,7 @@ def main() -> int:
         runs[f"{trace}/docs-fixed"] = (trace, fixed, PREFIXED)
         runs[f"{trace}/docs-autoscaled"] = (trace, slow, PREFIXED)
         runs[f"{trace}/docs-handoff"] = (trace, [*slow, *handoff], PREFIXED)
-    for spare in (2, 4):  # the bursty frontier: warm spares that absorb a step while replicas start
+    for spare in (2, 3, 4):  # the bursty frontier: warm spares that absorb a step while replicas start
         runs[f"bursty/spare-{spare}"] = ("bursty", scaled(a.startup, a.target, 0.0, spare), COMMON)
         runs[f"bursty/fast-spare-{spare}"] = (
             "bursty",

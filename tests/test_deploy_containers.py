@@ -64,13 +64,6 @@ def pip_installs(commands: list[str]) -> list[list[str]]:
 
 
 def parse_microserve(args: list[str]) -> Any:
-    known = {
-        a
-        for action in build_parser()._subparsers._group_actions[0].choices["router"]._actions  # type: ignore[union-attr]
-        for a in action.option_strings
-    }
-    if "--shared-state" not in known:  # the flag of router replicas (issue 16) lands on main separately
-        args = [a for a in args if not a.startswith("--shared-state")]
     try:
         return build_parser().parse_args(args)
     except SystemExit:

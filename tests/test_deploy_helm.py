@@ -72,11 +72,6 @@ def router_args(objects: list[dict[str, Any]]) -> list[str]:
     return list(container(find(objects, "Deployment", "ms-microserve-router")[0])["args"])
 
 
-def router_flags() -> set[str]:
-    router = build_parser()._subparsers._group_actions[0].choices["router"]  # type: ignore[union-attr]
-    return {option for action in router._actions for option in action.option_strings}
-
-
 def parse_microserve(args: list[str]) -> Any:
     """argparse errors exit: turned into a test failure naming the arguments."""
     try:
@@ -157,12 +152,7 @@ def test_the_crds_carry_the_fields_their_operators_read() -> None:
 
 def test_router_and_engine_arguments_are_what_microserve_accepts(rendered: Rendered) -> None:
     name, objects = rendered
-    args = router_args(objects)
-    if (
-        "--shared-state" not in router_flags()
-    ):  # the flag of router replicas (issue 16) lands on main separately
-        args = [a for a in args if not a.startswith("--shared-state=")]
-    router = parse_microserve(args)
+    router = parse_microserve(router_args(objects))
     assert router.command == "router" and router.host == "0.0.0.0"
     for role, deployment in engines(objects).items():
         engine = parse_microserve([a.replace("$(POD_IP)", "10.1.2.3") for a in container(deployment)["args"]])

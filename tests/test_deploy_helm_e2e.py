@@ -1,7 +1,7 @@
 """The chart's rendered commands run for real (no cluster: tests/kube_fake.py plays the API server, with the
 rendered Role enforced): a sim engine started with the engine Deployment's arguments and the Secret's
 token, its pod as the Deployment's template makes it, and a router with the router Deployment's arguments
-(Redis for --shared-state when the router has that flag) serve a request, and the admin API opens to the
+(a real redis-server for --shared-state) serve a request, and the admin API opens to the
 Secret's admin token."""
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from tests.test_deploy_helm import (
     find,
     render,
     router_args,
-    router_flags,
 )
 from tests.test_router_discovery_e2e import write_profile
 
@@ -80,12 +79,9 @@ async def test_the_rendered_router_and_engine_serve_through_the_fake_cluster(tmp
             await api.put(pod)
             api.deployment(deployment["metadata"]["name"], 1, NAMESPACE)
 
-            args = router_args(objects)
-            if "--shared-state" in router_flags():
-                redis = stack.enter_context(contextlib.contextmanager(start_redis)())
-                args = [f"--shared-state={redis}" if a.startswith("--shared-state=") else a for a in args]
-            else:  # the flag of router replicas (issue 16) lands on main separately
-                args = [a for a in args if not a.startswith("--shared-state=")]
+            redis = stack.enter_context(contextlib.contextmanager(start_redis)())
+            shared = f"--shared-state={redis}"
+            args = [shared if a.startswith("--shared-state=") else a for a in router_args(objects)]
             router_port = free_port()
             router_c = container(find(objects, "Deployment", "ms-microserve-router")[0])
             env = {

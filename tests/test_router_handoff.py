@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from microserve.engine_client import EngineClient
+from microserve.engine_client import EngineClient, EngineError
 from microserve.processes import engine_fleet, free_port
 from microserve.router.handoff import EnginePeer, HandoffConfig, hand_off
 from microserve.router.policies import PrefixAware
@@ -80,6 +80,11 @@ async def test_bounded_and_a_failing_survivor_ends_it_cleanly(urls: list[str]) -
             await leaving.completions(prompt=ids(seed, 64), max_tokens=2)
         small = await hand_off(EnginePeer(leaving), EnginePeer(survivor), HandoffConfig(max_tokens=64))
         assert small.error is None and sum(len(p) for p in small.prefixes) <= 64
+        stranger = EngineClient(leaving.url)  # no internal token: the cache's contents are not for it
+        with pytest.raises(EngineError) as refused:
+            await stranger.hot_prefixes()
+        assert refused.value.status == 401
+        await stranger.close()
         gone = EngineClient(f"http://127.0.0.1:{free_port()}", internal_token=TOKEN)
         failed = await hand_off(EnginePeer(leaving), EnginePeer(gone), HandoffConfig())
         assert failed.error and not failed.prefixes

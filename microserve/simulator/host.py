@@ -178,9 +178,13 @@ class SimRouter:
 
     def retire_replica(self, url: str) -> None:
         """A drained, idle replica withdraws its registration: membership drains it and takes it out of
-        the pool, and it stops; its stats stay."""
+        the pool (one of the fleet's configured replicas is removed as a static worker is), and it stops;
+        its stats stay."""
         now = asyncio.get_running_loop().time()
-        del self.registered[url]
+        if self.registered.pop(url, None) is None:  # one of the fleet's own replicas: static, removed
+            self.retired.append(self.pool.remove(url))
+            self.replicas[url].stop()
+            return
         self.membership.apply(list(self.registered.values()), now)
         for worker in self.membership.sweep(now):
             self.retired.append(worker)

@@ -60,6 +60,7 @@ class SimScaler:
         self.stopped_at: dict[str, float] = {}
         self.timeline: list[tuple[float, int]] = []  # (virtual time, replicas up or starting)
         self.handoffs: list[HandoffResult] = []
+        self.failures: list[BaseException] = []
         self._count = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -100,7 +101,12 @@ class SimScaler:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failures.append(task.exception())  # type: ignore[arg-type]
 
     async def _start(self, role: Role, now: float) -> None:
         self._count += 1
@@ -142,9 +148,12 @@ class SimScaler:
         return sum(self.stopped_at.get(url, end) - start for url, start in self.started_at.items())
 
     async def stop(self) -> None:
+        """Cancel what is under way; a start or retirement that failed fails the run here."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.failures:
+            raise RuntimeError(f"the simulated autoscaler failed: {self.failures[0]!r}") from self.failures[0]
 
 
 REPLICA_ERRORS: tuple[type[BaseException], ...] = (ValueError, EngineOverloaded, RuntimeError)
