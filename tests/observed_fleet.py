@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 
 from microserve.processes import ManagedProcess, free_port
+from tests.fleet import write_profile
 from tests.router_fakes import FakeOpenAI
 
 MODEL = "smollm2-135m"
@@ -29,21 +29,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 DEADLINE_S = 60.0
 # The pd strategy moves KV engine to engine: only between engines that share the internal token.
 INTERNAL_ENV = {"MICROSERVE_INTERNAL_TOKEN": "internal-secret"}
-
-
-def write_profile(path: Path, step_s: float) -> Path:
-    """A sim cost model that takes `step_s` a step whatever the batch."""
-    coefficients = {
-        "step_overhead_s": step_s,
-        "per_token_s": 0.0,
-        "per_attention_pair_s": 0.0,
-        "per_kv_gather_token_s": 0.0,
-        "per_sample_s": 0.0,
-    }
-    path.write_bytes(
-        orjson.dumps({"format": "microserve-cost-model", "version": 1, "coefficients": coefficients})
-    )
-    return path
 
 
 def wait_until(condition: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:

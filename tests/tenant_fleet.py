@@ -9,26 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
 
 from microserve.processes import ManagedProcess, free_port
 from microserve.router.config import RouterConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.fleet import write_profile
 from tests.router_fakes import RouterClient, serving
 
 MODEL = "smollm2-135m"
 ADMIN_TOKEN = "admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def write_profile(path: Path, step_s: float) -> Path:
-    coefficients = {"step_overhead_s": step_s, "per_token_s": 0.0, "per_attention_pair_s": 0.0,
-                    "per_kv_gather_token_s": 0.0, "per_sample_s": 0.0}  # fmt: skip
-    path.write_bytes(
-        orjson.dumps({"format": "microserve-cost-model", "version": 1, "coefficients": coefficients})
-    )
-    return path
 
 
 def engine_cmd(profile: Path, port: int) -> list[str]:

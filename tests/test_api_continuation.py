@@ -5,7 +5,6 @@ continued stream must carry exactly the tokens and logprobs of the same request 
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,17 +12,16 @@ from typing import Any
 import openai
 import pytest
 
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.fleet import MODEL, sim_fleet
 from tests.router_fakes import serving
-from tests.test_router_e2e import write_profile
 
 pytestmark = pytest.mark.slow
 
-MODEL = "smollm2-135m"
 ASK: dict[str, Any] = {
     "model": MODEL,
     "max_tokens": 40,
@@ -35,20 +33,8 @@ ASK: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
-    profile = write_profile(tmp_path_factory.mktemp("engines") / "profile.json", 0.02)
-    started: list[ManagedProcess] = []
-    try:
-        for _ in range(2):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-                   "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for engine in started:
-            engine.wait_ready(timeout=180)
+    with sim_fleet(tmp_path_factory.mktemp("engines"), 2, 0.02) as started:
         yield started
-    finally:
-        for engine in started:
-            engine.stop()
 
 
 def question(i: int) -> list[dict[str, str]]:

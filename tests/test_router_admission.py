@@ -5,7 +5,6 @@ with a Retry-After from the drain rate, and while no worker is ready requests ar
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerPool, WorkerSpec
 from microserve.server.errors import APIError
 from microserve.simulator.clock import run_virtual
+from tests.fleet import sim_engine, write_profile
 from tests.router_fakes import serving
-from tests.test_router_e2e import write_profile
 
 
 def test_capacity_is_the_ready_workers_batch_sizes() -> None:
@@ -150,12 +149,6 @@ def test_held_requests_get_503_with_retry_after_when_no_worker_comes() -> None:
 # -- end to end: a router whose only engine is down, then starts -----------------------------------
 
 
-def sim_engine(port: int, profile: Path) -> ManagedProcess:
-    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-           "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-    return ManagedProcess(cmd, f"http://127.0.0.1:{port}")
-
-
 @pytest.mark.slow
 async def test_requests_wait_for_the_first_engine_then_get_their_answer(tmp_path: Path) -> None:
     port = free_port()
@@ -181,7 +174,7 @@ async def test_requests_wait_for_the_first_engine_then_get_their_answer(tmp_path
             ]
             await asyncio.sleep(0.5)
             assert client.router.admission.queued == 6 and not any(r.done() for r in requests)
-            engine = sim_engine(port, write_profile(tmp_path / "profile.json", 0.01))
+            engine = sim_engine(write_profile(tmp_path / "profile.json", 0.01), port=port)
             for resp in await asyncio.gather(*requests):
                 assert resp.status == 200, await resp.text()
                 text = await resp.text()

@@ -10,28 +10,25 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from microserve.processes import ManagedProcess, free_port
-from tests.test_router_e2e import MODEL, write_profile
+from tests.fleet import MODEL, sim_engine, write_profile
+from tests.slowloris import DEADLINE_S, Slowloris, closed_by_server, wait_for
 
 pytestmark = pytest.mark.slow
 
-DEADLINE_S = 60.0
 COMPLETION = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     profile = write_profile(tmp_path_factory.mktemp("engine") / "profile.json", 0.005)
-    port = free_port()
-    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-           "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-    process = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    process = sim_engine(profile)
     try:
         process.wait_ready(timeout=180)
         yield process.url
@@ -87,29 +84,6 @@ async def probing(url: str, source: str | None = None) -> AsyncIterator[list[int
         await task
 
 
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
-async def closed_by_server(reader: asyncio.StreamReader) -> bytes | None:
-    """What the server sent before closing, or None while the connection is still open."""
-    try:
-        data = await asyncio.wait_for(reader.read(65536), 0.01)
-    except TimeoutError:
-        return None
-    except ConnectionResetError:
-        return b"<reset>"
-    if not data:
-        return b""
-    try:
-        return data + await asyncio.wait_for(reader.read(), 5)
-    except (TimeoutError, ConnectionResetError):
-        return data
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -122,31 +96,15 @@ async def test_slowloris_connections_are_closed_by_the_header_timeout_while_prob
 ) -> None:
     router = start_router(engine, "--header-timeout", "2")
     try:
-        slow = [
-            await asyncio.open_connection("127.0.0.1", int(router.url.rsplit(":", 1)[1])) for _ in range(200)
-        ]
-        for _, writer in slow:
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        answers: dict[int, bytes] = {}
+        slow = await Slowloris.open(router.url, 200)
         started = time.monotonic()
         async with probing(router.url) as statuses:
-            while len(answers) < len(slow):
-                assert time.monotonic() - started < DEADLINE_S, f"{len(slow) - len(answers)} still open"
-                for i, (reader, writer) in enumerate(slow):
-                    if i in answers:
-                        continue
-                    answer = await closed_by_server(reader)
-                    if answer is None:
-                        writer.write(b"a")  # one byte at a time: the header never completes
-                    else:
-                        answers[i] = answer
-                await asyncio.sleep(0.1)
+            answers = await slow.until_closed()
             await wait_for(lambda: len(statuses) >= 10, "probes")
         print(f"\n200 slowloris connections closed in {time.monotonic() - started:.1f} s; probes: {statuses}")
         assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers.values())
         assert statuses and set(statuses) == {200}
-        for _, writer in slow:
-            writer.close()
+        slow.close()
     finally:
         router.stop()
 

@@ -7,21 +7,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 
 import orjson
 import pytest
 
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess
 from microserve.router.breaker import BreakerConfig, CircuitBreaker, CircuitState
 from microserve.router.config import RouterConfig
 from microserve.router.deadlines import DeadlineConfig, attempt_deadlines
 from microserve.router.router import Router
 from microserve.router.workers import LoadReport, WorkerKind, WorkerSpec
+from tests.fleet import sim_fleet
 from tests.router_fakes import RouterClient, serving
-from tests.test_router_e2e import write_profile
 
 STEP_S = 0.02
 
@@ -65,22 +64,8 @@ def test_a_trip_opens_the_circuit_at_once_and_longer_from_half_open() -> None:
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
-    profile = write_profile(tmp_path_factory.mktemp("engines") / "profile.json", STEP_S)
-    started: list[ManagedProcess] = []
-    try:
-        for _ in range(3):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-                   "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for engine in started:
-            engine.wait_ready(timeout=180)
+    with sim_fleet(tmp_path_factory.mktemp("engines"), 3, STEP_S) as started:
         yield started
-    finally:
-        for engine in started:
-            if engine.proc.poll() is None:
-                os.kill(engine.proc.pid, signal.SIGCONT)  # a failed test may leave it stopped
-            engine.stop()
 
 
 async def timed_stream(client: RouterClient, i: int, max_tokens: int) -> tuple[float, bytes]:

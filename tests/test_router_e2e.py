@@ -8,7 +8,6 @@ exactly like the same request answered by one engine; that is what the kill test
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -16,56 +15,28 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
 import pytest
 
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
 from microserve.router.workers import WorkerKind, WorkerSpec
+from tests.fleet import MODEL, sim_fleet
 from tests.router_fakes import RouterClient, serving
 
 pytestmark = pytest.mark.slow
 
-MODEL = "smollm2-135m"
 # 20 ms a step whatever the batch: a 40-token stream lasts about a second, long enough to be cut.
 STEP_S = 0.02
 DEADLINE_S = 30.0
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
 
-def write_profile(path: Path, step_s: float) -> Path:
-    coefficients = {
-        "step_overhead_s": step_s,
-        "per_token_s": 0.0,
-        "per_attention_pair_s": 0.0,
-        "per_kv_gather_token_s": 0.0,
-        "per_sample_s": 0.0,
-    }
-    path.write_bytes(
-        orjson.dumps({"format": "microserve-cost-model", "version": 1, "coefficients": coefficients})
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ManagedProcess]]:
-    """Three sim engines started side by side (one at a time would take three times as long)."""
-    profile = write_profile(tmp_path_factory.mktemp("engines") / "profile.json", STEP_S)
-    started: list[ManagedProcess] = []
-    try:
-        for _ in range(3):
-            port = free_port()
-            cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-                   "--sim-profile", str(profile), "--port", str(port), "--threads", "1"]  # fmt: skip
-            started.append(ManagedProcess(cmd, f"http://127.0.0.1:{port}"))
-        for engine in started:
-            engine.wait_ready(timeout=180)
+    with sim_fleet(tmp_path_factory.mktemp("engines"), 3, STEP_S) as started:
         yield started
-    finally:
-        for engine in started:
-            engine.stop()
 
 
 @asynccontextmanager

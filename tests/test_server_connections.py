@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,17 +14,11 @@ import aiohttp
 import orjson
 import pytest
 
-from microserve.processes import ManagedProcess, free_port
+from microserve.processes import ManagedProcess
 from microserve.server.prompt_limits import prompt_body_limit
-from tests.test_router_connections import (
-    COMPLETION,
-    DEADLINE_S,
-    closed_by_server,
-    rss_mib,
-    start_router,
-    wait_for,
-)
-from tests.test_router_e2e import write_profile
+from tests.fleet import sim_engine, write_profile
+from tests.slowloris import DEADLINE_S, Slowloris, closed_by_server, wait_for
+from tests.test_router_connections import COMPLETION, rss_mib, start_router
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +28,7 @@ GROWTH_MIB = 64  # what a large refused request may leave in the engine's RSS
 
 
 def start_engine(profile: str, *flags: str) -> ManagedProcess:
-    port = free_port()
-    cmd = [sys.executable, "-m", "microserve", "--log-level", "warning", "engine", "--backend", "sim",
-           "--sim-profile", profile, "--port", str(port), "--threads", "1",
-           "--max-model-len", str(MAX_MODEL_LEN), *flags]  # fmt: skip
-    process = ManagedProcess(cmd, f"http://127.0.0.1:{port}")
+    process = sim_engine(profile, "--max-model-len", str(MAX_MODEL_LEN), *flags)
     try:
         process.wait_ready(timeout=180)
     except BaseException:
@@ -203,30 +192,15 @@ async def test_huge_prompts_through_a_router_are_refused_by_it_and_the_engine(
 async def test_slowloris_connections_to_an_engine_are_closed_by_its_header_timeout(profile: str) -> None:
     engine = start_engine(profile, "--header-timeout", "2")
     try:
-        port = int(engine.url.rsplit(":", 1)[1])
-        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
-        for _, writer in slow:
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-        answers: dict[int, bytes] = {}
+        slow = await Slowloris.open(engine.url, 200)
         started = time.monotonic()
         async with health_probes(engine.url) as probes:
-            while len(answers) < len(slow):
-                assert time.monotonic() - started < DEADLINE_S, f"{len(slow) - len(answers)} still open"
-                for i, (reader, writer) in enumerate(slow):
-                    if i in answers:
-                        continue
-                    answer = await closed_by_server(reader)
-                    if answer is None:
-                        writer.write(b"a")  # one byte at a time: the header never completes
-                    else:
-                        answers[i] = answer
-                await asyncio.sleep(0.1)
+            answers = await slow.until_closed()
             await wait_for(lambda: len(probes) >= 10, "probes")
         print(f"\n200 slowloris connections to an engine closed in {time.monotonic() - started:.1f} s")
         assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers.values())
         assert {code for code, _ in probes} == {200}
-        for _, writer in slow:
-            writer.close()
+        slow.close()
     finally:
         engine.stop()
 

@@ -94,6 +94,9 @@ class _GenerationRequest(RequestModel):
     # microserve's, set by the router on a continued stream: the prompt's last tokens that an earlier
     # engine generated, which the penalties count as output.
     prior_output_tokens: NonNegativeInt = 0
+    # microserve's, set by the router when it continues one choice of an n > 1 stream: the choice this
+    # single-choice request stands for (it samples as that choice: sim words, seed + index).
+    choice_index: NonNegativeInt = 0
     # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
     priority: int = 0
     # Structured output (microserve/api/structured.py): OpenAI's, vLLM's, and vLLM's legacy fields.
@@ -167,6 +170,7 @@ class _GenerationRequest(RequestModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 num_prior_output_tokens=self.prior_output_tokens,
+                choice_index=self.choice_index,
                 priority=self.priority,
                 grammar=self.grammar_spec(),
             )

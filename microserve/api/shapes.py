@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from microserve.api.tool_calls import ChatToolCalls
 from microserve.engine.outputs import TokenLogprobs
@@ -52,16 +52,24 @@ class Choice:
 
 def chat_logprobs(entries: list[TokenLogprobs], token_text: TokenText) -> dict[str, Any]:
     """OpenAI's chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    return _chat_content(
+        (token_text(e.token_id), _finite(e.logprob), [(token_text(t), _finite(lp)) for t, lp in e.top])
+        for e in entries
+    )
 
-    def one(token_id: int, logprob: float) -> dict[str, Any]:
-        text = token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode())}
 
+def _chat_content(tokens: Iterable[tuple[str, float, Iterable[tuple[str, float]]]]) -> dict[str, Any]:
+    """Chat's `logprobs` from (text, logprob, top (text, logprob) pairs) per token."""
     return {
         "content": [
-            {**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+            {**_chat_token(text, lp), "top_logprobs": [_chat_token(t, tlp) for t, tlp in top]}
+            for text, lp, top in tokens
         ]
     }
+
+
+def _chat_token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
 def completion_logprobs(
@@ -111,18 +119,12 @@ def vllm_prompt_logprobs(entries: list[TokenLogprobs | None], token_text: TokenT
 def chat_logprobs_from_completion(logprobs: dict[str, Any]) -> dict[str, Any]:
     """A completions `logprobs` object in chat's form (the router answers a chat client from an engine's
     completion stream). Top entries whose texts collide were merged by the completions form already."""
-
-    def one(text: str, logprob: float) -> dict[str, Any]:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
     tops = logprobs.get("top_logprobs") or []
-    content = []
-    for i, (text, logprob) in enumerate(
-        zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], strict=False)
-    ):
-        top = tops[i] if i < len(tops) and tops[i] else {}
-        content.append({**one(text, logprob), "top_logprobs": [one(t, lp) for t, lp in top.items()]})
-    return {"content": content}
+    texts = zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or [], strict=False)
+    return _chat_content(
+        (text, lp, (tops[i] if i < len(tops) and tops[i] else {}).items())
+        for i, (text, lp) in enumerate(texts)
+    )
 
 
 def _finite(logprob: float) -> float:
@@ -131,38 +133,57 @@ def _finite(logprob: float) -> float:
 
 
 @dataclass(slots=True)
-class CompletionShape:
-    """The JSON shapes of one /v1/completions response, whole or as `text_completion` chunks."""
+class _Shape:
+    """What both routes' shapes share: the envelope, `usage: null` on chunks, the closing usage chunk."""
+
+    CHUNK: ClassVar[str] = ""  # the chunks' `object`
 
     model: str
     include_usage: bool = False
     prompt_token_ids: list[int] | None = None
     token_text: TokenText | None = None  # set when the request asked for logprobs
-    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
-    _prompt_ids_sent: set[int] = field(default_factory=set)
-    _offsets: dict[int, int] = field(default_factory=dict)  # text offset of each choice's next token
 
     @property
     def return_token_ids(self) -> bool:
         return self.prompt_token_ids is not None
 
-    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": "text_completion",
+            "object": obj,
             "created": self.created,
             "model": self.model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": choices,
         }
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        body = self._envelope(choices)
+    def _chunk_of(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        body = self._envelope(self.CHUNK, choices)
         if self.include_usage:
             # OpenAI puts `usage: null` on every chunk but the last when include_usage is on.
             body["usage"] = None
         return body
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        body = self._envelope(self.CHUNK, [])
+        body["usage"] = usage.body()
+        return body
+
+
+@dataclass(slots=True)
+class CompletionShape(_Shape):
+    """The JSON shapes of one /v1/completions response, whole or as `text_completion` chunks."""
+
+    CHUNK: ClassVar[str] = "text_completion"
+
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    # A batch of prompts: each prompt's ids, for its n choices' prompt_token_ids (else prompt_token_ids).
+    batch_prompt_ids: list[list[int]] | None = None
+    n: int = 1
+    _prompt_ids_sent: set[int] = field(default_factory=set)
+    _offsets: dict[int, int] = field(default_factory=dict)  # text offset of each choice's next token
 
     def _logprobs(self, index: int, text: str, entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
         if entries is None or self.token_text is None:
@@ -189,17 +210,19 @@ class CompletionShape:
         }
         if self.prompt_token_ids is not None:
             if index not in self._prompt_ids_sent:
-                choice["prompt_token_ids"] = self.prompt_token_ids
+                batch = self.batch_prompt_ids
+                choice["prompt_token_ids"] = batch[index // self.n] if batch else self.prompt_token_ids
                 self._prompt_ids_sent.add(index)
             choice["token_ids"] = token_ids
         return choice
 
     def full(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         body = self._envelope(
+            self.CHUNK,
             [
                 self._choice(c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason)
                 for c in choices
-            ]
+            ],
         )
         for c, choice in zip(choices, body["choices"], strict=True):
             if c.prompt_logprobs is not None and self.token_text is not None:
@@ -217,45 +240,23 @@ class CompletionShape:
         token_ids: list[int] | None = None,
         logprobs: list[TokenLogprobs] | None = None,
     ) -> dict[str, Any]:
-        return self._chunk([self._choice(index, text, token_ids or [], logprobs)])
+        return self._chunk_of([self._choice(index, text, token_ids or [], logprobs)])
 
     def finish_chunk(self, index: int, reason: str | None, stop_reason: str | int | None) -> dict[str, Any]:
-        return self._chunk([self._choice(index, "", [], None, reason, stop_reason)])
+        return self._chunk_of([self._choice(index, "", [], None, reason, stop_reason)])
 
     def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         return [chunk]
 
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        body = self._envelope([])
-        body["usage"] = usage.body()
-        return body
-
 
 @dataclass(slots=True)
-class ChatShape:
+class ChatShape(_Shape):
     """The JSON shapes of one /v1/chat/completions response, whole or as `chat.completion.chunk`s."""
 
-    model: str
-    include_usage: bool = False
-    prompt_token_ids: list[int] | None = None
-    token_text: TokenText | None = None  # set when the request asked for logprobs
-    tool_calls: ChatToolCalls | None = None  # set when the answer is read for tool calls
+    CHUNK: ClassVar[str] = "chat.completion.chunk"
+
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def return_token_ids(self) -> bool:
-        return self.prompt_token_ids is not None
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-        }
+    tool_calls: ChatToolCalls | None = None  # set when the answer is read for tool calls
 
     def _logprobs(self, entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
         if entries is None or self.token_text is None:
@@ -280,10 +281,7 @@ class ChatShape:
         }
         if self.prompt_token_ids is not None:
             choice["token_ids"] = token_ids
-        body = self._envelope("chat.completion.chunk", [choice])
-        if self.include_usage:
-            body["usage"] = None
-        return body
+        return self._chunk_of([choice])
 
     def full(self, choices: list[Choice], usage: Usage) -> dict[str, Any]:
         out = []
@@ -327,11 +325,6 @@ class ChatShape:
     def rewrite(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         """The chunks to send for `chunk`: itself, or its content read for tool calls."""
         return [chunk] if self.tool_calls is None else self.tool_calls.chunks(chunk)
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        body = self._envelope("chat.completion.chunk", [])
-        body["usage"] = usage.body()
-        return body
 
 
 ResponseShape = CompletionShape | ChatShape

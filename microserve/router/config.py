@@ -359,28 +359,51 @@ def add_router_args(p: argparse.ArgumentParser, *, workers: bool = True) -> None
     )
 
 
+# (flag's dest, setting): a repeatable flag adds to the list; a plain flag replaces; a switch turns off.
+_LIST_FLAGS = (("worker", "workers"), ("discovery", "discovery"), ("k8s_scale", "k8s_scale"))
+_PLAIN_FLAGS = (
+    ("request_timeout", "request_timeout_s"),
+    ("max_body_size", "max_body_bytes"),
+    ("drain_timeout", "drain_timeout_s"),
+    ("api_keys", "api_keys"),
+    ("tls_cert", "tls_cert"),
+    ("tls_key", "tls_key"),
+    ("response_cache", "response_cache"),
+    ("response_cache_ttl", "response_cache_ttl_s"),
+    ("response_cache_size", "response_cache_bytes"),
+    ("shared_state", "shared_state"),
+    ("worker_tls_ca", "worker_tls_ca"),
+    ("worker_tls_cert", "worker_tls_cert"),
+    ("worker_tls_key", "worker_tls_key"),
+    ("semantic_cache", "semantic_cache"),
+    ("semantic_cache_model", "semantic_cache_model"),
+    ("host", "host"),
+    ("port", "port"),
+)
+_OFF_SWITCHES = (
+    ("no_stream_continuation", "stream_continuation"),
+    ("no_fair_share", "fair_share"),
+    ("no_reuse_port", "reuse_port"),
+)
+
+
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig:
     """The config file (if any), then the flags that were given, then `overrides`."""
     config = load_config_file(args.config) if args.config else RouterConfig()
     changes: dict[str, Any] = {}
-    if getattr(args, "worker", None):
-        changes["workers"] = [*config.workers, *args.worker]
-    if getattr(args, "discovery", None):
-        changes["discovery"] = [*config.discovery, *args.discovery]
-    if getattr(args, "k8s_scale", None):
-        changes["k8s_scale"] = [*config.k8s_scale, *args.k8s_scale]
-    if args.strategy is not None:
-        changes["strategy"] = args.strategy
-        changes["strategy_options"] = {}
-    if args.strategy_opt:
-        changes["strategy_options"] = {**changes.get("strategy_options", config.strategy_options)}
-        changes["strategy_options"].update(args.strategy_opt)
-    if args.policy is not None:
-        changes["policy"] = args.policy
-        changes["policy_options"] = {}
-    if args.policy_opt:
-        changes["policy_options"] = {**changes.get("policy_options", config.policy_options)}
-        changes["policy_options"].update(args.policy_opt)
+    for flag, name in _LIST_FLAGS:  # a repeatable flag adds to the file's list
+        if getattr(args, flag, None):
+            changes[name] = [*getattr(config, name), *getattr(args, flag)]
+    for name in ("strategy", "policy"):  # a name starts from no options; --*-opt adds to them
+        options = f"{name}_options"
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+            changes[options] = {}
+        if getattr(args, f"{name}_opt"):
+            changes[options] = {
+                **changes.get(options, getattr(config, options)),
+                **dict(getattr(args, f"{name}_opt")),
+            }
     for name, env in (
         ("admin_token", ADMIN_TOKEN_ENV),
         ("internal_token", INTERNAL_TOKEN_ENV),
@@ -390,8 +413,12 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         token = resolve_token(flag, getattr(args, name, None), getattr(args, f"{name}_file"), env)
         if token is not None:
             changes[name] = token
-    if args.request_timeout is not None:
-        changes["request_timeout_s"] = args.request_timeout
+    for flag, name in _PLAIN_FLAGS:  # a flag given replaces the setting
+        if getattr(args, flag, None) is not None:
+            changes[name] = getattr(args, flag)
+    for flag, name in _OFF_SWITCHES:
+        if getattr(args, flag, False):
+            changes[name] = False
     admission_flags = (args.max_concurrent, args.max_queued, args.max_queue_wait, args.queue_timeout)
     if any(flag is not None for flag in admission_flags):
         admission = config.admission
@@ -415,44 +442,9 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RouterConfig
         changes["retry"] = replace(config.retry, max_attempts=args.max_attempts)
     if args.health_interval is not None:
         changes["health"] = replace(config.health, interval_s=args.health_interval)
-    if args.no_stream_continuation:
-        changes["stream_continuation"] = False
-    if args.max_body_size is not None:
-        changes["max_body_bytes"] = args.max_body_size
-    if args.drain_timeout is not None:
-        changes["drain_timeout_s"] = args.drain_timeout
-    if args.api_keys is not None:
-        changes["api_keys"] = args.api_keys
-    if args.no_fair_share:
-        changes["fair_share"] = False
-    if args.tls_cert is not None:
-        changes["tls_cert"] = args.tls_cert
-    if args.tls_key is not None:
-        changes["tls_key"] = args.tls_key
-    if args.response_cache is not None:
-        changes["response_cache"] = args.response_cache
-    if args.response_cache_ttl is not None:
-        changes["response_cache_ttl_s"] = args.response_cache_ttl
-    if args.response_cache_size is not None:
-        changes["response_cache_bytes"] = args.response_cache_size
-    if args.shared_state is not None:
-        changes["shared_state"] = args.shared_state
-    for name in ("worker_tls_ca", "worker_tls_cert", "worker_tls_key"):
-        if getattr(args, name) is not None:
-            changes[name] = getattr(args, name)
-    if args.semantic_cache is not None:
-        changes["semantic_cache"] = args.semantic_cache
-    if args.semantic_cache_model is not None:
-        changes["semantic_cache_model"] = args.semantic_cache_model
-    if args.no_reuse_port:
-        changes["reuse_port"] = False
     limits = connection_limits(args, config.connections)
     if limits is not config.connections:
         changes["connections"] = limits
     if args.tokenizer:
         changes["tokenizers"] = {**config.tokenizers, **{k: str(v) for k, v in args.tokenizer}}
-    if getattr(args, "host", None) is not None:
-        changes["host"] = args.host
-    if getattr(args, "port", None) is not None:
-        changes["port"] = args.port
     return replace(config, **{**changes, **overrides})

@@ -8,6 +8,7 @@ import functools
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from microserve.api.errors import APIError
 from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
@@ -24,115 +25,156 @@ from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFa
 from microserve.router.workers import NoWorkerAvailable
 from microserve.tenants.cache import CACHE_HEADER, WHOLE, stream_events
 from microserve.tenants.gateway import BYTES_PER_TOKEN, DEFAULT_RESERVE_TOKENS, Ticket
-from microserve.tenants.keys import PRIORITIES
+from microserve.tenants.keys import PRIORITIES, KeyRecord
 from microserve.tenants.semantic import SEMANTIC_HIT, Probe
 from microserve.tenants.usage import StreamMeter, usage_total
 
 
-async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
-    """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
-    start = time.perf_counter()
-    status = 500
-    granted: int | None = None  # the admission ticket
-    ttft: float | None = None
+@dataclass(slots=True)
+class Exchange:
+    """One client request's state as it passes the steps of `handle`, read by `finish` at its end."""
+
+    router: Router
+    request: Request
+    route: Route
+    start: float = field(default_factory=time.perf_counter)
+    status: int = 500
     req: RoutedRequest | None = None
-    strategy: Strategy | None = None
-    trace = None if router.tracing is None else RequestTrace(router.tracing, route, request.headers, start)
+    trace: RequestTrace | None = None
+    key: KeyRecord | None = None
     ticket: Ticket | None = None
+    tenant: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # headers the answer carries (limits, cache)
+    cache_key: str | None = None
+    probe: Probe | None = None  # the question's embedding, kept for the semantic cache with the answer
+    hit: str = "hit"  # how a cached answer was found: exactly, or by meaning
+    granted: int | None = None  # the admission ticket
+    strategy: Strategy | None = None
+    ttft: float | None = None
     used_tokens: int | None = None
     meter: StreamMeter | None = None
+
+
+async def handle(router: Router, request: Request, route: Route) -> Response | Stream:
+    """Answer one client request (JSON or SSE); errors before the first byte raise `APIError`."""
+    ex = Exchange(router, request, route)
+    if router.tracing is not None:
+        ex.trace = RequestTrace(router.tracing, route, request.headers, ex.start)
     try:
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
-        key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
-        req = router.parse(route, request.body, request.headers)
-        if trace is not None:
-            req.trace = trace
-        if key is not None and router.tenants is not None:
-            ticket = await router.tenants.admit(
-                key, req.model, request.headers, len(request.body), req.max_tokens
-            )
-        extra = dict(ticket.headers) if ticket is not None else {}
-        if ticket is not None:  # the engines' scheduler order: high -1, normal 0, low 1
-            req.priority = ticket.rank - PRIORITIES["normal"]
-        tenant = ticket.tenant if ticket is not None else ""
-        cache_key: str | None = None
-        probe: Probe | None = None
-        if router.response_cache is not None:
-            cache_key, stored = await router.response_cache.lookup(
-                tenant, route.value, req.body, request.headers
-            )
-            hit = "hit"
-            if stored is None and cache_key is not None and router.semantic_cache is not None:
-                probe, stored = await router.semantic_cache.lookup(
-                    tenant, route.value, req.body, request.headers
-                )
-                hit = SEMANTIC_HIT
-            if stored is not None:  # no worker, no admission slot, no tokens
-                status, used_tokens = 200, 0
-                ttft = time.perf_counter() - start
-                return await replay(request, stored, extra, hit)
-            extra[CACHE_HEADER] = "miss"
-        if trace is not None and router.admission.full:  # a span only for a request that will wait
-            trace.admission_begins(router.admission.queued)
-        # While no worker is ready this holds the request until one is (or its queue timeout passes).
-        rank, cost = admission_cost(req, ticket, len(request.body))
-        queued_at = time.perf_counter()
-        granted = await admit(router.fair_share, router.admission, tenant, rank, cost, req.remaining_s())
-        router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
-        router.resolve_model(req)
-        if trace is not None:
-            trace.admitted()
-            trace.parsed(req)
-        if key is not None and router.tenants is not None and req.model is not None:
-            router.tenants.check_model(key, req.model)
-        strategy = router.strategy  # a switch at run time applies to the requests that arrive after it
-        router.retry_budget.on_request()
-        gen, first = await first_output(router, strategy, req)
-        ttft = time.perf_counter() - start
-        router.metrics.first_byte(route, ttft)
-        if gen is None:
-            status = 200
-            req.output_tokens, req.cached_tokens = usage_tokens(first)
-            if ticket is not None:
-                used_tokens = usage_total(first)
-            if cache_key is not None:
-                await keep(router, cache_key, probe, False, first)
-            return Response(first, headers=extra)
-        response = await request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
-        status = 200
-        sent: list[bytes] | None = [] if cache_key is not None else None
-        if ticket is not None:
-            meter = StreamMeter()
-        if meter is not None or sent is not None:
-            response.tap = functools.partial(_tap, meter, sent)
-        await stream_out(router, strategy, req, response, gen, first)
-        if cache_key is not None and sent is not None:
-            await keep(router, cache_key, probe, True, b"".join(sent))
-        return response
+        req, stored = await gate(ex)
+        if stored is not None:  # no worker, no admission slot, no tokens
+            ex.status, ex.used_tokens = 200, 0
+            ex.ttft = time.perf_counter() - ex.start
+            return await replay(request, stored, ex.extra, ex.hit)
+        await admit_request(ex, req)
+        return await answer(ex, req)
     except APIError as exc:
-        status = exc.status
+        ex.status = exc.status
         raise
     except (ConnectionResetError, asyncio.CancelledError):
-        status = STATUS_CLIENT_CLOSED
+        ex.status = STATUS_CLIENT_CLOSED
         raise
     finally:
-        if req is not None:
-            for handle in req.handles:  # a strategy may pick a worker and never call it
-                handle.release()
-        if granted is not None:
-            router.admission.release(granted)
-            router.fair_share.running(tenant, -1)
-        if ticket is not None and router.tenants is not None:
-            if meter is not None:
-                used_tokens = meter.total(ticket.prompt_estimate)
-            # Nothing answered costs no tokens; a whole answer without usage keeps its reservation.
-            router.tenants.finish(ticket, 0 if used_tokens is None and status != 200 else used_tokens)
-        e2e = time.perf_counter() - start
-        router.metrics.request_done(route, status, e2e if ttft is not None else None)
-        record(router, route, req, strategy, status, ttft, e2e)
-        if trace is not None:
-            trace.finish(status, req)
+        finish(ex)
+
+
+async def gate(ex: Exchange) -> tuple[RoutedRequest, bytes | None]:
+    """The key checked and its limits reserved, the request parsed; a cached answer when there is one."""
+    router, request = ex.router, ex.request
+    ex.key = key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
+    ex.req = req = router.parse(ex.route, request.body, request.headers)
+    if ex.trace is not None:
+        req.trace = ex.trace
+    if key is not None and router.tenants is not None:
+        ex.ticket = await router.tenants.admit(
+            key, req.model, request.headers, len(request.body), req.max_tokens
+        )
+        ex.extra = dict(ex.ticket.headers)
+        req.priority = ex.ticket.rank - PRIORITIES["normal"]  # the engines' order: high -1, normal 0, low 1
+        ex.tenant = ex.ticket.tenant
+    if router.response_cache is not None:
+        ex.cache_key, stored = await router.response_cache.lookup(
+            ex.tenant, ex.route.value, req.body, request.headers
+        )
+        if stored is None and ex.cache_key is not None and router.semantic_cache is not None:
+            ex.probe, stored = await router.semantic_cache.lookup(
+                ex.tenant, ex.route.value, req.body, request.headers
+            )
+            ex.hit = SEMANTIC_HIT
+        if stored is not None:
+            return req, stored
+        ex.extra[CACHE_HEADER] = "miss"
+    return req, None
+
+
+async def admit_request(ex: Exchange, req: RoutedRequest) -> None:
+    """A slot in the admission queue (held while no worker is ready), then the model resolved and checked."""
+    router = ex.router
+    if ex.trace is not None and router.admission.full:  # a span only for a request that will wait
+        ex.trace.admission_begins(router.admission.queued)
+    rank, cost = admission_cost(req, ex.ticket, len(ex.request.body))
+    queued_at = time.perf_counter()
+    ex.granted = await admit(router.fair_share, router.admission, ex.tenant, rank, cost, req.remaining_s())
+    router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
+    router.resolve_model(req)
+    if ex.trace is not None:
+        ex.trace.admitted()
+        ex.trace.parsed(req)
+    if ex.key is not None and router.tenants is not None and req.model is not None:
+        router.tenants.check_model(ex.key, req.model)
+
+
+async def answer(ex: Exchange, req: RoutedRequest) -> Response | Stream:
+    """The strategy run until its first bytes (retried meanwhile), then the answer whole or streamed."""
+    router = ex.router
+    ex.strategy = strategy = router.strategy  # a switch at run time applies to requests after it
+    router.retry_budget.on_request()
+    gen, first = await first_output(router, strategy, req)
+    ex.ttft = time.perf_counter() - ex.start
+    router.metrics.first_byte(ex.route, ex.ttft)
+    if gen is None:
+        ex.status = 200
+        req.output_tokens, req.cached_tokens = usage_tokens(first)
+        if ex.ticket is not None:
+            ex.used_tokens = usage_total(first)
+        if ex.cache_key is not None:
+            await keep(router, ex.cache_key, ex.probe, False, first)
+        return Response(first, headers=ex.extra)
+    extra = ex.extra
+    response = await ex.request.stream(headers={**SSE_HEADERS, **extra} if extra else SSE_HEADERS)
+    ex.status = 200
+    sent: list[bytes] | None = [] if ex.cache_key is not None else None
+    if ex.ticket is not None:
+        ex.meter = StreamMeter()
+    if ex.meter is not None or sent is not None:
+        response.tap = functools.partial(_tap, ex.meter, sent)
+    await stream_out(router, strategy, req, response, gen, first)
+    if ex.cache_key is not None and sent is not None:
+        await keep(router, ex.cache_key, ex.probe, True, b"".join(sent))
+    return response
+
+
+def finish(ex: Exchange) -> None:
+    """Whatever the request held given back, its token use settled, and it counted, recorded and traced."""
+    router, req = ex.router, ex.req
+    if req is not None:
+        for handle in req.handles:  # a strategy may pick a worker and never call it
+            handle.release()
+    if ex.granted is not None:
+        router.admission.release(ex.granted)
+        router.fair_share.running(ex.tenant, -1)
+    if ex.ticket is not None and router.tenants is not None:
+        if ex.meter is not None:
+            ex.used_tokens = ex.meter.total(ex.ticket.prompt_estimate)
+        # Nothing answered costs no tokens; a whole answer without usage keeps its reservation.
+        router.tenants.finish(ex.ticket, 0 if ex.used_tokens is None and ex.status != 200 else ex.used_tokens)
+    e2e = time.perf_counter() - ex.start
+    router.metrics.request_done(ex.route, ex.status, e2e if ex.ttft is not None else None)
+    record(router, ex.route, req, ex.strategy, ex.status, ex.ttft, e2e)
+    if ex.trace is not None:
+        ex.trace.finish(ex.status, req)
 
 
 def admission_cost(req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> tuple[int, int]:

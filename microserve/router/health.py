@@ -4,15 +4,15 @@ which models it serves), and, while the policy wants it, how loaded it is (/load
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import orjson
 
 from microserve.http.client import ClientError
+from microserve.router.tasks import cancel_all
 from microserve.router.upstream import Upstream
 from microserve.router.workers import Worker, WorkerKind, WorkerPool
 
@@ -95,18 +95,14 @@ class HealthChecker:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
 
-    async def _every(self, seconds: float, job: Callable[[], object]) -> None:
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(seconds)
             try:
-                await job()  # type: ignore[misc]
+                await job()
             except Exception:  # a bug here must not end health checking for good
                 log.exception("router: background check failed")
 

@@ -73,12 +73,8 @@ class Limiter:
         checking = "rpm"  # the limit being checked, for the refusal tally
         try:
             if record.rpm is not None:
-                name = f"rpm:{record.id}:{minute}"
-                used = await self.store.add(name, 1, 2 * MINUTE_S)
-                undo.append((name, -1, 2 * MINUTE_S))
-                remaining = record.rpm - used
-                grant.headers.update(_trio("requests", record.rpm, max(0, remaining), reset_minute))
-                if remaining < 0:
+                used = await self._take(undo, f"rpm:{record.id}:{minute}", 1, 2 * MINUTE_S)
+                if _per_minute(grant, "requests", record.rpm, used, reset_minute):
                     raise rate_limited(
                         f"Rate limit reached for requests per minute (limit {record.rpm}); "
                         f"retry in {duration(reset_minute)}.",
@@ -95,11 +91,8 @@ class Limiter:
                         reset_minute,
                         grant.headers,
                     )
-                used = await self.store.add(name, reserve_tokens, 2 * MINUTE_S)
-                undo.append((name, -reserve_tokens, 2 * MINUTE_S))
-                remaining = record.tpm - used
-                grant.headers.update(_trio("tokens", record.tpm, max(0, remaining), reset_minute))
-                if remaining < 0:
+                used = await self._take(undo, name, reserve_tokens, 2 * MINUTE_S)
+                if _per_minute(grant, "tokens", record.tpm, used, reset_minute):
                     raise rate_limited(
                         f"Rate limit reached for tokens per minute (limit {record.tpm}, this request "
                         f"reserves {reserve_tokens}); retry in {duration(reset_minute)}.",
@@ -108,9 +101,7 @@ class Limiter:
                     )
             checking = "daily_tokens"
             if record.daily_tokens is not None:
-                name = f"day:{record.id}:{day}"
-                used = await self.store.add(name, reserve_tokens, 2 * DAY_S)
-                undo.append((name, -reserve_tokens, 2 * DAY_S))
+                used = await self._take(undo, f"day:{record.id}:{day}", reserve_tokens, 2 * DAY_S)
                 if used > record.daily_tokens:
                     reset_day = (day + 1) * DAY_S - now
                     raise rate_limited(
@@ -121,9 +112,7 @@ class Limiter:
                     )
             checking = "max_concurrent"
             if record.max_concurrent is not None:
-                name = f"conc:{record.id}"
-                running = await self.store.add(name, 1, CONCURRENCY_TTL_S)
-                undo.append((name, -1, CONCURRENCY_TTL_S))
+                running = await self._take(undo, f"conc:{record.id}", 1, CONCURRENCY_TTL_S)
                 if running > record.max_concurrent:
                     raise rate_limited(
                         f"Too many requests at once for this key (limit {record.max_concurrent}); "
@@ -139,6 +128,12 @@ class Limiter:
             raise
         return grant
 
+    async def _take(self, undo: list[tuple[str, int, float]], name: str, amount: int, ttl: float) -> int:
+        """Add `amount` to the counter `name` (noting how to undo it); its new value."""
+        used = await self.store.add(name, amount, ttl)
+        undo.append((name, -amount, ttl))
+        return used
+
     async def settle(self, grant: Grant, used_tokens: int | None) -> None:
         """The request ended: charge its real token count instead of the reservation (when known) and
         free its slot."""
@@ -151,6 +146,13 @@ class Limiter:
                 await self.store.add(f"day:{record.id}:{grant.day}", diff, 2 * DAY_S)
         if grant.concurrent:
             await self.store.add(f"conc:{record.id}", -1, CONCURRENCY_TTL_S)
+
+
+def _per_minute(grant: Grant, what: str, limit: int, used: int, reset_s: float) -> bool:
+    """Set the window's `x-ratelimit-*` headers on `grant`; whether `used` passed `limit`."""
+    remaining = limit - used
+    grant.headers.update(_trio(what, limit, max(0, remaining), reset_s))
+    return remaining < 0
 
 
 def _trio(what: str, limit: int, remaining: int, reset_s: float) -> dict[str, str]:

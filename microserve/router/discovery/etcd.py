@@ -6,13 +6,13 @@ again the whole prefix is read anew (what changed meanwhile is then applied at o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from microserve.registry.etcd import EtcdClient, EtcdError, EtcdTarget, WatchEvent
 from microserve.registry.record import Registration
 from microserve.router.discovery.base import Discovery
+from microserve.router.tasks import cancel_all
 from microserve.router.workers import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,7 @@ class EtcdDiscovery(Discovery):
                     raise item
                 yield item
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_all(tasks)
 
     async def close(self) -> None:
         await self.client.close()

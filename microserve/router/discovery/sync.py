@@ -4,7 +4,6 @@ joiners health-checked at once, leavers swept out once idle; their state for /re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -14,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from microserve.router.discovery.base import Discovery
 from microserve.router.discovery.membership import Membership
+from microserve.router.tasks import cancel_all
 from microserve.router.workers import Worker, WorkerPool, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -116,11 +116,7 @@ class DiscoveryFleet:
                     log.info("%s: %s drained and removed", sync.discovery.name, worker.url)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         for sync in self.syncs:
             await sync.discovery.close()
