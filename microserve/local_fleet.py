@@ -1,5 +1,7 @@
 """`serve`'s autoscaling actuator: the autoscaler's decisions, acted on with local engine processes.
 
+One pool per role (`--roles prefill:1,decode:2`; one `both` pool by default), each sized by its own
+autoscaler from its own engines' signals (requests held in the router count for every pool: PD needs both).
 A new engine joins the router once it is ready (requests held by admission start then); the engine that
 leaves is the idlest, drained first (no new requests) and stopped only once nothing is in flight on it,
 after its hottest prefixes moved to the idlest survivor (`router/handoff.py`) when a hand-off is set.
@@ -17,7 +19,13 @@ from typing import Any, Protocol
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from microserve.router.autoscaler import Autoscaler, idlest, pool_signals, recent_ttft_p99
+from microserve.router.autoscaler import (
+    Autoscaler,
+    PoolAutoscaler,
+    idlest,
+    pool_signals,
+    recent_ttft_p99,
+)
 from microserve.router.handoff import EnginePeer, HandoffConfig, HandoffResult, hand_off
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerSpec
@@ -37,8 +45,9 @@ class EngineLike(Protocol):  # the part of serve.EngineProcess used here
     async def stop(self, timeout_s: float = 20.0) -> None: ...
 
 
-# Makes serve's next EngineProcess on a port not in the set; serve imports this module, not the reverse.
-EngineFactory = Callable[[set[int]], EngineLike]
+# Makes serve's next EngineProcess of a role on a port not in the set; serve imports this module, not
+# the reverse.
+EngineFactory = Callable[[set[int], Role], EngineLike]
 
 
 class DesiredReplicasCollector(Collector):
@@ -55,10 +64,11 @@ class DesiredReplicasCollector(Collector):
         current = GaugeMetricFamily(
             "microserve_router_replicas", "Engines up or starting, by role.", labels=["role"]
         )
-        role = str(Role.BOTH)
-        want = self._fleet.scaler.desired
-        desired.add_metric([role], float(want if want is not None else self._fleet.replicas))
-        current.add_metric([role], float(self._fleet.replicas))
+        for role, scaler in self._fleet.scaler.scalers.items():
+            have = self._fleet.replicas_of(Role(role))
+            want = scaler.desired
+            desired.add_metric([role], float(want if want is not None else have))
+            current.add_metric([role], float(have))
         yield desired
         yield current
 
@@ -69,7 +79,7 @@ class LocalFleet:
     def __init__(
         self,
         router: Router,
-        scaler: Autoscaler,
+        scaler: Autoscaler | PoolAutoscaler,
         make_engine: EngineFactory,
         *,
         ready_timeout_s: float,
@@ -78,6 +88,10 @@ class LocalFleet:
         handoff: HandoffConfig | None = None,
     ) -> None:
         self.router = router
+        if isinstance(scaler, Autoscaler):  # one `both` pool
+            pools = PoolAutoscaler({str(Role.BOTH): scaler.config})
+            pools.scalers[str(Role.BOTH)] = scaler
+            scaler = pools
         self.scaler = scaler
         self.make_engine = make_engine
         self.ready_timeout_s = ready_timeout_s
@@ -88,6 +102,7 @@ class LocalFleet:
         self.engines: dict[str, EngineLike] = {}  # up (in the router's pool), draining included
         self.starting: dict[str, EngineLike] = {}
         self.draining: set[str] = set()
+        self.roles: dict[str, Role] = {}  # every engine's role, starting ones included
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisors: dict[str, asyncio.Task[None]] = {}
         self.started = 0
@@ -97,11 +112,17 @@ class LocalFleet:
     def replicas(self) -> int:
         return len(self.engines) - len(self.draining) + len(self.starting)
 
+    def replicas_of(self, role: Role) -> int:
+        """Engines of `role` up (not draining) or starting."""
+        urls = [*(u for u in self.engines if u not in self.draining), *self.starting]
+        return sum(1 for u in urls if self.roles.get(u, Role.BOTH) is role)
+
     def register_metrics(self) -> None:
         self.router.metrics.registry.register(DesiredReplicasCollector(self))
 
-    def adopt(self, engine: EngineLike) -> None:
+    def adopt(self, engine: EngineLike, role: Role = Role.BOTH) -> None:
         """An engine serve started (and the router already has): supervised and scaled from now on."""
+        self.roles.setdefault(engine.url, role)
         self.engines[engine.url] = engine
         self._supervisors[engine.url] = asyncio.create_task(engine.supervise(), name=f"engine-{engine.index}")
 
@@ -112,27 +133,37 @@ class LocalFleet:
 
     def tick(self) -> None:
         ttft = None
-        if self.scaler.config.ttft_slo_s is not None:  # the router's recent answers, on its wall clock
-            finished = self.router.recent.latest(len(self.router.recent))
+        if any(a.config.ttft_slo_s is not None for a in self.scaler.scalers.values()):
+            finished = self.router.recent.latest(len(self.router.recent))  # on the router's wall clock
             ttft = recent_ttft_p99(((f.at, f.ttft_s) for f in finished if f.ttft_s is not None), time.time())
-        signals = pool_signals(self.router.pool, self.router.admission.queued, len(self.starting), ttft)
-        desired = self.scaler.decide(self.clock(), signals)
+        queued = self.router.admission.queued
+        now = self.clock()
+        for name, scaler in self.scaler.scalers.items():
+            self._tick_pool(Role(name), scaler, queued, ttft, now)
+
+    def _tick_pool(self, role: Role, scaler: Autoscaler, queued: int, ttft: float | None, now: float) -> None:
+        pool = self.router.pool
+        mine = [pool.get(u) for u in self.engines if u in pool and self.roles.get(u, Role.BOTH) is role]
+        starting = sum(1 for u in self.starting if self.roles.get(u) is role)
+        # Requests held in the router wait for any pool; each pool sees them all (PD needs both).
+        signals = pool_signals(mine, queued, starting, ttft)
+        desired = scaler.decide(now, signals)
         current = signals.replicas
         for _ in range(desired - current):
-            engine = self.make_engine(self._taken_ports())
+            engine = self.make_engine(self._taken_ports(), role)
+            self.roles[engine.url] = role
             self.starting[engine.url] = engine  # counted from now, so the next tick does not start another
-            self._spawn(self._start(engine))
+            self._spawn(self._start(engine, role, scaler.reason))
         for _ in range(current - desired):
-            pool = self.router.pool
-            candidates = [pool.get(url) for url in self.engines if url not in self.draining and url in pool]
-            worker = idlest(candidates)
+            worker = idlest(w for w in mine if w.url not in self.draining)
             if worker is None:
                 break  # the rest are still starting: they join, and go on a later decision
             log.info(
-                "autoscale: %d -> %d engines (%s): draining %s",
+                "autoscale: %s pool %d -> %d engines (%s): draining %s",
+                role,
                 current,
                 desired,
-                self.scaler.reason,
+                scaler.reason,
                 worker.url,
             )
             self.draining.add(worker.url)
@@ -147,20 +178,21 @@ class LocalFleet:
     def _taken_ports(self) -> set[int]:
         return {e.port for e in self.engines.values()} | {e.port for e in self.starting.values()}
 
-    async def _start(self, engine: EngineLike) -> None:
-        log.info("autoscale: starting an engine on %s (%s)", engine.url, self.scaler.reason)
+    async def _start(self, engine: EngineLike, role: Role, reason: str) -> None:
+        log.info("autoscale: starting a %s engine on %s (%s)", role, engine.url, reason)
         try:
             await engine.start()
             await engine.wait_ready(self.ready_timeout_s)
-            await self.router.add_worker(WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE))
+            await self.router.add_worker(WorkerSpec(engine.url, kind=WorkerKind.MICROSERVE, role=role))
         except (RuntimeError, TimeoutError, OSError) as exc:
             log.warning("autoscale: engine on %s did not start: %s", engine.url, exc)
             await engine.stop()
+            self.roles.pop(engine.url, None)
             return
         finally:
             self.starting.pop(engine.url, None)
         self.started += 1
-        self.adopt(engine)
+        self.adopt(engine, role)
         self.router.admission.wake()  # requests held while no engine was ready start now
 
     async def _retire(self, url: str) -> None:
@@ -178,6 +210,7 @@ class LocalFleet:
                 await supervisor
         engine = self.engines.pop(url)
         self.draining.discard(url)
+        self.roles.pop(url, None)
         await engine.stop()
         self.stopped += 1
         log.info("autoscale: stopped the engine on %s", url)

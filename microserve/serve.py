@@ -20,11 +20,11 @@ import aiohttp
 from microserve.http.limits import raise_descriptor_limit
 from microserve.local_fleet import LocalFleet
 from microserve.router.app import RouterServer, tune_gc
-from microserve.router.autoscaler import Autoscaler, AutoscalerConfig
+from microserve.router.autoscaler import AutoscalerConfig, PoolAutoscaler
 from microserve.router.config import config_from_args
 from microserve.router.handoff import HandoffConfig
 from microserve.router.router import Router
-from microserve.router.workers import WorkerKind, WorkerSpec
+from microserve.router.workers import Role, WorkerKind, WorkerSpec
 from microserve.tokens import INTERNAL_TOKEN_ENV, METRICS_TOKEN_ENV, generate_token
 from microserve.tracing import Tracing
 
@@ -78,6 +78,7 @@ class EngineProcess:
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     restarts: int = 0
+    role: Role = Role.BOTH  # the router's view: PD strategies pick prefill and decode engines by it
 
     @property
     def url(self) -> str:
@@ -169,21 +170,27 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     config = config_from_args(args, host=host, port=port)  # a bad flag fails before engines start
     raise_descriptor_limit()
-    scaling = autoscaler_config(args)
-    count = args.engines if scaling is None else scaling.min_replicas
-    most = args.engines if scaling is None else scaling.max_replicas
-    threads = args.threads or max(1, cores() // most)
+    plan = pool_plan(args)
+    scaling = pool_configs(args, plan)
+    roles = [role for role, (count, _, _) in plan.items() for _ in range(count)]
+    count = len(roles)
+    most = sum(high for _, _, high in plan.values())
+    threads = args.threads or max(1, cores() // max(1, most))
     ports = engine_ports("127.0.0.1", args.engine_port or port + 1, count, {port})
     if config.internal_token is None:  # the engines' KV verbs are never open, even on loopback
         config = replace(config, internal_token=generate_token())
     env = engine_env(config.internal_token)
-    engines = [EngineProcess(i, p, engine_argv(args, p, threads), env) for i, p in enumerate(ports)]
+    engines = [
+        EngineProcess(i, p, engine_argv(args, p, threads), env, role=r)
+        for i, (p, r) in enumerate(zip(ports, roles, strict=True))
+    ]
     supervisors: list[asyncio.Task[None]] = []
     server: RouterServer | None = None
     fleet: LocalFleet | None = None
     try:
         each = f"{threads} thread{'s' if threads > 1 else ''} each"
-        print(f"microserve: starting {count} {args.backend} engines of {args.model} ({each})")
+        pools = ", ".join(f"{n} {role}" for role, (n, _, _) in plan.items()) if args.roles else str(count)
+        print(f"microserve: starting {pools} {args.backend} engines of {args.model} ({each})")
         await asyncio.gather(*(e.start() for e in engines))
         starting = asyncio.gather(*(e.wait_ready(args.ready_timeout) for e in engines))
         stopped = asyncio.create_task(stop.wait())
@@ -195,21 +202,21 @@ async def serve(args: argparse.Namespace) -> int:
         stopped.cancel()
         await starting  # raises if an engine died or timed out
 
-        workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE) for e in engines]
+        workers = [WorkerSpec(e.url, kind=WorkerKind.MICROSERVE, role=e.role) for e in engines]
         tracing = Tracing.from_env("microserve-router")
         starting_server = RouterServer(Router(replace(config, workers=workers), tracing=tracing))
         await starting_server.start(host, port)  # cleans up after itself if it fails
         server = starting_server
         tune_gc()
         if scaling is not None:
-            fleet = start_fleet(args, starting_server.router, Autoscaler(scaling), threads, env, {port})
+            fleet = start_fleet(args, starting_server.router, PoolAutoscaler(scaling), threads, env, {port})
             for e in engines:
-                fleet.adopt(e)
+                fleet.adopt(e, e.role)
             engines = []  # the fleet's now
             supervisors = [asyncio.create_task(fleet.run(), name="autoscaler")]
         else:
             supervisors = [asyncio.create_task(e.supervise(), name=f"engine-{e.index}") for e in engines]
-        urls = ", ".join(e.url for e in engines)
+        urls = ", ".join(f"{e.url} {e.role}" if args.roles else e.url for e in engines)
         scheme = "https" if config.tls_cert else "http"
         print(f"microserve: serving on {scheme}://{host}:{port}/v1  (engines: {urls})")
         print("microserve: press Ctrl-C to stop", flush=True)
@@ -231,36 +238,103 @@ async def serve(args: argparse.Namespace) -> int:
         print("microserve: stopped", flush=True)
 
 
-def autoscaler_config(args: argparse.Namespace) -> AutoscalerConfig | None:
-    """The autoscaler `serve` runs, or None for a fixed fleet of --engines (the default)."""
-    low = args.engines if args.min_engines is None else args.min_engines
-    high = max(args.engines, low) if args.max_engines is None else args.max_engines
-    if low == high == args.engines and args.scale_down_after is None:
+def parse_pools(text: str) -> dict[Role, int]:
+    """`--roles`: 'prefill:1,decode:2' (the syntax of `simulate --roles`) -> engines per role, in order."""
+    pools: dict[Role, int] = {}
+    for part in text.split(","):
+        name, sep, count = part.strip().partition(":")
+        try:
+            role, n = Role(name.strip()), int(count)
+        except ValueError:
+            raise ValueError(
+                f"--roles takes ROLE:COUNT pairs like prefill:1,decode:2, got {part!r}"
+            ) from None
+        if not sep or n < 0 or role in pools:
+            raise ValueError(f"--roles takes each role once with a count >= 0, got {part!r}")
+        pools[role] = n
+    if Role.BOTH in pools and len(pools) > 1:
+        raise ValueError("--roles: 'both' engines do not mix with prefill/decode pools")
+    return pools
+
+
+def parse_scale(text: str) -> tuple[Role, int, int]:
+    """`--scale ROLE:MIN:MAX` -> (role, min, max)."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return Role(parts[0].strip()), int(parts[1]), int(parts[2])
+    except ValueError:
+        raise ValueError(f"--scale takes ROLE:MIN:MAX like decode:0:2, got {text!r}") from None
+
+
+def pool_plan(args: argparse.Namespace) -> dict[Role, tuple[int, int, int]]:
+    """Per role: (engines to start, fewest, most). Without --roles, one `both` pool of --engines sized by
+    --min-engines/--max-engines (today's fleet); with it, each pool starts at its count and stays there
+    unless --scale ROLE:MIN:MAX (or --min-engines/--max-engines, applying to each pool) bound it."""
+    bounds = dict((r, (lo, hi)) for r, lo, hi in map(parse_scale, args.scale))
+    if args.roles is None:
+        if set(bounds) - {Role.BOTH}:
+            raise ValueError("--scale names a role that --roles does not (the default is both:--engines)")
+        low = args.engines if args.min_engines is None else args.min_engines
+        high = max(args.engines, low) if args.max_engines is None else args.max_engines
+        low, high = bounds.get(Role.BOTH, (low, high))
+        _check_bounds(Role.BOTH, low, high)
+        return {Role.BOTH: (low, low, high)}
+    plan: dict[Role, tuple[int, int, int]] = {}
+    pools = parse_pools(args.roles)
+    if set(bounds) - set(pools):
+        raise ValueError(
+            f"--scale names a role --roles does not: {', '.join(sorted(set(bounds) - set(pools)))}"
+        )
+    for role, count in pools.items():
+        low = count if args.min_engines is None else args.min_engines
+        high = max(count, low) if args.max_engines is None else args.max_engines
+        low, high = bounds.get(role, (low, high))
+        _check_bounds(role, low, high)
+        plan[role] = (min(max(count, low), high), low, high)
+    return plan
+
+
+def _check_bounds(role: Role, low: int, high: int) -> None:
+    if not 0 <= low <= high or high < 1:
+        raise ValueError(f"the {role} pool needs 0 <= min <= max and max >= 1, got min {low} max {high}")
+
+
+def pool_configs(
+    args: argparse.Namespace, plan: dict[Role, tuple[int, int, int]]
+) -> dict[str, AutoscalerConfig] | None:
+    """The autoscaler of each pool, or None for a fixed fleet (every pool at fixed bounds, the default)."""
+    fixed = all(low == high == start for start, low, high in plan.values())
+    if fixed and args.scale_down_after is None:
         return None
-    return AutoscalerConfig(
-        min_replicas=low,
-        max_replicas=high,
-        target_load=args.scale_target,
-        scale_down_after_s=60.0 if args.scale_down_after is None else args.scale_down_after,
-        scale_up_cooldown_s=args.scale_up_cooldown,
-        ttft_slo_s=args.scale_ttft_slo,
-    )
+    return {
+        str(role): AutoscalerConfig(
+            min_replicas=low,
+            max_replicas=high,
+            target_load=args.scale_target,
+            scale_down_after_s=60.0 if args.scale_down_after is None else args.scale_down_after,
+            scale_up_cooldown_s=args.scale_up_cooldown,
+            ttft_slo_s=args.scale_ttft_slo,
+        )
+        for role, (_, low, high) in plan.items()
+    }
 
 
 def start_fleet(
     args: argparse.Namespace,
     router: Router,
-    scaler: Autoscaler,
+    scaler: PoolAutoscaler,
     threads: int,
     env: dict[str, str],
     taken: set[int],
 ) -> LocalFleet:
     first_port = args.engine_port or args.port + 1
-    indexes = iter(range(args.engines, 1 << 30))
+    indexes = iter(range(len(router.pool), 1 << 30))
 
-    def make_engine(used: set[int]) -> EngineProcess:
+    def make_engine(used: set[int], role: Role) -> EngineProcess:
         port = engine_ports("127.0.0.1", first_port, 1, taken | used)[0]
-        return EngineProcess(next(indexes), port, engine_argv(args, port, threads), env)
+        return EngineProcess(next(indexes), port, engine_argv(args, port, threads), env, role=role)
 
     handoff = HandoffConfig(max_tokens=args.handoff_tokens) if args.handoff_tokens > 0 else None
     fleet = LocalFleet(router, scaler, make_engine, ready_timeout_s=args.ready_timeout, handoff=handoff)
@@ -288,9 +362,27 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="the router's port (default 8000)")
     p.add_argument("--engine-port", type=int, default=None, help="first engine port (default: --port + 1)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds the engines may take to start")
+    p.add_argument(
+        "--roles",
+        default=None,
+        metavar="ROLE:N,...",
+        help="engines per role, e.g. prefill:1,decode:2 for a PD --strategy (default both:--engines)",
+    )
     scale = p.add_argument_group("autoscaling (default: a fixed fleet of --engines)")
-    scale.add_argument("--min-engines", type=int, default=None, help="fewest engines; 0 scales to zero")
-    scale.add_argument("--max-engines", type=int, default=None, help="most engines")
+    scale.add_argument(
+        "--min-engines",
+        type=int,
+        default=None,
+        help="fewest engines (per pool with --roles); 0 scales to zero",
+    )
+    scale.add_argument("--max-engines", type=int, default=None, help="most engines (per pool with --roles)")
+    scale.add_argument(
+        "--scale",
+        action="append",
+        default=[],
+        metavar="ROLE:MIN:MAX",
+        help="one pool's bounds, e.g. decode:0:2 (repeatable; overrides --min/--max-engines for it)",
+    )
     scale.add_argument(
         "--scale-down-after",
         type=float,
@@ -318,9 +410,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print("microserve serve: --engines must be at least 1", file=sys.stderr)
         return 2
     try:
-        autoscaler_config(args)
+        pool_configs(args, pool_plan(args))
     except ValueError as exc:
-        print(f"microserve serve: autoscaling: {exc}", file=sys.stderr)
+        print(f"microserve serve: {exc}", file=sys.stderr)
         return 2
     try:
         import uvloop

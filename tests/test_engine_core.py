@@ -153,3 +153,19 @@ def test_one_requester_holds_at_most_its_share_of_the_cache() -> None:
     assert core.release("a") and core.reservations.held_by("10.0.0.1") == 0
     assert core.prep_recv("b", [8] * (3 * BLOCK), end=3 * BLOCK, requester="10.0.0.1") == 0
     assert core.release("b") and core.release("c") and core.kv.num_free_blocks == NUM_BLOCKS
+
+
+def test_a_choice_index_request_samples_as_that_choice_of_an_n_request() -> None:
+    core = sim_core()
+    core.add_request("n", PROMPT[:20], SamplingParams(max_tokens=6, n=3, ignore_eos=True, seed=3))
+    tokens: dict[int, list[int]] = {}
+    for out in finish(core):
+        tokens.setdefault(out.index, []).extend(out.token_ids)
+    assert len({tuple(t) for t in tokens.values()}) == 3  # each choice its own words
+    # choice 2 continued from its second token, as the router does after an engine died
+    params = SamplingParams(max_tokens=4, ignore_eos=True, seed=3, choice_index=2, num_prior_output_tokens=2)
+    core.add_request("c", PROMPT[:20] + tokens[2][:2], params)
+    rest = [t for out in finish(core) for t in out.token_ids]
+    assert rest == tokens[2][2:]
+    with pytest.raises(ValueError, match="choice_index"):
+        core.add_request("bad", PROMPT[:20], SamplingParams(max_tokens=2, n=2, choice_index=1))

@@ -16,7 +16,7 @@ from microserve.router.breaker import BreakerConfig
 from microserve.router.config import RouterConfig
 from microserve.router.health import HealthConfig
 from microserve.router.router import Router
-from microserve.router.workers import WorkerPool, WorkerSpec
+from microserve.router.workers import Role, WorkerPool, WorkerSpec
 from microserve.server.errors import APIError
 from microserve.simulator.clock import run_virtual
 from tests.fleet import sim_engine, write_profile
@@ -39,6 +39,21 @@ def test_capacity_is_the_ready_workers_batch_sizes() -> None:
     a.draining = True
     b.healthy = False
     assert pool_capacity(pool, per_worker=5) == 0
+
+
+def test_capacity_is_zero_while_a_role_the_strategy_needs_has_no_worker() -> None:
+    pool = WorkerPool(BreakerConfig())
+    prefill = pool.add(WorkerSpec("http://p:1", role=Role.PREFILL))
+    pd = (Role.PREFILL, Role.DECODE)
+    assert pool_capacity(pool, per_worker=4, roles=pd) == 0  # no decode worker: requests are held
+    assert pool_capacity(pool, per_worker=4) == 4  # a strategy naming no roles counts every worker
+    decode = pool.add(WorkerSpec("http://d:1", role=Role.DECODE))
+    assert pool_capacity(pool, per_worker=4, roles=pd) == 8
+    decode.draining = True  # a pool scaled down to zero
+    assert pool_capacity(pool, per_worker=4, roles=pd) == 0
+    prefill.draining = True
+    pool.add(WorkerSpec("http://b:1"))  # a `both` worker does either
+    assert pool_capacity(pool, per_worker=4, roles=pd) == 4
 
 
 def test_a_request_that_cannot_start_in_its_budget_is_refused_at_once() -> None:

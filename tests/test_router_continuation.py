@@ -176,3 +176,72 @@ def test_resume_with_stop_strings_backs_up_to_a_token_boundary_and_skips_the_ove
 
     out = orjson.loads(progress.reshape(cmpl("cd", [12]))[6:])
     assert out["choices"][0]["text"] == "d" and progress.generated == [11, 12]
+
+
+def completion_chunk(index: int, text: str, ids: list[int], reason: str | None = None, **extra: Any) -> bytes:
+    choice = {
+        "index": index,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": reason,
+        "token_ids": ids,
+        **extra,
+    }
+    return frame(
+        {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m", "choices": [choice]}
+    )
+
+
+def test_a_batch_continues_each_unfinished_choice_under_its_index() -> None:
+    raw = orjson.dumps(
+        {"prompt": ["p0", "p1"], "n": 2, "max_tokens": 4, "stream": True, "prompt_logprobs": 1,
+         "stream_options": {"include_usage": True}}
+    )  # fmt: skip
+    req = RoutedRequest.parse(Route.COMPLETIONS, raw)
+    progress = StreamProgress.for_request(req)
+    assert [p.index for p in progress.parts] == [0, 1, 2, 3] and progress.n == 2
+    progress.track(completion_chunk(0, " a", [11], prompt_token_ids=[1, 2]))
+    progress.track(completion_chunk(0, " b", [12], "stop"))
+    progress.track(completion_chunk(3, " c", [13], prompt_token_ids=[5, 6, 7]))
+    progress.track(completion_chunk(1, " d", [14], prompt_token_ids=[1, 2]))
+    # choice 2 has had nothing yet: it starts over from its prompt as the client gave it
+    assert progress.resumable
+    assert [p.index for p in progress.unfinished()] == [1, 2, 3]
+    bodies = [progress.part_for_resume(p).resume_body(req) for p in progress.unfinished()]
+    assert [b["prompt"] if b else None for b in bodies] == [[1, 2, 14], "p1", [5, 6, 7, 13]]
+    assert [b["choice_index"] for b in bodies if b] == [1, 0, 1]
+    assert [b["max_tokens"] for b in bodies if b] == [3, 4, 3]
+    assert [b.get("prompt_logprobs") for b in bodies if b] == [None, 1, None]  # only where none was sent
+    assert all("stream_options" not in b for b in bodies if b)  # one usage chunk, the router's
+
+    part = progress.parts[2]
+    out = part.reshape(completion_chunk(0, " e", [15], prompt_token_ids=[3, 4], prompt_logprobs=[None]))
+    assert out is not None
+    sent = orjson.loads(out[6:])["choices"][0]
+    assert sent["index"] == 2 and sent["text"] == " e" and sent["prompt_logprobs"] == [None]
+    assert part.reshape(b"data: [DONE]") is None  # a part's end is not the stream's
+    assert part.prompt_ids == [3, 4]
+    ending = b"".join(progress.ending_frames())
+    usage = orjson.loads(ending.split(b"\n\n")[0][6:])["usage"]
+    # prompts counted once each (p0: 2, p1: 2 ids); every choice's tokens once
+    assert usage["prompt_tokens"] == 4 and usage["completion_tokens"] == 5
+    assert ending.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_strategys_own_stream_of_several_choices_tracks_each_choice() -> None:
+    """start_generate's stream (pd, migration) with n = 2: reshaped as chat, each choice tracked."""
+    raw = orjson.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3, "stream": True}
+    )
+    req = RoutedRequest.parse(Route.CHAT, raw)
+    progress = StreamProgress.for_request(req, [7, 8])
+    out = progress.reshape(completion_chunk(0, " a", [11], prompt_token_ids=[7, 8]))
+    assert out is not None and out.count(b'"role":"assistant"') == 2  # an opening for each choice
+    out = progress.reshape(completion_chunk(1, " b", [12]))
+    assert out is not None and orjson.loads(out[6:])["choices"][0]["index"] == 1
+    progress.reshape(completion_chunk(1, "", [], "length"))
+    assert [p.generated for p in progress.parts] == [[11], [12]] and progress.resumable
+    (part,) = progress.unfinished()
+    body = progress.part_for_resume(part).resume_body(req)
+    assert body is not None and body["prompt"] == [7, 8, 11] and body["choice_index"] == 0
+    assert body["max_tokens"] == 2 and progress.completion_tokens == 2

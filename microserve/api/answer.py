@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from microserve.api.shapes import Choice, ResponseShape, Usage
+from microserve.api.shapes import Choice, ResponseShape, Usage, vllm_prompt_logprobs
 from microserve.api.sse import DONE_FRAME, frame
 from microserve.engine.outputs import FinishReason, RequestOutput
 
@@ -91,13 +91,24 @@ class Answer:
             if logprobs is not None and out.prompt_logprobs is not None:
                 logprobs = [e for e in out.prompt_logprobs if e is not None] + logprobs
         frames: list[bytes] = []
+        # vLLM's prompt_logprobs, when asked: in the first chunk of each choice.
+        prompt_entries = out.prompt_logprobs if new and self.prompt_logprobs else None
         # With return_token_ids a token whose text is still held back (half a UTF-8 character, a
         # possible stop string) gets its own chunk too, so that every generated id is reported; so
         # does a token with logprobs.
         shape = self.shape
-        if text or (out.token_ids and (shape.return_token_ids or logprobs)):
+        if text or (out.token_ids and (shape.return_token_ids or logprobs)) or prompt_entries is not None:
             chunk = shape.delta_chunk(choice.index, text, out.token_ids, logprobs)
-            frames.extend(frame(c) for c in shape.rewrite(chunk))
+            chunks = shape.rewrite(chunk)
+            if prompt_entries is not None and shape.token_text is not None:
+                first = next((c for c in chunks if c.get("choices")), None)
+                if first is None:  # a tool-call reader held the text back: the entries go alone
+                    first = shape.delta_chunk(choice.index, "", [], None)
+                    chunks.insert(0, first)
+                first["choices"][0]["prompt_logprobs"] = vllm_prompt_logprobs(
+                    prompt_entries, shape.token_text
+                )
+            frames.extend(frame(c) for c in chunks)
         if out.finished:
             chunk = shape.finish_chunk(choice.index, choice.finish_reason, choice.stop_reason)
             frames.extend(frame(c) for c in shape.rewrite(chunk))

@@ -14,8 +14,14 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, field_validator, model_validator
 
 from microserve.api.errors import APIError, bad_request
-from microserve.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, grammar_spec
-from microserve.api.tool_calls import tool_choice_schema
+from microserve.api.structured import (
+    GUIDED_FIELDS,
+    STRUCTURED_FIELDS,
+    ResponseFormat,
+    StructuredOutputs,
+    grammar_spec,
+)
+from microserve.api.tool_calls import forces_call, tool_choice_schema
 from microserve.engine.grammar import GrammarSpec
 from microserve.engine.sampling import MAX_LOGPROBS, InvalidParams, SamplingParams
 
@@ -94,6 +100,9 @@ class _GenerationRequest(RequestModel):
     # microserve's, set by the router on a continued stream: the prompt's last tokens that an earlier
     # engine generated, which the penalties count as output.
     prior_output_tokens: NonNegativeInt = 0
+    # microserve's, set by the router when it continues one choice of an n > 1 stream: the choice this
+    # single-choice request stands for (it samples as that choice: sim words, seed + index).
+    choice_index: NonNegativeInt = 0
     # vLLM's extension: the scheduler admits lower values first (the router sends its priority class).
     priority: int = 0
     # Structured output (microserve/api/structured.py): OpenAI's, vLLM's, and vLLM's legacy fields.
@@ -117,7 +126,10 @@ class _GenerationRequest(RequestModel):
 
     def grammar_spec(self) -> GrammarSpec | None:
         """The grammar the answer must match (structured output), or None."""
-        guided = {name: getattr(self, name) for name in GUIDED_FIELDS}
+        fields = self.__dict__  # the common case, none of them sent, on the router's hot path
+        if all(fields[name] is None for name in STRUCTURED_FIELDS):
+            return None
+        guided = {name: fields[name] for name in GUIDED_FIELDS}
         return grammar_spec(self.response_format, self.structured_outputs, guided)
 
     def check_ranges(self) -> None:
@@ -167,6 +179,7 @@ class _GenerationRequest(RequestModel):
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens,
                 num_prior_output_tokens=self.prior_output_tokens,
+                choice_index=self.choice_index,
                 priority=self.priority,
                 grammar=self.grammar_spec(),
             )
@@ -354,9 +367,10 @@ class ChatCompletionRequest(_GenerationRequest):
         """A forced tool_choice decodes under the schema of its calls (api/tool_calls.py), so the
         arguments always parse and match the function's parameters; else the structured output's."""
         other = super().grammar_spec()
-        tools = self.template_tools()
+        if not forces_call(self.tool_choice) or not self.tools:
+            return other  # no forced call: the tools are not dumped (the router's hot path)
         schema = tool_choice_schema(
-            tools or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
+            self.template_tools() or [], self._plain_tool_choice(), self.parallel_tool_calls is not False
         )
         if schema is None:
             return other
@@ -401,8 +415,8 @@ def parse_request(cls: type[RequestT], body: Any, *, ranges: bool = True) -> Req
     (relayed unchanged): building the parameters costs more than the rest of the check."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    try:
-        request = cls.model_validate(body)
+    try:  # the model's validator itself: `model_validate` only adds a Python call around it
+        request: RequestT = cls.__pydantic_validator__.validate_python(body)
     except ValidationError as exc:
         raise validation_error(exc) from None
     request.check_supported()

@@ -179,6 +179,9 @@ class CompletionShape(_Shape):
     CHUNK: ClassVar[str] = "text_completion"
 
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    # A batch of prompts: each prompt's ids, for its n choices' prompt_token_ids (else prompt_token_ids).
+    batch_prompt_ids: list[list[int]] | None = None
+    n: int = 1
     _prompt_ids_sent: set[int] = field(default_factory=set)
     _offsets: dict[int, int] = field(default_factory=dict)  # text offset of each choice's next token
 
@@ -207,7 +210,8 @@ class CompletionShape(_Shape):
         }
         if self.prompt_token_ids is not None:
             if index not in self._prompt_ids_sent:
-                choice["prompt_token_ids"] = self.prompt_token_ids
+                batch = self.batch_prompt_ids
+                choice["prompt_token_ids"] = batch[index // self.n] if batch else self.prompt_token_ids
                 self._prompt_ids_sent.add(index)
             choice["token_ids"] = token_ids
         return choice

@@ -116,6 +116,8 @@ class EngineCore:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if params.num_prior_output_tokens > len(prompt_ids):
             raise InvalidParams("prior_output_tokens exceeds the prompt's length", "prior_output_tokens")
+        if params.choice_index and params.n > 1:
+            raise InvalidParams("choice_index is for a single-choice request (n = 1)", "choice_index")
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidParams(f"logit_bias token ids must be in [0, {vocab})", "logit_bias")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -133,7 +135,7 @@ class EngineCore:
         self.validate(prompt_ids, params)
         grammar = self._grammar_matcher(prompt_ids, params)  # before anything is taken: it may refuse
         if begin is None:
-            seq = Sequence(request_id, list(prompt_ids), params)
+            seq = Sequence(request_id, list(prompt_ids), params, index=params.choice_index)
         else:
             seq = self._take_reservation(request_id, prompt_ids, params, begin)
         seq.grammar = grammar

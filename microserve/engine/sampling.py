@@ -43,6 +43,9 @@ class SamplingParams:
     # Tokens at the end of the prompt that were generated before (a continued stream): the penalties
     # and min_tokens count them as output, so a continuation samples as the first engine would have.
     num_prior_output_tokens: int = 0
+    # A single-choice request that continues choice `choice_index` of an earlier n > 1 request: its
+    # sequence samples as that choice did (the sim's words, the seed's offset).
+    choice_index: int = 0
     priority: int = 0  # the scheduler admits lower values first, FCFS within one (vLLM's convention)
     grammar: GrammarSpec | None = None  # structured output: each token masked to what the grammar allows
 

@@ -23,7 +23,7 @@ from microserve.router.breaker import CircuitState
 from microserve.router.fair_share import Order
 
 if TYPE_CHECKING:
-    from microserve.router.workers import Worker
+    from microserve.router.workers import Role, Worker
 
 # How often a waiter looks again on its own: a circuit turning half-open or a worker turning ready is
 # noticed within this even when nothing calls `wake`.
@@ -68,19 +68,21 @@ def no_worker_ready(message: str, retry_after_s: int) -> APIError:
     return APIError(503, message, code="no_worker_available", headers={"Retry-After": str(retry_after_s)})
 
 
-def pool_capacity(workers: Iterable[Worker], per_worker: int) -> int:
+def pool_capacity(workers: Iterable[Worker], per_worker: int, roles: Iterable[Role] = ()) -> int:
     """Requests the available workers run at once: each engine's reported batch size (max_num_seqs),
     `per_worker` for a worker that reports none, the trial requests of a half-open circuit; 0 when none
-    is available."""
+    is available, or none for one of `roles` (the strategy's: PD needs a prefill and a decode worker)."""
     total = 0
-    for worker in workers:
-        if worker.available:
-            breaker = worker.breaker
-            if breaker.state is CircuitState.HALF_OPEN:  # on trial: the rest wait for its verdict
-                total += breaker.config.half_open_trials
-                continue
-            load = worker.load
-            total += load.max_num_seqs if load is not None and load.max_num_seqs else per_worker
+    available = [w for w in workers if w.available]
+    if any(not any(w.role.can(role) for w in available) for role in roles):
+        return 0
+    for worker in available:
+        breaker = worker.breaker
+        if breaker.state is CircuitState.HALF_OPEN:  # on trial: the rest wait for its verdict
+            total += breaker.config.half_open_trials
+            continue
+        load = worker.load
+        total += load.max_num_seqs if load is not None and load.max_num_seqs else per_worker
     return total
 
 

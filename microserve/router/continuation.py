@@ -43,7 +43,7 @@ _CARRIED = (
     *STRUCTURED_FIELDS,
 )
 # Carried to a strategy's first engine call (start_generate), not to a continuation: they concern the
-# prompt, or several choices (a stream with n > 1 is not tracked, so never continued).
+# prompt, or several choices (each choice of an n > 1 stream continues as a request of its own).
 _FIRST_ONLY = ("n", "prompt_logprobs")
 
 
@@ -79,23 +79,70 @@ class StreamProgress:
 
     opened: bool = False  # the client has had a first chunk (for chat: the one with the role)
     choices: int = 1  # n: the chat opening has a role chunk for each
+    # Several choices (n > 1, a batch of prompts): one part per choice tracks it; a part continues as
+    # a single-choice request and its frames go out under the choice's index, without [DONE].
+    parts: list[StreamProgress] = field(default_factory=list)
+    index: int = 0  # a part's choice index in the client's stream
+    n: int = 1  # choices per prompt (a batch's prompt p has parts p * n to p * n + n - 1)
+    is_part: bool = False
+    prompt: Any = None  # a part's prompt as the client gave it: where it starts if nothing came yet
+    started: bool = False  # the client has had a chunk of this choice
 
     @classmethod
     def for_request(cls, req: RoutedRequest, prompt_ids: list[int] | None = None) -> StreamProgress:
         """A fresh stream for `req`; give `prompt_ids` when a strategy sends them itself (PD)."""
         options = req.body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return cls(
+        progress = cls(
             route=req.route,
             keep_ids=req.wants_token_ids,
             include_usage=include_usage,
             prompt_ids=prompt_ids,
             choices=req.choices,
+            n=max(1, int(req.body.get("n") or 1)),
         )
+        if req.choices > 1:
+            batched = req.route is Route.COMPLETIONS and req.batched
+            prompts = req.body.get("prompt") if batched else [req.body.get("prompt")]
+            progress.parts = [
+                cls(
+                    route=req.route,
+                    keep_ids=req.wants_token_ids,
+                    include_usage=False,
+                    prompt_ids=None if batched else prompt_ids,
+                    index=i,
+                    is_part=True,
+                    opened=True,
+                    prompt=prompts[i // progress.n] if isinstance(prompts, list) else None,
+                )
+                for i in range(req.choices)
+            ]
+        return progress
 
     @property
     def resumable(self) -> bool:
+        if self.parts:
+            return self.id is not None and all(p.can_start() for p in self.unfinished())
         return self.id is not None and self.prompt_ids is not None
+
+    def can_start(self) -> bool:
+        """A part can continue: its prompt ids are known, or nothing came yet and it starts over."""
+        if self.prompt_ids is not None:
+            return True
+        return self.route is Route.COMPLETIONS and not self.generated and self.prompt is not None
+
+    def unfinished(self) -> list[StreamProgress]:
+        """The parts (choices) whose finish the client has not had yet."""
+        return [p for p in self.parts if p.finish_reason is None]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(p.generated) for p in self.parts) if self.parts else len(self.generated)
+
+    def part_for_resume(self, part: StreamProgress) -> StreamProgress:
+        """`part` ready to continue: it answers under the stream's id."""
+        part.id, part.created, part.model = self.id, self.created, self.model
+        return part
 
     def _decode(self, frame: bytes) -> dict[str, Any] | bytes | None:
         """A data frame's JSON chunk; DONE_FRAME for [DONE] (the stream is then done); None for any other
@@ -125,25 +172,42 @@ class StreamProgress:
         ids = chunk.pop("prompt_token_ids", None) if strip else chunk.get("prompt_token_ids")
         if ids is not None:
             self.prompt_ids = ids
+            for part in self.parts:  # chat: one prompt for every choice
+                part.prompt_ids = ids
         choices = chunk.get("choices")
         if choices:
-            choice = choices[0]
-            ids = choice.pop("prompt_token_ids", None) if strip else choice.get("prompt_token_ids")
-            if ids is not None:
-                self.prompt_ids = ids
-            new = choice.pop("token_ids", None) if strip else choice.get("token_ids")
-            delta = choice.get("delta") or {}
-            text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
-            reason = choice.get("finish_reason")
-            self._advance(new or [], text or "", reason)
-            if delta.get("tool_calls"):  # the engine read a call from the text: that text is delivered
-                self.delivered = len(self.generated)
-            elif strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta:
+            empty = True
+            for choice in choices:
+                empty = self._track_choice(choice, strip) and empty
+            if empty:
                 return None  # only there for the ids the router asked for: the client gets no empty delta
         elif chunk.get("usage"):
             self.usage_sent = True
             self.cached_tokens = _cached(chunk["usage"])
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _track_choice(self, choice: dict[str, Any], strip: bool) -> bool:
+        """Record one choice of a chunk in its part; True if it carries nothing for the client."""
+        target = self
+        if self.parts:
+            index = int(choice.get("index") or 0)
+            if index >= len(self.parts):
+                return False
+            target = self.parts[index]
+        ids = choice.pop("prompt_token_ids", None) if strip else choice.get("prompt_token_ids")
+        if ids is not None:
+            target.prompt_ids = ids
+        new = choice.pop("token_ids", None) if strip else choice.get("token_ids")
+        delta = choice.get("delta") or {}
+        if "role" not in delta:  # chat's opening chunk is not the choice's first
+            target.started = True
+        text = choice.get("text") if self.route is Route.COMPLETIONS else delta.get("content")
+        reason = choice.get("finish_reason")
+        target._advance(new or [], text or "", reason)
+        if delta.get("tool_calls"):  # the engine read a call from the text: that text is delivered
+            target.delivered = len(target.generated)
+            return False
+        return strip and not text and reason is None and not choice.get("logprobs") and "role" not in delta
 
     def _advance(self, new_ids: list[int], text: str, finish_reason: str | None) -> None:
         self.generated.extend(new_ids)
@@ -171,9 +235,10 @@ class StreamProgress:
         self.skip = 0
         if decode is not None and holds_back(req):
             k, self.skip = _boundary(self.generated, "".join(self.text), decode)
-        assert self.prompt_ids is not None
+        prompt = self.prompt if self.prompt_ids is None else self.prompt_ids + self.generated[:k]
+        assert prompt is not None
         body: dict[str, Any] = {
-            "prompt": self.prompt_ids + self.generated[:k],
+            "prompt": prompt,
             "stream": True,
             "return_token_ids": True,
         }
@@ -191,29 +256,43 @@ class StreamProgress:
             body["max_tokens"] = None  # the rest of the context, as the client asked
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
+        if self.is_part and req.choices > 1:
+            body.pop("stream_options", None)  # the stream's one usage chunk is the router's
+            body["choice_index"] = self.index % max(1, int(req.body.get("n") or 1))
+            if not self.started and req.body.get("prompt_logprobs") is not None:
+                body["prompt_logprobs"] = req.body["prompt_logprobs"]  # its first chunk is still to come
         # What follows replaces whatever the dead engine generated past the resume point.
         del self.generated[k:]
         return body
 
     def count_into(self, req: RoutedRequest) -> None:
         """Give the request the token counts this stream saw (the router's TPOT and /dashboard)."""
-        req.output_tokens = len(self.generated)
+        req.output_tokens = self.completion_tokens
         if self.cached_tokens is not None:
             req.cached_tokens = self.cached_tokens
 
     def closing_frames(self) -> Iterator[bytes]:
         """What the client still needs when the generation had ended but the stream had not."""
         if self.finish_reason is None:
-            yield self._client_frame("", [], "length")
+            self.finish_reason = "length"
+            yield self._client_frame("", [], "length", self.index)
+        if self.is_part:
+            return
+        yield from self.ending_frames()
+
+    def ending_frames(self) -> Iterator[bytes]:
+        """The usage chunk (if asked and not sent yet) and [DONE]."""
         if self.include_usage and not self.usage_sent:
-            yield self._usage_frame(len(self.generated), 0)
+            self.usage_sent = True
+            yield self._usage_frame(self.completion_tokens, self.cached_tokens or 0)
+        self.done = True
         yield DONE_FRAME
 
     def reshape(self, frame: bytes) -> bytes | None:
         """One frame of the continuation (a text_completion stream) as a frame of the client's stream."""
         chunk = self._decode(frame)
         if chunk is None or isinstance(chunk, bytes):
-            return chunk
+            return None if self.is_part else chunk  # a part's [DONE] is not the stream's
         opening = b""
         if not self.opened:  # a strategy's first stream, not a continuation: the client sees it start
             self._adopt(chunk)
@@ -225,7 +304,7 @@ class StreamProgress:
                 return None
             self.usage_sent = True
             self.cached_tokens = cached = _cached(usage)
-            return opening + self._usage_frame(len(self.generated), cached)
+            return opening + self._usage_frame(self.completion_tokens, cached)
         choice = choices[0]
         ids = choice.get("token_ids") or []
         text = choice.get("text") or ""
@@ -237,11 +316,28 @@ class StreamProgress:
             self.generated.extend(ids)  # ids of text the client already has: count them, send nothing new
             ids, text, logprobs = [], text[cut:], None
         index = int(choice.get("index") or 0)
-        if index == 0:  # a stream with several choices (n > 1) is answered, never continued
+        prompt_logprobs = choice.get("prompt_logprobs")
+        if self.is_part:
+            index = self.index
+            if self.prompt_ids is None:
+                self.prompt_ids = choice.get("prompt_token_ids")
             self._advance(ids, text, reason)
-        if not text and reason is None and not (self.keep_ids and ids) and not logprobs:
+        elif self.parts:  # a strategy's own stream of several choices
+            if index < len(self.parts):
+                self.parts[index]._advance(ids, text, reason)
+        elif index == 0:
+            self._advance(ids, text, reason)
+        if (
+            not text
+            and reason is None
+            and not (self.keep_ids and ids)
+            and not logprobs
+            and not prompt_logprobs
+        ):
             return opening or None
-        frame = self._client_frame(text, ids, reason, index, logprobs, choice.get("stop_reason"))
+        frame = self._client_frame(
+            text, ids, reason, index, logprobs, choice.get("stop_reason"), prompt_logprobs
+        )
         return opening + frame
 
     def _adopt(self, chunk: dict[str, Any]) -> None:
@@ -292,6 +388,7 @@ class StreamProgress:
         index: int = 0,
         logprobs: dict[str, Any] | None = None,
         stop_reason: str | int | None = None,
+        prompt_logprobs: list[Any] | None = None,
     ) -> bytes:
         if self.route is Route.CHAT:
             delta = {"content": text} if text or reason is None else {}
@@ -303,6 +400,8 @@ class StreamProgress:
             obj = "text_completion"
         choice["finish_reason"] = reason
         choice["stop_reason"] = stop_reason
+        if prompt_logprobs is not None:  # vLLM's, in the first chunk of each choice
+            choice["prompt_logprobs"] = prompt_logprobs
         if self.keep_ids:
             choice["token_ids"] = ids
         body: dict[str, Any] = {
@@ -318,7 +417,10 @@ class StreamProgress:
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
     def _usage_frame(self, completion_tokens: int, cached: int) -> bytes:
-        prompt_tokens = len(self.prompt_ids or [])
+        if self.prompt_ids is not None or not self.parts:
+            prompt_tokens = len(self.prompt_ids or [])
+        else:  # each prompt once (a batch's, or the one of n choices)
+            prompt_tokens = sum(len(p.prompt_ids or []) for p in self.parts[:: self.n])
         obj = "chat.completion.chunk" if self.route is Route.CHAT else "text_completion"
         body: dict[str, Any] = {
             "id": self.id,

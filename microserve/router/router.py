@@ -60,7 +60,9 @@ class Router:
         self.strategy: Strategy = make_strategy(config.strategy, config.strategy_options)
         self.strategy.bind(self)
         per_worker = config.admission.per_worker
-        self.admission = AdmissionQueue(config.admission, lambda: pool_capacity(self.pool, per_worker))
+        self.admission = AdmissionQueue(
+            config.admission, lambda: pool_capacity(self.pool, per_worker, self.strategy.roles)
+        )
         self.fair_share = FairShare(enabled=config.fair_share)  # the admission queue's order
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()

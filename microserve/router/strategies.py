@@ -43,11 +43,14 @@ class Strategy:
     `self.pick(role, req)` asks the current policy for a worker of that role ("prefill", "decode" or
     "both") serving the request's model, counts it in flight, and returns its `WorkerHandle`. Set
     `needs_prompt_ids = True` if `serve` reads `req.prompt_ids`, so the router loads the tokenizer
-    before traffic arrives.
+    before traffic arrives. `roles` names the roles every request needs a worker of (a "both" worker
+    counts for any; PD sets prefill and decode): while one has none available, admission holds requests,
+    so a pool scaled to zero wakes instead of failing them.
     """
 
     name: ClassVar[str] = ""
     needs_prompt_ids: ClassVar[bool] = False
+    roles: ClassVar[tuple[Role, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -111,6 +114,7 @@ class PrefillDecode(Strategy):
 
     name = "pd"
     needs_prompt_ids = True
+    roles = (Role.PREFILL, Role.DECODE)
 
     def split(self, req: RoutedRequest) -> int:
         """Where the decode worker's own prefill starts; everything before it arrives as KV."""

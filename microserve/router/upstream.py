@@ -153,8 +153,7 @@ class HTTPWorkerHandle(PickedWorker):
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
         microserve = self.kind is WorkerKind.MICROSERVE
-        # A stream of several choices is relayed as it comes and never continued (see docs/api.md).
-        track = req.stream and self._up.track_streams and microserve and req.choices == 1
+        track = req.stream and self._up.track_streams and microserve
         overrides: dict[str, Any] = {}
         if track and not req.wants_token_ids:
             overrides["return_token_ids"] = True
@@ -190,6 +189,10 @@ class HTTPWorkerHandle(PickedWorker):
         req.note("resume", self.url)
         decoder = self._up.decoder
         decode = await decoder(req.model) if decoder is not None and holds_back(req) else None
+        if progress.parts:
+            async for data in self._resume_choices(req, progress, decode):
+                yield data
+            return
         body = progress.resume_body(req, decode)
         if body is None:  # nothing was left to generate, only the stream's end was lost
             self.release()
@@ -198,6 +201,29 @@ class HTTPWorkerHandle(PickedWorker):
             return
         async for data in self.completion_stream(req, "/v1/completions", body, progress, verb="resume"):
             yield data
+
+    async def _resume_choices(
+        self, req: RoutedRequest, progress: StreamProgress, decode: Callable[[list[int]], str] | None
+    ) -> AsyncIterator[bytes]:
+        """Continue each unfinished choice of a stream of several, one after the other, as a single-choice
+        request of its own; its frames keep the choice's index. Then the usage chunk and [DONE]."""
+        try:
+            for part in progress.unfinished():
+                body = progress.part_for_resume(part).resume_body(req, decode)
+                if body is None:
+                    for frame in part.closing_frames():
+                        yield frame
+                    continue
+                stream = self.completion_stream(req, "/v1/completions", body, part, verb="resume")
+                async for data in stream:
+                    yield data
+        except BrokenStream as exc:
+            exc.progress = progress  # the stream continues from its parts, not from this one
+            raise
+        finally:
+            self.release()
+        for frame in progress.ending_frames():
+            yield frame
 
     # -- microserving verbs (microserve engines) --------------------------------------------------
 

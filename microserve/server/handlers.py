@@ -160,6 +160,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Prepared:
             include_usage=req.include_usage,
             prompt_token_ids=prompts[0] if req.return_token_ids else None,
             token_text=_token_text(tokenizer) if logprobs_asked(params) else None,
+            batch_prompt_ids=prompts if req.return_token_ids and len(prompts) > 1 else None,
+            n=params.n,
         ),
         stream=req.stream,
         prompt_param="prompt",

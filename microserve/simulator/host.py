@@ -142,7 +142,7 @@ class SimRouter:
         self.fair_share = FairShare(enabled=fleet.fair_share)
         if fleet.admission is not None:
             per_worker = fleet.admission.per_worker
-            capacity = lambda: pool_capacity(self.pool, per_worker)  # noqa: E731
+            capacity = lambda: pool_capacity(self.pool, per_worker, self.strategy.roles)  # noqa: E731
             self.admission = AdmissionQueue(fleet.admission, capacity, loop.time)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.retries = 0
