@@ -73,7 +73,7 @@ def test_profile_fits_the_real_model_and_frees_its_blocks():
     disturbed = sum(row["runs"] == 0 for row in cost.metadata["measurements"])
     if disturbed > len(grid.points()) // 2:
         pytest.skip(f"other processes disturbed every run of {disturbed} points: timings say nothing")
-    assert cost.step_overhead_s > 0 and cost.per_token_s > 0 and cost.per_kv_gather_token_s > 0
+    assert cost.step_overhead_s > 0 and cost.per_token_s > 0 and cost.per_kv_gather_token_s >= 0
     assert cost.per_attention_pair_s + cost.per_sample_s > 0
     assert cost.transfer_bandwidth_bytes_per_s > 0
     assert cost.metadata["fit_error"]["mean_abs_rel"] < 0.3

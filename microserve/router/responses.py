@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import orjson
-from redis.exceptions import RedisError
 
 from microserve.api.errors import APIError
 from microserve.api.responses import (
@@ -32,6 +31,15 @@ from microserve.router.request import Route
 from microserve.router.router import Router
 
 log = logging.getLogger(__name__)
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a failed call to the shared store raises; redis is imported only by a router that has one
+    (importing it loads the OpenTelemetry API, which an untraced router must not)."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, TimeoutError)
+
 
 PATH = "/v1/responses"
 PER_TENANT = 4096  # responses kept for each tenant, the least recently used dropped first
@@ -99,7 +107,7 @@ class ResponseStore:
             return self.local.get(tenant, response_id)
         try:
             raw = await self.redis.get(self._keys(tenant, response_id)[0])
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _store_errors() as exc:
             log.warning("responses: the shared store did not answer (%s); reading this router's copy", exc)
             return self.local.get(tenant, response_id)
         if raw is None:
@@ -124,7 +132,7 @@ class ResponseStore:
             dropped = results[2]
             if dropped:
                 await self.redis.delete(*(self._keys(tenant, r)[0] for r in dropped))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _store_errors() as exc:
             log.warning(
                 "responses: the shared store did not answer (%s); %s kept here only", exc, response_id
             )
@@ -139,7 +147,7 @@ class ResponseStore:
                 pipe.delete(key)
                 pipe.zrem(recent, response_id)
                 removed, _ = await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except _store_errors() as exc:
             log.warning("responses: the shared store did not answer (%s) deleting %s", exc, response_id)
             return deleted
         return deleted or bool(removed)
