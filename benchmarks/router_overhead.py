@@ -108,11 +108,15 @@ def router_env(name: str, sink: str) -> dict[str, str]:
 
 
 def router_cmd(name: str, port: int, workers: list[str]) -> list[str]:
+    # `-P`: another tree's code comes from its PYTHONPATH, not from the current directory that `-m` would
+    # put first on the path (without it, `microserve@PATH` run from this checkout timed this checkout)
+    flags = ["-P"] if name.startswith("microserve@") else []
     if name.startswith(("microserve+otel", "microserve@")):
         name = "microserve"
     if name == "microserve":
         cmd = [
             sys.executable,
+            *flags,
             "-m",
             "microserve",
             "--log-level",

@@ -41,9 +41,29 @@ def test_priority_classes_come_first_and_fifo_when_disabled() -> None:
     low = fair.arrive("a", 2, 1)
     high = fair.arrive("b", 0, 1000)
     assert high < low
-    fifo = FairShare(enabled=False)
+    fifo = FairShare(enabled=False)  # one order per class: the queue serves ties in arrival order
     noisy = [fifo.arrive("noisy", 1, 100) for _ in range(3)]
-    assert fifo.arrive("quiet", 1, 100) > noisy[-1]
+    assert fifo.arrive("quiet", 1, 100) == noisy[-1]
+    assert fifo.arrive("quiet", 0, 100) < noisy[-1]
+
+
+async def test_disabled_fair_share_is_fifo_within_a_class_through_the_queue() -> None:
+    queue, fair = AdmissionQueue(AdmissionConfig(max_concurrent=1)), FairShare(enabled=False)
+    held = await admit(fair, queue, "noisy", 1, 10, 10.0)
+    granted: list[str] = []
+
+    async def one(name: str, tenant: str, rank: int) -> None:
+        ticket = await admit(fair, queue, tenant, rank, 10, 10.0)
+        granted.append(name)
+        queue.release(ticket)
+
+    tasks = []
+    for name, tenant, rank in [("n1", "noisy", 1), ("n2", "noisy", 1), ("q", "quiet", 1), ("hi", "x", 0)]:
+        tasks.append(asyncio.create_task(one(name, tenant, rank)))
+        await asyncio.sleep(0)  # each queues before the next arrives
+    queue.release(held)
+    await asyncio.gather(*tasks)
+    assert granted == ["hi", "n1", "n2", "q"]  # the higher class first, then arrival order
 
 
 async def test_the_admission_queue_grants_in_that_order() -> None:

@@ -73,16 +73,19 @@ def pool_capacity(workers: Iterable[Worker], per_worker: int, roles: Iterable[Ro
     `per_worker` for a worker that reports none, the trial requests of a half-open circuit; 0 when none
     is available, or none for one of `roles` (the strategy's: PD needs a prefill and a decode worker)."""
     total = 0
-    available = [w for w in workers if w.available]
-    if any(not any(w.role.can(role) for w in available) for role in roles):
-        return 0
-    for worker in available:
+    available: list[Worker] = []
+    for worker in workers:
+        if not worker.available:
+            continue
+        available.append(worker)
         breaker = worker.breaker
         if breaker.state is CircuitState.HALF_OPEN:  # on trial: the rest wait for its verdict
             total += breaker.config.half_open_trials
             continue
         load = worker.load
         total += load.max_num_seqs if load is not None and load.max_num_seqs else per_worker
+    if roles and any(not any(w.role.can(role) for w in available) for role in roles):
+        return 0
     return total
 
 
@@ -171,10 +174,11 @@ class AdmissionQueue:
 
     async def acquire(self, priority: Order = (0, 0.0), timeout_s: float | None = None) -> int:
         """Wait for a slot; `timeout_s` (the request's own deadline) shortens the hold if sooner."""
+        granted = self.take_free()
+        if granted is not None:
+            return granted
         cfg = self.config
         limit = self.limit
-        if self.running < limit and not self._waiters:
-            return self._take()  # the fast path: no await
         if len(self._waiters) >= cfg.max_queued and not self._evict_after(priority):
             raise too_many_requests(
                 f"The router is at capacity ({limit} running, {len(self._waiters)} queued); retry later.",
@@ -197,6 +201,12 @@ class AdmissionQueue:
                 self.retry_after(),
             )
         return await self._wait(priority, timeout_s)
+
+    def take_free(self) -> int | None:
+        """A slot at once if one is free and nobody waits (no await); its ticket, or None."""
+        if not self._waiters and self.running < self.limit:
+            return self._take()
+        return None
 
     def _take(self) -> int:
         self.running += 1

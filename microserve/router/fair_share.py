@@ -42,7 +42,9 @@ Order = tuple[int, float]
 
 @dataclass(slots=True)
 class FairShare:
-    enabled: bool = True  # False: every request counts as one tenant's (FIFO within a class)
+    # False: every request counts as one tenant's, FIFO within a class (the queue breaks ties by arrival),
+    # and nothing is kept: with one tenant nobody is below its share or owed service.
+    enabled: bool = True
     virtual: float = 0.0  # V: the start tag of the request admitted last
     half_life_s: float = 10.0  # how fast a tenant's recent service (for `owed`) is forgotten
     _finish: dict[str, float] = field(default_factory=dict)  # F per tenant
@@ -51,12 +53,10 @@ class FairShare:
     _served: dict[str, tuple[float, float]] = field(default_factory=dict)  # (decayed tokens, as of when)
     _refused: dict[str, float] = field(default_factory=dict)  # when each tenant was last refused a slot
 
-    def tenant(self, name: str) -> str:
-        return name if self.enabled else ""
-
     def arrive(self, tenant: str, rank: int, cost: int, weight: float = 1.0) -> Order:
         """The order of a request arriving now from `tenant` that may use `cost` tokens."""
-        tenant = self.tenant(tenant)
+        if not self.enabled:
+            return rank, 0.0
         start = max(self.virtual, self._finish.get(tenant, 0.0))
         self._finish[tenant] = start + max(1, cost) / weight
         if len(self._finish) > 10_000:  # tenants far behind V start at V anyway: forget them
@@ -66,7 +66,6 @@ class FairShare:
     def withdraw(self, tenant: str, order: Order, cost: int, weight: float = 1.0) -> None:
         """A request refused before it ran: it was no service, so its tenant's tag goes back (when it
         was the tenant's latest)."""
-        tenant = self.tenant(tenant)
         if self._finish.get(tenant) == order[1] + max(1, cost) / weight:
             self._finish[tenant] = order[1]
 
@@ -77,7 +76,8 @@ class FairShare:
     def below_share(self, tenant: str, slots: int) -> bool:
         """Whether `tenant` (about to wait) holds fewer than its share of `slots`: the slots over the
         tenants with requests running or waiting, itself included."""
-        tenant = self.tenant(tenant)
+        if not self.enabled:
+            return False
         others = sum(1 for t in {*self._running, *self._waiting} if t != tenant)
         return others > 0 and self._running[tenant] < slots // (others + 1)
 
@@ -87,7 +87,8 @@ class FairShare:
         running or waiting at least one; and `tenant` has been served less than an equal share of the
         tokens admitted lately (an average over about `half_life_s`) among them. Its request need not
         queue behind the backlogged tenants' requests."""
-        tenant = self.tenant(tenant)
+        if not self.enabled:
+            return False
         active = {*self._running, *self._waiting, tenant}
         if len(active) < 2 or slots < len(active) or self._backlogged(tenant, now, own=1):
             return False
@@ -103,13 +104,16 @@ class FairShare:
 
     def refused(self, tenant: str, now: float) -> None:
         """A request of `tenant` was refused for want of a slot: it asks for more than it gets."""
-        self._refused[self.tenant(tenant)] = now
+        if not self.enabled:
+            return
+        self._refused[tenant] = now
         if len(self._refused) > 10_000:
             self._refused = {t: at for t, at in self._refused.items() if now - at < REFUSED_MEMORY_S}
 
     def served(self, tenant: str, cost: int, now: float) -> None:
         """A request of `tenant` got a slot: its tokens join the tenant's recent service."""
-        tenant = self.tenant(tenant)
+        if not self.enabled:
+            return
         self._served[tenant] = (self._decayed(tenant, now) + max(1, cost), now)
         if len(self._served) > 10_000:  # forget tenants whose service has decayed away
             horizon = 20 * self.half_life_s
@@ -120,10 +124,12 @@ class FairShare:
         return float(value * 0.5 ** (max(0.0, now - at) / self.half_life_s))
 
     def waiting(self, tenant: str, delta: int) -> None:
-        _count(self._waiting, self.tenant(tenant), delta)
+        if self.enabled:
+            _count(self._waiting, tenant, delta)
 
     def running(self, tenant: str, delta: int) -> None:
-        _count(self._running, self.tenant(tenant), delta)
+        if self.enabled:
+            _count(self._running, tenant, delta)
 
 
 def _count(counter: Counter[str], tenant: str, delta: int) -> None:
@@ -135,10 +141,31 @@ def _count(counter: Counter[str], tenant: str, delta: int) -> None:
 async def admit(
     fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int, timeout_s: float
 ) -> int:
-    """A slot for a request (its ticket, for `AdmissionQueue.release`): at once for a tenant below
-    its share of the slots, else in its fair-share order; the admission queue's 429 or 503 otherwise.
-    The router and the simulator both admit through here."""
+    """A slot for a request (its ticket, for `AdmissionQueue.release`): at once while a slot is free and
+    nobody waits, or for a tenant below its share of the slots, else in its fair-share order; the
+    admission queue's 429 or 503 otherwise. The router and the simulator both admit through here."""
     order = fair.arrive(tenant, rank, cost)
+    granted = admission.take_free()  # the common case, with nobody to be fair to: no await
+    if granted is None:
+        granted = await _queue(fair, admission, tenant, rank, cost, order, timeout_s)
+    else:
+        fair.admitted(order)
+    fair.running(tenant, 1)
+    fair.served(tenant, cost, admission.now())
+    return granted
+
+
+async def _queue(
+    fair: FairShare,
+    admission: AdmissionQueue,
+    tenant: str,
+    rank: int,
+    cost: int,
+    order: Order,
+    timeout_s: float,
+) -> int:
+    """Every slot taken or requests waiting: a slot at once for a tenant below its share or owed
+    service, else a place in the queue in `order`."""
     fair.waiting(tenant, 1)
     try:
         now = admission.now()
@@ -155,6 +182,4 @@ async def admit(
         raise
     finally:
         fair.waiting(tenant, -1)
-    fair.running(tenant, 1)
-    fair.served(tenant, cost, admission.now())
     return granted

@@ -63,7 +63,8 @@ class Router:
         self.admission = AdmissionQueue(
             config.admission, lambda: pool_capacity(self.pool, per_worker, self.strategy.roles)
         )
-        self.fair_share = FairShare(enabled=config.fair_share)  # the admission queue's order
+        # The admission queue's order; without keys every request is one tenant's: nothing to share.
+        self.fair_share = FairShare(enabled=config.fair_share and bool(config.api_keys))
         self.retry_budget = RetryBudget(config.retry)
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.recent = RecentRequests()
@@ -201,7 +202,7 @@ class Router:
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
-        if self.pool.default_model() is not None:
+        if (req.model is not None and self.pool.serves(req.model)) or self.pool.has_models():
             self.resolve_model(req)
         return req
 

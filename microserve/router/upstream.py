@@ -398,16 +398,15 @@ class HTTPWorkerHandle(PickedWorker):
         try:
             # A stream's head must come by its first-byte deadline too: a stopped engine's kernel still
             # accepts the connection and the request, and then nothing comes.
-            async with asyncio.timeout_at(None if clock is None else clock.first_byte_by):
-                resp = await self._up.http.request(
-                    "POST",
-                    self.url,
-                    path,
-                    body=body,
-                    headers=headers,
-                    timeout_s=remaining,
-                    connect_timeout_s=self._up.connect_timeout_s,
-                )
+            call = self._up.http.request(
+                "POST", self.url, path, body=body, headers=headers, timeout_s=remaining,
+                connect_timeout_s=self._up.connect_timeout_s,
+            )  # fmt: skip
+            if clock is None:
+                resp = await call
+            else:
+                async with asyncio.timeout_at(clock.first_byte_by):
+                    resp = await call
         except TimeoutError as exc:
             if clock is None or asyncio.get_running_loop().time() < clock.first_byte_by:
                 self.worker.record_failure("connect")

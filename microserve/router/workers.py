@@ -296,6 +296,10 @@ class WorkerPool:
         models = self.models()
         return models[0] if models else None
 
+    def has_models(self) -> bool:
+        """Whether any worker has told its models yet (`default_model`, without the list)."""
+        return any(worker.models for worker in self._workers.values())
+
     def serves(self, model: str) -> bool:
         """Whether any worker serves `model` (the per-request check: no list, no sort)."""
         return any(model in worker.models for worker in self._workers.values())
