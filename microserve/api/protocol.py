@@ -395,6 +395,8 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def _check_tools(self) -> None:
         choice = self.tool_choice
+        if choice is None or choice == "none" or choice == "auto":
+            return  # nothing to check against the tools (the router's hot path)
         names = [t.function.name for t in self.tools or []]
         if choice == "required" and not names:
             raise bad_request('tool_choice "required" needs at least one tool in tools.', param="tool_choice")

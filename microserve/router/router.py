@@ -202,7 +202,9 @@ class Router:
         req = RoutedRequest.parse(
             route, raw, headers, timeout_s=self.config.request_timeout_s, tokenize=self.tokenizers.prompt_ids
         )
-        if (req.model is not None and self.pool.serves(req.model)) or self.pool.has_models():
+        if req.model is not None and self.pool.serves(req.model):
+            return req  # resolved: the common case, one look at the pool
+        if self.pool.has_models():
             self.resolve_model(req)
         return req
 
