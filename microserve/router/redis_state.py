@@ -28,6 +28,9 @@ from microserve.router.prefix_index import PrefixIndex
 from microserve.router.shared_state import Mode, SharedState
 from microserve.router.workers import WorkerPool
 
+# What a failed call to the shared store raises (the router's other Redis users catch the same).
+STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
 log = logging.getLogger(__name__)
 
 TICK_S = 0.02  # staleness bound of what other replicas learned, plus one round trip
@@ -85,7 +88,7 @@ class RedisState(SharedState):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*STORE_ERRORS):
             await self.client.delete(self._key(f"in_flight:{self.replica}"))
             await self.client.zrem(self._key("replicas"), self.replica)
         await self.client.aclose()
@@ -115,7 +118,7 @@ class RedisState(SharedState):
         while True:
             try:
                 await self.sync()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except STORE_ERRORS as exc:
                 self._degrade(exc)
                 await asyncio.sleep(RETRY_S)
                 continue

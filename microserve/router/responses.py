@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 def _store_errors() -> tuple[type[BaseException], ...]:
     """What a failed call to the shared store raises; redis is imported only by a router that has one
     (importing it loads the OpenTelemetry API, which an untraced router must not)."""
-    from redis.exceptions import RedisError
+    from microserve.router.redis_state import STORE_ERRORS
 
-    return (RedisError, OSError, TimeoutError)
+    return STORE_ERRORS
 
 
 PATH = "/v1/responses"
