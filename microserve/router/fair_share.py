@@ -43,7 +43,7 @@ Order = tuple[int, float]
 @dataclass(slots=True)
 class FairShare:
     # False: every request counts as one tenant's, FIFO within a class (the queue breaks ties by arrival),
-    # and nothing is kept: with one tenant nobody is below its share or owed service.
+    # and nothing is kept: with no tenant counted, nobody is below its share or owed service.
     enabled: bool = True
     virtual: float = 0.0  # V: the start tag of the request admitted last
     half_life_s: float = 10.0  # how fast a tenant's recent service (for `owed`) is forgotten
@@ -76,8 +76,6 @@ class FairShare:
     def below_share(self, tenant: str, slots: int) -> bool:
         """Whether `tenant` (about to wait) holds fewer than its share of `slots`: the slots over the
         tenants with requests running or waiting, itself included."""
-        if not self.enabled:
-            return False
         others = sum(1 for t in {*self._running, *self._waiting} if t != tenant)
         return others > 0 and self._running[tenant] < slots // (others + 1)
 
@@ -87,8 +85,6 @@ class FairShare:
         running or waiting at least one; and `tenant` has been served less than an equal share of the
         tokens admitted lately (an average over about `half_life_s`) among them. Its request need not
         queue behind the backlogged tenants' requests."""
-        if not self.enabled:
-            return False
         active = {*self._running, *self._waiting, tenant}
         if len(active) < 2 or slots < len(active) or self._backlogged(tenant, now, own=1):
             return False
