@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError, field_validator, model_validator
 
@@ -72,6 +72,9 @@ class StreamOptions(BaseModel):
 
 class _GenerationRequest(RequestModel):
     """Fields shared by both endpoints: model, sampling, streaming, logprobs and vLLM's extensions."""
+
+    # The fields `check_supported` judges beyond their types (api/plain_check.py never passes them).
+    judged_fields: ClassVar[frozenset[str]] = frozenset({"n", "stream_options", *STRUCTURED_FIELDS})
 
     model: str | None = None
     temperature: float | None = None
@@ -204,6 +207,8 @@ def _token_bias(bias: dict[str, float] | None) -> dict[int, float]:
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions. `prompt` is one text or token-id list, or a batch of them (`prompts`)."""
 
+    judged_fields = _GenerationRequest.judged_fields | {"prompt", "logprobs", "best_of"}
+
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool = False
@@ -324,6 +329,10 @@ class NamedToolChoice(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     """POST /v1/chat/completions."""
+
+    judged_fields = _GenerationRequest.judged_fields | {
+        "messages", "tools", "tool_choice", "logprobs", "top_logprobs"
+    }  # fmt: skip
 
     messages: list[ChatMessage]
     max_tokens: int | None = None

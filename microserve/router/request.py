@@ -12,7 +12,14 @@ from typing import Any
 import orjson
 
 from microserve.api.errors import bad_request
-from microserve.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from microserve.api.plain_check import PlainCheck, message_check, non_empty_list, non_empty_str
+from microserve.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    RequestModel,
+    parse_request,
+)
 from microserve.router.recent import Hop
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
@@ -29,6 +36,24 @@ PromptTokenizer = Callable[[str | None, Route, Mapping[str, Any]], list[int]]
 
 def _no_tokenizer(model: str | None, route: Route, body: Mapping[str, Any]) -> list[int]:
     raise LookupError("this router has no tokenizer for prompt ids")
+
+
+# Each route's request model, and the quick check derived from it that passes the plain requests (most of
+# them) without building the model (api/plain_check.py).
+_MODELS: dict[Route, tuple[type[RequestModel], PlainCheck]] = {
+    Route.CHAT: (
+        ChatCompletionRequest,
+        PlainCheck(
+            ChatCompletionRequest,
+            {"messages": non_empty_list(message_check(ChatMessage))},
+            {"messages": [{"role": "user", "content": "Hi."}]},
+        ),
+    ),
+    Route.COMPLETIONS: (
+        CompletionRequest,
+        PlainCheck(CompletionRequest, {"prompt": non_empty_str}, {"prompt": "Hi."}),
+    ),
+}
 
 
 class RoutedRequest:
@@ -112,7 +137,9 @@ class RoutedRequest:
             raise bad_request("The request body must be a JSON object.")
         # The engine's own request model: what the engine would refuse, the router refuses the same way
         # (sampling ranges excepted: the engine's 400 for those comes back to the client unchanged).
-        parse_request(ChatCompletionRequest if route is Route.CHAT else CompletionRequest, body, ranges=False)
+        model, plain = _MODELS[route]
+        if not plain.passes(body):
+            parse_request(model, body, ranges=False)
         session = headers.get(SESSION_HEADER) if headers is not None else None
         user = body.get("user")
         return cls(
