@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from microserve.lean_metrics import CounterCell, HistogramCell, LeanCounter, LeanHistogram
 from microserve.metrics_text import E2E_BUCKETS, TTFT_BUCKETS, render_text
 from microserve.router.admission import AdmissionQueue
 from microserve.router.breaker import CircuitState
@@ -164,34 +165,37 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         reg = self.registry
         reg.register(PoolCollector(pool, admission, decisions, recent, names))
-        self._requests = Counter(
-            PREFIX + "requests", "Requests answered, by route and status.", ["route", "status"], registry=reg
+        # What every request updates is counted in plain numbers (lean_metrics.py); the rest by
+        # prometheus_client.
+        self._requests = LeanCounter(
+            PREFIX + "requests", "Requests answered, by route and status.", ["route", "status"]
         )
         # Present at 0 from the start: a series born at its first failure with a count already above 0 has
         # no increase for rate() to see, so the error-ratio alert would miss a burst shorter than a scrape.
         for route in Route:
             for status in INITIAL_STATUSES:
                 self._requests.labels(route.value, status)
-        self._ttft = Histogram(
+        self._ttft = LeanHistogram(
             PREFIX + "time_to_first_byte_seconds",
             "Seconds from arrival to the first byte of the answer (first token when streaming).",
             ["route"],
-            buckets=TTFT_BUCKETS,
-            registry=reg,
+            TTFT_BUCKETS,
         )
-        self._e2e = Histogram(
+        self._e2e = LeanHistogram(
             PREFIX + "e2e_request_latency_seconds",
             "Seconds from arrival to the end of the answer.",
             ["route"],
-            buckets=E2E_BUCKETS,
-            registry=reg,
+            E2E_BUCKETS,
         )
-        self.queue_wait = Histogram(
+        queue_wait = LeanHistogram(
             PREFIX + "queue_wait_seconds",
             "Seconds a request waited for admission (held while no engine was ready: a scale from zero).",
-            buckets=E2E_BUCKETS,
-            registry=reg,
+            [],
+            E2E_BUCKETS,
         )
+        for family in (self._requests, self._ttft, self._e2e, queue_wait):
+            reg.register(family)
+        self.queue_wait: HistogramCell = queue_wait.labels()
         self.retries = Counter(PREFIX + "retries", "Attempts retried on another worker.", registry=reg)
         self.continuations = Counter(
             PREFIX + "stream_continuations",
@@ -204,29 +208,28 @@ class RouterMetrics:
         self.retry_budget_exhausted = Counter(
             PREFIX + "retry_budget_exhausted", "Retries refused by the retry budget.", registry=reg
         )
-        # Label lookups cost microseconds on the hot path: each child is resolved once.
-        self._children: dict[tuple[str, str], Any] = {}
-        self._ttft_children: dict[str, Any] = {}
-        self._e2e_children: dict[str, Any] = {}
+        # Label lookups cost microseconds on the hot path: each cell is resolved once.
+        self._counts: dict[tuple[str, int], CounterCell] = {}
+        self._ttft_cells: dict[str, HistogramCell] = {}
+        self._e2e_cells: dict[str, HistogramCell] = {}
 
     def first_byte(self, route: str, seconds: float) -> None:
-        child = self._ttft_children.get(route)
-        if child is None:
-            child = self._ttft_children[route] = self._ttft.labels(route)
-        child.observe(seconds)
+        cell = self._ttft_cells.get(route)
+        if cell is None:
+            cell = self._ttft_cells[route] = self._ttft.labels(route)
+        cell.observe(seconds)
 
     def request_done(self, route: str, status: int, e2e_s: float | None) -> None:
         """Count the request by status; its latency only if an answer was sent (`e2e_s` not None)."""
-        key = (route, str(status))
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(*key)
-        child.inc()
+        count = self._counts.get((route, status))
+        if count is None:
+            count = self._counts[(route, status)] = self._requests.labels(route, str(status))
+        count.inc()
         if e2e_s is not None:
-            e2e = self._e2e_children.get(route)
-            if e2e is None:
-                e2e = self._e2e_children[route] = self._e2e.labels(route)
-            e2e.observe(e2e_s)
+            cell = self._e2e_cells.get(route)
+            if cell is None:
+                cell = self._e2e_cells[route] = self._e2e.labels(route)
+            cell.observe(e2e_s)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """Text format 0.0.4, as the engines answer (`render_text` says why nothing is negotiated)."""
