@@ -74,7 +74,11 @@ class Response:
         self.headers = headers  # names in lower case
 
     async def read(self) -> bytes:
-        chunks = [chunk async for chunk in self.iter_chunks()]
+        conn = self._conn  # not through iter_chunks: an async generator costs a whole answer ~1 µs more
+        chunks = []
+        while chunk := await conn.next_chunk():
+            chunks.append(chunk)
+        self.close()
         return b"".join(chunks)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
