@@ -147,6 +147,10 @@ def test_every_panel_query_returns_data(fleet: Fleet, prometheus: str) -> None:
         lambda: len(query(prometheus, 'up{job="microserve-engines", kind="microserve"} == 1')) == 2,
         "both engines to be scraped",
     )
+    # And both routers, their counters at 0: a counter first scraped after its increase shows none to rate().
+    wait_until(
+        lambda: len(query(prometheus, 'up{job="microserve-router"} == 1')) == 2, "both routers to be scraped"
+    )
     # The gateway's refusals and cache lookups first, so that they are in several scrapes by the end.
     assert tenant_phase(fleet) == [200, 200, 401, 200, 429]
     statuses = traffic(fleet.url, 16) + failing_phase(fleet)
