@@ -84,9 +84,12 @@ async def workers(session: aiohttp.ClientSession, router: ManagedProcess) -> dic
 
 
 async def idle(session: aiohttp.ClientSession, routers: list[ManagedProcess]) -> bool:
+    """Nothing in flight on any replica, and every worker available to each (a health check missed on a
+    loaded machine would send a session elsewhere, as it should)."""
     for router in routers:
-        if any(w["in_flight"] or w["remote_in_flight"] for w in (await workers(session, router)).values()):
-            return False
+        for w in (await workers(session, router)).values():
+            if w["in_flight"] or w["remote_in_flight"] or not w["healthy"] or w["circuit"] != "closed":
+                return False
     return True
 
 
