@@ -1,7 +1,8 @@
 """A quick check derived from a request model, for the router's hot path: it passes a plain request (known
 fields holding scalars of the types the model takes, chat messages of text) that the model would pass,
-and says "ask the model" for anything else. Building the model costs the router more than the rest of a
-request's Python; the check costs a dictionary lookup and a type test per field.
+and says "ask the model" for anything else. Building the model cost the router 5.5 µs a chat request
+(timeit), about a tenth of its Python per request; the check, a dictionary lookup and a type test per
+field, 0.6 µs (docs/router-benchmark.md).
 
 It never refuses and never answers for the model: what it does not pass is validated whole, so every
 error, and every request it cannot judge, is the model's. The types each field takes are probed from the
