@@ -247,7 +247,10 @@ async def test_replicas_share_conversations_through_redis(engine: ManagedProcess
         ]
         for server in servers:
             await server.start()
-        sdks = [openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0) for s in servers]
+        sdks = [
+            openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=30)
+            for s in servers
+        ]
         try:
             first = await sdks[0].responses.create(
                 model=MODEL, input="Hi.", max_output_tokens=4, temperature=0
