@@ -92,17 +92,19 @@ class RedisState(SharedState):
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=CLOSE_S)
-        with contextlib.suppress(*STORE_ERRORS, TimeoutError):
+        with contextlib.suppress(*STORE_ERRORS):  # TimeoutError among them
             async with asyncio.timeout(CLOSE_S):
                 await self.client.delete(self._key(f"in_flight:{self.replica}"))
                 await self.client.zrem(self._key("replicas"), self.replica)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(CLOSE_S):
                 await self.client.aclose()
-        if self._task is not None and not self._task.done():
+        if self._task is not None:
             await asyncio.wait({self._task}, timeout=CLOSE_S)
             if not self._task.done():
                 log.warning("shared state: the Redis loop did not end on close; left to the process's end")
+            elif not self._task.cancelled():
+                self._task.exception()  # retrieved, as gather(return_exceptions=True) did before
 
     def describe(self) -> dict[str, Any]:
         trips = sorted(self.round_trips)
