@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from microserve.router.config import RouterConfig
 from microserve.router.dashboard import BIN_S, percentile, summarize
 from microserve.router.metrics import scrape_targets
-from microserve.router.recent import Hop, RecentRequests, usage_tokens
+from microserve.router.recent import Hop, RecentRequests, usage_of, usage_tokens
+from microserve.router.request import Route, RoutedRequest
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerPool, WorkerSpec
 from microserve.server.metrics import ServerMetrics
@@ -93,6 +94,20 @@ def test_usage_is_read_from_a_whole_answer_without_parsing_it() -> None:
     assert usage_tokens(body) == (3, 4)
     assert usage_tokens(b'{"usage":{"completion_tokens": 2}}') == (2, None)
     assert usage_tokens(b'{"choices":[]}') == (None, None)
+
+
+def test_a_whole_answers_usage_is_kept_unparsed_and_read_when_the_request_is() -> None:
+    body = b'{"choices":[],"usage":{"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":2}}}'
+    ring = RecentRequests()
+    ring.record("/v1/chat/completions", "m", "dp", 200, False, 0.1, 0.2, usage=usage_of(body))
+    ring.record("/v1/chat/completions", "m", "dp", 200, True, 0.1, 0.2, output_tokens=3, cached_tokens=1)
+    ring.record("/v1/chat/completions", "m", "dp", 200, False, 0.1, 0.2, usage=usage_of(b'{"choices":[]}'))
+    assert usage_of(b'{"choices":[]}') is None
+    assert [(f.output_tokens, f.cached_tokens) for f in ring.window(60.0)] == [(5, 2), (3, 1), (None, None)]
+    req = RoutedRequest.parse(Route.CHAT, b'{"messages":[{"role":"user","content":"Hi."}]}')
+    assert req.token_counts() == (None, None)
+    req.usage = usage_of(body)
+    assert req.token_counts() == (5, 2)
 
 
 def test_percentile_is_nearest_rank() -> None:

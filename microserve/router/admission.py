@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from microserve.api.errors import APIError
-from microserve.router.breaker import CircuitState
+from microserve.router.breaker import HALF_OPEN
 from microserve.router.fair_share import Order
 
 if TYPE_CHECKING:
@@ -73,19 +73,19 @@ def pool_capacity(workers: Iterable[Worker], per_worker: int, roles: Iterable[Ro
     `per_worker` for a worker that reports none, the trial requests of a half-open circuit; 0 when none
     is available, or none for one of `roles` (the strategy's: PD needs a prefill and a decode worker)."""
     total = 0
-    available: list[Worker] = []
     for worker in workers:
         if not worker.available:
             continue
-        available.append(worker)
         breaker = worker.breaker
-        if breaker.state is CircuitState.HALF_OPEN:  # on trial: the rest wait for its verdict
+        if breaker.state is HALF_OPEN:  # on trial: the rest wait for its verdict
             total += breaker.config.half_open_trials
             continue
         load = worker.load
         total += load.max_num_seqs if load is not None and load.max_num_seqs else per_worker
-    if roles and any(not any(w.role.can(role) for w in available) for role in roles):
-        return 0
+    if roles and total:
+        available = [w for w in workers if w.available]
+        if any(not any(w.role.can(role) for w in available) for role in roles):
+            return 0
     return total
 
 

@@ -15,7 +15,7 @@ from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
 from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
 from microserve.router.fair_share import admit
-from microserve.router.recent import usage_tokens
+from microserve.router.recent import usage_of
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
 from microserve.router.router import Router, no_worker_available
@@ -114,7 +114,7 @@ async def admit_request(ex: Exchange, req: RoutedRequest) -> None:
     router = ex.router
     if ex.trace is not None and router.admission.full:  # a span only for a request that will wait
         ex.trace.admission_begins(router.admission.queued)
-    rank, cost = admission_cost(req, ex.ticket, len(ex.request.body))
+    rank, cost = admission_cost(req, ex.ticket, len(ex.request.body), router.fair_share.enabled)
     queued_at = time.perf_counter()
     ex.granted = await admit(router.fair_share, router.admission, ex.tenant, rank, cost, req.remaining_s())
     router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
@@ -136,7 +136,7 @@ async def answer(ex: Exchange, req: RoutedRequest) -> Response | Stream:
     router.metrics.first_byte(ex.route, ex.ttft)
     if gen is None:
         ex.status = 200
-        req.output_tokens, req.cached_tokens = usage_tokens(first)
+        req.usage = usage_of(first)
         if ex.ticket is not None:
             ex.used_tokens = usage_total(first)
         if ex.cache_key is not None:
@@ -177,11 +177,19 @@ def finish(ex: Exchange) -> None:
         ex.trace.finish(ex.status, req)
 
 
-def admission_cost(req: RoutedRequest, ticket: Ticket | None, body_bytes: int) -> tuple[int, int]:
-    """(priority rank, tokens) the request queues with: its key's class and reservation."""
+_NORMAL = PRIORITIES["normal"]
+
+
+def admission_cost(
+    req: RoutedRequest, ticket: Ticket | None, body_bytes: int, fair: bool = True
+) -> tuple[int, int]:
+    """(priority rank, tokens) the request queues with: its key's class and reservation (the tokens only
+    count for fair sharing: 0 without it)."""
     if ticket is not None:
         return ticket.rank, ticket.grant.reserved
-    return PRIORITIES["normal"], body_bytes // BYTES_PER_TOKEN + (req.max_tokens or DEFAULT_RESERVE_TOKENS)
+    if not fair:
+        return _NORMAL, 0
+    return _NORMAL, body_bytes // BYTES_PER_TOKEN + (req.max_tokens or DEFAULT_RESERVE_TOKENS)
 
 
 def _tap(meter: StreamMeter | None, sent: list[bytes] | None, chunk: bytes) -> None:
@@ -237,6 +245,7 @@ def record(
         req.output_tokens,
         req.cached_tokens,
         req.hops,
+        req.usage,
     )
 
 

@@ -140,6 +140,9 @@ async def admit(
     """A slot for a request (its ticket, for `AdmissionQueue.release`): at once while a slot is free and
     nobody waits, or for a tenant below its share of the slots, else in its fair-share order; the
     admission queue's 429 or 503 otherwise. The router and the simulator both admit through here."""
+    if not fair.enabled:  # one tenant: its class, then arrival order; nothing to keep
+        granted = admission.take_free()
+        return granted if granted is not None else await admission.acquire((rank, 0.0), timeout_s)
     order = fair.arrive(tenant, rank, cost)
     granted = admission.take_free()  # the common case, with nobody to be fair to: no await
     if granted is None:

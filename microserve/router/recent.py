@@ -41,8 +41,7 @@ class Hop:
 @dataclass(slots=True)
 class Finished:
     """One request as it ended. `ttft_s` is None when no answer was sent (an error before the first byte);
-    token counts are None when the router did not see them (an untracked stream without usage). Not
-    frozen: building a frozen dataclass costs a setattr call per field, on the hot path."""
+    token counts are None when the router did not see them (an untracked stream without usage)."""
 
     seq: int
     at: float  # wall clock at the end
@@ -84,14 +83,16 @@ class Finished:
 
 class RecentRequests:
     """The last `size` requests, newest last, plus running tallies of calls per (worker, verb) and KV
-    sent per worker. Appending is all the hot path does: a deque with a bound, no lock (one event loop)."""
+    sent per worker. Appending is all the hot path does: a deque with a bound, no lock (one event loop).
+    Each request is kept as the tuple of its `Finished` fields, made a `Finished` only when read (most
+    are never read: a tuple is built in a third of the time)."""
 
     __slots__ = ("_clock", "_ring", "_seq", "calls", "kv_bytes", "kv_tokens")
 
     def __init__(self, size: int = DEFAULT_SIZE, clock: Any = time.time) -> None:
         if size < 1:
             raise ValueError("the recent-request ring needs room for at least one request")
-        self._ring: deque[Finished] = deque(maxlen=size)
+        self._ring: deque[tuple[Any, ...]] = deque(maxlen=size)
         self._seq = 0
         self._clock = clock
         self.calls: Counter[tuple[str, str]] = Counter()
@@ -113,7 +114,10 @@ class RecentRequests:
         output_tokens: int | None = None,
         cached_tokens: int | None = None,
         hops: list[Hop] | tuple[Hop, ...] = (),
+        usage: bytes | None = None,
     ) -> None:
+        """`usage`: a whole answer's usage as the worker sent it, read for the token counts only when
+        the request is (see `token_counts`)."""
         self._seq += 1
         for hop in hops:
             self.calls[(hop.worker, hop.verb)] += 1
@@ -121,7 +125,7 @@ class RecentRequests:
                 self.kv_bytes[hop.worker] += hop.nbytes
                 self.kv_tokens[hop.worker] += hop.tokens or 0
         self._ring.append(
-            Finished(
+            (
                 self._seq,
                 self._clock(),
                 route,
@@ -134,6 +138,7 @@ class RecentRequests:
                 output_tokens,
                 cached_tokens,
                 tuple(hops),
+                usage,
             )
         )
 
@@ -143,19 +148,43 @@ class RecentRequests:
         for item in reversed(self._ring):
             if len(out) >= n:
                 break
-            out.append(item)
+            out.append(_finished(item))
         return out
 
     def complete_since(self) -> float:
         """The time from which the ring holds every request that ended (-inf until it drops one)."""
-        if self._ring and self._ring[0].seq > 1:
-            return self._ring[0].at
+        if self._ring and self._ring[0][0] > 1:  # (seq, at, ...)
+            at: float = self._ring[0][1]
+            return at
         return float("-inf")
 
     def window(self, window_s: float, now: float | None = None) -> list[Finished]:
         """Requests that ended in the last `window_s` seconds, oldest first (as far as the ring reaches)."""
         since = (self._clock() if now is None else now) - window_s
-        return [f for f in self._ring if f.at >= since]
+        return [_finished(item) for item in self._ring if item[1] >= since]
+
+
+def _finished(item: tuple[Any, ...]) -> Finished:
+    seq, at, route, model, strategy, status, stream, ttft_s, e2e_s, output, cached, hops, usage = item
+    output, cached = token_counts(output, cached, usage)
+    return Finished(seq, at, route, model, strategy, status, stream, ttft_s, e2e_s, output, cached, hops)
+
+
+def token_counts(
+    output_tokens: int | None, cached_tokens: int | None, usage: bytes | None
+) -> tuple[int | None, int | None]:
+    """(completion_tokens, cached_tokens): from a whole answer's usage when there is one, else the
+    counts a stream's relay made."""
+    if usage is not None:
+        return usage_tokens(usage)
+    return output_tokens, cached_tokens
+
+
+def usage_of(body: bytes) -> bytes | None:
+    """A whole OpenAI answer's usage object as sent (engines put it last), or None: kept, and parsed
+    only if someone reads it."""
+    start = body.rfind(b'"usage"')
+    return None if start < 0 else body[start:]
 
 
 def usage_tokens(body: bytes) -> tuple[int | None, int | None]:

@@ -20,7 +20,7 @@ from microserve.api.protocol import (
     RequestModel,
     parse_request,
 )
-from microserve.router.recent import Hop
+from microserve.router.recent import Hop, token_counts
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
 
@@ -79,6 +79,7 @@ class RoutedRequest:
         "session_key",
         "stream",
         "trace",
+        "usage",
         "wants_token_ids",
     )
 
@@ -107,7 +108,8 @@ class RoutedRequest:
         self.handles: list[Any] = []  # every worker picked for it, released when it ends
         # Its way through the fleet and its token counts, as far as the router sees them (for /dashboard).
         self.hops: list[Hop] = []
-        self.output_tokens: int | None = None
+        self.output_tokens: int | None = None  # a stream's, counted by its relay
+        self.usage: bytes | None = None  # a whole answer's usage, unparsed (`token_counts`)
         # Sent to microserve engines (their scheduler's order) when set: the tenant's priority class.
         self.priority: int | None = None
         self.cached_tokens: int | None = None
@@ -166,6 +168,10 @@ class RoutedRequest:
     def known_prompt_tokens(self) -> int | None:
         """The prompt's length in tokens if it was tokenized (a strategy or policy asked), else None."""
         return None if self._prompt_ids is None else len(self._prompt_ids)
+
+    def token_counts(self) -> tuple[int | None, int | None]:
+        """(output tokens, cached prompt tokens) as far as the router saw them."""
+        return token_counts(self.output_tokens, self.cached_tokens, self.usage)
 
     @property
     def known_id(self) -> str | None:

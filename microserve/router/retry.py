@@ -38,17 +38,15 @@ class RetryBudget:
     on the surviving workers would multiply. The bucket is capped at ten seconds' worth of deposits.
     """
 
-    __slots__ = ("_clock", "_last", "_tokens", "config")
+    __slots__ = ("_cap", "_clock", "_last", "_ratio", "_tokens", "config")
 
     def __init__(self, config: RetryConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
         self._last = clock()
+        self._cap = max(1.0, 10.0 * config.budget_min_per_s)
+        self._ratio = config.budget_ratio
         self._tokens = self._cap
-
-    @property
-    def _cap(self) -> float:
-        return max(1.0, 10.0 * self.config.budget_min_per_s)
 
     def _refill(self) -> None:
         now = self._clock()
@@ -56,7 +54,8 @@ class RetryBudget:
         self._last = now
 
     def on_request(self) -> None:
-        self._tokens = min(self._cap, self._tokens + self.config.budget_ratio)
+        tokens = self._tokens + self._ratio  # per request: no call
+        self._tokens = tokens if tokens < self._cap else self._cap
 
     def try_spend(self) -> bool:
         self._refill()

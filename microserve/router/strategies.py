@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Protocol
 from microserve.router.request import RoutedRequest
 from microserve.router.upstream import BrokenStream
 from microserve.router.worker_handle import WorkerHandle
-from microserve.router.workers import Role, WorkerKind
+from microserve.router.workers import ROLE_BOTH, Role, WorkerKind
 
 
 class StrategyHost(Protocol):
@@ -102,7 +102,7 @@ class DataParallel(Strategy):
     name = "data_parallel"
 
     async def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
-        worker = self.pick(Role.BOTH, req)
+        worker = self.pick(ROLE_BOTH, req)
         async for chunk in worker.generate(req):
             yield chunk
 

@@ -173,10 +173,11 @@ class RequestTrace:
         if req is not None:
             if req.known_prompt_tokens is not None:
                 root.set_attribute("gen_ai.usage.input_tokens", req.known_prompt_tokens)
-            if req.output_tokens is not None:
-                root.set_attribute("gen_ai.usage.output_tokens", req.output_tokens)
-            if req.cached_tokens is not None:
-                root.set_attribute("gen_ai.usage.cache_read.input_tokens", req.cached_tokens)
+            output_tokens, cached_tokens = req.token_counts()
+            if output_tokens is not None:
+                root.set_attribute("gen_ai.usage.output_tokens", output_tokens)
+            if cached_tokens is not None:
+                root.set_attribute("gen_ai.usage.cache_read.input_tokens", cached_tokens)
             if req.known_id is not None:
                 root.set_attribute("microserve.request_id", req.known_id)
         if status >= 400:

@@ -29,7 +29,7 @@ from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attemp
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.tracing import call_span
 from microserve.router.worker_handle import WorkerHandle
-from microserve.router.workers import PickedWorker, Worker, WorkerKind
+from microserve.router.workers import KIND_MICROSERVE, PickedWorker, Worker, WorkerKind
 
 
 class WorkerFailure(Exception):
@@ -114,7 +114,7 @@ class Upstream:
     deadlines: DeadlineConfig = field(default_factory=DeadlineConfig)  # per stream attempt
 
     def headers_for(self, worker: Worker) -> dict[str, str]:
-        token = self.internal_token if worker.kind is WorkerKind.MICROSERVE else worker.spec.api_key
+        token = self.internal_token if worker.kind is KIND_MICROSERVE else worker.spec.api_key
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -152,7 +152,7 @@ class HTTPWorkerHandle(PickedWorker):
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
         req.note("generate", self.url)
-        microserve = self.kind is WorkerKind.MICROSERVE
+        microserve = self.kind is KIND_MICROSERVE
         track = req.stream and self._up.track_streams and microserve
         overrides: dict[str, Any] = {}
         if track and not req.wants_token_ids:

@@ -26,7 +26,14 @@ class Role(StrEnum):
 
     def can(self, wanted: Role) -> bool:
         """Can a worker of this role take work of role `wanted`? `both` does everything."""
-        return self is Role.BOTH or self is wanted
+        return self is ROLE_BOTH or self is wanted
+
+
+# On Python 3.11 reading a member through its class (`Role.BOTH`) goes through the enum metaclass's
+# attribute hook (it defines `__getattr__`): about 60 ns, five times a plain class attribute. Code that
+# runs per request compares with these module constants.
+ROLE_BOTH = Role.BOTH
+KIND_MICROSERVE = WorkerKind.MICROSERVE
 
 
 def _enum(cls: type[StrEnum], value: Any, what: str) -> Any:
