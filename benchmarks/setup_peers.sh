@@ -3,8 +3,8 @@
 # their own venv .venv-peers so their dependencies never touch ours) and wrk (Debian) as the load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v wrk >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+if ! command -v wrk >/dev/null || ! command -v valgrind >/dev/null; then  # valgrind: router_instructions.sh
+    (apt-get update -qq && apt-get install -y -qq wrk valgrind) >/dev/null
 fi
 [[ -x .venv-peers/bin/python ]] || python3 -m venv .venv-peers
 .venv-peers/bin/python -m pip --disable-pip-version-check -q install sglang-router vllm-router
