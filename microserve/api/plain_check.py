@@ -83,14 +83,14 @@ def message_check(model: type[BaseModel]) -> FieldCheck:
         content = message.get("content")
         if content is not None and type(content) is not str:
             return False  # text parts are joined, and judged, by the model
-        return extra_allowed or all(key in declared for key in message)
+        return extra_allowed or declared.issuperset(message)
 
     return check
 
 
 def non_empty_list(item: FieldCheck) -> FieldCheck:
     def check(value: Any) -> bool:
-        return type(value) is list and len(value) > 0 and all(item(v) for v in value)
+        return type(value) is list and len(value) > 0 and all(map(item, value))  # map: no generator frame
 
     return check
 

@@ -42,7 +42,9 @@ class RequestTimeout(TimeoutError):
     """The request's deadline passed before its response was read to the end."""
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: a client interns one Origin per URL (`HTTPClient._origins`), so identity is its equality, and
+# the idle-connection lookup of every request hashes in C instead of a generated `__hash__`.
+@dataclass(frozen=True, slots=True, eq=False)
 class Origin:
     scheme: str
     host: str

@@ -77,7 +77,7 @@ def pool_capacity(workers: Iterable[Worker], per_worker: int, roles: Iterable[Ro
         if not worker.available:
             continue
         breaker = worker.breaker
-        if breaker.state is HALF_OPEN:  # on trial: the rest wait for its verdict
+        if not breaker.closed and breaker.state is HALF_OPEN:  # on trial: the rest wait for its verdict
             total += breaker.config.half_open_trials
             continue
         load = worker.load

@@ -40,12 +40,25 @@ class BreakerConfig:
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_open_for", "_opened_at", "_state", "_trials", "config", "failures", "openings")
+    __slots__ = (
+        "_clock",
+        "_open_for",
+        "_opened_at",
+        "_state",
+        "_trials",
+        "closed",
+        "config",
+        "failures",
+        "openings",
+    )
 
     def __init__(self, config: BreakerConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or BreakerConfig()
         self._clock = clock
         self._state = CLOSED
+        # Whether the circuit is closed, kept beside the state: what every per-request look at a worker
+        # asks, answered without a call (read it, never set it).
+        self.closed = True
         self.failures = 0  # consecutive, while closed
         self._opened_at = 0.0
         self._open_for = self.config.open_s
@@ -81,6 +94,7 @@ class CircuitBreaker:
         self.failures = 0
         if self._state is not CLOSED:
             self._state = CLOSED
+            self.closed = True
             self._open_for = self.config.open_s
 
     def on_failure(self) -> None:
@@ -112,6 +126,7 @@ class CircuitBreaker:
 
     def _open(self, seconds: float) -> None:
         self._state = OPEN
+        self.closed = False
         self.openings += 1
         self._opened_at = self._clock()
         self._open_for = seconds

@@ -70,7 +70,7 @@ class RoundRobin(Policy):
         self._turns: dict[tuple[str, ...], int] = {}
 
     def select(self, workers: Sequence[Worker], req: RoutedRequest) -> Worker:
-        key = tuple(w.url for w in workers)
+        key = tuple([w.url for w in workers])  # a list first: one call, where a generator resumes per item
         turn = self._turns.get(key)
         if turn is None:
             if len(self._turns) >= self.MAX_POOLS:

@@ -72,9 +72,9 @@ class Strategy:
         if self._host is None:
             raise RuntimeError("the strategy is not bound to a router")
         return self._host.pick(
-            Role(role),
+            role if isinstance(role, Role) else Role(role),  # a member already: no enum call per request
             req,
-            None if kind is None else WorkerKind(kind),
+            kind if kind is None or isinstance(kind, WorkerKind) else WorkerKind(kind),
             exclude_picked=exclude_picked,
             least_busy=least_busy,
         )

@@ -183,7 +183,8 @@ class Worker:
     @property
     def available(self) -> bool:
         """Takes new requests: healthy, not draining, circuit not open."""
-        return self.healthy and not self.draining and self.breaker.allows()
+        breaker = self.breaker
+        return self.healthy and not self.draining and (breaker.closed or breaker.allows())
 
     def acquire(self) -> None:
         """Count a request as in flight from the moment it is dispatched (least_connections relies on it)."""
@@ -309,7 +310,10 @@ class WorkerPool:
 
     def serves(self, model: str) -> bool:
         """Whether any worker serves `model` (the per-request check: no list, no sort)."""
-        return any(model in worker.models for worker in self._workers.values())
+        for worker in self._workers.values():  # noqa: SIM110 (a loop: any() over a generator resumes per item)
+            if model in worker.models:
+                return True
+        return False
 
     def candidates(
         self,
