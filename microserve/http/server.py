@@ -308,6 +308,11 @@ class HTTPProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self._refused is None:
                 self._refuse(APIError(400, f"Malformed HTTP request: {exc}"))
+        if self._reading is not _WAITING:
+            # A request begun and not whole: its header or body deadline, which may come before the
+            # idle connection's. Set here, once per read, not in the parser's callbacks: most requests
+            # arrive whole in one read, and then none is needed.
+            self._schedule()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -347,7 +352,6 @@ class HTTPProtocol(asyncio.Protocol):
         self._reading = _HEADERS
         self._url, self._headers, self._header_bytes = b"", {}, 0
         self._body, self._body_size = [], 0
-        self._schedule()  # the header deadline comes before an idle connection's
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -380,7 +384,6 @@ class HTTPProtocol(asyncio.Protocol):
             return
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._schedule()  # a body deadline may come before the header deadline
 
     def on_body(self, body: bytes) -> None:
         if self._refused is not None:
