@@ -467,9 +467,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _start_next(self) -> None:
         item = self._queue.popleft()
-        self._keep_alive = isinstance(item, Request) and item.keep_alive  # for the answer being written
         self.busy = True
-        self.server.table.working(self)
+        if isinstance(item, Request):
+            self._keep_alive = item.keep_alive  # for the answer being written
+        else:  # a refusal, perhaps before the headers were whole (which mark a connection working)
+            self._keep_alive = False
+            self.server.table.working(self)
         self._task = self._loop.create_task(self._answer(item))
         self._task.add_done_callback(self._answered)
 

@@ -132,19 +132,22 @@ class Worker:
     """One worker as the router sees it now; policies read it, the proxy and health checks update it."""
 
     __slots__ = (
+        "_spec",
         "breaker",
         "draining",
         "errors",
         "healthy",
         "in_flight",
+        "kind",
         "load",
         "model_cards",
         "models",
         "remote_in_flight",
         "requests",
+        "role",
         "sent_since_report",
-        "spec",
         "url",
+        "weight",
     )
 
     def __init__(self, spec: WorkerSpec, breaker: CircuitBreaker | None = None) -> None:
@@ -164,16 +167,17 @@ class Worker:
         self.errors: Counter[str] = Counter()
 
     @property
-    def kind(self) -> WorkerKind:
-        return self.spec.kind
+    def spec(self) -> WorkerSpec:
+        return self._spec
 
-    @property
-    def role(self) -> Role:
-        return self.spec.role
-
-    @property
-    def weight(self) -> int:
-        return self.spec.weight
+    @spec.setter
+    def spec(self, spec: WorkerSpec) -> None:
+        """What the worker is (discovery may change it, its URL aside); the fields read per request
+        are kept beside it, as plain attributes (read them, never set them)."""
+        self._spec = spec
+        self.kind: WorkerKind = spec.kind
+        self.role: Role = spec.role
+        self.weight: int = spec.weight
 
     @property
     def fleet_in_flight(self) -> int:
@@ -348,16 +352,13 @@ class PickedWorker:
     `WorkerHandle`s (`worker_handle.py`).
     """
 
-    __slots__ = ("_released", "worker")
+    __slots__ = ("_released", "url", "worker")
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        self.url = worker.url
         self._released = False
         worker.acquire()
-
-    @property
-    def url(self) -> str:
-        return self.worker.url
 
     @property
     def kind(self) -> WorkerKind:
