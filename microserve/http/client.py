@@ -119,6 +119,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: HTTPClient, origin: Origin) -> None:
         self._pool = pool
         self.origin = origin
+        # Made by the loop it runs in, once: `asyncio.get_running_loop()` costs a getpid system call.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: dict[str, str] = {}
@@ -189,7 +191,7 @@ class Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes, deadline: float | None) -> asyncio.Future[Response]:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._parser = httptools.HttpResponseParser(self)
         self._headers, self._chunks, self._buffered = {}, deque(), 0
         self._complete, self._keep_alive, self._error, self.received = False, False, None, False
@@ -215,7 +217,7 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -273,6 +275,8 @@ class HTTPClient:
     """Keep-alive connections per origin, reused last-in first-out; idle ones close after a while.
 
     At most `max_connections` carry a request at once; a request beyond that waits for one to finish.
+    A client serves one event loop at a time (its connections belong to it): the one it was first used
+    in, until that loop closes.
     """
 
     def __init__(
@@ -291,6 +295,7 @@ class HTTPClient:
         self._origins: dict[str, Origin] = {}
         self._ssl = ssl_context
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -309,7 +314,9 @@ class HTTPClient:
         if origin is None:
             origin = self._origins[url] = Origin.parse(url)
         head = _request_head(method, origin.prefix + path, origin, headers, len(body))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():  # asked once a loop: it costs a getpid system call
+            loop = self._loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         await self._acquire_slot(deadline)
         try:
