@@ -1,10 +1,13 @@
-"""A minimal OpenAI-compatible worker that answers at once: the router benchmark's backend.
+"""A minimal OpenAI-compatible worker that answers at once: the router benchmark's backend. A chat request
+with `"stream": true` is answered with `max_tokens` chunks (16 by default), each its own write, then the
+usage chunk and [DONE].
 
 Usage: python benchmarks/mock_worker.py PORT
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import orjson
@@ -44,9 +47,35 @@ def fixed(body: bytes):
     return handler
 
 
+def _chunk(delta: dict[str, str], finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    body = {"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": MODEL}
+    body |= {"choices": choices, **({"usage": usage} if usage else {})}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    body = orjson.loads(raw) if b'"stream"' in raw else {}  # whole answers as before: no parse
+    if not body.get("stream"):
+        return web.Response(body=CHAT, content_type="application/json")
+    tokens = int(body.get("max_tokens") or 16)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    await resp.write(_chunk({"role": "assistant", "content": ""}))
+    for i in range(tokens):
+        await resp.write(_chunk({"content": "ok"}, "length" if i == tokens - 1 else None))
+        await asyncio.sleep(0)  # each token its own write, as an engine's
+    await resp.write(
+        _chunk({}, usage={"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens})
+    )
+    await resp.write(b"data: [DONE]\n\n")
+    return resp
+
+
 def app() -> web.Application:
     a = web.Application()
-    a.router.add_post("/v1/chat/completions", fixed(CHAT))
+    a.router.add_post("/v1/chat/completions", chat)
     a.router.add_post("/v1/completions", fixed(COMPLETION))
     a.router.add_post("/generate", fixed(COMPLETION))
     a.router.add_get("/v1/models", fixed(MODELS))

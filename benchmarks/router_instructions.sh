@@ -4,11 +4,12 @@
 # path shows. Two mock workers, round robin, N chat requests over C keep-alive connections (the count is
 # turned on after start-up and a warm-up, off before the stop).
 #
-# Usage: benchmarks/router_instructions.sh [TREE] [N] [C]   (TREE: a source tree, default this checkout;
-# e.g. a `git worktree` of the code before a change). Needs valgrind (Debian: valgrind).
+# Usage: benchmarks/router_instructions.sh [TREE] [N] [C] [TOKENS]   (TREE: a source tree, default this
+# checkout, e.g. a `git worktree` of the code before a change; TOKENS: streamed answers of that many
+# tokens, each its own chunk, instead of whole ones). Needs valgrind (Debian: valgrind).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-TREE=$(realpath "${1:-$ROOT}"); N=${2:-2000}; C=${3:-16}
+TREE=$(realpath "${1:-$ROOT}"); N=${2:-2000}; C=${3:-16}; TOKENS=${4:-0}
 PY="$ROOT/.venv/bin/python"
 OUT=$(mktemp /tmp/callgrind.XXXXXX)
 PORT=$("$PY" -c "from microserve.processes import free_port; print(free_port())")
@@ -24,8 +25,8 @@ PYTHONPATH=$TREE valgrind --tool=callgrind --instr-atstart=no --callgrind-out-fi
 trap 'kill $P1 $P2 $R 2>/dev/null || true; rm -f "$OUT"' EXIT
 "$PY" "$ROOT/benchmarks/keepalive_load.py" "$PORT" 200 "$C" --wait 300  # up, and warm
 callgrind_control -i on "$R" >/dev/null 2>&1
-"$PY" "$ROOT/benchmarks/keepalive_load.py" "$PORT" "$N" "$C"
+"$PY" "$ROOT/benchmarks/keepalive_load.py" "$PORT" "$N" "$C" --stream "$TOKENS"
 callgrind_control -i off "$R" >/dev/null 2>&1
 kill -INT "$R"; wait "$R" || true
 ir=$(awk '/^totals:/{print $2; exit}' "$OUT")
-echo "$(basename "$TREE"): $((ir / N)) instructions a request ($N requests, $C connections)"
+echo "$(basename "$TREE"): $((ir / N)) instructions a request ($N requests, $C connections, $TOKENS streamed tokens)"

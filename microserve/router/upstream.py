@@ -27,6 +27,7 @@ from microserve.router.continuation import (
 )
 from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import Route, RoutedRequest
+from microserve.router.stall_watch import StallWatch
 from microserve.router.tracing import call_span
 from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import KIND_MICROSERVE, PickedWorker, Worker, WorkerKind
@@ -455,22 +456,32 @@ class HTTPWorkerHandle(PickedWorker):
             return
         by = clock.first_byte_by
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                async with asyncio.timeout_at(by):
+        watch = StallWatch(loop)  # a deadline per read, without a timer per read
+        try:
+            while True:
+                task = asyncio.current_task(loop)  # given the loop: no getpid system call
+                assert task is not None
+                watch.waiting(by, task)
+                try:
                     data = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                first = by == clock.first_byte_by
-                what = clock.first_byte_message() if first else clock.stall_message()
-                raise self._stalled(what, progress) from None
-            except _NETWORK_ERRORS as exc:
-                self.worker.record_failure("broken")
-                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
-            yield data
-            # The stall clock runs only while waiting on the worker, never while the client reads.
-            by = loop.time() + clock.deadlines.stall_s
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not watch.expired(task):
+                        raise
+                    first = by == clock.first_byte_by
+                    what = clock.first_byte_message() if first else clock.stall_message()
+                    raise self._stalled(what, progress) from None
+                except _NETWORK_ERRORS as exc:
+                    self.worker.record_failure("broken")
+                    raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+                finally:
+                    watch.done()
+                yield data
+                # The stall clock runs only while waiting on the worker, never while the client reads.
+                by = loop.time() + clock.deadlines.stall_s
+        finally:
+            watch.close()
 
     async def _relay(self, resp: Response, clock: _StreamClock | None = None) -> AsyncIterator[bytes]:
         # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
