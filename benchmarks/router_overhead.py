@@ -3,6 +3,7 @@ same two workers, one run, round robin, at concurrency 1 and 64: requests/s and 
 router adds over calling a worker directly. The load comes from wrk (C), the lightest client there is.
 
 Setup: benchmarks/setup_peers.sh. Usage: python benchmarks/router_overhead.py [--duration 10] [--out F]
+[--stream TOKENS] (streamed answers of TOKENS chunks each, instead of whole ones)
 
 Router names besides the peers: `microserve+otel` is this tree's router with tracing on (every request
 sampled, exported over OTLP/HTTP to a sink in this process that decodes nothing and answers 200), and
@@ -34,8 +35,20 @@ from microserve.processes import ManagedProcess, free_port
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".venv-peers" / "bin"
 BODY = '{"model":"mock","messages":[{"role":"user","content":"Say hi."}],"max_tokens":8}'
-LUA = f"""wrk.method = "POST"
-wrk.body = '{BODY}'
+
+
+def request_body(stream_tokens: int) -> str:
+    if not stream_tokens:
+        return BODY
+    return (
+        '{"model":"mock","messages":[{"role":"user","content":"Say hi."}],"stream":true,'
+        f'"max_tokens":{stream_tokens}}}'
+    )
+
+
+def lua(body: str) -> str:
+    return f"""wrk.method = "POST"
+wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
 """
 
@@ -141,9 +154,9 @@ def router_cmd(name: str, port: int, workers: list[str]) -> list[str]:
     raise ValueError(name)
 
 
-def wrk(url: str, connections: int, duration: int) -> dict[str, float]:
+def wrk(url: str, connections: int, duration: int, body: str = BODY) -> dict[str, float]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(LUA)
+        f.write(lua(body))
     out = subprocess.run(
         [
             "wrk",
@@ -180,7 +193,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,64")
     ap.add_argument("--routers", default="microserve,sglang-router,vllm-router")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--stream", type=int, default=0, metavar="TOKENS", help="streamed answers, TOKENS chunks")
     args = ap.parse_args()
+    body = request_body(args.stream)
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, dict[str, float]]] = {}
     ports = [free_port(), free_port()]
@@ -191,16 +206,17 @@ def main() -> None:
             stack.enter_context(
                 process([sys.executable, str(ROOT / "benchmarks" / "mock_worker.py"), str(p)], url)
             )
-        results["direct"] = {c: wrk(worker_urls[0], c, args.duration) for c in levels}
+        results["direct"] = {c: wrk(worker_urls[0], c, args.duration, body) for c in levels}
         for name in args.routers.split(","):
             port = free_port()
             cmd, env = router_cmd(name, port, worker_urls), router_env(name, sink)
             with process(cmd, f"http://127.0.0.1:{port}", env=env) as url:
-                wrk(url, 8, 2)  # warm-up
-                results[name] = {c: wrk(url, c, args.duration) for c in levels}
+                wrk(url, 8, 2, body)  # warm-up
+                results[name] = {c: wrk(url, c, args.duration, body) for c in levels}
 
     date = dt.date.today().isoformat()
-    setup = f"2 mock workers, round robin, wrk {args.duration} s"
+    answers = f"streamed answers of {args.stream} chunks" if args.stream else "whole answers"
+    setup = f"2 mock workers, round robin, {answers}, wrk {args.duration} s"
     print(f"# router overhead — {date}, {describe_machine()}, {setup}")
     print("| target | concurrency | requests/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
     print("|---|---|---|---|---|---|---|---|")
@@ -218,7 +234,10 @@ def main() -> None:
             print(f"microserve / sglang-router requests/s at concurrency {c}: {ratio:.2f}x")
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"date": date, "machine": describe_machine(), "results": results}, indent=2) + "\n"
+            json.dumps(
+                {"date": date, "machine": describe_machine(), "setup": setup, "results": results}, indent=2
+            )
+            + "\n"
         )
 
 
