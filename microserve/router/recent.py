@@ -85,7 +85,7 @@ class RecentRequests:
     """The last `size` requests, newest last, plus running tallies of calls per (worker, verb) and KV
     sent per worker. Appending is all the hot path does: a deque with a bound, no lock (one event loop).
     Each request is kept as the tuple of its `Finished` fields, made a `Finished` only when read (most
-    are never read: a tuple is built in a third of the time)."""
+    never are, and a tuple is built without a Python call)."""
 
     __slots__ = ("_clock", "_ring", "_seq", "calls", "kv_bytes", "kv_tokens")
 
