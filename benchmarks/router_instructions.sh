@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The router's instructions per request (valgrind's callgrind, the Ir count): deterministic to about 0.01%
-# between runs, where requests/s and CPU time move by +-2% on a shared machine, so a change of 1% to the hot
-# path shows. Two mock workers, round robin, N chat requests over C keep-alive connections (the count is
+# The router's instructions per request (valgrind's callgrind, the Ir count): the same to about 0.01% back
+# to back and 0.5% over a day, where requests/s and CPU time move by +-2% on a shared machine, so a change
+# of 1% to the hot path shows. Two mock workers, round robin, N chat requests over C keep-alive connections (the count is
 # turned on after start-up and a warm-up, off before the stop).
 #
 # Usage: benchmarks/router_instructions.sh [TREE] [N] [C] [TOKENS]   (TREE: a source tree, default this
