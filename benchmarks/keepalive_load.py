@@ -12,12 +12,11 @@ import asyncio
 import sys
 import time
 
+from router_overhead import request_body  # the body wrk sends (this script's folder is on sys.path)
+
 
 def request(stream_tokens: int) -> bytes:
-    body = b'{"model":"mock","messages":[{"role":"user","content":"Say hi."}],"max_tokens":8}'
-    if stream_tokens:
-        body = b'{"model":"mock","messages":[{"role":"user","content":"Say hi."}],"stream":true,'
-        body += b'"max_tokens":%d}' % stream_tokens
+    body = request_body(stream_tokens).encode()
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
     return head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
