@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from microserve.router.admission import AdmissionConfig, AdmissionQueue
-from microserve.router.fair_share import FairShare, admit
+from microserve.router.fair_share import FairShare, admit, admit_now
 from microserve.server.errors import APIError
 
 
@@ -161,6 +161,30 @@ async def test_admit_overtakes_below_the_share_and_withdraws_a_refusal() -> None
     with pytest.raises(APIError):
         await admit(fair, queue, "noisy", 1, 10, 5.0)  # at its share, and nowhere to queue
     assert fair.arrive("noisy", 1, 10) == (1, 20.0)  # the refusal took nothing
+
+
+async def test_admit_now_takes_a_free_slot_as_admit_would_and_never_waits() -> None:
+    now, later = (
+        AdmissionQueue(AdmissionConfig(max_concurrent=2)),
+        AdmissionQueue(AdmissionConfig(max_concurrent=2)),
+    )
+    fair_now, fair_later = FairShare(), FairShare()
+    for tenant, cost in (("a", 10), ("b", 30)):
+        assert admit_now(fair_now, now, tenant, 1, cost) is not None
+        await admit(fair_later, later, tenant, 1, cost, 5.0)
+    # the same bookkeeping either way: tags, virtual time, running counts, recent service
+    assert fair_now.arrive("a", 1, 5) == fair_later.arrive("a", 1, 5) == (1, 10.0)
+    assert fair_now.virtual == fair_later.virtual
+    assert fair_now.below_share("c", 4) == fair_later.below_share("c", 4)
+    assert fair_now.owed("a", 4, now=0.0) == fair_later.owed("a", 4, now=0.0)
+    assert now.running == 2 and admit_now(fair_now, now, "c", 1, 10) is None  # full: None, no wait
+    assert now.running == 2 and fair_now.arrive("c", 1, 10) == (1, fair_now.virtual)  # nothing kept
+    off = FairShare(enabled=False)
+    queue = AdmissionQueue(AdmissionConfig(max_concurrent=1))
+    ticket = admit_now(off, queue, "", 1, 0)
+    assert ticket is not None and admit_now(off, queue, "", 1, 0) is None
+    queue.release(ticket)
+    assert queue.running == 0
 
 
 def test_a_tenant_served_less_than_an_equal_share_is_owed_service() -> None:

@@ -194,6 +194,45 @@ async def test_workers_a_strategy_picked_but_never_called_are_released(tmp_path:
         assert [w.in_flight for w in router.pool] == [0, 0]
 
 
+OVERRIDDEN = """
+from microserve.router.strategies import DataParallel
+
+
+class Counting(DataParallel):
+    # Overrides `serve` only: whole answers must come from it too, not from DataParallel.serve_whole.
+    served = 0
+
+    async def serve(self, req):
+        Counting.served += 1
+        async for chunk in super().serve(req):
+            yield chunk
+
+
+class Silent(DataParallel):
+    async def serve(self, req):
+        self.pick("both", req)  # picked, never called
+        return
+        yield
+"""
+
+
+async def test_a_strategy_that_overrides_serve_answers_whole_requests_with_it(tmp_path: Path) -> None:
+    path = tmp_path / "overridden.py"
+    path.write_text(OVERRIDDEN)
+    async with fakes(2) as servers, routing(servers, strategy=f"{path}:Counting") as client:
+        for body in (CHAT, {**CHAT, "stream": True}):
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 200 and (await resp.read()).strip()
+        assert type(router_of(client).strategy).served == 2  # type: ignore[attr-defined]
+    async with fakes(2) as servers, routing(servers, strategy=f"{path}:Silent") as client:
+        for body in (CHAT, {**CHAT, "stream": True}):  # an answer of nothing is an error, whole or not
+            resp = await client.post("/v1/chat/completions", json=body)
+            assert resp.status == 502 and (await resp.json())["error"]["code"] == "empty_answer"
+        router = router_of(client)
+        await wait_for(lambda: router.admission.running == 0, "the requests to end")
+        assert [w.in_flight for w in router.pool] == [0, 0]
+
+
 VIA_COMPLETIONS = """
 from microserve.router.continuation import StreamProgress, sampling_fields
 from microserve.router.strategies import Strategy

@@ -34,16 +34,22 @@ def fleet(**kw: object) -> FleetConfig:
     return FleetConfig(parse_roles("both", 3), replica, **kw)  # type: ignore[arg-type]
 
 
-def request(i: int, output_len: int) -> SimRequest:
+def request(i: int, output_len: int, stream: bool = True) -> SimRequest:
     prompt = [100 + (i * 7 + k) % 500 for k in range(64)]
     record = RequestRecord(BenchRequest(i, output_len, prompt=prompt))
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": output_len, "stream": True, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": output_len, "stream": stream, "ignore_eos": True}
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     return SimRequest(f"r{i}", Route.COMPLETIONS, body, prompt, Answer(record), params)
 
 
 async def drive(
-    config: FleetConfig, tokenizer: Tokenizer, n: int, gap_s: float, output_len: int, freeze: float = 0.0
+    config: FleetConfig,
+    tokenizer: Tokenizer,
+    n: int,
+    gap_s: float,
+    output_len: int,
+    freeze: float = 0.0,
+    stream: bool = True,
 ) -> list[RequestRecord]:
     """`n` requests, one every `gap_s`; with `freeze`, replica 0 hangs that long from the fifth on."""
     words = plain_word_tokens(tokenizer)
@@ -56,7 +62,7 @@ async def drive(
         for i in range(n):
             if i == 5 and freeze:
                 replicas[0].freeze(freeze)
-            req = request(i, output_len)
+            req = request(i, output_len, stream)
             req.answer.record.start = loop.time()
             records.append(req.answer.record)
             tasks.append(asyncio.create_task(router.serve(req)))
@@ -70,6 +76,14 @@ async def drive(
 def longest_gap(record: RequestRecord) -> float:
     times = [record.start, *record.chunk_times]
     return max(b - a for a, b in itertools.pairwise(times))
+
+
+def test_whole_requests_take_the_strategys_whole_path_to_the_same_answer(tokenizer: Tokenizer) -> None:
+    # A non-streamed request runs `serve_whole` (the router's path for one), a streamed one `serve`.
+    whole = run_virtual(drive(fleet(), tokenizer, 6, 0.1, 20, stream=False))
+    streamed = run_virtual(drive(fleet(), tokenizer, 6, 0.1, 20))
+    assert [r.error for r in whole] == [None] * 6
+    assert [r.output_tokens for r in whole] == [r.output_tokens for r in streamed] == [20] * 6
 
 
 def test_a_frozen_replica_costs_no_request_with_deadlines(tokenizer: Tokenizer) -> None:

@@ -14,12 +14,12 @@ from microserve.api.errors import APIError
 from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
 from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
-from microserve.router.fair_share import admit
+from microserve.router.fair_share import admit, admit_now
 from microserve.router.recent import usage_of
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
 from microserve.router.router import Router, no_worker_available
-from microserve.router.strategies import Strategy
+from microserve.router.strategies import Strategy, empty_answer
 from microserve.router.tracing import RequestTrace
 from microserve.router.upstream import BrokenStream, UpstreamHTTPError, WorkerFailure
 from microserve.router.workers import NoWorkerAvailable
@@ -63,7 +63,10 @@ async def handle(router: Router, request: Request, route: Route) -> Response | S
     try:
         # A draining router still answers what arrives on its open connections (then closed by the
         # HTTP server): those requests were sent before the client could know; nothing new connects.
-        req, stored = await gate(ex)
+        if router.tenants is None and router.response_cache is None:  # no key, no cache: nothing to await
+            req, stored = parsed(ex), None
+        else:
+            req, stored = await gate(ex)
         if stored is not None:  # no worker, no admission slot, no tokens
             ex.status, ex.used_tokens = 200, 0
             ex.ttft = time.perf_counter() - ex.start
@@ -84,9 +87,7 @@ async def gate(ex: Exchange) -> tuple[RoutedRequest, bytes | None]:
     """The key checked and its limits reserved, the request parsed; a cached answer when there is one."""
     router, request = ex.router, ex.request
     ex.key = key = await router.tenants.authenticate(request.headers) if router.tenants is not None else None
-    ex.req = req = router.parse(ex.route, request.body, request.headers)
-    if ex.trace is not None:
-        req.trace = ex.trace
+    req = parsed(ex)
     if key is not None and router.tenants is not None:
         ex.ticket = await router.tenants.admit(
             key, req.model, request.headers, len(request.body), req.max_tokens
@@ -109,6 +110,14 @@ async def gate(ex: Exchange) -> tuple[RoutedRequest, bytes | None]:
     return req, None
 
 
+def parsed(ex: Exchange) -> RoutedRequest:
+    """The request parsed (after its key was checked: a stranger learns nothing of the body's faults)."""
+    ex.req = req = ex.router.parse(ex.route, ex.request.body, ex.request.headers)
+    if ex.trace is not None:
+        req.trace = ex.trace
+    return req
+
+
 async def admit_request(ex: Exchange, req: RoutedRequest) -> None:
     """A slot in the admission queue (held while no worker is ready), then the model resolved and checked."""
     router = ex.router
@@ -116,7 +125,10 @@ async def admit_request(ex: Exchange, req: RoutedRequest) -> None:
         ex.trace.admission_begins(router.admission.queued)
     rank, cost = admission_cost(req, ex.ticket, len(ex.request.body), router.fair_share.enabled)
     queued_at = time.perf_counter()
-    ex.granted = await admit(router.fair_share, router.admission, ex.tenant, rank, cost, req.remaining_s())
+    fair, admission = router.fair_share, router.admission
+    ex.granted = admit_now(fair, admission, ex.tenant, rank, cost)
+    if ex.granted is None:
+        ex.granted = await admit(fair, admission, ex.tenant, rank, cost, req.remaining_s())
     router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
     router.resolve_model(req)
     if ex.trace is not None:
@@ -265,13 +277,14 @@ async def first_output(
         if req.trace is not None:
             req.trace.attempt(attempts, name)
         attempts += 1
-        gen = strategy.serve(req)
+        gen = None
         try:
-            if req.stream:
-                return gen, await anext(gen)
-            return None, b"".join([chunk async for chunk in gen])
+            if not req.stream:  # a coroutine: no generator to drive for the common whole answer
+                return None, await strategy.serve_whole(req)
+            gen = strategy.serve(req)
+            return gen, await anext(gen)
         except StopAsyncIteration:
-            raise APIError(502, "The strategy ended without an answer.", code="empty_answer") from None
+            raise empty_answer() from None
         except (WorkerFailure, NoWorkerAvailable) as exc:
             # A generator that raised is finished already; this only matters for one that yielded nothing.
             aclose = getattr(gen, "aclose", None)

@@ -134,21 +134,30 @@ def _count(counter: Counter[str], tenant: str, delta: int) -> None:
         del counter[tenant]
 
 
+def admit_now(fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int) -> int | None:
+    """A slot at once, while one is free and nobody waits (its ticket, for `AdmissionQueue.release`), else
+    None: then `admit` waits for one. No await, so the common case costs no coroutine."""
+    granted = admission.take_free()
+    if granted is not None and fair.enabled:
+        fair.admitted(fair.arrive(tenant, rank, cost))
+        fair.running(tenant, 1)
+        fair.served(tenant, cost, admission.now())
+    return granted
+
+
 async def admit(
     fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int, timeout_s: float
 ) -> int:
     """A slot for a request (its ticket, for `AdmissionQueue.release`): at once while a slot is free and
     nobody waits, or for a tenant below its share of the slots, else in its fair-share order; the
     admission queue's 429 or 503 otherwise. The router and the simulator both admit through here."""
+    granted = admit_now(fair, admission, tenant, rank, cost)
+    if granted is not None:
+        return granted
     if not fair.enabled:  # one tenant: its class, then arrival order; nothing to keep
-        granted = admission.take_free()
-        return granted if granted is not None else await admission.acquire((rank, 0.0), timeout_s)
+        return await admission.acquire((rank, 0.0), timeout_s)
     order = fair.arrive(tenant, rank, cost)
-    granted = admission.take_free()  # the common case, with nobody to be fair to: no await
-    if granted is None:
-        granted = await _queue(fair, admission, tenant, rank, cost, order, timeout_s)
-    else:
-        fair.admitted(order)
+    granted = await _queue(fair, admission, tenant, rank, cost, order, timeout_s)
     fair.running(tenant, 1)
     fair.served(tenant, cost, admission.now())
     return granted

@@ -17,10 +17,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from microserve.api.errors import APIError
 from microserve.router.request import RoutedRequest
 from microserve.router.upstream import BrokenStream
 from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import ROLE_BOTH, Role, WorkerKind
+
+
+def empty_answer() -> APIError:
+    """A strategy that ended without yielding anything: the client gets a 502, not an empty 200."""
+    return APIError(502, "The strategy ended without an answer.", code="empty_answer")
 
 
 class StrategyHost(Protocol):
@@ -79,8 +85,22 @@ class Strategy:
             least_busy=least_busy,
         )
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "serve" in cls.__dict__ and "serve_whole" not in cls.__dict__:
+            cls.serve_whole = Strategy.serve_whole  # type: ignore[method-assign]  # a new serve answers whole too
+
     def serve(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         raise NotImplementedError(f"{type(self).__name__} must define `async def serve(self, req)`")
+
+    async def serve_whole(self, req: RoutedRequest) -> bytes:
+        """A non-streamed request's answer: by default what `serve` yields, joined. A strategy may
+        override it with a plain coroutine, skipping the generators (`DataParallel` does); a subclass
+        that overrides `serve` alone gets this default back."""
+        chunks = [chunk async for chunk in self.serve(req)]
+        if not chunks:
+            raise empty_answer()
+        return b"".join(chunks)
 
     async def resume(self, req: RoutedRequest, broken: BrokenStream) -> AsyncIterator[bytes]:
         """Continue a stream that broke mid-way: by default on another microserve engine that can decode."""
@@ -105,6 +125,9 @@ class DataParallel(Strategy):
         worker = self.pick(ROLE_BOTH, req)
         async for chunk in worker.generate(req):
             yield chunk
+
+    async def serve_whole(self, req: RoutedRequest) -> bytes:
+        return await self.pick(ROLE_BOTH, req).generate_whole(req)
 
 
 class PrefillDecode(Strategy):

@@ -152,23 +152,18 @@ class HTTPWorkerHandle(PickedWorker):
 
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
         """Run `req` on this worker; yields the client's bytes (one JSON body, or SSE frames)."""
+        if not req.stream:
+            yield await self.generate_whole(req)
+            return
         req.note("generate", self.url)
-        microserve = self.kind is KIND_MICROSERVE
-        track = req.stream and self._up.track_streams and microserve
-        overrides: dict[str, Any] = {}
-        if track and not req.wants_token_ids:
-            overrides["return_token_ids"] = True
-        if microserve and req.priority is not None:  # other servers may refuse the field (vLLM does)
-            overrides["priority"] = req.priority
-        body = req.upstream_body(**overrides) if overrides else req.raw
-        deadlines = self.deadlines() if req.stream else None
-        call = call_span(req, "generate", self.worker, microserve__stream=req.stream)
+        track = self._up.track_streams and self.kind is KIND_MICROSERVE
+        body = self._generate_body(req, return_token_ids=track and not req.wants_token_ids)
+        deadlines = self.deadlines()
+        call = call_span(req, "generate", self.worker, microserve__stream=True)
         try:
             resp = await self._post(req.route, body, req, deadlines, trace_headers=call.headers)
             try:
-                if not req.stream:
-                    yield await self._read_whole(resp)
-                elif track:
+                if track:
                     progress = StreamProgress.for_request(req)
                     async for data in self._relay_tracked(resp, progress, deadlines):
                         yield data
@@ -184,6 +179,35 @@ class HTTPWorkerHandle(PickedWorker):
         finally:
             self.release()
             call.end()
+
+    async def generate_whole(self, req: RoutedRequest) -> bytes:
+        """Run a non-streamed `req` on this worker; its JSON body (a coroutine: no generator to drive)."""
+        req.note("generate", self.url)
+        body = self._generate_body(req)
+        call = call_span(req, "generate", self.worker, microserve__stream=False)
+        try:
+            resp = await self._post(req.route, body, req, trace_headers=call.headers)
+            try:
+                return await self._read_whole(resp)
+            finally:
+                resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
+        except BaseException as exc:
+            call.fail(exc)
+            raise
+        finally:
+            self.release()
+            call.end()
+
+    def _generate_body(self, req: RoutedRequest, return_token_ids: bool = False) -> bytes:
+        """The client's body as this worker gets it: as sent, unless a field must be added."""
+        if self.kind is not KIND_MICROSERVE:
+            return req.raw
+        overrides: dict[str, Any] = {}
+        if return_token_ids:
+            overrides["return_token_ids"] = True
+        if req.priority is not None:  # other servers may refuse the field (vLLM does)
+            overrides["priority"] = req.priority
+        return req.upstream_body(**overrides) if overrides else req.raw
 
     async def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
         """Continue a broken stream here: prompt + generated ids on /v1/completions, as the client's shape."""

@@ -43,6 +43,10 @@ class WorkerHandle(Protocol):
         """The whole request here; the client's bytes (one JSON body, or SSE frames)."""
         ...
 
+    async def generate_whole(self, req: RoutedRequest) -> bytes:
+        """The whole non-streamed request here; its JSON body, as `generate` would yield it."""
+        ...
+
     def resume(self, req: RoutedRequest, progress: StreamProgress) -> AsyncIterator[bytes]:
         """Continue a stream that broke elsewhere, from the tokens already sent."""
         ...

@@ -98,9 +98,12 @@ class SimWorkerHandle(PickedWorker):
     # -- whole requests -----------------------------------------------------------------------------
 
     async def generate(self, req: RoutedRequest) -> AsyncIterator[bytes]:
+        yield await self.generate_whole(req)
+
+    async def generate_whole(self, req: RoutedRequest) -> bytes:
         try:
             await self._run(sim_request(req), None)
-            yield DONE
+            return DONE
         finally:
             self.release()
 

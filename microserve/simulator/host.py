@@ -257,8 +257,11 @@ class SimRouter:
 
     async def _attempt(self, req: SimRequest) -> None:
         try:
-            async for _ in self.strategy.serve(req):
-                pass
+            if req.stream:
+                async for _ in self.strategy.serve(req):
+                    pass
+            else:  # as the router answers a whole one
+                await self.strategy.serve_whole(req)
         finally:
             for handle in req.handles:
                 handle.release()
