@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from microserve.router.config import RouterConfig
 from microserve.router.dashboard import BIN_S, percentile, summarize
 from microserve.router.metrics import scrape_targets
-from microserve.router.recent import Hop, RecentRequests, usage_of, usage_tokens
+from microserve.router.recent import Finished, Hop, RecentRequests, plain_hop, usage_of, usage_tokens
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.router import Router
 from microserve.router.workers import Role, WorkerKind, WorkerPool, WorkerSpec
@@ -108,6 +108,30 @@ def test_a_whole_answers_usage_is_kept_unparsed_and_read_when_the_request_is() -
     assert req.token_counts() == (None, None)
     req.usage = usage_of(body)
     assert req.token_counts() == (5, 2)
+
+
+def test_the_ring_shares_what_it_can_instead_of_keeping_each_requests_own() -> None:
+    ring, route = RecentRequests(size=4, clock=Clock(50.0)), "/v1/chat/completions"
+    model = "".join(["smol", "lm"])  # a string of its own, as each parsed request's is
+    chat = b'{"messages":[{"role":"user","content":"Hi."}]}'
+    first, second = (RoutedRequest.parse(Route.CHAT, chat) for _ in range(2))
+    first.note("generate", "http://a")
+    second.note("generate", "http://a")
+    generate = first.hops[0]
+    assert second.hops[0] is generate is plain_hop("generate", "http://a")  # one object for all
+    ring.record(route, model, "dp", 200, False, 0.25, 0.5, 7, 3, first.hops)
+    ring.record(route, "".join(["smol", "lm"]), "pd", 502, True, None, 1.5)
+    kv = (Hop("prep_recv", "http://d", 10), Hop("remote_send", "http://p", 30, 4096))
+    ring.record(route, None, "pd", 200, True, 0.125, 2.0, 40, None, list(kv))
+    whole, failed, moved = ring.window(60.0)
+    assert whole == Finished(1, 50.0, route, "smollm", "dp", 200, False, 0.25, 0.5, 7, 3, (generate,))
+    assert (failed.seq, failed.ttft_s, failed.hops, moved.hops, moved.output_tokens) == (2, None, (), kv, 40)
+    assert whole.model is model and failed.model is model  # the later request's equal name is not kept
+    assert whole.hops[0] is generate
+    for _ in range(5):  # around the ring: the newest four, each with its number
+        ring.record(route, "m", "dp", 200, False, 0.1, 0.2)
+    assert [f.seq for f in ring.window(60.0)] == [5, 6, 7, 8] and [f.seq for f in ring.latest(2)] == [8, 7]
+    assert ring.complete_since() == 50.0
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -3,20 +3,23 @@ latencies, its way through the fleet), read by the /dashboard page and the per-v
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_SIZE = 2048
+_MAX_NAMES = 256  # model names kept once each; past that (junk names) kept per request
 
 # Engines put usage last in a whole answer; an escaped quote inside the text cannot match these.
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _CACHED_TOKENS = re.compile(rb'"cached_tokens":\s*(\d+)')
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Hop:
     """One call a strategy made on a worker for a request: a verb on a worker, and what it moved.
 
@@ -36,6 +39,12 @@ class Hop:
         if self.nbytes is not None:
             out["bytes"] = self.nbytes
         return out
+
+
+@functools.lru_cache(maxsize=4096)
+def plain_hop(verb: str, worker: str) -> Hop:
+    """The one `Hop` for a call with nothing counted (a `generate`), shared by every request making it."""
+    return Hop(verb, worker)
 
 
 @dataclass(slots=True)
@@ -85,15 +94,20 @@ class RecentRequests:
     """The last `size` requests, newest last, plus running tallies of calls per (worker, verb) and KV
     sent per worker. Appending is all the hot path does: a deque with a bound, no lock (one event loop).
     Each request is kept as the tuple of its `Finished` fields, made a `Finished` only when read (most
-    never are, and a tuple is built without a Python call)."""
+    never are, and a tuple is built without a Python call). It keeps as few objects of its own as it
+    can: its number is its place in the ring, its model name the first request's string, its one plain
+    hop the shared `plain_hop`. What 2,048 requests keep alive costs the router more than the work of
+    keeping it (a ring that kept nothing was ~2 us a request faster at 64 connections with the same
+    instructions; these three gave back ~1 us: docs/router-benchmark.md)."""
 
-    __slots__ = ("_clock", "_ring", "_seq", "calls", "kv_bytes", "kv_tokens")
+    __slots__ = ("_clock", "_names", "_ring", "_seq", "calls", "kv_bytes", "kv_tokens")
 
     def __init__(self, size: int = DEFAULT_SIZE, clock: Any = time.time) -> None:
         if size < 1:
             raise ValueError("the recent-request ring needs room for at least one request")
         self._ring: deque[tuple[Any, ...]] = deque(maxlen=size)
-        self._seq = 0
+        self._seq = 0  # requests recorded: the newest is number `_seq`
+        self._names: dict[str | None, str | None] = {None: None}
         self._clock = clock
         self.calls: Counter[tuple[str, str]] = Counter()
         self.kv_bytes: Counter[str] = Counter()
@@ -124,12 +138,15 @@ class RecentRequests:
             if hop.nbytes is not None:
                 self.kv_bytes[hop.worker] += hop.nbytes
                 self.kv_tokens[hop.worker] += hop.tokens or 0
+        names = self._names
+        name = names.get(model, model)  # the first request's string, shared by those after it
+        if name is model and model not in names and len(names) < _MAX_NAMES:
+            names[model] = model
         self._ring.append(
             (
-                self._seq,
                 self._clock(),
                 route,
-                model,
+                name,
                 strategy,
                 status,
                 stream,
@@ -137,36 +154,41 @@ class RecentRequests:
                 e2e_s,
                 output_tokens,
                 cached_tokens,
-                tuple(hops),
+                hops[0] if len(hops) == 1 else tuple(hops),  # one (shared) `plain_hop` as itself
                 usage,
             )
         )
 
+    def _items(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+        """(seq, item) for the requests the ring holds, oldest first; the first recorded is 1."""
+        return enumerate(self._ring, self._seq - len(self._ring) + 1)
+
     def latest(self, n: int) -> list[Finished]:
         """The newest `n` requests, newest first."""
         out: list[Finished] = []
-        for item in reversed(self._ring):
+        for offset, item in enumerate(reversed(self._ring)):
             if len(out) >= n:
                 break
-            out.append(_finished(item))
+            out.append(_finished(self._seq - offset, item))
         return out
 
     def complete_since(self) -> float:
         """The time from which the ring holds every request that ended (-inf until it drops one)."""
-        if self._ring and self._ring[0][0] > 1:  # (seq, at, ...)
-            at: float = self._ring[0][1]
+        if self._seq > len(self._ring):  # one was dropped
+            at: float = self._ring[0][0]  # (at, ...)
             return at
         return float("-inf")
 
     def window(self, window_s: float, now: float | None = None) -> list[Finished]:
         """Requests that ended in the last `window_s` seconds, oldest first (as far as the ring reaches)."""
         since = (self._clock() if now is None else now) - window_s
-        return [_finished(item) for item in self._ring if item[1] >= since]
+        return [_finished(seq, item) for seq, item in self._items() if item[0] >= since]
 
 
-def _finished(item: tuple[Any, ...]) -> Finished:
-    seq, at, route, model, strategy, status, stream, ttft_s, e2e_s, output, cached, hops, usage = item
+def _finished(seq: int, item: tuple[Any, ...]) -> Finished:
+    at, route, model, strategy, status, stream, ttft_s, e2e_s, output, cached, hops, usage = item
     output, cached = token_counts(output, cached, usage)
+    hops = (hops,) if isinstance(hops, Hop) else hops
     return Finished(seq, at, route, model, strategy, status, stream, ttft_s, e2e_s, output, cached, hops)
 
 

@@ -20,7 +20,7 @@ from microserve.api.protocol import (
     RequestModel,
     parse_request,
 )
-from microserve.router.recent import Hop, token_counts
+from microserve.router.recent import Hop, plain_hop, token_counts
 
 SESSION_HEADER = "x-session-id"  # header names arrive in lower case
 
@@ -162,7 +162,8 @@ class RoutedRequest:
 
     def note(self, verb: str, worker: str, tokens: int | None = None, nbytes: int | None = None) -> None:
         """Record a call a strategy made for this request (shown on /dashboard, counted in /metrics)."""
-        self.hops.append(Hop(verb, worker, tokens, nbytes))
+        plain = tokens is None and nbytes is None
+        self.hops.append(plain_hop(verb, worker) if plain else Hop(verb, worker, tokens, nbytes))
 
     @property
     def known_prompt_tokens(self) -> int | None:
