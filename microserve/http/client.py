@@ -62,7 +62,8 @@ class Origin:
 
 
 class Response:
-    """A response whose head has arrived; read its body whole (`read`) or as it comes (`iter_chunks`).
+    """A response whose head has arrived; read its body whole (`read`) or as it comes (`read_chunk`,
+    `iter_chunks`).
 
     `close()` when done: a fully read response hands its connection back to the pool, a partly read one
     closes the connection (the server sees the client leave).
@@ -83,13 +84,16 @@ class Response:
         self.close()
         return b"".join(chunks)
 
+    async def read_chunk(self) -> bytes:
+        """The next part of the body as it arrives; b"" at its end. A plain coroutine: a relay that reads
+        a stream chunk by chunk drives no async generator for it."""
+        chunk = await self._conn.next_chunk()
+        if not chunk:
+            self.close()
+        return chunk
+
     async def iter_chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
-        while True:
-            chunk = await conn.next_chunk()
-            if not chunk:
-                self.close()
-                return
+        while chunk := await self.read_chunk():
             yield chunk
 
     async def iter_lines(self) -> AsyncIterator[bytes]:

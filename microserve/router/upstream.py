@@ -469,10 +469,9 @@ class HTTPWorkerHandle(PickedWorker):
     ) -> AsyncIterator[bytes]:
         """The response body as it arrives; a cut connection, or a stream that misses its first-byte or
         stall deadline (`clock`), is a BrokenStream carrying `progress`."""
-        chunks = resp.iter_chunks()
         if clock is None:
             try:
-                async for data in chunks:
+                while data := await resp.read_chunk():
                     yield data
             except _NETWORK_ERRORS as exc:
                 self.worker.record_failure("broken")
@@ -487,9 +486,7 @@ class HTTPWorkerHandle(PickedWorker):
                 assert task is not None
                 watch.waiting(by, task)
                 try:
-                    data = await anext(chunks)
-                except StopAsyncIteration:
-                    return
+                    data = await resp.read_chunk()
                 except asyncio.CancelledError:
                     if not watch.expired(task):
                         raise
@@ -501,6 +498,8 @@ class HTTPWorkerHandle(PickedWorker):
                     raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
                 finally:
                     watch.done()
+                if not data:
+                    return
                 yield data
                 # The stall clock runs only while waiting on the worker, never while the client reads.
                 by = loop.time() + clock.deadlines.stall_s
@@ -509,11 +508,11 @@ class HTTPWorkerHandle(PickedWorker):
 
     async def _relay(self, resp: Response, clock: _StreamClock | None = None) -> AsyncIterator[bytes]:
         # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
-        tail = b""
+        tail = b""  # at least the stream's last 32 bytes (a read that long is kept as it is: no copy)
         async for data in self._chunks(resp, None, clock):
-            tail = (tail + data)[-32:]
+            tail = data if len(data) >= 32 else (tail + data)[-32:]
             yield data
-        if b"[DONE]" not in tail:
+        if b"[DONE]" not in tail[-32:]:
             self.worker.record_failure("broken")
             raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
         self.worker.record_success()
