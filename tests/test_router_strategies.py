@@ -99,7 +99,7 @@ async def test_strategy_answers_like_data_parallel(engines, reference, strategy,
 
 
 USER_STRATEGY = """
-from microserve.router.strategies import Strategy
+from microserve.router.strategies import DataParallel, Strategy
 
 class Twice(Strategy):
     name = "twice"
@@ -118,6 +118,9 @@ class Twice(Strategy):
 class NotAGenerator(Strategy):
     async def serve(self, req):
         return None
+
+class Renamed(DataParallel):  # the built-in serve (the worker's own stream), under another name
+    name = "renamed"
 """
 
 
@@ -130,6 +133,7 @@ def test_strategies_by_name_and_from_a_file(tmp_path: Path) -> None:
         "name": "twice",
         "options": {"times": 3},
     }
+    assert make_strategy(f"{path}:Renamed").describe() == {"name": "renamed", "options": {}}
     for spec, message in [
         ("pd_magic", "unknown strategy"),
         (f"{tmp_path}/nope.py:X", "does not exist"),

@@ -29,7 +29,8 @@ def split(data: bytes, size: int) -> list[bytes]:
 async def relayed(pieces: list[bytes]) -> tuple[bytes, Worker]:
     worker = Worker(WorkerSpec("http://127.0.0.1:9", kind=WorkerKind.OPENAI))
     handle = HTTPWorkerHandle(worker, Upstream(http=HTTPClient(), control=HTTPClient()))
-    out = [data async for data in handle._relay(Reads(pieces))]  # type: ignore[arg-type]
+    chunks = handle._chunks(Reads(pieces), None, relay=True)  # type: ignore[arg-type]
+    out = [data async for data in chunks]
     return b"".join(out), worker
 
 

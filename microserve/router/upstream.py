@@ -169,7 +169,7 @@ class HTTPWorkerHandle(PickedWorker):
                         yield data
                     progress.count_into(req)
                 else:
-                    async for data in self._relay(resp, deadlines):
+                    async for data in self._chunks(resp, None, deadlines, relay=True):
                         yield data
             finally:
                 resp.close()  # a no-op once fully read; otherwise the worker sees the client leave
@@ -465,31 +465,34 @@ class HTTPWorkerHandle(PickedWorker):
         return data
 
     async def _chunks(
-        self, resp: Response, progress: StreamProgress | None, clock: _StreamClock | None = None
+        self,
+        resp: Response,
+        progress: StreamProgress | None,
+        clock: _StreamClock | None = None,
+        *,
+        relay: bool = False,
     ) -> AsyncIterator[bytes]:
         """The response body as it arrives; a cut connection, or a stream that misses its first-byte or
-        stall deadline (`clock`), is a BrokenStream carrying `progress`."""
-        if clock is None:
-            try:
-                while data := await resp.read_chunk():
-                    yield data
-            except _NETWORK_ERRORS as exc:
-                self.worker.record_failure("broken")
-                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
-            return
-        by = clock.first_byte_by
+        stall deadline (`clock`), is a BrokenStream carrying `progress`. `relay`: the bytes go to the
+        client as they are (one generator less a chunk than a relay of its own), and the stream ends well
+        only with [DONE] in its last 32 bytes."""
         loop = asyncio.get_running_loop()
-        watch = StallWatch(loop)  # a deadline per read, without a timer per read
+        watch = StallWatch(loop) if clock is not None else None  # a deadline a read, not a timer a read
+        by = clock.first_byte_by if clock is not None else 0.0
+        tail = b""  # a relay's last 32 bytes at least (a read that long is kept as it is: no copy)
         try:
             while True:
-                task = asyncio.current_task(loop)  # given the loop: no getpid system call
-                assert task is not None
-                watch.waiting(by, task)
+                task = None
+                if watch is not None:
+                    task = asyncio.current_task(loop)  # given the loop: no getpid system call
+                    assert task is not None
+                    watch.waiting(by, task)
                 try:
                     data = await resp.read_chunk()
                 except asyncio.CancelledError:
-                    if not watch.expired(task):
+                    if watch is None or task is None or not watch.expired(task):
                         raise
+                    assert clock is not None
                     first = by == clock.first_byte_by
                     what = clock.first_byte_message() if first else clock.stall_message()
                     raise self._stalled(what, progress) from None
@@ -497,25 +500,23 @@ class HTTPWorkerHandle(PickedWorker):
                     self.worker.record_failure("broken")
                     raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
                 finally:
-                    watch.done()
+                    if watch is not None:
+                        watch.done()
                 if not data:
-                    return
+                    break
+                if relay:
+                    tail = data if len(data) >= 32 else (tail + data)[-32:]
                 yield data
-                # The stall clock runs only while waiting on the worker, never while the client reads.
-                by = loop.time() + clock.deadlines.stall_s
+                if clock is not None:  # the stall clock runs only while waiting on the worker
+                    by = loop.time() + clock.deadlines.stall_s
         finally:
-            watch.close()
-
-    async def _relay(self, resp: Response, clock: _StreamClock | None = None) -> AsyncIterator[bytes]:
-        # Bytes straight through; only the tail is kept, to tell a finished stream from a cut one.
-        tail = b""  # at least the stream's last 32 bytes (a read that long is kept as it is: no copy)
-        async for data in self._chunks(resp, None, clock):
-            tail = data if len(data) >= 32 else (tail + data)[-32:]
-            yield data
-        if b"[DONE]" not in tail[-32:]:
-            self.worker.record_failure("broken")
-            raise BrokenStream(self.worker, "the stream ended without [DONE]", None)
-        self.worker.record_success()
+            if watch is not None:
+                watch.close()
+        if relay:
+            if b"[DONE]" not in tail[-32:]:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
+            self.worker.record_success()
 
     async def _relay_tracked(
         self, resp: Response, progress: StreamProgress, clock: _StreamClock | None = None
