@@ -97,8 +97,8 @@ class RecentRequests:
     never are, and a tuple is built without a Python call). It keeps as few objects of its own as it
     can: its number is its place in the ring, its model name the first request's string, its one plain
     hop the shared `plain_hop`. What 2,048 requests keep alive costs the router more than the work of
-    keeping it (a ring that kept nothing was ~2 us a request faster at 64 connections with the same
-    instructions; these three gave back ~1 us: docs/router-benchmark.md)."""
+    keeping it (a ring that kept nothing was 2.6-3.9 us a request faster at 64 connections, for 1.5%
+    fewer instructions; these three gave back ~1 us: docs/router-benchmark.md)."""
 
     __slots__ = ("_clock", "_names", "_ring", "_seq", "calls", "kv_bytes", "kv_tokens")
 
