@@ -165,7 +165,7 @@ class HTTPWorkerHandle(PickedWorker):
             try:
                 if track:
                     progress = StreamProgress.for_request(req)
-                    async for data in self._relay_tracked(resp, progress, deadlines):
+                    async for data in self._frames(resp, progress, progress.track, deadlines):
                         yield data
                     progress.count_into(req)
                 else:
@@ -517,12 +517,6 @@ class HTTPWorkerHandle(PickedWorker):
                 self.worker.record_failure("broken")
                 raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
             self.worker.record_success()
-
-    async def _relay_tracked(
-        self, resp: Response, progress: StreamProgress, clock: _StreamClock | None = None
-    ) -> AsyncIterator[bytes]:
-        async for data in self._frames(resp, progress, progress.track, clock):
-            yield data
 
     async def _frames(
         self,
