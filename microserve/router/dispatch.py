@@ -14,7 +14,7 @@ from microserve.api.errors import APIError
 from microserve.api.sse import SSE_HEADERS, STATUS_CLIENT_CLOSED
 from microserve.http.server import Request, Response, Stream
 from microserve.router.client_errors import no_answer, stream_error_event, upstream_error
-from microserve.router.fair_share import admit, admit_now
+from microserve.router.fair_share import admit_now, admit_waiting
 from microserve.router.recent import usage_of
 from microserve.router.request import Route, RoutedRequest
 from microserve.router.retry import backoff_s
@@ -128,7 +128,7 @@ async def admit_request(ex: Exchange, req: RoutedRequest) -> None:
     fair, admission = router.fair_share, router.admission
     ex.granted = admit_now(fair, admission, ex.tenant, rank, cost)
     if ex.granted is None:
-        ex.granted = await admit(fair, admission, ex.tenant, rank, cost, req.remaining_s())
+        ex.granted = await admit_waiting(fair, admission, ex.tenant, rank, cost, req.remaining_s())
     router.metrics.queue_wait.observe(time.perf_counter() - queued_at)
     router.resolve_model(req)
     if ex.trace is not None:

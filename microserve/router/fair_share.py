@@ -136,7 +136,7 @@ def _count(counter: Counter[str], tenant: str, delta: int) -> None:
 
 def admit_now(fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int) -> int | None:
     """A slot at once, while one is free and nobody waits (its ticket, for `AdmissionQueue.release`), else
-    None: then `admit` waits for one. No await, so the common case costs no coroutine."""
+    None: then `admit_waiting` waits for one. No await, so the common case costs no coroutine."""
     granted = admission.take_free()
     if granted is not None and fair.enabled:
         fair.admitted(fair.arrive(tenant, rank, cost))
@@ -150,10 +150,19 @@ async def admit(
 ) -> int:
     """A slot for a request (its ticket, for `AdmissionQueue.release`): at once while a slot is free and
     nobody waits, or for a tenant below its share of the slots, else in its fair-share order; the
-    admission queue's 429 or 503 otherwise. The router and the simulator both admit through here."""
+    admission queue's 429 or 503 otherwise: `admit_now`, then `admit_waiting` (the simulator calls this,
+    the router the two halves)."""
     granted = admit_now(fair, admission, tenant, rank, cost)
     if granted is not None:
         return granted
+    return await admit_waiting(fair, admission, tenant, rank, cost, timeout_s)
+
+
+async def admit_waiting(
+    fair: FairShare, admission: AdmissionQueue, tenant: str, rank: int, cost: int, timeout_s: float
+) -> int:
+    """`admit` once `admit_now` found no slot free: the wait (or the refusal) alone, without asking for a
+    free slot a second time (the router calls the two halves, so the common case awaits nothing)."""
     if not fair.enabled:  # one tenant: its class, then arrival order; nothing to keep
         return await admission.acquire((rank, 0.0), timeout_s)
     order = fair.arrive(tenant, rank, cost)
