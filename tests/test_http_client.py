@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from microserve.http.client import ClientError, HTTPClient, RequestTimeout
+from microserve.http.client import ClientError, Connection, HTTPClient, ReadStalled, RequestTimeout
 
 pytestmark = pytest.mark.asyncio
 
@@ -72,6 +72,27 @@ def make_app(peers: Peers, release: asyncio.Event) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def drip(request: web.Request) -> web.StreamResponse:
+        """`n` chunks, `gap` seconds apart; with `wait`, each after the client's `release` as well."""
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        gap, wait = float(request.query["gap"]), "wait" in request.query
+        for i in range(int(request.query["n"])):
+            if wait:
+                await release.wait()
+                release.clear()
+            await asyncio.sleep(gap)
+            await resp.write(b"%d;" % i)
+        await resp.write_eof()
+        return resp
+
+    async def headless(request: web.Request) -> web.StreamResponse:
+        peers.see(request)
+        resp = web.StreamResponse()
+        await resp.prepare(request)  # the head, then nothing
+        await asyncio.sleep(30)
+        return resp
+
     async def typed(request: web.Request) -> web.Response:
         return web.json_response({"type": request.content_type, "got": await request.json()})
 
@@ -83,6 +104,8 @@ def make_app(peers: Peers, release: asyncio.Event) -> web.Application:
     app.router.add_get("/close", close)
     app.router.add_get("/slow", slow)
     app.router.add_get("/big", big)
+    app.router.add_get("/drip", drip)
+    app.router.add_get("/headless", headless)
     return app
 
 
@@ -347,3 +370,94 @@ async def test_fetch_timeout_is_a_request_timeout(server, client: HTTPClient) ->
     url, _, _ = server
     with pytest.raises(RequestTimeout):
         await client.fetch("GET", url, "/slow", timeout_s=0.2)
+
+
+# -- read deadlines ---------------------------------------------------------------------------------
+
+
+async def test_a_body_that_stops_coming_is_read_stalled(server, client: HTTPClient) -> None:
+    url, peers, _ = server
+    resp = await client.request("GET", url, "/stream", first_byte_s=10, stall_s=0.2)
+    assert await resp.read_chunk() == b"first;"
+    async with asyncio.timeout(5):  # the stall limit, not the 10 s first-byte deadline, ends the wait
+        with pytest.raises(ReadStalled) as stalled:
+            await resp.read_chunk()
+    assert not stalled.value.first_byte
+    resp.close()
+    resp = await client.request("POST", url, "/echo", body=b"next")
+    assert b"next" in await resp.read()
+    assert len(peers.ports) == 2  # the stalled connection was dropped, not reused
+
+
+async def test_no_head_by_the_first_byte_deadline_is_read_stalled(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    async with asyncio.timeout(5):
+        with pytest.raises(ReadStalled) as stalled:
+            await client.request("GET", url, "/slow", first_byte_s=0.2, stall_s=10)
+    assert stalled.value.first_byte
+    resp = await client.request("POST", url, "/echo", body=b"after")  # the slot was given back
+    assert b"after" in await resp.read()
+
+
+async def test_a_head_and_then_no_body_misses_the_first_byte(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    resp = await client.request("GET", url, "/headless", first_byte_s=0.3, stall_s=10)
+    async with asyncio.timeout(5):
+        with pytest.raises(ReadStalled) as stalled:
+            await resp.read_chunk()
+    assert stalled.value.first_byte
+    resp.close()
+
+
+async def test_a_flowing_body_is_never_stalled_and_sets_few_timers(
+    server, client: HTTPClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, _, _ = server
+    armed = 0
+    arm = Connection._arm_read
+
+    def counting(self: Connection, at: float) -> None:
+        nonlocal armed
+        armed += 1
+        arm(self, at)
+
+    monkeypatch.setattr(Connection, "_arm_read", counting)
+    # 50 chunks 20 ms apart: a second in all, past three stall limits, each read well within its own
+    resp = await client.request("GET", url, "/drip?n=50&gap=0.02", first_byte_s=5, stall_s=0.3)
+    chunks = [chunk async for chunk in resp.iter_chunks()]
+    assert b"".join(chunks) == b"".join(b"%d;" % i for i in range(50))
+    assert armed <= 10 < len(chunks)  # re-armed when it fired early, not once a read
+
+
+async def test_the_readers_own_time_does_not_count(server, client: HTTPClient) -> None:
+    url, _, release = server
+    resp = await client.request("GET", url, "/drip?n=2&gap=0.05&wait", first_byte_s=0.3, stall_s=0.3)
+    release.set()
+    assert await resp.read_chunk() == b"0;"
+    await asyncio.sleep(1.0)  # a slow client: both deadlines pass between two reads, no chunk asked for
+    release.set()
+    assert await resp.read_chunk() == b"1;"  # its own wait was 50 ms
+    assert await resp.read_chunk() == b""
+
+
+async def test_a_reader_cancelled_while_waiting_is_cancelled_not_stalled(server, client: HTTPClient) -> None:
+    url, _, _ = server
+    resp = await client.request("GET", url, "/stream", first_byte_s=5, stall_s=5)
+    assert await resp.read_chunk() == b"first;"
+    reading = asyncio.create_task(resp.read_chunk())
+    await asyncio.sleep(0.05)
+    reading.cancel()  # the client left
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    resp.close()
+
+
+async def test_no_read_deadline_without_one_asked(server, client: HTTPClient) -> None:
+    url, _, release = server
+    resp = await client.request("GET", url, "/drip?n=1&gap=0.3&wait")
+    release.set()
+    assert await resp.read() == b"0;"  # 300 ms to the first byte, and no deadline to miss
+    resp = await client.request("GET", url, "/drip?n=1&gap=0.3&wait", first_byte_s=0.1)
+    release.set()
+    with pytest.raises(ReadStalled):
+        await resp.read()

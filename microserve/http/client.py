@@ -5,13 +5,15 @@ Why not aiohttp's client: measured on the 2-core benchmark machine, it spends mo
 CPU time (a do-nothing proxy went from 6.2k to 14.8k requests/s at 64 connections by replacing it; see
 docs/router-benchmark.md). This client does only what the router needs: one request at a time per
 connection, Content-Length or chunked bodies in both directions, a deadline per request, streamed reads
-with backpressure, and connections kept for reuse when the server allows.
+with backpressure and read deadlines (a first byte by a time, then no read waiting longer than a stall
+limit), and connections kept for reuse when the server allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import ssl
 import time
 from collections import deque
@@ -40,6 +42,15 @@ _PEER_DOWN = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.E
 
 class RequestTimeout(TimeoutError):
     """The request's deadline passed before its response was read to the end."""
+
+
+class ReadStalled(TimeoutError):
+    """A read deadline passed with nothing come (`HTTPClient.request`'s `first_byte_s` and `stall_s`):
+    `first_byte` when nothing of the body had come yet."""
+
+    def __init__(self, first_byte: bool) -> None:
+        super().__init__("no first byte by its deadline" if first_byte else "the body stalled")
+        self.first_byte = first_byte
 
 
 # eq=False: a client interns one Origin per URL (`HTTPClient._origins`), so identity is its equality, and
@@ -138,6 +149,14 @@ class Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._paused = False
         self._deadline: asyncio.TimerHandle | None = None
+        # Read deadlines: one timer for all the reads of a response, re-armed when it finds the deadline of
+        # the read in progress moved on (a timer a read would cost a heap push and a cancel a chunk).
+        self._stall_s: float | None = None  # None: no read deadlines
+        self._first_by = math.inf  # the head and the body's first byte by then (loop time)
+        self._body_seen = False
+        self._read_by = math.inf  # the deadline of the wait in progress, if any
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._read_timer_at = math.inf
         self.received = False  # any byte of the current response
         self.holds_slot = False  # one of the client's max_connections, until the response is done
         self.idle_since = 0.0
@@ -178,6 +197,7 @@ class Connection(asyncio.Protocol):
             head.set_result(Response(self, self._parser.get_status_code(), self._headers))
 
     def on_body(self, body: bytes) -> None:
+        self._body_seen = True
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._paused and self.transport is not None:
@@ -193,7 +213,14 @@ class Connection(asyncio.Protocol):
 
     # -- the request --------------------------------------------------------------------------------
 
-    def send(self, head: bytes, body: bytes, deadline: float | None) -> asyncio.Future[Response]:
+    def send(
+        self,
+        head: bytes,
+        body: bytes,
+        deadline: float | None,
+        first_byte_s: float | None = None,
+        stall_s: float | None = None,
+    ) -> asyncio.Future[Response]:
         assert self.transport is not None
         loop = self._loop
         self._parser = httptools.HttpResponseParser(self)
@@ -202,6 +229,15 @@ class Connection(asyncio.Protocol):
         self._head = loop.create_future()
         if deadline is not None:
             self._deadline = loop.call_at(deadline, self._timed_out)
+        self._body_seen = False
+        if first_byte_s is None and stall_s is None:
+            self._stall_s = None
+        else:
+            self._stall_s = math.inf if stall_s is None else stall_s
+            first_by = math.inf if first_byte_s is None else loop.time() + first_byte_s
+            self._first_by = self._read_by = first_by
+            if first_by < self._read_timer_at:
+                self._arm_read(first_by)  # the head's wait
         self.transport.write(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             self.transport.write(body)
@@ -221,6 +257,11 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return b""
+            stall_s = self._stall_s
+            if stall_s is not None:  # this read must end by its deadline (inlined: it runs a chunk)
+                by = self._read_by = self._loop.time() + stall_s if self._body_seen else self._first_by
+                if by < self._read_timer_at:
+                    self._arm_read(by)
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
@@ -257,6 +298,24 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _arm_read(self, at: float) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer_at = at
+        self._read_timer = self._loop.call_at(at, self._read_deadline)
+
+    def _read_deadline(self) -> None:
+        at, self._read_timer, self._read_timer_at = self._read_timer_at, None, math.inf
+        head, waiter = self._head, self._waiter
+        if (head is None or head.done()) and (waiter is None or waiter.done()):
+            return  # between reads (the reader's own time does not count), or data just came
+        if self._read_by > at:
+            self._arm_read(self._read_by)  # the wait in progress began after the timer was set
+            return
+        self._fail(ReadStalled(first_byte=not self._body_seen))
+        if self.transport is not None:
+            self.transport.abort()
+
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
@@ -273,6 +332,9 @@ class Connection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer, self._read_timer_at = None, math.inf
 
 
 class HTTPClient:
@@ -311,9 +373,17 @@ class HTTPClient:
         headers: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
         connect_timeout_s: float | None = None,
+        first_byte_s: float | None = None,
+        stall_s: float | None = None,
     ) -> Response:
         """Send `method path` to the server at `url` (scheme://host:port); returns once the response's
-        head arrives. `timeout_s` bounds the whole exchange, body included."""
+        head arrives. `timeout_s` bounds the whole exchange, body included.
+
+        Read deadlines, for a server that may freeze: the head and the body's first byte must come within
+        `first_byte_s` of the request being sent, and then no read may wait more than `stall_s` for more
+        (the time the reader spends between reads does not count); the head's wait or the read raises
+        `ReadStalled`.
+        """
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origins[url] = Origin.parse(url)
@@ -330,7 +400,7 @@ class HTTPClient:
                     conn = await self._connect(origin, connect_timeout_s, deadline)
                     fresh = True
                 try:
-                    resp = await conn.send(head, body, deadline)
+                    resp = await conn.send(head, body, deadline, first_byte_s, stall_s)
                 except BaseException as exc:
                     conn.abort()  # failed, timed out or cancelled half-way: the connection is spent
                     # A kept connection the server closed as we reused it: nothing was processed, so

@@ -31,6 +31,12 @@ class AttemptDeadlines:
     first_byte_s: float
     stall_s: float
 
+    def missed(self, first_byte: bool) -> str:
+        """What a stream that missed its first-byte deadline (or, `first_byte` False, its stall limit) is."""
+        if first_byte:
+            return f"no first byte within {self.first_byte_s:.3g} s (the worker is stalled)"
+        return f"the stream stalled for {self.stall_s:.3g} s (the worker is stalled)"
+
 
 NO_DEADLINES = AttemptDeadlines(float("inf"), float("inf"))
 

@@ -6,7 +6,6 @@ tracked (token ids asked for, then stripped) so that they can continue elsewhere
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ import orjson
 from microserve.api.errors import APIError
 from microserve.api.tool_calls import SSEToolCalls, chat_tool_calls
 from microserve.engine_client import EngineClient, EngineError, KVAddress
-from microserve.http.client import ClientError, ConnectFailed, HTTPClient, Response
+from microserve.http.client import ClientError, ConnectFailed, HTTPClient, ReadStalled, Response
 from microserve.router.continuation import (
     StreamProgress,
     UpstreamStreamError,
@@ -27,7 +26,6 @@ from microserve.router.continuation import (
 )
 from microserve.router.deadlines import AttemptDeadlines, DeadlineConfig, attempt_deadlines
 from microserve.router.request import Route, RoutedRequest
-from microserve.router.stall_watch import StallWatch
 from microserve.router.tracing import call_span
 from microserve.router.worker_handle import WorkerHandle
 from microserve.router.workers import KIND_MICROSERVE, PickedWorker, Worker, WorkerKind
@@ -394,11 +392,9 @@ class HTTPWorkerHandle(PickedWorker):
         calls = chat_tool_calls(req.body, syntax)
         return None if calls is None else SSEToolCalls(calls)
 
-    def deadlines(self) -> _StreamClock:
-        """This attempt's stream deadlines, from the worker's last load report; the first-byte clock runs
-        from now."""
-        deadlines = attempt_deadlines(self.worker.load, self._up.deadlines)
-        return _StreamClock(deadlines, asyncio.get_running_loop().time() + deadlines.first_byte_s)
+    def deadlines(self) -> AttemptDeadlines:
+        """This attempt's stream deadlines, from the worker's last load report."""
+        return attempt_deadlines(self.worker.load, self._up.deadlines)
 
     def _stalled(self, what: str, progress: StreamProgress | None) -> BrokenStream:
         # A frozen engine: open its circuit at once, so no new request waits on it.
@@ -411,7 +407,7 @@ class HTTPWorkerHandle(PickedWorker):
         path: str,
         body: bytes,
         req: RoutedRequest,
-        clock: _StreamClock | None = None,
+        deadlines: AttemptDeadlines | None = None,
         trace_headers: dict[str, str] | None = None,
     ) -> Response:
         remaining = req.remaining_s()
@@ -420,23 +416,22 @@ class HTTPWorkerHandle(PickedWorker):
         headers = self._up.headers_for(self.worker)
         if trace_headers is not None:
             headers.update(trace_headers)
-        try:
+        first_byte_s = stall_s = None
+        if deadlines is not None:
             # A stream's head must come by its first-byte deadline too: a stopped engine's kernel still
             # accepts the connection and the request, and then nothing comes.
-            call = self._up.http.request(
+            first_byte_s, stall_s = deadlines.first_byte_s, deadlines.stall_s
+        try:
+            resp = await self._up.http.request(
                 "POST", self.url, path, body=body, headers=headers, timeout_s=remaining,
-                connect_timeout_s=self._up.connect_timeout_s,
+                connect_timeout_s=self._up.connect_timeout_s, first_byte_s=first_byte_s, stall_s=stall_s,
             )  # fmt: skip
-            if clock is None:
-                resp = await call
-            else:
-                async with asyncio.timeout_at(clock.first_byte_by):
-                    resp = await call
+        except ReadStalled:
+            assert deadlines is not None
+            raise self._stalled(deadlines.missed(first_byte=True), None) from None
         except TimeoutError as exc:
-            if clock is None or asyncio.get_running_loop().time() < clock.first_byte_by:
-                self.worker.record_failure("connect")
-                raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
-            raise self._stalled(clock.first_byte_message(), None) from None
+            self.worker.record_failure("connect")
+            raise WorkerFailure(self.worker, f"cannot reach the worker: {exc!r}") from None
         except _NETWORK_ERRORS as exc:
             self.worker.record_failure("connect")
             raise _unreachable(self.worker, exc) from None
@@ -468,50 +463,29 @@ class HTTPWorkerHandle(PickedWorker):
         self,
         resp: Response,
         progress: StreamProgress | None,
-        clock: _StreamClock | None = None,
+        deadlines: AttemptDeadlines | None = None,
         *,
         relay: bool = False,
     ) -> AsyncIterator[bytes]:
-        """The response body as it arrives; a cut connection, or a stream that misses its first-byte or
-        stall deadline (`clock`), is a BrokenStream carrying `progress`. `relay`: the bytes go to the
-        client as they are (one generator less a chunk than a relay of its own), and the stream ends well
-        only with [DONE] in its last 32 bytes."""
-        loop = asyncio.get_running_loop()
-        watch = StallWatch(loop) if clock is not None else None  # a deadline a read, not a timer a read
-        by = clock.first_byte_by if clock is not None else 0.0
+        """The response body as it arrives; a cut connection, or a stream that missed the first-byte or
+        stall deadline it was requested with (`deadlines`), is a BrokenStream carrying `progress`.
+        `relay`: the bytes go to the client as they are (one generator less a chunk than a relay of its
+        own), and the stream ends well only with [DONE] in its last 32 bytes."""
         tail = b""  # a relay's last 32 bytes at least (a read that long is kept as it is: no copy)
-        try:
-            while True:
-                task = None
-                if watch is not None:
-                    task = asyncio.current_task(loop)  # given the loop: no getpid system call
-                    assert task is not None
-                    watch.waiting(by, task)
-                try:
-                    data = await resp.read_chunk()
-                except asyncio.CancelledError:
-                    if watch is None or task is None or not watch.expired(task):
-                        raise
-                    assert clock is not None
-                    first = by == clock.first_byte_by
-                    what = clock.first_byte_message() if first else clock.stall_message()
-                    raise self._stalled(what, progress) from None
-                except _NETWORK_ERRORS as exc:
-                    self.worker.record_failure("broken")
-                    raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
-                finally:
-                    if watch is not None:
-                        watch.done()
-                if not data:
-                    break
-                if relay:
-                    tail = data if len(data) >= 32 else (tail + data)[-32:]
-                yield data
-                if clock is not None:  # the stall clock runs only while waiting on the worker
-                    by = loop.time() + clock.deadlines.stall_s
-        finally:
-            if watch is not None:
-                watch.close()
+        while True:
+            try:
+                data = await resp.read_chunk()  # the connection keeps the read deadlines
+            except ReadStalled as exc:
+                assert deadlines is not None
+                raise self._stalled(deadlines.missed(exc.first_byte), progress) from None
+            except _NETWORK_ERRORS as exc:
+                self.worker.record_failure("broken")
+                raise BrokenStream(self.worker, f"the stream was cut off: {exc!r}", progress) from None
+            if not data:
+                break
+            if relay:
+                tail = data if len(data) >= 32 else (tail + data)[-32:]
+            yield data
         if relay:
             if b"[DONE]" not in tail[-32:]:
                 self.worker.record_failure("broken")
@@ -523,11 +497,11 @@ class HTTPWorkerHandle(PickedWorker):
         resp: Response,
         progress: StreamProgress,
         convert: Callable[[bytes], bytes | None],
-        clock: _StreamClock | None = None,
+        deadlines: AttemptDeadlines | None = None,
     ) -> AsyncIterator[bytes]:
         """Each read's complete SSE frames, converted, as one write; ends well only after [DONE]."""
         buffer = bytearray()
-        async for data in self._chunks(resp, progress, clock):
+        async for data in self._chunks(resp, progress, deadlines):
             if progress.done:
                 continue  # read on to the end of the body, so the connection goes back to the pool
             out: list[bytes] = []
@@ -549,18 +523,3 @@ class HTTPWorkerHandle(PickedWorker):
             self.worker.record_failure("broken")
             raise BrokenStream(self.worker, "the stream ended without [DONE]", progress)
         self.worker.record_success()
-
-
-@dataclass(slots=True, frozen=True)
-class _StreamClock:
-    """One stream attempt's deadlines: the first byte by `first_byte_by` (loop time), then a chunk at
-    least every `deadlines.stall_s`."""
-
-    deadlines: AttemptDeadlines
-    first_byte_by: float
-
-    def first_byte_message(self) -> str:
-        return f"no first byte within {self.deadlines.first_byte_s:.3g} s (the worker is stalled)"
-
-    def stall_message(self) -> str:
-        return f"the stream stalled for {self.deadlines.stall_s:.3g} s (the worker is stalled)"

@@ -189,8 +189,7 @@ class SimWorkerHandle(PickedWorker):
                     continue
             self.worker.record_failure("stalled")
             self.worker.breaker.trip()
-            what = "no first byte" if seen == 0 else "the stream stalled"
-            raise WorkerFailure(self.worker, f"{what} within its deadline (the worker is stalled)")
+            raise WorkerFailure(self.worker, deadlines.missed(first_byte=seen == 0))
 
     def _verb(self, call: Callable[[], T]) -> T:
         # The engine's refusals become WorkerFailure, so the host retries elsewhere as the router does.
