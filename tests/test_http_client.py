@@ -255,6 +255,29 @@ async def test_a_fresh_connection_that_fails_is_not_retried(client: HTTPClient) 
     assert len(connections) == 1
 
 
+async def test_chunks_that_came_together_are_read_as_one_piece(client: HTTPClient) -> None:
+    sent = asyncio.Event()
+
+    async def handle(reader, writer, n):
+        await read_request(reader)
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"3\r\none\r\n3\r\ntwo\r\n")  # two chunks, one write
+        await writer.drain()
+        await sent.wait()
+        writer.write(b"5\r\nthree\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    srv, url, _ = await raw_server(handle)
+    async with srv:
+        resp = await client.request("GET", url, "/")
+        await asyncio.sleep(0.05)  # both chunks are in
+        assert await resp.read_chunk() == b"onetwo"  # one piece for the relay to write on at once
+        sent.set()
+        assert await resp.read_chunk() == b"three"  # and the next as it comes, without waiting for more
+        assert await resp.read_chunk() == b""
+
+
 async def test_a_body_cut_short_is_a_client_error(client: HTTPClient) -> None:
     async def handle(reader, writer, n):
         await read_request(reader)

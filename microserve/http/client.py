@@ -96,8 +96,8 @@ class Response:
         return b"".join(chunks)
 
     async def read_chunk(self) -> bytes:
-        """The next part of the body as it arrives; b"" at its end. A plain coroutine: a relay that reads
-        a stream chunk by chunk drives no async generator for it."""
+        """The body that has come since the last read (waiting for some if none has); b"" at its end. A
+        plain coroutine: a relay that reads a stream chunk by chunk drives no async generator for it."""
         chunk = await self._conn.next_chunk()
         if not chunk:
             self.close()
@@ -244,10 +244,16 @@ class Connection(asyncio.Protocol):
         return self._head
 
     async def next_chunk(self) -> bytes:
-        """The next piece of the body; b'' at its end."""
+        """All of the body that has come and not been read, as one piece (waiting for some if none has);
+        b'' at its end. One piece, not one a server write: a relay then writes on what came together in
+        one system call, where a stream's chunks often come several to a read from the socket."""
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
+            if chunks := self._chunks:
+                if len(chunks) == 1:
+                    chunk = chunks.popleft()
+                else:
+                    chunk = b"".join(chunks)
+                    chunks.clear()
                 self._buffered -= len(chunk)
                 if self._paused and self._buffered <= HIGH_WATER // 4 and self.transport is not None:
                     self._paused = False
