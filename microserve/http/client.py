@@ -208,7 +208,7 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it once the message ends
         self._complete = True
-        self._clear_deadline()
+        self._clear_deadlines()
         self._wake()
 
     # -- the request --------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ class Connection(asyncio.Protocol):
 
     def finish(self) -> None:
         """The response is done with: keep the connection if it was read whole, else close it."""
-        self._clear_deadline()
+        self._clear_deadlines()
         reusable = (
             self._complete
             and self._error is None
@@ -290,7 +290,7 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def abort(self) -> None:
-        self._clear_deadline()
+        self._clear_deadlines()
         if not self._complete:  # a reader still waiting on this response learns it will not come
             self._fail(ClientError("the connection was closed"))
         if self.transport is not None:
@@ -334,7 +334,7 @@ class Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _clear_deadline(self) -> None:
+    def _clear_deadlines(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
